@@ -1,0 +1,395 @@
+"""Sparse momentum: run an inner transformation on a random subset of each leaf.
+
+SPAM's sparse variant keeps Adam's moments for only ``k = int(density * size)``
+entries of each selected (by default 2-D) parameter. Here that is a wrapper:
+each selected leaf is gathered at its mask into a compact ``(k,)`` vector, the
+inner transformation sees only compact leaves (so its state is compact too),
+and its updates are scattered back with zeros outside the mask.
+
+Masks are sorted ``int32`` flat indices with a static length ``k``, so shapes
+never depend on data: the wrapper jits once, needs no host syncs, and works on
+sharded arrays.
+"""
+
+from collections.abc import Callable
+import numbers
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+MaskSampler = Callable[[jax.Array, int, int], jax.Array]
+"""``sampler(key, size, k)``: sorted ``int32`` flat indices of shape ``(k,)``."""
+
+
+class SparseMomentsState(NamedTuple):
+  """State of :func:`sparse_moments`.
+
+  Attributes:
+    count: number of updates applied so far (``int32``, saturating).
+    key: raw ``uint32`` PRNG key data used for the next mask redraw.
+    masks: a tree with the structure of the params: sorted ``int32`` flat
+      indices of shape ``(k,)`` for sparse leaves, ``optax.MaskedNode()`` for
+      dense leaves (``None`` stays ``None``).
+    inner_state: the inner transformation's state, built on compact params.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  masks: Any
+  inner_state: optax.OptState
+
+
+def uniform_mask_sampler(key: jax.Array, size: int, k: int) -> jax.Array:
+  """Draws ``k`` distinct flat indices out of ``size``, uniformly at random.
+
+  The indices of the ``k`` smallest of ``size`` i.i.d. uniform scores: every
+  ``k``-subset is equally likely, and the output shape is static.
+
+  Args:
+    key: a PRNG key.
+    size: number of entries of the leaf (static).
+    k: number of indices to draw (static), ``0 <= k <= size``.
+
+  Returns:
+    Sorted ``int32`` indices of shape ``(k,)``.
+
+  Examples:
+    >>> import jax
+    >>> from spam_optax import uniform_mask_sampler
+    >>> idx = uniform_mask_sampler(jax.random.key(0), 10, 3)
+    >>> idx.shape, idx.dtype
+    ((3,), dtype('int32'))
+  """
+  scores = jax.random.uniform(key, (size,))
+  chosen = jnp.argsort(scores)[:k]
+  return jnp.sort(chosen).astype(jnp.int32)
+
+
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _is_slot(x: Any) -> bool:
+  # A position of the params tree: `None` leaves and dense-leaf markers count
+  # as positions so that trees with and without them flatten alike.
+  return x is None or _is_masked_node(x)
+
+
+def _num_kept(density: float, size: int) -> int:
+  return int(density * size)
+
+
+def _validate_density(density: Any) -> float:
+  if isinstance(density, bool) or not isinstance(density, numbers.Real):
+    raise ValueError(
+        f"density must be a static number in (0, 1], got {density!r}."
+    )
+  if not 0.0 < float(density) <= 1.0:
+    raise ValueError(f"density must be in (0, 1], got {density!r}.")
+  return float(density)
+
+
+def _default_sparse_mask(params: Any) -> Any:
+  return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
+
+
+def _sparse_flags(sparse_mask: Any, params: Any) -> tuple[list[bool], Any]:
+  """Flags per params position (``None`` positions included) and the treedef."""
+  if sparse_mask is None:
+    sparse_mask = _default_sparse_mask
+  if callable(sparse_mask):
+    sparse_mask = sparse_mask(params)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=_is_slot)
+  flags = treedef.flatten_up_to(sparse_mask)
+  return [p is not None and bool(f) for p, f in zip(leaves, flags)], treedef
+
+
+def _compact(tree: Any, masks: Any) -> Any:
+  """Gathers every sparse leaf of ``tree`` at its mask into a ``(k,)`` vector."""
+  if tree is None:
+    return None
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_slot)
+  mask_leaves = treedef.flatten_up_to(masks)
+  out = []
+  for x, idx in zip(leaves, mask_leaves):
+    if x is None or idx is None or _is_masked_node(idx):
+      out.append(x)
+    else:
+      out.append(
+          jnp.reshape(x, (-1,)).at[idx].get(
+              indices_are_sorted=True,
+              unique_indices=True,
+              mode="promise_in_bounds",
+          )
+      )
+  return treedef.unflatten(out)
+
+
+def _expand(compact: Any, masks: Any, like: Any) -> Any:
+  """Scatters compact leaves back to the shapes of ``like``, zero elsewhere."""
+  leaves, treedef = jax.tree.flatten(compact, is_leaf=_is_slot)
+  mask_leaves = treedef.flatten_up_to(masks)
+  like_leaves = treedef.flatten_up_to(like)
+  out = []
+  for u, idx, ref in zip(leaves, mask_leaves, like_leaves):
+    if u is None or idx is None or _is_masked_node(idx):
+      out.append(u)
+    else:
+      full = jnp.zeros((jnp.size(ref),), u.dtype)
+      full = full.at[idx].set(
+          u,
+          indices_are_sorted=True,
+          unique_indices=True,
+          mode="promise_in_bounds",
+      )
+      out.append(jnp.reshape(full, jnp.shape(ref)))
+  return treedef.unflatten(out)
+
+
+def _carry_over(values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
+  """Values at ``new`` indices: taken from ``old`` where present, else zero."""
+  if old.shape[0] == 0:
+    return values
+  pos = jnp.minimum(jnp.searchsorted(old, new), old.shape[0] - 1)
+  hit = old[pos] == new
+  return jnp.where(hit, values[pos], jnp.zeros((), values.dtype))
+
+
+def _remap_inner_state(inner_state: Any, old_masks: Any, new_masks: Any) -> Any:
+  """Moves compact moments from ``old_masks`` to ``new_masks``.
+
+  Every subtree of the inner state shaped like the params is visited; its
+  floating leaves whose shape is the compact ``(k,)`` shape of their leaf are
+  remapped. Other leaves (counts, per-leaf scalars) are left as they are.
+  """
+  params_def = jax.tree.structure(
+      jax.tree.map(lambda _: 0, old_masks, is_leaf=_is_masked_node)
+  )
+  old_leaves = jax.tree.leaves(old_masks, is_leaf=_is_masked_node)
+  new_leaves = jax.tree.leaves(new_masks, is_leaf=_is_masked_node)
+
+  def is_params_like(x):
+    return jax.tree.structure(x) == params_def
+
+  def remap(sub):
+    if not is_params_like(sub):
+      return sub
+    out = []
+    for x, old, new in zip(params_def.flatten_up_to(sub), old_leaves, new_leaves):
+      if (
+          not _is_masked_node(old)
+          and hasattr(x, "dtype")
+          and jnp.issubdtype(x.dtype, jnp.inexact)
+          and jnp.shape(x) == old.shape
+      ):
+        x = _carry_over(x, old, new)
+      out.append(x)
+    return params_def.unflatten(out)
+
+  return jax.tree.map(remap, inner_state, is_leaf=is_params_like)
+
+
+def _draw_masks(
+    key: jax.Array,
+    flags: list[bool],
+    leaves: list[Any],
+    treedef: Any,
+    density: float,
+    sampler: MaskSampler,
+) -> Any:
+  out = []
+  for i, (flag, x) in enumerate(zip(flags, leaves)):
+    if x is None:
+      out.append(None)
+    elif not flag:
+      out.append(optax.MaskedNode())
+    else:
+      size = int(jnp.size(x))
+      k = _num_kept(density, size)
+      idx = sampler(jax.random.fold_in(key, i), size, k)
+      out.append(jnp.asarray(idx, jnp.int32))
+  return treedef.unflatten(out)
+
+
+def sparse_moments(
+    inner: optax.GradientTransformation,
+    *,
+    density: float,
+    sparse_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    reset_interval: int = 0,
+    seed: int = 0,
+    sampler: Optional[MaskSampler] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Applies ``inner`` to a random subset of the entries of sparse leaves.
+
+  For each sparse leaf with ``n`` entries a mask of exactly
+  ``k = int(density * n)`` flat indices :math:`I` is kept. Each step
+
+  .. math::
+    \tilde g = g_I, \quad (\tilde u, s) = \mathrm{inner}(\tilde g, s, p_I),
+    \quad u_I = \tilde u, \quad u_{\bar I} = 0.
+
+  Dense leaves go to ``inner`` unchanged. After step :math:`t` (1-based)
+  whenever :math:`(t + 1) \bmod T = 0` (``T = reset_interval``; 0 = never)
+  every mask is redrawn with ``sampler``; inner-state entries (floating leaves
+  of the compact ``(k,)`` shape) at indices in both the old and the new mask
+  are carried over, the others start at zero.
+
+  Args:
+    inner: the transformation run on the compact tree (e.g. Adam).
+    density: fraction of entries kept, in ``(0, 1]``; static.
+    sparse_mask: a tree of booleans with the structure of the params, or a
+      callable returning one from the params (as in ``optax.masked``); ``True``
+      marks a sparse leaf. Default: every 2-D leaf.
+    reset_interval: redraw period ``T``; ``0`` never redraws.
+    seed: seed of the mask draws.
+    sampler: ``sampler(key, size, k)`` returning sorted ``int32`` indices of
+      shape ``(k,)``; default :func:`uniform_mask_sampler`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; extra arguments go to ``inner``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from spam_optax import sparse_moments
+    >>> tx = sparse_moments(optax.adam(1e-2), density=0.25)
+    >>> params = {'w': jnp.ones((4, 4)), 'b': jnp.zeros((4,))}
+    >>> state = tx.init(params)
+    >>> state.masks['w'].shape
+    (4,)
+    >>> updates, state = tx.update(params, state, params)
+    >>> int((updates['w'] != 0).sum())
+    4
+
+  References:
+    Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+    Training <https://arxiv.org/abs/2501.06842>`_, 2025 (arXiv:2501.06842).
+  """
+  density = _validate_density(density)
+  if isinstance(reset_interval, bool) or not isinstance(
+      reset_interval, numbers.Integral
+  ) or reset_interval < 0:
+    raise ValueError(
+        f"reset_interval must be a non-negative int, got {reset_interval!r}."
+    )
+  reset_interval = int(reset_interval)
+  sampler = uniform_mask_sampler if sampler is None else sampler
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    flags, treedef = _sparse_flags(sparse_mask, params)
+    leaves = treedef.flatten_up_to(params)
+    for flag, x in zip(flags, leaves):
+      if flag and jnp.size(x) > jnp.iinfo(jnp.int32).max:
+        raise ValueError(f"sparse leaf of shape {jnp.shape(x)} is too large "
+                         "for int32 indices.")
+    key, draw_key = jax.random.split(jax.random.key(seed))
+    masks = _draw_masks(draw_key, flags, leaves, treedef, density, sampler)
+    inner_state = inner.init(_compact(params, masks))
+    return SparseMomentsState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key_data(key),
+        masks=masks,
+        inner_state=inner_state,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    masks = state.masks
+    compact_updates, inner_state = inner.update(
+        _compact(updates, masks),
+        state.inner_state,
+        _compact(params, masks),
+        **extra_args,
+    )
+    new_updates = _expand(compact_updates, masks, updates)
+    count = optax.safe_int32_increment(state.count)
+    key = state.key
+
+    if reset_interval > 0:
+      leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_slot)
+      flags = [
+          not (idx is None or _is_masked_node(idx))
+          for idx in treedef.flatten_up_to(masks)
+      ]
+
+      def redraw(operands):
+        masks, inner_state, key = operands
+        key, draw_key = jax.random.split(jax.random.wrap_key_data(key))
+        new_masks = _draw_masks(
+            draw_key, flags, leaves, treedef, density, sampler
+        )
+        inner_state = _remap_inner_state(inner_state, masks, new_masks)
+        return new_masks, inner_state, jax.random.key_data(key)
+
+      # `count % T == T - 1` is `(t + 1) % T == 0` without overflowing at the
+      # saturated count.
+      masks, inner_state, key = jax.lax.cond(
+          count % reset_interval == reset_interval - 1,
+          redraw,
+          lambda operands: operands,
+          (masks, inner_state, key),
+      )
+
+    return new_updates, SparseMomentsState(
+        count=count, key=key, masks=masks, inner_state=inner_state
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def replace_masks(opt_state: optax.OptState, masks: Any) -> optax.OptState:
+  """Sets the masks of every :class:`SparseMomentsState` in ``opt_state``.
+
+  The inner moments are carried over from the old masks to the new ones the
+  same way as at a scheduled redraw, so this is the hook for masks chosen
+  outside the optimizer (recorded masks, a custom schedule).
+
+  Args:
+    opt_state: an optimizer state containing ``SparseMomentsState`` (for
+      example the state of ``spam(..., density=d)``).
+    masks: a tree with the structure of the params holding sorted ``int32``
+      indices of the current ``(k,)`` shape for sparse leaves; entries at
+      dense leaves are ignored (``None`` or ``optax.MaskedNode()``).
+
+  Returns:
+    The state with the new masks and the moments moved onto them.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from spam_optax import sparse_moments, replace_masks
+    >>> tx = sparse_moments(optax.sgd(1.0), density=0.5)
+    >>> state = tx.init({'w': jnp.ones((2, 2))})
+    >>> state = replace_masks(state, {'w': jnp.array([0, 3])})
+    >>> state.masks['w'].tolist()
+    [0, 3]
+  """
+
+  def replace(node):
+    if not isinstance(node, SparseMomentsState):
+      return node
+    old_leaves, treedef = jax.tree.flatten(node.masks, is_leaf=_is_slot)
+    given = treedef.flatten_up_to(masks)
+    new_leaves = []
+    for old, new in zip(old_leaves, given):
+      if old is None or _is_masked_node(old):
+        new_leaves.append(old)
+        continue
+      new = jnp.asarray(new, jnp.int32)
+      if new.shape != old.shape:
+        raise ValueError(
+            f"mask of shape {new.shape} given where {old.shape} is kept."
+        )
+      new_leaves.append(new)
+    new_masks = treedef.unflatten(new_leaves)
+    inner_state = _remap_inner_state(node.inner_state, node.masks, new_masks)
+    return node._replace(masks=new_masks, inner_state=inner_state)
+
+  return jax.tree.map(
+      replace,
+      opt_state,
+      is_leaf=lambda x: isinstance(x, SparseMomentsState),
+  )
