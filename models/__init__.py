@@ -1,0 +1,37 @@
+"""LLaMA in Flax Linen with Stable-SPAM's fake quantization (INT4/INT8/FP4).
+
+    import models
+    config = models.get_config("llama_60m")
+    model = models.Llama(config, quant=models.QuantConfig(weight_bits=4))
+"""
+
+from models.config import CONFIG_NAMES, CONFIGS, LlamaConfig, from_hf_json, get_config
+from models.llama import (
+    DecoderBlock,
+    Llama,
+    abstract_variables,
+    count_params,
+    cross_entropy_loss,
+    flops_per_token,
+)
+from models.quantization import QuantConfig, get_quant_config
+from models.sharding import DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXIS_NAMES, MESH_AXES
+
+__all__ = [
+    "CONFIG_NAMES",
+    "CONFIGS",
+    "DEFAULT_LOGICAL_AXIS_RULES",
+    "DecoderBlock",
+    "LOGICAL_AXIS_NAMES",
+    "Llama",
+    "LlamaConfig",
+    "MESH_AXES",
+    "QuantConfig",
+    "abstract_variables",
+    "count_params",
+    "cross_entropy_loss",
+    "flops_per_token",
+    "from_hf_json",
+    "get_config",
+    "get_quant_config",
+]

@@ -1,0 +1,81 @@
+"""Causal multi-head self-attention with rotary position embeddings (RoPE)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.linears import DenseGeneral
+from models.quantization import QuantConfig
+
+
+def rope_frequencies(positions: jax.Array, head_dim: int, theta: float = 10000.0):
+  """cos and sin of shape positions.shape + (head_dim,), in float32.
+
+  HF LLaMA's layout: frequencies θ^(−2i/d) for i < d/2, repeated for both halves.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Rotates `x` of shape (batch, length, heads, head_dim) by its positions.
+
+  Uses the "rotate half" pairing of HF LLaMA (feature i with i + d/2), so weights
+  ported from the PyTorch model need no permutation. Computed in float32.
+  """
+  cos, sin = rope_frequencies(positions, x.shape[-1], theta)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal self-attention: q/k/v/o projections, RoPE, `jax.nn.dot_product_attention`.
+
+  The q, k, v kernels are (embed, heads, kv) and the o kernel (heads, kv, embed);
+  all four may be fake-quantized. Scores, softmax and the AV product stay in the
+  compute dtype (the softmax itself runs in float32 inside JAX).
+  """
+
+  num_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  quant: QuantConfig | None = None
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def dense(features, axis, axes, name):
+      return DenseGeneral(
+          features=features,
+          axis=axis,
+          kernel_axes=axes,
+          quant=self.quant,
+          init_std=self.init_std,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name=name,
+      )
+
+    heads = (self.num_heads, self.head_dim)
+    qkv_axes = ("batch", "length", "heads", "kv")
+    q = dense(heads, -1, ("embed", "heads", "kv"), "q_proj")(x)
+    k = dense(heads, -1, ("embed", "heads", "kv"), "k_proj")(x)
+    v = dense(heads, -1, ("embed", "heads", "kv"), "v_proj")(x)
+    q = nn.with_logical_constraint(apply_rope(q, positions, self.rope_theta), qkv_axes)
+    k = nn.with_logical_constraint(apply_rope(k, positions, self.rope_theta), qkv_axes)
+    v = nn.with_logical_constraint(v, qkv_axes)
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=self.implementation
+    )
+    out = nn.with_logical_constraint(out, qkv_axes)
+    return dense(x.shape[-1], (-2, -1), ("heads", "kv", "embed"), "o_proj")(out)

@@ -1,0 +1,167 @@
+"""LLaMA model configurations: one dataclass and the table of the official sizes.
+
+The sizes are those of the `configs/llama_*.json` files shipped with the SPAM /
+Stable-SPAM code (the same files as GaLore's `configs/`). They are written here as
+data in our own format; `get_config` also reads such a JSON file directly.
+
+Every size uses SiLU-gated MLPs, RoPE, RMSNorm (eps 1e-6), no biases, an untied
+output head and normal(0, 0.02) initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of one LLaMA model.
+
+  Dtypes are stored as names (strings) so that the config stays hashable and
+  JSON-serialisable; `jnp.dtype(config.dtype)` turns them into dtypes.
+  """
+
+  name: str
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  num_layers: int
+  vocab_size: int = 32000
+  max_seq_len: int = 1024
+  rms_norm_eps: float = 1e-6
+  init_std: float = 0.02
+  rope_theta: float = 10000.0
+  # Numerics: float32 master parameters, bfloat16 compute. Logits and loss are
+  # always float32.
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  # Rematerialise every decoder block in the backward pass.
+  remat: bool = False
+  # Name of a `jax.checkpoint_policies` entry, used when `remat` is on.
+  remat_policy: str = "nothing_saveable"
+  # Passed to `jax.nn.dot_product_attention`: None picks cuDNN on GPU when it
+  # applies and XLA otherwise.
+  attention_implementation: str | None = None
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+      )
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def replace(self, **changes: Any) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def flops_per_token(self, seq_len: int, num_params: int) -> float:
+    """Training FLOPs per token: 6·N for the matmuls plus attention scores.
+
+    `num_params` is the matmul parameter count (all parameters but the input
+    embedding, whose lookup does no FLOPs; the untied head is included). The
+    attention term is PaLM's (arXiv:2204.02311, appendix B), 12·L·d·T, without
+    halving for the causal mask.
+    """
+    return 6.0 * num_params + 12.0 * self.num_layers * self.hidden_size * seq_len
+
+
+def _cfg(name, hidden, mlp, heads, layers, **kw) -> LlamaConfig:
+  return LlamaConfig(
+      name=name,
+      hidden_size=hidden,
+      intermediate_size=mlp,
+      num_heads=heads,
+      num_layers=layers,
+      **kw,
+  )
+
+
+# name: (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers).
+# Quirks kept from the official files: llama_100m uses vocab 32100 and
+# llama_7b max length 2048; llama_71m's MLP is 1368 (not 1376).
+CONFIGS: dict[str, LlamaConfig] = {
+    c.name: c
+    for c in (
+        _cfg("llama_9m", 128, 352, 4, 4),
+        _cfg("llama_20m", 256, 688, 4, 4),
+        _cfg("llama_35m", 384, 1024, 8, 6),
+        _cfg("llama_40m", 416, 1024, 8, 8),
+        _cfg("llama_60m", 512, 1376, 8, 8),
+        _cfg("llama_71m", 512, 1368, 8, 12),
+        _cfg("llama_100m", 640, 1708, 10, 12, vocab_size=32100),
+        _cfg("llama_130m", 768, 2048, 12, 12),
+        _cfg("llama_250m", 768, 2560, 16, 24),
+        _cfg("llama_350m", 1024, 2736, 16, 24),
+        _cfg("llama_1b", 2048, 5461, 32, 24),
+        _cfg("llama_3b", 2560, 6848, 32, 32),
+        _cfg("llama_7b", 4096, 11008, 32, 32, max_seq_len=2048),
+    )
+}
+
+CONFIG_NAMES: tuple[str, ...] = tuple(CONFIGS)
+
+
+def from_hf_json(path: str | os.PathLike, **overrides: Any) -> LlamaConfig:
+  """Reads a HuggingFace `LlamaConfig` JSON file (the official repo's format)."""
+  with open(path) as f:
+    hf = json.load(f)
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise ValueError(f"{path}: hidden_act {act!r} is not supported (only 'silu')")
+  if hf.get("tie_word_embeddings", False):
+    raise ValueError(f"{path}: tied embeddings are not supported")
+  max_len = hf.get("max_sequence_length", hf.get("max_position_embeddings", 1024))
+  kw = dict(
+      name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
+      hidden_size=int(hf["hidden_size"]),
+      intermediate_size=int(hf["intermediate_size"]),
+      num_heads=int(hf["num_attention_heads"]),
+      num_layers=int(hf["num_hidden_layers"]),
+      vocab_size=int(hf.get("vocab_size", 32000)),
+      max_seq_len=int(max_len),
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      init_std=float(hf.get("initializer_range", 0.02)),
+      rope_theta=float(hf.get("rope_theta", 10000.0)),
+  )
+  kw.update(overrides)
+  return LlamaConfig(**kw)
+
+
+def get_config(name: str | os.PathLike | LlamaConfig, **overrides: Any) -> LlamaConfig:
+  """Returns the config called `name` (`llama_60m` or `60m`), or read from a JSON path.
+
+  Keyword arguments override fields, e.g. `get_config("60m", vocab_size=32100)`.
+  """
+  if isinstance(name, LlamaConfig):
+    return dataclasses.replace(name, **overrides) if overrides else name
+  key = os.fspath(name)
+  if key.endswith(".json") or os.path.isfile(key):
+    return from_hf_json(key, **overrides)
+  key = key.strip().lower()
+  if not key.startswith("llama_"):
+    key = "llama_" + key
+  if key not in CONFIGS:
+    raise ValueError(
+        f"unknown model {os.fspath(name)!r}; valid names: {', '.join(CONFIG_NAMES)}"
+        " (with or without the 'llama_' prefix) or a path to a HF config JSON"
+    )
+  config = CONFIGS[key]
+  return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def compute_dtype(config: LlamaConfig):
+  return jnp.dtype(config.dtype)
+
+
+def param_dtype(config: LlamaConfig):
+  return jnp.dtype(config.param_dtype)

@@ -1,0 +1,163 @@
+"""The LLaMA decoder as the SPAM / Stable-SPAM experiments pretrain it, in Flax Linen.
+
+Why Linen rather than NNX: Linen's logical partitioning (`with_logical_partitioning`,
+`logical_axis_rules`, `get_partition_spec`) is mature and is what MaxText-style
+FSDP/tensor-parallel trainers build on; parameters are a plain nested dict that
+orbax checkpoints as is and optax transforms directly; and `model.apply` is a pure
+function that jits and shards without module-state plumbing.
+
+Parameter names follow the HF model (`embed_tokens`, `layers_<i>/self_attn/q_proj`,
+`mlp/gate_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.attention import Attention
+from models.config import LlamaConfig, get_config
+from models.linears import MLP, DenseGeneral
+from models.normalization import RMSNorm
+from models.quantization import QuantConfig
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  config: LlamaConfig
+  quant: QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)
+    h = norm("input_layernorm")(x)
+    h = Attention(
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta,
+        quant=self.quant,
+        init_std=cfg.init_std,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        implementation=cfg.attention_implementation,
+        name="self_attn",
+    )(h, positions)
+    x = nn.with_logical_constraint(x + h, ACTIVATION_AXES)
+    h = norm("post_attention_layernorm")(x)
+    h = MLP(
+        cfg.intermediate_size,
+        quant=self.quant,
+        init_std=cfg.init_std,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="mlp",
+    )(h)
+    return nn.with_logical_constraint(x + h, ACTIVATION_AXES)
+
+
+class Llama(nn.Module):
+  """LLaMA causal LM: tokens int32 (batch, length) → logits float32 (batch, length, vocab).
+
+  Usage:
+    model = Llama(get_config("llama_60m"), quant=None)   # or QuantConfig(...)
+    variables = model.init(jax.random.key(0), tokens)
+    logits = model.apply({"params": params}, tokens, rngs={"quant": key})
+
+  The `quant` rng is only needed with `QuantConfig(stochastic=True)`. `init`
+  returns parameters boxed with their logical axis names
+  (`nn.LogicallyPartitioned`); `apply` accepts them boxed or unboxed
+  (`nn.meta.unbox`).
+  """
+
+  config: LlamaConfig
+  quant: QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
+    x = nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=cfg.init_std), ("vocab", "embed")
+        ),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="embed_tokens",
+    )(tokens)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    block = DecoderBlock
+    if cfg.remat:
+      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+    for i in range(cfg.num_layers):
+      x = block(cfg, self.quant, name=f"layers_{i}")(x, positions)
+    x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
+    # The head runs in the compute dtype but accumulates and returns float32.
+    logits = DenseGeneral(
+        cfg.vocab_size,
+        kernel_axes=("embed", "vocab"),
+        init_std=cfg.init_std,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        out_dtype=jnp.float32,
+        name="lm_head",
+    )(x)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def cross_entropy_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Mean token cross-entropy in float32 and the number of tokens it averages over.
+
+  `targets[b, t]` is the label for `logits[b, t]` (shift before calling: for a
+  language model, logits of tokens[:, :-1] against tokens[:, 1:]). `mask` (same
+  shape as `targets`, 0/1 or bool) selects the tokens counted; None counts all.
+  """
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+  n_tokens = jnp.sum(mask)
+  loss = jnp.sum(nll * mask) / jnp.maximum(n_tokens, 1.0)
+  return loss, n_tokens
+
+
+def abstract_variables(
+    config: LlamaConfig | str, quant: QuantConfig | None = None, batch: int = 1, length: int = 8
+):
+  """Shapes/dtypes (boxed with logical axis names) of `Llama.init`, nothing allocated."""
+  config = get_config(config)
+  model = Llama(config, quant=quant)
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+
+
+def count_params(config: LlamaConfig | str, *, exclude_embedding: bool = False) -> int:
+  """Number of parameters of `Llama(config)`, counted from `jax.eval_shape` of its init.
+
+  With `exclude_embedding`, the input embedding table (a lookup, no FLOPs) is left
+  out; the untied output head is always counted.
+  """
+  params = nn.meta.unbox(abstract_variables(config)["params"])
+  if exclude_embedding:
+    params = {k: v for k, v in params.items() if k != "embed_tokens"}
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(config: LlamaConfig | str, seq_len: int) -> float:
+  """Training (forward + backward) FLOPs per token: 6·N + 12·L·d·T (PaLM's convention)."""
+  config = get_config(config)
+  return config.flops_per_token(seq_len, count_params(config, exclude_embedding=True))
