@@ -1,0 +1,146 @@
+"""Stable-SPAM's AdaGN: rescale each leaf to a running estimate of its norm."""
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spam_optax import _adaptive_clip
+from spam_optax import _momentum_scale
+from spam_optax import _numerics
+from spam_optax import _periodic_reset
+from spam_optax import _validation
+
+
+class ScaleByGradNormHistoryState(NamedTuple):
+  """State of :func:`scale_by_grad_norm_history`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    mu_norm: EMA of the gradient norm (per leaf, or one scalar with
+      ``global_norm=True``), float32 (float64 for float64 leaves).
+    nu_norm: EMA of the squared gradient norm, same layout.
+  """
+  count: jax.Array
+  mu_norm: Any
+  nu_norm: Any
+
+
+def scale_by_grad_norm_history(
+    gamma1: float = 0.7,
+    gamma2: float = 0.9,
+    eps: float = 1e-8,
+    total_steps: Optional[int] = None,
+    eta_min: float = 0.5,
+    reset_interval: int = 0,
+    global_norm: bool = False,
+) -> optax.GradientTransformation:
+  r"""Rescales gradients to an Adam-style running estimate of their norm (AdaGN).
+
+  With :math:`n = \|g\|_2` (per leaf, or over the whole tree with
+  ``global_norm=True``), :math:`\gamma_1' = \gamma_1 s_t` (:math:`s_t` the
+  cosine scale of :func:`spam_optax.cosine_momentum_scale`, 1 without
+  ``total_steps``) and :math:`k` the bias-correction step:
+
+  .. math::
+    a_t &= \gamma_1' a_{t-1} + (1-\gamma_1') n, \qquad
+    b_t = \gamma_2 b_{t-1} + (1-\gamma_2) n^2 \\
+    c_t &= \frac{a_t/(1-\gamma_1'^k)}{\sqrt{b_t/(1-\gamma_2^k)} + \epsilon},
+    \qquad g \leftarrow g\,c_t/n \quad (n > 0).
+
+  A spike inflates :math:`n` far more than :math:`c_t`, so its leaf is scaled
+  down. As in :func:`clip_by_running_max`, :math:`k` restarts after every
+  multiple of ``reset_interval`` (official **quirk**: :math:`k = t` up to the
+  first reset step included, then :math:`2, \dots, T+1`; 0 = never).
+
+  Args:
+    gamma1: :math:`\gamma_1`, decay of the norm EMA.
+    gamma2: :math:`\gamma_2`, decay of the squared-norm EMA.
+    eps: added to the denominator.
+    total_steps: official ``total_T``; enables the cosine decay of
+      :math:`\gamma_1` to :math:`\eta_{min}\gamma_1`.
+    eta_min: floor of the cosine scale.
+    reset_interval: period after which :math:`k` restarts; 0 = never.
+    global_norm: use one norm over all leaves instead of one per leaf (the
+      official code is per leaf).
+
+  Returns:
+    A :class:`optax.GradientTransformation`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import spam_optax
+    >>> opt = spam_optax.scale_by_grad_norm_history(gamma1=0.7, gamma2=0.9)
+    >>> state = opt.init(jnp.zeros(2))
+    >>> u, state = opt.update(jnp.array([3.0, 4.0]), state)
+    >>> print(u)  # the first step keeps the norm
+    [3. 4.]
+
+  References:
+    Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit
+    Adam <https://arxiv.org/abs/2502.17055>`_, 2025.
+  """
+  _validation.check_unit_interval("gamma1", gamma1)
+  _validation.check_unit_interval("gamma2", gamma2)
+  _validation.check_non_negative("eps", eps)
+  _validation.check_positive_or_none("total_steps", total_steps)
+  _validation.check_closed_unit_interval("eta_min", eta_min)
+  _validation.check_non_negative("reset_interval", reset_interval)
+
+  def init_fn(params):
+    if global_norm:
+      dtypes = [l.dtype for l in jax.tree.leaves(params)] or [jnp.float32]
+      dtype = _adaptive_clip.stat_dtype(jnp.result_type(*dtypes))
+      zeros = jnp.zeros([], dtype)
+      return ScaleByGradNormHistoryState(jnp.zeros([], jnp.int32), zeros, zeros)
+    stats = jax.tree.map(
+        lambda p: jnp.zeros([], _adaptive_clip.stat_dtype(p.dtype)), params
+    )
+    return ScaleByGradNormHistoryState(jnp.zeros([], jnp.int32), stats, stats)
+
+  def update_fn(updates, state, params=None):
+    del params
+    step = optax.safe_increment(state.count)
+    k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
+    g1 = gamma1 * _momentum_scale.cosine_momentum_scale(
+        step, total_steps, eta_min
+    )
+    correction1 = _numerics.one_minus_power(g1, k)
+    correction2 = _numerics.one_minus_power(gamma2, k)
+
+    def statistics(norm, a, b):
+      dtype = a.dtype
+      norm = norm.astype(dtype)
+      a = (g1 * a + (1 - g1) * norm).astype(dtype)
+      b = (gamma2 * b + (1 - gamma2) * norm * norm).astype(dtype)
+      target = (a / correction1.astype(dtype)) / (
+          jnp.sqrt(b / correction2.astype(dtype)) + eps
+      )
+      factor = jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1), 1)
+      return factor.astype(dtype), a, b
+
+    def rescale(g, factor):
+      return (g.astype(factor.dtype) * factor).astype(g.dtype)
+
+    if global_norm:
+      dtype = state.mu_norm.dtype
+      norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(dtype), updates))
+      factor, a, b = statistics(norm, state.mu_norm, state.nu_norm)
+      updates = jax.tree.map(lambda g: rescale(g, factor), updates)
+      return updates, ScaleByGradNormHistoryState(step, a, b)
+
+    leaves, treedef = jax.tree.flatten(updates)
+    a_leaves = treedef.flatten_up_to(state.mu_norm)
+    b_leaves = treedef.flatten_up_to(state.nu_norm)
+    out_g, out_a, out_b = [], [], []
+    for g, a, b in zip(leaves, a_leaves, b_leaves):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(a.dtype))))
+      factor, a, b = statistics(norm, a, b)
+      out_g.append(rescale(g, factor))
+      out_a.append(a)
+      out_b.append(b)
+    return treedef.unflatten(out_g), ScaleByGradNormHistoryState(
+        step, treedef.unflatten(out_a), treedef.unflatten(out_b)
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,88 @@
+"""Scalars for loggers: how many entries were clipped, how long since a reset."""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from spam_optax import _adaptive_clip
+from spam_optax import _periodic_reset
+from spam_optax import _scale_by_spam
+from spam_optax import _spike_clip
+
+_CLIP_STATES = (
+    _scale_by_spam.ScaleBySpamState,
+    _spike_clip.ClipSpikesState,
+    _adaptive_clip.ClipByRunningMaxState,
+)
+_STATES = _CLIP_STATES + (_periodic_reset.PeriodicResetState,)
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _find_states(tree: Any) -> list[Any]:
+  found = []
+  for node in jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda x: isinstance(x, _STATES)
+  ):
+    if isinstance(node, _STATES):
+      found.append(node)
+      if isinstance(node, _periodic_reset.PeriodicResetState):
+        found.extend(_find_states(node.inner_state))
+  return found
+
+
+def spike_stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Returns a flat dict of spike and reset statistics found in ``opt_state``.
+
+  Searches the state of any chain or wrapper (``optax.chain``,
+  ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
+  ``sparse_moments``) for the states of :func:`scale_by_spam`,
+  :func:`clip_spikes`, :func:`clip_by_running_max` and :func:`periodic_reset`.
+  Everything is a traced-friendly JAX scalar, so this can run inside a jitted
+  train step; no host sync happens until the logger reads the values.
+
+  Keys:
+    - ``spike/clipped_total``: entries clipped at the last step, all leaves and
+      all clipping blocks together (int32).
+    - ``spike/clipped/<leaf path>``: the same per parameter leaf, the path
+      joined with ``/`` (e.g. ``spike/clipped/layers/0/w``).
+    - ``reset/steps_since_reset``: from the first :func:`periodic_reset` found;
+      0 right after a reset that took effect after the update, 1 right after a
+      reset applied before it.
+
+  Args:
+    opt_state: an optimizer state.
+
+  Returns:
+    A dict from name to scalar; empty if no relevant state is found.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import spam_optax
+    >>> opt = spam_optax.spam(1e-3)
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> sorted(spam_optax.spike_stats(state))
+    ['reset/steps_since_reset', 'spike/clipped/w', 'spike/clipped_total']
+  """
+  found = _find_states(opt_state)
+  stats: dict[str, jax.Array] = {}
+  total = None
+  for node in found:
+    if isinstance(node, _CLIP_STATES):
+      for path, count in jax.tree_util.tree_flatten_with_path(node.clipped)[0]:
+        name = "spike/clipped/" + "/".join(_key_name(p) for p in path)
+        stats[name] = stats[name] + count if name in stats else count
+        total = count if total is None else total + count
+    elif isinstance(node, _periodic_reset.PeriodicResetState):
+      stats.setdefault("reset/steps_since_reset", node.steps_since_reset)
+  if total is not None:
+    stats["spike/clipped_total"] = total
+  elif any(isinstance(n, _CLIP_STATES) for n in found):
+    stats["spike/clipped_total"] = jnp.zeros([], jnp.int32)
+  return stats
