@@ -1,0 +1,115 @@
+"""The device mesh and how the train state and batches are laid out on it.
+
+One ``jax.sharding.Mesh`` with axes ``data`` (replicas), ``fsdp`` (replicas whose parameters,
+gradients and optimizer moments are sharded) and ``tensor`` (size 1 unless asked for). The
+model names every parameter axis (``embed``, ``mlp``, ``heads``, ...); ``models`` maps those
+names to mesh axes, and the optimizer state follows the parameter it belongs to. Batches are
+split over ``data`` and ``fsdp`` together.
+"""
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import models
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed(requested: bool) -> None:
+  """``jax.distributed.initialize()`` for multi-host runs (explicit, or detected from the env).
+
+  On a Cloud TPU pod slice and under SLURM, JAX discovers the coordinator itself; elsewhere set
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+  """
+  env = os.environ
+  if not (requested or "JAX_COORDINATOR_ADDRESS" in env):
+    return
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+
+
+def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
+  """``"data=4,fsdp=2"`` -> sizes per axis; omitted axes are 1, ``data`` takes the rest."""
+  sizes = {}
+  for part in (spec or "").split(","):
+    if not part.strip():
+      continue
+    name, _, value = part.partition("=")
+    name = name.strip()
+    if name not in AXES or not value.strip().lstrip("-").isdigit() or int(value) < 1:
+      raise SystemExit(f"error: bad --mesh entry {part!r}; expected e.g. data=4,fsdp=2 "
+                       f"with axes {', '.join(AXES)}")
+    sizes[name] = int(value)
+  if "data" not in sizes:
+    rest = n_devices // int(np.prod([sizes.get(a, 1) for a in AXES if a != "data"]))
+    sizes["data"] = max(rest, 1)
+  sizes = {a: sizes.get(a, 1) for a in AXES}
+  if int(np.prod(list(sizes.values()))) != n_devices:
+    raise SystemExit(f"error: --mesh {spec} needs {int(np.prod(list(sizes.values())))} "
+                     f"devices, {n_devices} are available")
+  return sizes
+
+
+def make_mesh(sizes: dict[str, int]) -> Mesh:
+  devices = np.asarray(jax.devices()).reshape([sizes[a] for a in AXES])
+  return Mesh(devices, AXES)
+
+
+def batch_parallelism(sizes: dict[str, int]) -> int:
+  return sizes["data"] * sizes["fsdp"]
+
+
+def param_shardings(boxed_abstract_params, mesh: Mesh,
+                    rules=models.DEFAULT_LOGICAL_AXIS_RULES):
+  """NamedShardings for the (unboxed) parameter tree from its logical axis names."""
+  specs = nn.get_partition_spec(boxed_abstract_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def _path_key(path) -> tuple:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def follow_params(tree, params, shardings, mesh: Mesh):
+  """Shardings for ``tree`` (an optimizer state): a leaf whose key path ends with a parameter's
+  path and has its shape takes that parameter's sharding; everything else (counters, scalars,
+  compacted sparse moments) is replicated."""
+  by_path = {}
+  for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree.leaves(shardings)):
+    by_path[_path_key(path)] = (p.shape, s)
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    key = _path_key(path)
+    for start in range(len(key)):
+      hit = by_path.get(key[start:])
+      if hit is not None and hit[0] == getattr(leaf, "shape", None):
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def train_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """(accumulation steps, rows, length): rows over data x fsdp."""
+  return NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+
+def eval_batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def to_global(local: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
+  """Assembles every host's rows into one global array (a no-op copy on one host)."""
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)

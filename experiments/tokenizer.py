@@ -1,0 +1,69 @@
+"""Tokenizers: a byte-level one that needs no download, and the papers' T5 tokenizer.
+
+Both expose the same small surface: ``encode(text) -> int ids`` (with the end-of-document
+token appended), ``decode(ids)``, ``vocab_size``, ``pad_id`` and ``eos_id``. The loss ignores
+``pad_id``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """UTF-8 bytes shifted by two: 0 is padding, 1 ends a document, byte b is b + 2."""
+
+  pad_id: int = 0
+  eos_id: int = 1
+  offset: int = 2
+  name: str = "bytes"
+
+  @property
+  def vocab_size(self) -> int:
+    return 256 + self.offset
+
+  def encode(self, text: str) -> np.ndarray:
+    data = np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8)
+    return np.append(data.astype(np.int32) + self.offset, np.int32(self.eos_id))
+
+  def decode(self, ids) -> str:
+    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+    return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """A Hugging Face tokenizer (``t5-base`` in the papers), which appends ``</s>`` itself."""
+
+  def __init__(self, name: str):
+    try:
+      import transformers  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise SystemExit(
+          f"--tokenizer {name} needs the optional 'transformers' and 'sentencepiece' packages: "
+          "pip install -e '.[c4]'") from e
+    self.name = name
+    self._tok = transformers.AutoTokenizer.from_pretrained(name)
+    self.pad_id = int(self._tok.pad_token_id)
+    self.eos_id = int(self._tok.eos_token_id)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._tok)
+
+  def encode(self, text: str) -> list[int]:
+    ids = self._tok(text, add_special_tokens=True)["input_ids"]
+    if not ids or ids[-1] != self.eos_id:
+      ids = list(ids) + [self.eos_id]
+    return list(ids)
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def get_tokenizer(name: str):
+  """``bytes`` -> :class:`ByteTokenizer`; anything else is a Hugging Face tokenizer name/path."""
+  if name in ("bytes", "byte"):
+    return ByteTokenizer()
+  return HFTokenizer(name)

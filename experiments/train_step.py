@@ -1,0 +1,85 @@
+"""The pure, jitted pieces: state initialisation, one optimizer step, one evaluation batch.
+
+The train state is a plain dict ``{"step", "params", "opt_state", "rng"}`` (what the
+checkpoint holds). One optimizer step consumes ``(accum_steps, rows, length)`` tokens: the
+micro-batches run in a ``lax.scan`` that sums float32 gradients, then the mean gradient goes
+through the optimizer once, so optimizer counters and reset clocks count optimizer steps.
+Each micro-batch's loss is its own token mean and the step's loss is the mean over
+micro-batches, like the official loop (loss / gradient_accumulation, summed).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import models
+from experiments import optimizers
+
+
+def lm_loss(model, params, tokens, pad_id: int, rng):
+  """Next-token cross-entropy of one ``(rows, length)`` batch, padding ignored."""
+  logits = model.apply({"params": params}, tokens, rngs={"quant": rng})
+  targets = tokens[:, 1:]
+  loss, _ = models.cross_entropy_loss(logits[:, :-1], targets, targets != pad_id)
+  return loss
+
+
+def make_init_fn(model, optimizer, *, param_dtype, example_tokens):
+  """``rng -> train state``; parameters are created (and cast) in ``param_dtype``."""
+  def init(rng):
+    init_rng, rng = jax.random.split(rng)
+    variables = model.init(init_rng, example_tokens)
+    params = nn.meta.unbox(variables["params"])
+    params = jax.tree.map(lambda p: p.astype(param_dtype), params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.init(params), "rng": rng}
+  return init
+
+
+def make_train_step(model, optimizer, schedule, *, pad_id: int):
+  """``(state, batch) -> (state, metrics)``; ``batch`` is int32 ``(accum, rows, length)``."""
+  def train_step(state, batch):
+    params = state["params"]
+    rng, step_rng = jax.random.split(state["rng"])
+    grad_fn = jax.value_and_grad(lambda p, t, r: lm_loss(model, p, t, pad_id, r))
+
+    def micro_step(carry, xs):
+      loss_sum, grad_sum = carry
+      i, tokens = xs
+      loss, grads = grad_fn(params, tokens, jax.random.fold_in(step_rng, i))
+      grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+      return (loss_sum + loss, grad_sum), None
+
+    accum = batch.shape[0]
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(
+        micro_step, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), batch))
+    # Gradients reach the optimizer in the parameter dtype (bf16 in the official runs).
+    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": loss_sum / accum,
+        "lr": schedule(state["step"]),
+        "grad_norm": optax.global_norm(grads),
+        **optimizers.spike_stats(opt_state),
+    }
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
+                 "rng": rng}
+    return new_state, metrics
+  return train_step
+
+
+def make_eval_step(model, *, pad_id: int):
+  """``(params, tokens, loss_sum) -> loss_sum + mean loss of the batch`` (stays on device)."""
+  def eval_step(params, tokens, loss_sum):
+    return loss_sum + lm_loss(model, params, tokens, pad_id, jax.random.key(0))
+  return eval_step
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
