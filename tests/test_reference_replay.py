@@ -1,0 +1,97 @@
+"""Replays the recorded official trajectories (dense scenarios) through the aliases."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import spam_optax
+from conftest import REFERENCE_DIR
+
+# Official constructor names -> keyword arguments of our aliases.
+SPAM_NAMES = {
+    "lr": "learning_rate",
+    "eps": "eps",
+    "weight_decay": "weight_decay",
+    "threshold": "spike_threshold",
+    "DeltaT": "reset_interval",
+    "warmup_steps": "warmup_steps",
+    "grad_accu_steps": "clip_delay",
+}
+STABLE_SPAM_NAMES = {
+    "lr": "learning_rate",
+    "eps": "eps",
+    "weight_decay": "weight_decay",
+    "gamma1": "gamma1",
+    "gamma2": "gamma2",
+    "gamma3": "gamma3",
+    "update_proj_gap": "reset_interval",
+    "total_T": "total_steps",
+    "eta_min": "eta_min",
+}
+TOLERANCE = {"float64": 1e-10, "float32": 3e-5}
+
+DENSE_FILES = sorted(
+    p.name for p in REFERENCE_DIR.glob("*.npz") if "sparse" not in p.name
+)
+
+
+def optimizer_from_meta(meta):
+  """Builds our alias from the official hyperparameters in a reference file."""
+  names = SPAM_NAMES if meta["optimizer"] == "spam" else STABLE_SPAM_NAMES
+  kwargs = {}
+  for name, value in meta["hyperparameters"].items():
+    if name == "betas":
+      kwargs["b1"], kwargs["b2"] = value
+    else:
+      kwargs[names[name]] = value
+  alias = spam_optax.spam if meta["optimizer"] == "spam" else spam_optax.stable_spam
+  return alias(**kwargs)
+
+
+def replay(opt, p0, grads):
+  """Applies ``opt`` to the recorded gradients; returns params after each step."""
+
+  @jax.jit
+  def run(p0, grads):
+    def step(carry, g):
+      params, state = carry
+      updates, state = opt.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, state), params
+
+    return jax.lax.scan(step, (p0, opt.init(p0)), grads)[1]
+
+  return run(p0, grads)
+
+
+def max_relative_error(got, want):
+  """Max over steps of ||got_t - want_t|| / ||want_t|| (one leaf)."""
+  got = np.asarray(got, np.float64).reshape(len(want), -1)
+  want = np.asarray(want, np.float64).reshape(len(want), -1)
+  return float(
+      np.max(np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1))
+  )
+
+
+def test_all_dense_scenarios_are_covered():
+  assert len(DENSE_FILES) == 16, DENSE_FILES
+
+
+@pytest.mark.parametrize("filename", DENSE_FILES)
+def test_replay_matches_official_trajectory(filename):
+  data = np.load(REFERENCE_DIR / filename)
+  meta = json.loads(str(data["meta"]))
+  dtype = meta["dtype"]
+  with jax.enable_x64(dtype == "float64"):
+    opt = optimizer_from_meta(meta)
+    names = list(meta["params"])
+    p0 = {n: jnp.asarray(data[f"p0/{n}"]) for n in names}
+    grads = {n: jnp.asarray(data[f"g/{n}"]) for n in names}
+    params = replay(opt, p0, grads)
+    for n in names:
+      assert params[n].dtype == np.dtype(dtype)
+      err = max_relative_error(params[n], data[f"p/{n}"])
+      assert err < TOLERANCE[dtype], (filename, n, err)
