@@ -32,7 +32,7 @@ class TrainConfig:
   lr: float = 3e-3
   beta1: float = 0.9
   beta2: float = 0.999
-  eps: float = 1e-8
+  eps: float | None = None  # None: the optimizer's default (1e-6 SPAM, 1e-8 the others)
   weight_decay: float = 0.0
   grad_clipping: float = 0.0
   scheduler: str = "cosine"
@@ -41,13 +41,13 @@ class TrainConfig:
   num_training_steps: int = 300
   # SPAM
   density: float = 1.0
-  DeltaT: int = 500
+  DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM)
   threshold: float = 5000.0
   warmup_epoch: int = 150
   # Stable-SPAM
-  gamma1: float = 0.85
-  gamma2: float = 0.99999
-  gamma3: float = 0.999
+  gamma1: float | None = None  # None: spam_optax's defaults (the official class defaults)
+  gamma2: float | None = None
+  gamma3: float | None = None
   total_T: int | None = None
   eta_min: float = 0.5
   # quantization (4-bit runs)
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--lr", type=float, default=d.lr)
   g.add_argument("--beta1", type=float, default=d.beta1)
   g.add_argument("--beta2", type=float, default=d.beta2)
-  g.add_argument("--eps", type=float, default=d.eps)
+  g.add_argument("--eps", type=float, default=None,
+                 help="default: the optimizer's own (1e-6 for SPAM as officially, 1e-8 else)")
   g.add_argument("--weight_decay", type=float, default=d.weight_decay)
   g.add_argument("--grad_clipping", type=float, default=d.grad_clipping,
                  help="global gradient-norm clip; 0 = off (the papers)")
@@ -135,14 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--density", type=float, default=d.density,
                  help="sparse-momentum density for attention/MLP projection weights, in (0, 1]")
   g.add_argument("--DeltaT", "--update_proj_gap", dest="DeltaT", type=int, default=d.DeltaT,
-                 help="momentum reset interval")
+                 help="momentum reset interval (default 500 SPAM, 1000 Stable-SPAM)")
   g.add_argument("--threshold", type=float, default=d.threshold, help="spike threshold theta")
   g.add_argument("--warmup_epoch", type=int, default=d.warmup_epoch,
                  help="steps of the LR warm-up after each momentum reset (N)")
   g = p.add_argument_group("Stable-SPAM")
-  g.add_argument("--gamma1", type=float, default=d.gamma1)
-  g.add_argument("--gamma2", type=float, default=d.gamma2)
-  g.add_argument("--gamma3", type=float, default=d.gamma3)
+  g.add_argument("--gamma1", type=float, default=None,
+                 help="AdaGN/AdaClip EMA factors (default: spam_optax's 0.7, 0.9, 0.999)")
+  g.add_argument("--gamma2", type=float, default=None)
+  g.add_argument("--gamma3", type=float, default=None)
   g.add_argument("--total_T", type=int, default=d.total_T,
                  help="steps of Stable-SPAM's reset schedule (default: --num_training_steps)")
   g.add_argument("--eta_min", type=float, default=d.eta_min)
@@ -228,12 +230,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
   if not 0.0 < cfg.density <= 1.0:
     fail(f"--density must be in (0, 1], got {cfg.density}")
   for flag in ("batch_size", "max_length", "num_training_steps", "eval_every", "save_every",
-               "keep_checkpoints", "DeltaT"):
+               "keep_checkpoints"):
     if getattr(cfg, flag) < 1:
       fail(f"--{flag} must be >= 1, got {getattr(cfg, flag)}")
   for flag in ("warmup_steps", "warmup_epoch", "weight_decay", "grad_clipping"):
     if getattr(cfg, flag) < 0:
       fail(f"--{flag} must be >= 0, got {getattr(cfg, flag)}")
+  if cfg.DeltaT is not None and cfg.DeltaT < 1:
+    fail(f"--DeltaT must be >= 1, got {cfg.DeltaT}")
   if not math.isfinite(cfg.lr) or cfg.lr < 0:
     fail(f"--lr must be a finite number >= 0, got {cfg.lr}")
   if cfg.max_length < 2:

@@ -63,31 +63,39 @@ def _spam_module():
   return spam_optax
 
 
+def _given(**kwargs) -> dict:
+  """The keyword arguments whose flag was set (None leaves the optimizer's default)."""
+  return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
   """The update rule named by ``--optimizer``, behind ``--grad_clipping`` when it is set."""
   schedule = schedule or make_schedule(cfg)
   name = cfg.optimizer
+  eps = 1e-8 if cfg.eps is None else cfg.eps
   if name == "adamw":
-    opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
+    opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps,
                       weight_decay=cfg.weight_decay)
   elif name == "adam":
     # torch.optim.Adam's weight decay is L2 added to the gradient, before the moments.
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay
                       else optax.identity(),
-                      optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps))
+                      optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps))
   elif name == "spam":
     spam_optax = _spam_module()
     opt = spam_optax.spam(
-        schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        spike_threshold=cfg.threshold, reset_interval=cfg.DeltaT,
-        warmup_steps=cfg.warmup_epoch, density=cfg.density,
-        sparse_mask=projection_mask, seed=cfg.seed)
+        schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
+        spike_threshold=cfg.threshold, warmup_steps=cfg.warmup_epoch,
+        density=None if cfg.density >= 1.0 else cfg.density,
+        sparse_mask=projection_mask if cfg.density < 1.0 else None, seed=cfg.seed,
+        **_given(eps=cfg.eps, reset_interval=cfg.DeltaT))
   elif name == "stable_spam":
     spam_optax = _spam_module()
     opt = spam_optax.stable_spam(
-        schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        gamma1=cfg.gamma1, gamma2=cfg.gamma2, gamma3=cfg.gamma3,
-        reset_interval=cfg.DeltaT, total_steps=cfg.total_T, eta_min=cfg.eta_min)
+        schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
+        total_steps=cfg.total_T, eta_min=cfg.eta_min,
+        **_given(eps=cfg.eps, gamma1=cfg.gamma1, gamma2=cfg.gamma2, gamma3=cfg.gamma3,
+                 reset_interval=cfg.DeltaT))
   elif name == "adafactor":
     # The papers' baseline is HF Adafactor(beta1=0.9, eps=(1e-30, 1e-3), clip_threshold=1.0,
     # decay_rate=-0.8, relative_step=False, scale_parameter=False); eps[1] only matters with

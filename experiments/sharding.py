@@ -39,7 +39,11 @@ def maybe_initialize_distributed(requested: bool) -> None:
 
 
 def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
-  """``"data=4,fsdp=2"`` -> sizes per axis; omitted axes are 1, ``data`` takes the rest."""
+  """``"data=4,fsdp=2"`` -> sizes per axis; omitted axes are 1, ``data`` takes the rest.
+
+  A mesh may use fewer devices than a single host has (handy for comparisons); a multi-host
+  mesh must use them all.
+  """
   sizes = {}
   for part in (spec or "").split(","):
     if not part.strip():
@@ -54,14 +58,16 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
     rest = n_devices // int(np.prod([sizes.get(a, 1) for a in AXES if a != "data"]))
     sizes["data"] = max(rest, 1)
   sizes = {a: sizes.get(a, 1) for a in AXES}
-  if int(np.prod(list(sizes.values()))) != n_devices:
-    raise SystemExit(f"error: --mesh {spec} needs {int(np.prod(list(sizes.values())))} "
-                     f"devices, {n_devices} are available")
+  needed = int(np.prod(list(sizes.values())))
+  if needed > n_devices or (jax.process_count() > 1 and needed != n_devices):
+    raise SystemExit(f"error: --mesh {spec} needs {needed} devices, {n_devices} are available")
   return sizes
 
 
 def make_mesh(sizes: dict[str, int]) -> Mesh:
-  devices = np.asarray(jax.devices()).reshape([sizes[a] for a in AXES])
+  """The mesh over the first data x fsdp x tensor devices (all of them, unless asked)."""
+  n = int(np.prod([sizes[a] for a in AXES]))
+  devices = np.asarray(jax.devices()[:n]).reshape([sizes[a] for a in AXES])
   return Mesh(devices, AXES)
 
 
