@@ -242,7 +242,8 @@ def _check(record, previous, bar):
     return previous
   loss = record.get("loss")
   if loss is None or not math.isfinite(loss):
-    raise NonFiniteLoss(f"error: loss is {loss} at step {record['step']}; stopping. The last "
+    shown = "NaN" if loss is None else loss
+    raise NonFiniteLoss(f"error: loss is {shown} at step {record['step']}; stopping. The last "
                         "good checkpoint is kept (lower --lr or enable --grad_clipping)")
   bar.update(record["step"] - bar.n if hasattr(bar, "n") else 1)
   tps = record.get("tokens_per_s")

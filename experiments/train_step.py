@@ -63,7 +63,7 @@ def make_train_step(model, optimizer, schedule, *, pad_id: int):
     metrics = {
         "loss": loss_sum / accum,
         "lr": schedule(state["step"]),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         **optimizers.spike_stats(opt_state),
     }
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,

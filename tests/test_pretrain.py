@@ -1,0 +1,133 @@
+"""The pretraining loop end to end on a tiny LLaMA: metrics, schedule, accumulation, errors, NaN."""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import config, optimizers, pretrain
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+        "num_hidden_layers": 2, "vocab_size": 258, "max_sequence_length": 64}
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+  """Flags for a few-step run of a 2-layer, width-32 LLaMA on a small local corpus."""
+  model = tmp_path / "tiny.json"
+  model.write_text(json.dumps(TINY))
+  corpus = tmp_path / "corpus.jsonl"
+  words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
+  rng = np.random.default_rng(0)
+  corpus.write_text("".join(
+      json.dumps({"text": " ".join(rng.choice(words, size=12 + i % 9))}) + "\n"
+      for i in range(300)))
+
+  def args(run="run", **overrides):
+    flags = {"model_config": model, "dataset": corpus, "packing": True, "batch_size": 4,
+             "max_length": 32, "num_training_steps": 6, "warmup_steps": 2, "lr": 1e-2,
+             "eval_every": 3, "save_every": 3, "eval_batches": 2, "dtype": "float32",
+             "progress": False, "save_dir": tmp_path / run, "optimizer": "adamw"}
+    flags.update(overrides)
+    argv = []
+    for k, v in flags.items():
+      if v is True:
+        argv.append(f"--{k}")
+      elif v is False:
+        argv.append(f"--no-{k}")
+      elif v is not None:
+        argv += [f"--{k}", str(v)]
+    return argv
+  return args
+
+
+def read_metrics(save_dir):
+  with open(f"{save_dir}/metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_run_writes_metrics_eval_and_checkpoint(tiny_args, tmp_path, capsys):
+  summary = pretrain.main(tiny_args(optimizer="spam", density=0.5, dtype="bfloat16",
+                                    num_training_steps=6))
+  records = read_metrics(tmp_path / "run")
+  steps = [r for r in records if "loss" in r]
+  assert [r["step"] for r in steps] == list(range(1, 7))
+  for r in steps:
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r)
+    assert any(k.startswith("spike/") for k in r)  # spam_optax.spike_stats
+  assert steps[0]["lr"] == 0.0  # the official schedule: the first update has lr 0
+  evals = {r["step"]: r for r in records if "eval_loss" in r}
+  assert sorted(evals) == [0, 3, 6]
+  assert math.isclose(evals[6]["eval_perplexity"], math.exp(evals[6]["eval_loss"]), rel_tol=1e-6)
+  assert evals[6]["eval_loss"] < evals[0]["eval_loss"]
+  assert "loss" in evals[3]  # an eval step's line carries both
+  assert summary["latest_checkpoint"] == 6
+  out = capsys.readouterr().out
+  assert "validation perplexity" in out and "metrics:" in out and "checkpoint:" in out
+
+
+def test_schedule_is_the_official_one():
+  f = lambda s: float(optimizers.lr_factor(s, scheduler="cosine", warmup_steps=10,
+                                           num_training_steps=110, min_lr_ratio=0.1))
+  assert f(0) == 0.0 and math.isclose(f(5), 0.5) and math.isclose(f(10), 1.0)
+  assert math.isclose(f(60), 0.55, rel_tol=1e-6) and math.isclose(f(110), 0.1, rel_tol=1e-6)
+  assert math.isclose(f(500), 0.1, rel_tol=1e-6)
+
+
+def test_projection_mask_covers_attention_and_mlp_kernels_only():
+  params = {"embed_tokens": {"embedding": 0}, "lm_head": {"kernel": 0}, "norm": {"scale": 0},
+            "layers_0": {"self_attn": {"q_proj": {"kernel": 0}}, "mlp": {"up_proj": {"kernel": 0}},
+                         "input_layernorm": {"scale": 0}}}
+  mask = optimizers.projection_mask(params)
+  assert mask["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert mask["layers_0"]["mlp"]["up_proj"]["kernel"]
+  assert not any([mask["embed_tokens"]["embedding"], mask["lm_head"]["kernel"],
+                  mask["norm"]["scale"], mask["layers_0"]["input_layernorm"]["scale"]])
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_args, tmp_path):
+  pretrain.main(tiny_args("big", batch_size=8, num_training_steps=3, eval_every=100,
+                          save_every=100))
+  pretrain.main(tiny_args("accum", batch_size=4, total_batch_size=8, num_training_steps=3,
+                          eval_every=100, save_every=100))
+  big = [r["loss"] for r in read_metrics(tmp_path / "big") if "loss" in r]
+  accum = [r["loss"] for r in read_metrics(tmp_path / "accum") if "loss" in r]
+  np.testing.assert_allclose(accum, big, rtol=2e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(model_config="llama_nope"), "unknown model"),
+    (dict(optimizer="adamax"), "unknown --optimizer"),
+    (dict(density=0.0), "density must be in"),
+    (dict(density=1.5), "density must be in"),
+    (dict(dataset="/does/not/exist.jsonl"), "no such file"),
+    (dict(total_batch_size=6), "not a multiple"),
+    (dict(mesh="data=64"), "needs 64 devices"),
+    (dict(mesh="model=2"), "bad --mesh"),
+])
+def test_bad_input_fails_in_one_line_before_compiling(tiny_args, monkeypatch, override, message):
+  def no_compile(*a, **k):
+    raise AssertionError("compiled before validating the input")
+  monkeypatch.setattr(jax, "jit", no_compile)
+  with pytest.raises(SystemExit, match=message) as e:
+    pretrain.main(tiny_args(**override))
+  assert "\n" not in str(e.value)
+
+
+def test_batch_must_divide_over_data_parallel_devices():
+  cfg = config.parse_args(["--batch_size", "6"])
+  with pytest.raises(SystemExit, match="not divisible by the 4 data-parallel"):
+    pretrain.check_devices(cfg, {"data": 2, "fsdp": 2, "tensor": 1})
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path):
+  with pytest.raises(SystemExit, match="loss is .* at step 5") as e:
+    pretrain.main(tiny_args(num_training_steps=8, save_every=2, eval_every=100,
+                            inject_nan_at_step=5))
+  assert isinstance(e.value, pretrain.NonFiniteLoss)
+  from experiments import checkpointing
+  assert checkpointing.Checkpointer(str(tmp_path / "run"), keep=2).latest_step() == 4
+  # The run resumes from that checkpoint (here without the injected NaN) and finishes.
+  summary = pretrain.main(tiny_args(num_training_steps=8, save_every=2, eval_every=100))
+  assert summary["start_step"] == 4 and math.isfinite(summary["last"]["loss"])
