@@ -91,6 +91,10 @@ def _validate_density(density: Any) -> float:
   return float(density)
 
 
+def _is_static_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _default_sparse_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
 
@@ -243,7 +247,8 @@ def sparse_moments(
     sparse_mask: a tree of booleans with the structure of the params, or a
       callable returning one from the params (as in ``optax.masked``); ``True``
       marks a sparse leaf. Default: every 2-D leaf.
-    reset_interval: redraw period ``T``; ``0`` never redraws.
+    reset_interval: redraw period ``T``; ``0`` never redraws. An int, or an
+      int array (e.g. under ``optax.inject_hyperparams``).
     seed: seed of the mask draws.
     sampler: ``sampler(key, size, k)`` returning sorted ``int32`` indices of
       shape ``(k,)``; default :func:`uniform_mask_sampler`.
@@ -269,13 +274,8 @@ def sparse_moments(
     Training <https://arxiv.org/abs/2501.06842>`_, 2025 (arXiv:2501.06842).
   """
   density = _validate_density(density)
-  if isinstance(reset_interval, bool) or not isinstance(
-      reset_interval, numbers.Integral
-  ) or reset_interval < 0:
-    raise ValueError(
-        f"reset_interval must be a non-negative int, got {reset_interval!r}."
-    )
-  reset_interval = int(reset_interval)
+  if _is_static_int(reset_interval) and reset_interval < 0:
+    raise ValueError(f"reset_interval must be >= 0, got {reset_interval!r}.")
   sampler = uniform_mask_sampler if sampler is None else sampler
   inner = optax.with_extra_args_support(inner)
 
@@ -308,7 +308,9 @@ def sparse_moments(
     count = optax.safe_int32_increment(state.count)
     key = state.key
 
-    if reset_interval > 0:
+    # A static interval of 0 never redraws and needs no branch; an array one
+    # (from `optax.inject_hyperparams`) is tested at run time.
+    if not (_is_static_int(reset_interval) and reset_interval == 0):
       leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_slot)
       flags = [
           not (idx is None or _is_masked_node(idx))
@@ -324,10 +326,12 @@ def sparse_moments(
         inner_state = _remap_inner_state(inner_state, masks, new_masks)
         return new_masks, inner_state, jax.random.key_data(key)
 
+      interval = jnp.asarray(reset_interval, jnp.int32)
       # `count % T == T - 1` is `(t + 1) % T == 0` without overflowing at the
       # saturated count.
       masks, inner_state, key = jax.lax.cond(
-          count % reset_interval == reset_interval - 1,
+          (interval > 0)
+          & (count % jnp.maximum(interval, 1) == interval - 1),
           redraw,
           lambda operands: operands,
           (masks, inner_state, key),
