@@ -1,0 +1,114 @@
+"""Forward+backward throughput and MFU of the LLaMA models, in bf16 and fake-quantized int4.
+
+Times one jitted `value_and_grad` of the token cross-entropy (no optimizer update),
+warmed up, as the median of `--steps` calls. Model FLOPs per token are
+6·N + 12·L·d·T (N: parameters without the input embedding; PaLM's convention,
+no causal halving); MFU is achieved model FLOP/s over `--peak_tflops` per device.
+
+  python -m experiments.bench_model                                  # GPU: 60m…1b, batch 64×256
+  python -m experiments.bench_model --models llama_60m --batch 8     # small, e.g. on a CPU
+  python -m experiments.bench_model --models llama_350m --quant bf16,int4,fp4 --remat
+
+Targets on one H100 (dense bf16 peak 989 TFLOP/s): bf16 MFU ≥ 40% at 350m, and an
+int4 step no slower than 1.3× the bf16 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import models
+
+H100_DENSE_BF16_TFLOPS = 989.0
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default="llama_60m,llama_130m,llama_350m,llama_1b",
+                 help="comma-separated config names")
+  p.add_argument("--quant", default="bf16,int4",
+                 help="comma-separated: bf16, int4, int8, fp4, fp4_e2m1")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--seq_len", type=int, default=256)
+  p.add_argument("--steps", type=int, default=10, help="timed calls (median reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
+  p.add_argument("--remat", action="store_true", help="rematerialise every block")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="per-device peak for MFU; default 989 (H100 dense bf16) on GPU, none otherwise")
+  p.add_argument("--json", default=None, help="also write the results to this JSON file")
+  return p.parse_args(argv)
+
+
+def bench_one(name: str, quant_name: str, args) -> dict:
+  config = models.get_config(name, remat=args.remat)
+  quant = models.get_quant_config(quant_name)
+  model = models.Llama(config, quant=quant)
+  tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
+
+  def loss_fn(params, tokens, key):
+    logits = model.apply({"params": params}, tokens, rngs={"quant": key})
+    return models.cross_entropy_loss(logits[:, :-1], tokens[:, 1:])[0]
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  key = jax.random.key(2)
+  t0 = time.perf_counter()
+  jax.block_until_ready(step(params, tokens, key))
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    jax.block_until_ready(step(params, tokens, key))
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    loss, grads = step(params, tokens, key)
+    jax.block_until_ready((loss, grads))
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  n_tokens = args.batch * args.seq_len
+  flops = models.flops_per_token(config, args.seq_len) * n_tokens
+  peak = args.peak_tflops
+  if peak is None and jax.default_backend() == "gpu":
+    peak = H100_DENSE_BF16_TFLOPS
+  mfu = flops / step_s / (peak * 1e12) if peak else None
+  return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
+              params=models.count_params(config), step_s=step_s, compile_s=compile_s,
+              tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
+              mfu=mfu, loss=float(loss))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  device = jax.devices()[0]
+  print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
+        f"{jax.default_backend()} ({device.device_kind}), {platform.processor() or platform.machine()}")
+  print("| model | quant | batch×len | step (ms) | tokens/s | model TFLOP/s | MFU | vs bf16 |")
+  print("|---|---|---|---|---|---|---|---|")
+  results = []
+  for name in args.models.split(","):
+    base = None
+    for quant_name in args.quant.split(","):
+      r = bench_one(name.strip(), quant_name.strip(), args)
+      results.append(r)
+      if quant_name.strip() == "bf16":
+        base = r["step_s"]
+      ratio = f"{r['step_s'] / base:.2f}×" if base else "–"
+      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+      print(f"| {r['model']} | {r['quant']} | {r['batch']}×{r['seq_len']} | {1e3 * r['step_s']:.1f} "
+            f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.3f} | {mfu} | {ratio} |",
+            flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
