@@ -44,6 +44,7 @@ class TrainConfig:
   DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM)
   threshold: float = 5000.0
   warmup_epoch: int = 150
+  grad_accu_steps: int = 20  # the official SPAM name of the spike-clip delay
   # Stable-SPAM
   gamma1: float | None = None  # None: spam_optax's defaults (the official class defaults)
   gamma2: float | None = None
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--threshold", type=float, default=d.threshold, help="spike threshold theta")
   g.add_argument("--warmup_epoch", type=int, default=d.warmup_epoch,
                  help="steps of the LR warm-up after each momentum reset (N)")
+  g.add_argument("--grad_accu_steps", type=int, default=d.grad_accu_steps,
+                 help="spike clipping starts this many steps after the start and after each "
+                      "reset (the official SPAM flag of that name; not gradient accumulation)")
   g = p.add_argument_group("Stable-SPAM")
   g.add_argument("--gamma1", type=float, default=None,
                  help="AdaGN/AdaClip EMA factors (default: spam_optax's 0.7, 0.9, 0.999)")
@@ -165,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="sequences per forward/backward pass, over all devices")
   g.add_argument("--total_batch_size", type=int, default=d.total_batch_size,
                  help="sequences per optimizer step (gradient accumulation)")
-  g.add_argument("--gradient_accumulation", "--grad_accu_steps", dest="gradient_accumulation",
-                 type=int, default=None, help="alternative to --total_batch_size")
+  g.add_argument("--gradient_accumulation", type=int, default=None,
+                 help="micro-batches per step, alternative to --total_batch_size")
   g.add_argument("--max_length", type=int, default=d.max_length)
   g = p.add_argument_group("data")
   g.add_argument("--dataset", default=d.dataset,
@@ -233,7 +237,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                "keep_checkpoints"):
     if getattr(cfg, flag) < 1:
       fail(f"--{flag} must be >= 1, got {getattr(cfg, flag)}")
-  for flag in ("warmup_steps", "warmup_epoch", "weight_decay", "grad_clipping"):
+  for flag in ("warmup_steps", "warmup_epoch", "grad_accu_steps", "weight_decay",
+               "grad_clipping"):
     if getattr(cfg, flag) < 0:
       fail(f"--{flag} must be >= 0, got {getattr(cfg, flag)}")
   if cfg.DeltaT is not None and cfg.DeltaT < 1:

@@ -86,6 +86,7 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
     opt = spam_optax.spam(
         schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
         spike_threshold=cfg.threshold, warmup_steps=cfg.warmup_epoch,
+        clip_delay=cfg.grad_accu_steps,
         density=None if cfg.density >= 1.0 else cfg.density,
         sparse_mask=projection_mask if cfg.density < 1.0 else None, seed=cfg.seed,
         **_given(eps=cfg.eps, reset_interval=cfg.DeltaT))

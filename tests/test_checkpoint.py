@@ -22,10 +22,12 @@ def run_args(tmp_path):
                           size=5 + i % 13)) for i in range(200)))
 
   def args(run, *extra):
-    # SPAM with sparse moments, resets every 2 steps and a 1-step reset warm-up: every
-    # piece of optimizer state (masks, counters, moments) must survive the checkpoint.
+    # SPAM with sparse moments, a reset every 3 steps, a 1-step reset warm-up and spike
+    # clipping from the first step: every piece of optimizer state (masks, counters,
+    # moments) must survive the checkpoint.
     return ["--model_config", str(model), "--dataset", str(corpus), "--optimizer", "spam",
-            "--density", "0.5", "--DeltaT", "2", "--warmup_epoch", "1", "--threshold", "2",
+            "--density", "0.5", "--DeltaT", "3", "--warmup_epoch", "1", "--threshold", "2",
+            "--grad_accu_steps", "1",
             "--batch_size", "4", "--total_batch_size", "8", "--max_length", "24",
             "--num_training_steps", "6", "--warmup_steps", "1", "--lr", "1e-2",
             "--eval_every", "3", "--eval_batches", "2", "--save_every", "2",
@@ -36,7 +38,8 @@ def run_args(tmp_path):
 def losses(save_dir):
   with open(f"{save_dir}/metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
-  return {r["step"]: (r.get("loss"), r.get("eval_loss"), r.get("grad_norm"))
+  return {r["step"]: (r.get("loss"), r.get("eval_loss"), r.get("grad_norm"),
+                     r.get("spike/clipped_total"))
           for r in records if "loss" in r}
 
 
@@ -46,7 +49,9 @@ def test_interrupted_and_resumed_run_matches_exactly(run_args, tmp_path):
   assert stopped["latest_checkpoint"] == 3
   resumed = pretrain.main(run_args("resumed"))  # finds the checkpoint by itself
   assert resumed["start_step"] == 3
-  assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+  straight = losses(tmp_path / "straight")
+  assert losses(tmp_path / "resumed") == straight
+  assert sum(v[3] for v in straight.values()) > 0  # spikes were clipped
   # keep_checkpoints (default 2): only the newest two remain.
   ckpt = checkpointing.Checkpointer(str(tmp_path / "resumed"), keep=2)
   assert ckpt.manager.all_steps() == [4, 6]
