@@ -18,7 +18,8 @@ class Checkpointer:
   """Saves and restores ``(train_state, data_state)`` pairs under ``<save_dir>/checkpoints``."""
 
   def __init__(self, save_dir: str, *, keep: int):
-    self.directory = os.path.join(os.path.abspath(save_dir), "checkpoints")
+    base = save_dir if "://" in save_dir else os.path.abspath(save_dir)  # gs://... as is
+    self.directory = base.rstrip("/") + "/checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

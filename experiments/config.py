@@ -38,7 +38,7 @@ class TrainConfig:
   scheduler: str = "cosine"
   min_lr_ratio: float = 0.1
   warmup_steps: int = 30
-  num_training_steps: int = 300
+  num_training_steps: int = 250
   # SPAM
   density: float = 1.0
   DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM)
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--data_seed", type=int, default=d.data_seed)
   g.add_argument("--val_fraction", type=float, default=d.val_fraction)
   g.add_argument("--eval_tokens", type=int, default=None,
-                 help="non-pad validation tokens (default: 10M for c4, 64K otherwise)")
+                 help="non-pad validation tokens (default: 10M for c4, 32K otherwise)")
   g.add_argument("--eval_batches", type=int, default=None, help="cap on validation batches")
   _bool_flag(g, "eval_loss_n_plus_one", "divide the eval loss sum by n_batches + 1 "
              "like the official code (biased low)")
@@ -267,7 +267,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
       total_batch_size=total,
       tokenizer=("t5-base" if is_c4 else "bytes") if cfg.tokenizer == "auto" else cfg.tokenizer,
       packing=(cfg.dataset == "stdlib") if cfg.packing is None else cfg.packing,
-      eval_tokens=(10_000_000 if is_c4 else 65_536) if cfg.eval_tokens is None
+      eval_tokens=(10_000_000 if is_c4 else 32_768) if cfg.eval_tokens is None
       else cfg.eval_tokens,
       total_T=cfg.total_T or cfg.num_training_steps,
       name=name,

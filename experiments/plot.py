@@ -1,8 +1,9 @@
 """Plots runs from their ``metrics.jsonl``: ``python -m experiments.plot RUN_DIR [...] -o out.png``.
 
-Four panels, one line per run: training loss (and validation loss as markers), global
-gradient norm (log scale), the learning rate, and the spike statistics the optimizer reports
-(SPAM: clipped-coordinate counts per step; Stable-SPAM: its adaptive threshold), when any.
+Four panels, one line per run: training loss (validation loss as markers), global gradient
+norm (log scale), the learning rate, and the number of gradient entries the optimizer clipped
+per step (``spike/clipped_total`` from ``spam_optax.spike_stats``; dotted lines mark momentum
+resets), when the run logged them.
 """
 from __future__ import annotations
 
@@ -33,15 +34,21 @@ def _series(records, key):
 
 
 def _spike_keys(runs) -> list[str]:
-  known = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_loss",
-           "eval_perplexity"}
+  """Run-level spike counters (``spike/clipped_total``), not the per-parameter ones."""
   keys = []
   for _, records in runs:
     for r in records:
       for k, v in r.items():
-        if k not in known and k not in keys and isinstance(v, (int, float)):
+        if (k.startswith("spike/") and k.count("/") == 1 and k not in keys
+            and isinstance(v, (int, float))):
           keys.append(k)
   return keys
+
+
+def _reset_steps(records) -> list[int]:
+  """Steps at which a momentum reset happened (the reset clock went back)."""
+  x, y = _series(records, "reset/steps_since_reset")
+  return [s for s, prev, cur in zip(x[1:], y, y[1:]) if cur < prev]
 
 
 def plot_runs(run_dirs, out: str, *, smooth: int = 1) -> str:
@@ -71,11 +78,16 @@ def plot_runs(run_dirs, out: str, *, smooth: int = 1) -> str:
       sx, sy = _series(records, key)
       if sx:
         ax_spk.plot(sx, sy, styles[j % len(styles)], color=c, lw=0.8, label=f"{name} {key}")
+    for k, s in enumerate(_reset_steps(records)):
+      ax_spk.axvline(s, color=c, alpha=0.3, lw=0.8, ls=":",
+                     label=f"{name} momentum reset" if k == 0 else None)
   ax_loss.set(title="loss (lines: train, markers: validation)", xlabel="step", ylabel="loss")
   ax_gn.set(title="gradient global norm", xlabel="step", yscale="log")
   ax_lr.set(title="learning rate", xlabel="step")
-  ax_spk.set(title="spike statistics" if spike_keys else "spike statistics (none logged)",
-             xlabel="step")
+  ax_spk.set(title="clipped gradient entries per step" if spike_keys
+             else "spike statistics (none logged)", xlabel="step")
+  if spike_keys:
+    ax_spk.set_yscale("symlog", linthresh=1)
   for ax in axes.ravel():
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

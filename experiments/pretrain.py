@@ -97,8 +97,11 @@ def main(argv=None) -> dict:
   schedule = optimizers.make_schedule(cfg)
   optimizer = optimizers.make_optimizer(cfg, schedule)
 
-  # ---- output directory, checkpoints, data
-  os.makedirs(cfg.save_dir, exist_ok=True)
+  # ---- output directories, checkpoints, data
+  # Checkpoints go to --save_dir, which may be a bucket (gs://...) every host sees; the
+  # metrics, config and plot are small local files written by process 0.
+  log_dir = f"runs/{cfg.name}" if "://" in cfg.save_dir else cfg.save_dir
+  os.makedirs(log_dir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(cfg.save_dir, keep=cfg.keep_checkpoints)
   resume_step = ckpt.latest_step()
   if cfg.resume and resume_step is None:
@@ -109,7 +112,7 @@ def main(argv=None) -> dict:
     n_val = int(np.min(multihost_utils.process_allgather(np.int32(len(val_batches)))))
     val_batches = val_batches[:n_val]
   if host == 0:
-    with open(os.path.join(cfg.save_dir, "config.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(log_dir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json())
 
   # ---- model, shardings, jitted functions
@@ -128,7 +131,7 @@ def main(argv=None) -> dict:
       cfg.max_length, models.count_params(mcfg, exclude_embedding=True)) * tokens_per_step
   peak = metrics.peak_flops_per_device(cfg.peak_tflops)
   writer = metrics.MetricsWriter(
-      cfg.save_dir, tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+      log_dir, tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
       peak_flops=peak * jax.device_count() if peak else None, enabled=host == 0)
 
   stack = contextlib.ExitStack()
@@ -168,8 +171,12 @@ def main(argv=None) -> dict:
     # ---- train
     end = cfg.num_training_steps if cfg.stop_after is None else min(
         cfg.num_training_steps, cfg.stop_after)
-    summary = {"save_dir": cfg.save_dir, "metrics": writer.path, "start_step": start}
+    summary = {"save_dir": cfg.save_dir, "log_dir": log_dir, "metrics": writer.path,
+               "start_step": start}
     first_eval = None
+    if start >= end:
+      log(f"{cfg.save_dir} already holds step {start} (>= {end}): nothing to train; "
+          "raise --num_training_steps or pick another --save_dir")
     if start == 0 and start < end:
       first_eval = evaluate(eval_step, state["params"], val_batches, mesh, cfg)
       writer.write({"step": 0, **first_eval})
@@ -211,7 +218,7 @@ def main(argv=None) -> dict:
       end_step=end, wall_s=time.perf_counter() - t0, last=last_record, first_eval=first_eval,
       last_eval=last_eval, checkpoint=ckpt.directory, latest_checkpoint=ckpt.latest_step())
   if host == 0:
-    _print_summary(summary, cfg)
+    _print_summary(summary)
   return summary
 
 
@@ -251,14 +258,14 @@ def _check(record, previous, bar):
   return record
 
 
-def _print_summary(s: dict, cfg) -> None:
+def _print_summary(s: dict) -> None:
   print(f"\ntrained steps {s['start_step']}..{s['end_step']} in {s['wall_s']:.0f}s")
   if s["first_eval"] and s["last_eval"]:
     print(f"validation perplexity {s['first_eval']['eval_perplexity']:.2f} -> "
           f"{s['last_eval']['eval_perplexity']:.2f}")
   print(f"metrics:    {s['metrics']}")
-  print(f"plot:       python -m experiments.plot {cfg.save_dir}  "
-        f"(writes {os.path.join(cfg.save_dir, 'metrics.png')})")
+  print(f"plot:       python -m experiments.plot {s['log_dir']}  "
+        f"(writes {os.path.join(s['log_dir'], 'metrics.png')})")
   print(f"checkpoint: {s['checkpoint']} (latest step {s['latest_checkpoint']})")
 
 
