@@ -1,0 +1,191 @@
+"""Tests of the SPAM spike clip: `clip_spikes` and the clip inside `scale_by_spam`."""
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import spam_optax
+from _piece_helpers import assert_trees_close
+from _piece_helpers import gradient_sequence
+from _piece_helpers import nested_params
+from _piece_helpers import to_jnp
+
+
+def np_clip_spikes(seq, theta, b2, delay, interval):
+  """NumPy reference of `clip_spikes` for one leaf sequence."""
+  v = np.zeros_like(seq[0], dtype=np.float64)
+  out, counts = [], []
+  for t, g in enumerate(seq, 1):
+    g = g.astype(np.float64)
+    if interval and t % interval == 0:
+      v = np.zeros_like(v)
+    phase = t % interval if interval else t
+    spike = np.zeros(g.shape, bool)
+    if theta != 0 and t >= delay and phase >= delay:
+      spike = g * g > theta * v
+      g = np.where(spike, np.sign(g) * np.sqrt(theta * v), g)
+    v = b2 * v + (1 - b2) * g * g
+    out.append(g)
+    counts.append(int(spike.sum()))
+  return out, counts
+
+
+def np_spam_adam(seq, b1, b2, eps, theta, delay, interval):
+  """NumPy reference of `scale_by_spam` (no reset) for one leaf sequence."""
+  m = np.zeros_like(seq[0], dtype=np.float64)
+  v = np.zeros_like(m)
+  out = []
+  for t, g in enumerate(seq, 1):
+    g = g.astype(np.float64)
+    phase = t % interval if interval else t
+    if theta != 0 and t >= delay and phase >= delay:
+      spike = g * g > theta * v
+      g = np.where(spike, np.sign(g) * np.sqrt(theta * v), g)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    out.append(np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps))
+  return out
+
+
+def per_leaf(fn, seq):
+  """Runs a per-leaf NumPy reference over a sequence of trees."""
+  leaves = [jax.tree.leaves(tree) for tree in seq]
+  treedef = jax.tree.structure(seq[0])
+  results = [fn([step[i] for step in leaves]) for i in range(len(leaves[0]))]
+  return results, treedef
+
+
+class ClipSpikesTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_reference(self):
+    theta, b2, delay, interval = 50.0, 0.9, 3, 7
+    seq = gradient_sequence(12)
+    opt = spam_optax.clip_spikes(theta, b2=b2, clip_delay=delay,
+                                 reset_interval=interval)
+    params = to_jnp(nested_params())
+    state = opt.init(params)
+    update = self.variant(opt.update)
+    got = []
+    for g in seq:
+      u, state = update(to_jnp(g), state)
+      got.append(u)
+    results, treedef = per_leaf(
+        lambda s: np_clip_spikes(s, theta, b2, delay, interval), seq
+    )
+    for t in range(len(seq)):
+      want = treedef.unflatten([r[0][t] for r in results])
+      assert_trees_close(got[t], want)
+    # The last step's clip counts, per leaf.
+    want_counts = treedef.unflatten([r[1][-1] for r in results])
+    assert_trees_close(state.clipped, want_counts)
+    assert sum(r[1][3] for r in results) > 0  # the spike at step 4 was clipped
+
+  def test_lion_recipe_runs_and_clips(self):
+    opt = optax.chain(spam_optax.clip_spikes(5000.0, clip_delay=2),
+                      optax.lion(1e-3))
+    params = {"w": jnp.ones((3, 3))}
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    for t in range(5):
+      g = jnp.full((3, 3), 1.0).at[0, 0].set(1e6 if t == 4 else 1.0)
+      _, state = step({"w": g}, state, params)
+    stats = spam_optax.spike_stats(state)
+    assert int(stats["spike/clipped_total"]) == 1
+
+  @parameterized.parameters(
+      dict(kwargs=dict(spike_threshold=-1.0), name="spike_threshold"),
+      dict(kwargs=dict(b2=1.0), name="b2"),
+      dict(kwargs=dict(clip_delay=-1), name="clip_delay"),
+      dict(kwargs=dict(reset_interval=-5), name="reset_interval"),
+  )
+  def test_rejects_bad_hyperparameters(self, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+      spam_optax.clip_spikes(**kwargs)
+
+
+class ScaleBySpamTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_reference(self):
+    hp = dict(b1=0.8, b2=0.95, eps=1e-6, spike_threshold=20.0, clip_delay=2,
+              reset_interval=0)
+    seq = gradient_sequence(10)
+    opt = spam_optax.scale_by_spam(**hp)
+    params = to_jnp(nested_params())
+    state = opt.init(params)
+    update = self.variant(opt.update)
+    got = []
+    for g in seq:
+      u, state = update(to_jnp(g), state)
+      got.append(u)
+    results, treedef = per_leaf(
+        lambda s: np_spam_adam(s, hp["b1"], hp["b2"], hp["eps"],
+                               hp["spike_threshold"], hp["clip_delay"], 0),
+        seq,
+    )
+    for t in range(len(seq)):
+      assert_trees_close(got[t], treedef.unflatten([r[t] for r in results]),
+                         rtol=1e-4)
+    assert int(sum(jax.tree.leaves(state.clipped))) >= 0
+
+  def test_only_mu_and_nu_are_full_size(self):
+    params = {"w": jnp.ones((5, 7)), "b": jnp.ones(7)}
+    state = spam_optax.scale_by_spam().init(params)
+    full = [x for x in jax.tree.leaves(state) if x.size > 1]
+    assert len(full) == 2 * len(jax.tree.leaves(params))
+    assert jax.tree.leaves(state.clipped)[0].shape == ()
+
+  def test_zero_second_moment_freezes_entries_quirk(self):
+    # With no hold-off the clip is active at step 1 with v == 0: every nonzero
+    # entry is clipped to 0 (official strict comparison, no eps).
+    opt = spam_optax.scale_by_spam(clip_delay=0, reset_interval=0)
+    params = jnp.zeros(4)
+    u, state = opt.update(jnp.arange(1.0, 5.0), opt.init(params))
+    np.testing.assert_array_equal(u, np.zeros(4))
+    assert int(state.clipped) == 4
+
+  def test_equals_clip_spikes_in_front_of_adam_without_eps(self):
+    # The stand-alone clip keeps its own EMA; with the same b2 it sees the same
+    # second moment as the clip inside scale_by_spam.
+    interval, delay = 5, 2
+    a = spam_optax.periodic_reset(
+        spam_optax.scale_by_spam(eps=0.0, spike_threshold=10.0,
+                                 clip_delay=delay, reset_interval=interval),
+        interval)
+    b = optax.chain(
+        spam_optax.clip_spikes(10.0, b2=0.999, clip_delay=delay,
+                               reset_interval=interval),
+        spam_optax.periodic_reset(optax.scale_by_adam(eps=0.0), interval),
+    )
+    params = {"w": jnp.zeros((4, 3))}
+    sa, sb = a.init(params), b.init(params)
+    for g in gradient_sequence(12, seed=3):
+      g = {"w": jnp.asarray(g["dense"]["w"])}
+      ua, sa = a.update(g, sa)
+      ub, sb = b.update(g, sb)
+      # optax computes 1 - 0.999**t directly in float32 (about 1e-5 off).
+      np.testing.assert_allclose(ua["w"], ub["w"], rtol=1e-4)
+
+  def test_mu_dtype(self):
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    opt = spam_optax.scale_by_spam(mu_dtype=jnp.float32)
+    state = opt.init(params)
+    assert state.mu["w"].dtype == jnp.float32
+    u, state = opt.update({"w": jnp.ones(3, jnp.bfloat16)}, state)
+    assert u["w"].dtype == jnp.bfloat16
+    assert state.nu["w"].dtype == jnp.float32
+    default = spam_optax.scale_by_spam().init(params)
+    assert default.mu["w"].dtype == jnp.bfloat16
+
+  @parameterized.parameters("b1", "b2")
+  def test_rejects_betas_outside_unit_interval(self, name):
+    with pytest.raises(ValueError, match=name):
+      spam_optax.scale_by_spam(**{name: 1.5})
+
+  def test_rejects_negative_eps(self):
+    with pytest.raises(ValueError, match="eps"):
+      spam_optax.scale_by_spam(eps=-1e-8)
