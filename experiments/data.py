@@ -2,7 +2,8 @@
 
 Sources (``--dataset``):
   * ``stdlib`` (the offline default): the ``.py`` files of the Python standard library this
-    interpreter ships with, one document per file, in sorted order; tests are left out.
+    interpreter ships with, in sorted order, tests left out; files are split into training
+    and validation files, then into blank-line-separated blocks, one document each.
   * ``c4``: ``allenai/c4`` (``en``) streamed with Hugging Face ``datasets``, shuffled with the
     data seed (42 as in the papers), one shard per host (``split_dataset_by_node``).
   * a local path: ``.txt`` (one document per non-empty line, like the ``datasets`` text
@@ -10,7 +11,8 @@ Sources (``--dataset``):
     directory holding such files (read in sorted order).
 
 Local and stdlib documents are shuffled once with the data seed and a held-out slice becomes
-the validation set; every epoch reshuffles the training documents (seed + epoch). Each host
+the validation set (a fixed, shuffled list); every epoch reshuffles the training documents
+(seed + epoch). Each host
 takes every ``num_hosts``-th document of that order.
 
 Rows are ``max_length`` tokens. Without packing (the papers' setting) a document is truncated
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 
@@ -63,6 +66,14 @@ def _read_file(path: pathlib.Path) -> list[str]:
       raise SystemExit(f"{path}: a .parquet file needs a 'text' column")
     return [t for t in table.column("text").to_pylist() if t]
   raise SystemExit(f"{path}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
+
+
+def paragraphs(docs: Sequence[str]) -> list[str]:
+  """Blocks separated by blank lines (top-level functions and classes, in source code)."""
+  out = []
+  for doc in docs:
+    out.extend(p for p in re.split(r"\n\s*\n", doc) if p.strip())
+  return out
 
 
 def local_files(path: str) -> list[pathlib.Path]:
@@ -319,8 +330,13 @@ def make_loaders(cfg, tokenizer, *, host: int, num_hosts: int):
       train, val = docs, read_documents(cfg.eval_dataset)
     else:
       train, val = split_documents(docs, cfg.val_fraction, cfg.data_seed)
+    if cfg.dataset == "stdlib":
+      # Whole files would fill a packed batch with consecutive chunks of one or two files;
+      # their blank-line-separated blocks, shuffled, give varied batches. Validation files
+      # stay apart from training files.
+      train, val = paragraphs(train), paragraphs(val)
     train_docs = LocalDocuments(train, seed=cfg.data_seed, host=host, num_hosts=num_hosts)
-    val_docs = LocalDocuments(val, seed=cfg.data_seed, shuffle=False, repeat=False,
+    val_docs = LocalDocuments(val, seed=cfg.data_seed, repeat=False,
                               host=host, num_hosts=num_hosts)
   train = TrainLoader(
       RowBatcher(train_docs, tokenizer, max_length=cfg.max_length, packing=cfg.packing),

@@ -1,4 +1,5 @@
 """The pretraining loop end to end on a tiny LLaMA: metrics, schedule, accumulation, errors, NaN."""
+import importlib.util
 import json
 import math
 
@@ -131,3 +132,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path):
   # The run resumes from that checkpoint (here without the injected NaN) and finishes.
   summary = pretrain.main(tiny_args(num_training_steps=8, save_every=2, eval_every=100))
   assert summary["start_step"] == 4 and math.isfinite(summary["last"]["loss"])
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("datasets", "transformers")),
+                    reason="the C4 packages are installed (the run would go to the network)")
+def test_c4_without_its_packages_is_a_one_line_error(tiny_args, monkeypatch):
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled"))
+  with pytest.raises(SystemExit, match="needs the optional") as e:
+    pretrain.main(tiny_args(dataset="c4", tokenizer="bytes", packing=None))
+  assert "\n" not in str(e.value)
+  with pytest.raises(SystemExit, match="needs the optional"):
+    pretrain.main(tiny_args(dataset="c4", packing=None))  # the t5-base tokenizer
