@@ -36,7 +36,7 @@ class Shapes:
 
 
 SIZES = {
-    # LLaMA-60M of the SPAM paper's 60M run (58,072,576 params).
+    # LLaMA-60M of the SPAM paper's 60M run (58,073,600 params).
     "small": Shapes(hidden=512, mlp=1376, layers=8, heads=8, vocab=32000),
     # LLaMA-1B (1,339,082,752 params).
     "1b": Shapes(hidden=2048, mlp=5461, layers=24, heads=32, vocab=32000),
@@ -82,35 +82,72 @@ def tree_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def time_update(opt, shapes, *, warmup: int, iters: int, seed: int = 0) -> float:
-  """Median milliseconds of one jitted, donated ``update`` + ``apply_updates``."""
+def random_trees(shapes, n: int, seed: int = 0) -> tuple:
+  """``n`` trees of small Gaussian values with the given shapes, made on device."""
   leaves, treedef = jax.tree.flatten(shapes)
 
   @jax.jit
   def make(key):
-    keys = jax.random.split(key, 2 * len(leaves))
+    keys = jax.random.split(key, n * len(leaves))
     fill = lambda k, s: (0.02 * jax.random.normal(k, s.shape)).astype(s.dtype)
-    trees = [treedef.unflatten([fill(keys[j * len(leaves) + i], s)
-                                for i, s in enumerate(leaves)]) for j in range(2)]
-    return tuple(trees)
+    return tuple(
+        treedef.unflatten([fill(keys[j * len(leaves) + i], s)
+                           for i, s in enumerate(leaves)])
+        for j in range(n))
 
-  params, grads = make(jax.random.key(seed))
-  state = jax.jit(opt.init)(params)
+  return make(jax.random.key(seed))
 
-  def step(params, state, grads):
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
 
-  step = jax.jit(step, donate_argnums=(0, 1))
-  times = []
-  for i in range(warmup + iters):
+class Runner:
+  """One optimizer's params, state and jitted, donated update step."""
+
+  def __init__(self, opt, shapes, grads):
+    (self.params,) = random_trees(shapes, 1, seed=1)
+    self.state = jax.jit(opt.init)(self.params)
+    self.grads = grads
+
+    def step(params, state, grads):
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.times = []
+
+  def run(self, record: bool) -> None:
     start = time.perf_counter()
-    params, state = step(params, state, grads)
-    jax.block_until_ready((params, state))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-  del params, state, grads
-  return 1e3 * statistics.median(times)
+    self.params, self.state = self.step(self.params, self.state, self.grads)
+    jax.block_until_ready((self.params, self.state))
+    if record:
+      self.times.append(time.perf_counter() - start)
+
+  def median_ms(self) -> float:
+    return 1e3 * statistics.median(self.times)
+
+
+def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
+                 interleave: bool) -> dict:
+  """Median ms per update of each optimizer (first ``warmup`` calls compile/warm up).
+
+  Interleaved, every optimizer stays resident and the calls rotate through them, so
+  load from other processes hits all alike; sequential holds one at a time.
+  """
+  (grads,) = random_trees(shapes, 1, seed=0)
+  if not interleave:
+    result = {}
+    for name, opt in opts.items():
+      runner = Runner(opt, shapes, grads)
+      for i in range(warmup + iters):
+        runner.run(record=i >= warmup)
+      result[name] = runner.median_ms()
+      del runner
+    return result
+  runners = {name: Runner(opt, shapes, grads) for name, opt in opts.items()}
+  names = list(runners)
+  for i in range(warmup + iters):
+    shift = i % len(names)
+    for name in names[shift:] + names[:shift]:
+      runners[name].run(record=i >= warmup)
+  return {name: r.median_ms() for name, r in runners.items()}
 
 
 def main(argv=None):
@@ -120,7 +157,10 @@ def main(argv=None):
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--density", type=float, default=0.25)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--iters", type=int, default=30)
+  parser.add_argument("--sequential", action="store_true",
+                      help="hold one optimizer at a time (less memory, more exposed to "
+                      "load changes) instead of interleaving the calls")
   parser.add_argument("--no-time", action="store_true",
                       help="report state sizes only (no allocation)")
   args = parser.parse_args(argv)
@@ -132,14 +172,15 @@ def main(argv=None):
   print(f"# {datetime.date.today()}  device: {device.device_kind} ({device.platform}, "
         f"{jax.device_count()} device(s))  jax {jax.__version__}  optax {optax.__version__}")
   print(f"# size {size}: {n_params:,} params, {args.dtype}; "
-        f"warm-up {args.warmup}, median of {args.iters}")
+        f"warm-up {args.warmup}, median of {args.iters}, "
+        f"{'sequential' if args.sequential else 'interleaved'}")
 
-  rows = []
-  for name, opt in optimizers(args.density).items():
-    state_bytes = tree_bytes(jax.eval_shape(opt.init, shapes))
-    ms = None if args.no_time else time_update(opt, shapes, warmup=args.warmup,
-                                                 iters=args.iters)
-    rows.append((name, ms, state_bytes))
+  opts = optimizers(args.density)
+  times = {} if args.no_time else time_updates(
+      opts, shapes, warmup=args.warmup, iters=args.iters,
+      interleave=not args.sequential)
+  rows = [(name, times.get(name), tree_bytes(jax.eval_shape(opt.init, shapes)))
+          for name, opt in opts.items()]
 
   base_ms, base_bytes = rows[0][1], rows[0][2]
   dense_spam_bytes = rows[1][2]
