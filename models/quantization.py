@@ -159,11 +159,18 @@ def _ungroup(groups: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 def _topk_mask(groups: jax.Array, topk: int) -> jax.Array:
   """True at the `topk` largest |x| of each group (ties broken by lower index)."""
-  if topk == 0:
-    return jnp.zeros(groups.shape, bool)
-  _, idx = lax.top_k(jnp.abs(groups), topk)
   cols = jnp.arange(groups.shape[-1])
-  return jnp.any(idx[..., :, None] == cols, axis=-2)
+  if topk > 4:
+    _, idx = lax.top_k(jnp.abs(groups), topk)
+    return jnp.any(idx[..., :, None] == cols, axis=-2)
+  # For the usual k = 2, repeated argmax is a pair of fusible reductions, cheaper
+  # on GPU than a top-k (sort-based) kernel.
+  a = jnp.abs(groups)
+  keep = jnp.zeros(groups.shape, bool)
+  for _ in range(topk):
+    idx = jnp.argmax(jnp.where(keep, -1.0, a), axis=-1)
+    keep = keep | (cols == idx[..., None])
+  return keep
 
 
 # ---------------------------------------------------------------------------

@@ -20,10 +20,40 @@ TINY = models.LlamaConfig(
 
 
 def _init(config, quant=None, length=16, seed=0):
+  """Model, parameters drawn like `Llama.init` draws them, and tokens.
+
+  Parameters come from NumPy on the shapes of `jax.eval_shape(model.init)`:
+  compiling the real init costs seconds per config on CPU (`test_init` covers it).
+  """
   model = models.Llama(config, quant=quant)
-  tokens = jax.random.randint(jax.random.key(seed + 1), (2, length), 0, config.vocab_size)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)["params"])
+  rng = np.random.default_rng(seed)
+  boxed = models.abstract_variables(config, quant)["params"]
+
+  def draw(box):
+    if box.names == ("norm",):
+      return jnp.ones(box.value.shape, box.value.dtype)
+    return jnp.asarray(rng.normal(0.0, config.init_std, box.value.shape), box.value.dtype)
+
+  params = jax.tree.map(draw, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, length)), jnp.int32)
   return model, params, tokens
+
+
+def test_init():
+  model = models.Llama(TINY)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), tokens)
+  params = nn.meta.unbox(variables["params"])
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      params, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                           nn.meta.unbox(models.abstract_variables(TINY)["params"])))
+  assert set(variables) == {"params"}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if "layernorm" in name or name.startswith("['norm']"):
+      np.testing.assert_array_equal(np.asarray(x), 1.0)
+    else:
+      assert x.dtype == jnp.float32 and abs(float(jnp.std(x)) - 0.02) < 0.003, name
 
 
 # ---------------------------------------------------------------------------
@@ -75,7 +105,7 @@ def test_get_config_reads_official_json(tmp_path):
 def test_every_config_traces_forward_and_backward(name):
   """Forward+backward of each named size, shapes only (nothing allocated)."""
   config = models.get_config(name)
-  quant = models.QuantConfig() if name in ("llama_60m", "llama_1b") else None
+  quant = models.QuantConfig() if name in ("llama_9m", "llama_60m") else None
   model = models.Llama(config, quant=quant)
   variables = models.abstract_variables(config, quant, batch=2, length=8)
   tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)

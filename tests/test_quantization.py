@@ -109,7 +109,7 @@ def test_weight_int_matches_reference(shape, bits):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("bits,topk", [(4, 2), (8, 2), (4, 0)])
+@pytest.mark.parametrize("bits,topk", [(4, 2), (8, 2), (4, 0), (4, 6)])
 def test_act_int_matches_reference(shape, bits, topk):
   x = _heavy_tailed(1, shape)
   got = np.asarray(act_int(x, bits, 256, topk))
