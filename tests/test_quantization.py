@@ -262,3 +262,16 @@ def test_defaults_follow_the_official_effective_settings():
 def test_stochastic_needs_a_key():
   with pytest.raises(ValueError, match="PRNG"):
     qz.fake_quant_dot_general(QuantConfig(stochastic=True))
+
+
+def test_dense_general_quantizes_the_q_kernel_in_pytorch_layout():
+  # q_proj: kernel (embed, heads, kv); torch stores it as (heads·kv, embed).
+  from models.linears import DenseGeneral
+  layer = DenseGeneral(features=(4, 24), kernel_axes=("embed", "heads", "kv"),
+                       quant=QuantConfig(), dtype=jnp.float32)
+  x = _heavy_tailed(12, (2, 3, 40))
+  kernel = _heavy_tailed(13, (40, 4, 24)) * 0.02
+  got = jax.jit(layer.apply)({"params": {"kernel": jnp.asarray(kernel)}}, jnp.asarray(x))
+  w_ref = np_weight_int(kernel.reshape(40, 96).T, 4, 256).T
+  x_ref = np_act_int(x.reshape(6, 40), 4, 256, 2)
+  np.testing.assert_allclose(np.asarray(got).reshape(6, 96), x_ref @ w_ref, rtol=1e-5, atol=1e-5)
