@@ -167,8 +167,8 @@ def stable_spam(
 
   Reproduces the official ``StableSPAM``. Per leaf at step :math:`t` (see
   ``docs/optimizers.md``): clip entries above a bias-corrected running max of
-  :math:`|g|` (AdaClip, :math:`\gamma_3`); rescale the leaf to a running
-  estimate of its norm (AdaGN, :math:`\gamma_1, \gamma_2`); Adam with
+  :math:`|g|` (AdaClip, :math:`\gamma_3`); rescale the leaf by the history of
+  its norm (AdaGN, :math:`\gamma_1, \gamma_2`); Adam with
   :math:`\beta_1' = \beta_1 s_t` (cosine over ``total_steps``); moments zeroed
   after every ``reset_interval``-th step (**quirk** timing, and the
   bias-correction step restarts); decoupled weight decay of the old parameters:

@@ -1,4 +1,4 @@
-"""Stable-SPAM's AdaGN: rescale each leaf to a running estimate of its norm."""
+"""Stable-SPAM's AdaGN: rescale each leaf by the history of its gradient norm."""
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -35,7 +35,7 @@ def scale_by_grad_norm_history(
     reset_interval: int = 0,
     global_norm: bool = False,
 ) -> optax.GradientTransformation:
-  r"""Rescales gradients to an Adam-style running estimate of their norm (AdaGN).
+  r"""Rescales gradients by the history of their norm (AdaGN).
 
   With :math:`n = \|g\|_2` (per leaf, or over the whole tree with
   ``global_norm=True``), :math:`\gamma_1' = \gamma_1 s_t` (:math:`s_t` the
@@ -48,8 +48,10 @@ def scale_by_grad_norm_history(
     c_t &= \frac{a_t/(1-\gamma_1'^k)}{\sqrt{b_t/(1-\gamma_2^k)} + \epsilon},
     \qquad g \leftarrow g\,c_t/n \quad (n > 0).
 
-  A spike inflates :math:`n` far more than :math:`c_t`, so its leaf is scaled
-  down. As in :func:`clip_by_running_max`, :math:`k` restarts after every
+  The leaf's norm becomes :math:`c_t`, the ratio of the bias-corrected mean
+  norm to the bias-corrected RMS norm: about 1 while the norm is steady, and
+  well below 1 when a spike inflates :math:`n` (the spike enters
+  :math:`b_t` squared). As in :func:`clip_by_running_max`, :math:`k` restarts after every
   multiple of ``reset_interval`` (official **quirk**: :math:`k = t` up to the
   first reset step included, then :math:`2, \dots, T+1`; 0 = never).
 
@@ -73,8 +75,8 @@ def scale_by_grad_norm_history(
     >>> opt = spam_optax.scale_by_grad_norm_history(gamma1=0.7, gamma2=0.9)
     >>> state = opt.init(jnp.zeros(2))
     >>> u, state = opt.update(jnp.array([3.0, 4.0]), state)
-    >>> print(u)  # the first step keeps the norm
-    [3. 4.]
+    >>> print(u.round(6))  # a steady norm is rescaled to about 1
+    [0.6 0.8]
 
   References:
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit

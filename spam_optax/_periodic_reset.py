@@ -143,8 +143,10 @@ def periodic_reset(
     >>> state = opt.init(params)
     >>> for _ in range(2):
     ...   _, state = opt.update(jnp.ones(3), state, params)
-    >>> print(state.inner_state[0].mu)
+    >>> print(state.inner_state.mu)  # zeroed before step 2, then one update
     [0.1 0.1 0.1]
+    >>> print(state.inner_state.count)  # the count is not reset
+    2
 
   References:
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM

@@ -62,7 +62,7 @@ def scale_by_reset_warmup(
     >>> state = opt.init(jnp.zeros(1))
     >>> for _ in range(2):
     ...   u, state = opt.update(jnp.ones(1), state)
-    >>> print(u)
+    >>> print(u.round(6))
     [0.01]
 
   References:
