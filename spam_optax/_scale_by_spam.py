@@ -35,6 +35,7 @@ def scale_by_spam(
     clip_delay: int = 20,
     reset_interval: int = 500,
     mu_dtype: Optional[Any] = None,
+    clip_unseen: bool = True,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam after clipping gradient spikes against Adam's v.
 
@@ -67,6 +68,10 @@ def scale_by_spam(
     reset_interval: :math:`T` (official ``DeltaT``), used here only for the
       clip's hold-off after each reset.
     mu_dtype: dtype of both moments; defaults to the parameters' dtype.
+    clip_unseen: if True (official **quirk**), an entry whose :math:`\nu` is
+      0 while the clip is active (e.g. right after a reset with
+      ``clip_delay=0``, or an embedding row never seen since the reset) is
+      clipped to 0, freezing it until the next reset; False leaves it alone.
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -111,7 +116,7 @@ def scale_by_spam(
 
     def leaf(g, m, v):
       g, n_clipped = _spike_clip.clip_leaf_against_second_moment(
-          g, v, spike_threshold, active
+          g, v, spike_threshold, active, clip_unseen
       )
       dtype = jnp.promote_types(g.dtype, m.dtype)
       gc = g.astype(dtype)

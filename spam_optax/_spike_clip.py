@@ -33,18 +33,24 @@ def spike_clip_active(
 
 
 def clip_leaf_against_second_moment(
-    g: jax.Array, nu: jax.Array, spike_threshold: Any, active: jax.Array
+    g: jax.Array,
+    nu: jax.Array,
+    spike_threshold: Any,
+    active: jax.Array,
+    clip_unseen: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Clips one leaf: where :math:`g^2 > \theta\,\nu`, :math:`g \to \mathrm{sign}(g)\sqrt{\theta\,\nu}`.
 
   The comparison is strict and has no epsilon (**quirk** of the official code):
   where ``nu == 0`` while the clip is active, any nonzero entry is clipped to 0.
+  ``clip_unseen=False`` leaves such entries alone instead.
 
   Args:
     g: gradient leaf.
     nu: second-moment leaf (same shape) before this step's update.
     spike_threshold: :math:`\theta`.
     active: boolean scalar, whether the clip runs this step.
+    clip_unseen: whether entries with ``nu == 0`` are clipped (to 0).
 
   Returns:
     ``(clipped_g, n_clipped)`` with ``n_clipped`` an int32 scalar.
@@ -53,6 +59,8 @@ def clip_leaf_against_second_moment(
   gc = g.astype(compute_dtype)
   bound_sq = jnp.asarray(spike_threshold, compute_dtype) * nu.astype(compute_dtype)
   spike = active & (gc * gc > bound_sq)
+  if not clip_unseen:
+    spike = spike & (bound_sq > 0)
   clipped = jnp.where(spike, jnp.sign(gc) * jnp.sqrt(bound_sq), gc)
   return clipped.astype(g.dtype), jnp.sum(spike, dtype=jnp.int32)
 
@@ -76,6 +84,7 @@ def clip_spikes(
     clip_delay: int = 20,
     reset_interval: int = 0,
     nu_dtype: Optional[Any] = None,
+    clip_unseen: bool = True,
 ) -> optax.GradientTransformation:
   r"""Clips gradient spikes against a running second moment (SPAM's GSS).
 
@@ -101,6 +110,8 @@ def clip_spikes(
     reset_interval: :math:`T`; the EMA is zeroed every :math:`T` steps (0 =
       never).
     nu_dtype: dtype of :math:`\nu`; defaults to the parameters' dtype.
+    clip_unseen: if True (official), an entry whose :math:`\nu` is still 0
+      while the clip is active is clipped to 0; False leaves it unclipped.
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -141,7 +152,9 @@ def clip_spikes(
         lambda v: jnp.where(reset, jnp.zeros_like(v), v), state.nu
     )
     new_updates, counts = _tree_util.tree_map_unzip(
-        lambda g, v: clip_leaf_against_second_moment(g, v, spike_threshold, active),
+        lambda g, v: clip_leaf_against_second_moment(
+            g, v, spike_threshold, active, clip_unseen
+        ),
         2,
         updates,
         nu,

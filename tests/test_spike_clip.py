@@ -189,3 +189,14 @@ class ScaleBySpamTest(chex.TestCase):
   def test_rejects_negative_eps(self):
     with pytest.raises(ValueError, match="eps"):
       spam_optax.scale_by_spam(eps=-1e-8)
+
+
+def test_clip_unseen_false_leaves_unseen_entries_alone():
+  opt = spam_optax.scale_by_spam(clip_delay=0, reset_interval=0,
+                                 clip_unseen=False)
+  u, state = opt.update(jnp.arange(1.0, 5.0), opt.init(jnp.zeros(4)))
+  assert np.all(np.asarray(u) > 0)
+  assert int(state.clipped) == 0
+  clip = spam_optax.clip_spikes(clip_delay=0, clip_unseen=False)
+  g, _ = clip.update(jnp.ones(3), clip.init(jnp.zeros(3)))
+  np.testing.assert_array_equal(g, np.ones(3))
