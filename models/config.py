@@ -15,8 +15,6 @@ import json
 import os
 from typing import Any
 
-import jax.numpy as jnp
-
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -158,10 +156,3 @@ def get_config(name: str | os.PathLike | LlamaConfig, **overrides: Any) -> Llama
   config = CONFIGS[key]
   return dataclasses.replace(config, **overrides) if overrides else config
 
-
-def compute_dtype(config: LlamaConfig):
-  return jnp.dtype(config.dtype)
-
-
-def param_dtype(config: LlamaConfig):
-  return jnp.dtype(config.param_dtype)
