@@ -114,6 +114,18 @@ class MetricsWriter:
     """Restarts the throughput clock, so a pause (evaluation, a checkpoint) is not counted."""
     self._last_time = time.perf_counter()
 
+  def truncate_after(self, step: int) -> None:
+    """Drops records of steps after ``step`` (all of them for a fresh run), so that a run
+    resumed from its last checkpoint does not log the steps it repeats twice."""
+    if not self.enabled:
+      return
+    self._file.close()
+    with open(self.path, encoding="utf-8") as f:
+      kept = [line for line in f if line.strip() and step > 0 and json.loads(line)["step"] <= step]
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
   def write(self, record: dict) -> None:
     if not self.enabled:
       return

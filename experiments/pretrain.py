@@ -173,6 +173,7 @@ def main(argv=None) -> dict:
         cfg.num_training_steps, cfg.stop_after)
     summary = {"save_dir": cfg.save_dir, "log_dir": log_dir, "metrics": writer.path,
                "start_step": start}
+    writer.truncate_after(start)
     first_eval = None
     if start >= end:
       log(f"{cfg.save_dir} already holds step {start} (>= {end}): nothing to train; "
