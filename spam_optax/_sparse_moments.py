@@ -161,38 +161,66 @@ def _carry_over(values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
   return jnp.where(hit, values[pos], jnp.zeros((), values.dtype))
 
 
-def _remap_inner_state(inner_state: Any, old_masks: Any, new_masks: Any) -> Any:
-  """Moves compact moments from ``old_masks`` to ``new_masks``.
+def _movable_leaves(inner_state: Any, masks: Any) -> dict[int, int]:
+  """Which inner-state leaves hold compact entries, and of which sparse leaf.
 
   Every subtree of the inner state shaped like the params is visited; its
-  floating leaves whose shape is the compact ``(k,)`` shape of their leaf are
-  remapped. Other leaves (counts, per-leaf scalars) are left as they are.
+  floating leaves whose shape is the compact ``(k,)`` shape of their leaf
+  move with the mask. Other leaves (counts, per-leaf scalars, dense leaves)
+  stay as they are.
+
+  Returns:
+    ``{index in jax.tree.leaves(inner_state): index in the mask leaves}``.
   """
   params_def = jax.tree.structure(
-      jax.tree.map(lambda _: 0, old_masks, is_leaf=_is_masked_node)
+      jax.tree.map(lambda _: 0, masks, is_leaf=_is_masked_node)
   )
-  old_leaves = jax.tree.leaves(old_masks, is_leaf=_is_masked_node)
-  new_leaves = jax.tree.leaves(new_masks, is_leaf=_is_masked_node)
+  mask_leaves = jax.tree.leaves(masks, is_leaf=_is_masked_node)
+  leaves, inner_def = jax.tree.flatten(inner_state)
+  positions = inner_def.unflatten(list(range(len(leaves))))
+  found = {}
 
   def is_params_like(x):
     return jax.tree.structure(x) == params_def
 
-  def remap(sub):
+  def visit(sub, pos):
     if not is_params_like(sub):
-      return sub
-    out = []
-    for x, old, new in zip(params_def.flatten_up_to(sub), old_leaves, new_leaves):
+      return
+    flat_pos = params_def.flatten_up_to(pos)
+    flat_sub = params_def.flatten_up_to(sub)
+    for j, (x, i, mask) in enumerate(zip(flat_sub, flat_pos, mask_leaves)):
       if (
-          not _is_masked_node(old)
+          not _is_masked_node(mask)
           and hasattr(x, "dtype")
           and jnp.issubdtype(x.dtype, jnp.inexact)
-          and jnp.shape(x) == old.shape
+          and jnp.shape(x) == mask.shape
       ):
-        x = _carry_over(x, old, new)
-      out.append(x)
-    return params_def.unflatten(out)
+        found[i] = j
 
-  return jax.tree.map(remap, inner_state, is_leaf=is_params_like)
+  jax.tree.map(visit, inner_state, positions, is_leaf=is_params_like)
+  return found
+
+
+def _carry_over_all(
+    moving: list[jax.Array], which: list[int], old_masks: Any, new_masks: Any
+) -> list[jax.Array]:
+  old = jax.tree.leaves(old_masks, is_leaf=_is_masked_node)
+  new = jax.tree.leaves(new_masks, is_leaf=_is_masked_node)
+  return [_carry_over(x, old[j], new[j]) for x, j in zip(moving, which)]
+
+
+def _remap_inner_state(inner_state: Any, old_masks: Any, new_masks: Any) -> Any:
+  """Moves the compact moments from ``old_masks`` to ``new_masks``."""
+  found = _movable_leaves(inner_state, old_masks)
+  leaves, inner_def = jax.tree.flatten(inner_state)
+  order = sorted(found)
+  moved = _carry_over_all(
+      [leaves[i] for i in order], [found[i] for i in order], old_masks,
+      new_masks,
+  )
+  for i, x in zip(order, moved):
+    leaves[i] = x
+  return inner_def.unflatten(leaves)
 
 
 def _draw_masks(
@@ -317,25 +345,37 @@ def sparse_moments(
           for idx in treedef.flatten_up_to(masks)
       ]
 
+      # Only the masks, the key and the compact leaves that move with the
+      # masks go through the branch: XLA copies every branch operand that is
+      # also read elsewhere (here by the update) on the no-redraw path, so
+      # dense leaves' moments must stay out of it.
+      found = _movable_leaves(inner_state, masks)
+      inner_leaves, inner_def = jax.tree.flatten(inner_state)
+      order = sorted(found)
+      which = [found[i] for i in order]
+
       def redraw(operands):
-        masks, inner_state, key = operands
+        masks, moving, key = operands
         key, draw_key = jax.random.split(jax.random.wrap_key_data(key))
         new_masks = _draw_masks(
             draw_key, flags, leaves, treedef, density, sampler
         )
-        inner_state = _remap_inner_state(inner_state, masks, new_masks)
-        return new_masks, inner_state, jax.random.key_data(key)
+        moving = _carry_over_all(moving, which, masks, new_masks)
+        return new_masks, moving, jax.random.key_data(key)
 
       interval = jnp.asarray(reset_interval, jnp.int32)
       # `count % T == T - 1` is `(t + 1) % T == 0` without overflowing at the
       # saturated count.
-      masks, inner_state, key = jax.lax.cond(
+      masks, moving, key = jax.lax.cond(
           (interval > 0)
           & (count % jnp.maximum(interval, 1) == interval - 1),
           redraw,
           lambda operands: operands,
-          (masks, inner_state, key),
+          (masks, [inner_leaves[i] for i in order], key),
       )
+      for i, x in zip(order, moving):
+        inner_leaves[i] = x
+      inner_state = inner_def.unflatten(inner_leaves)
 
     return new_updates, SparseMomentsState(
         count=count, key=key, masks=masks, inner_state=inner_state
