@@ -48,7 +48,7 @@ def check_density(value: Any) -> None:
   """Raises ``ValueError`` unless the density lies in (0, 1]."""
   if value is None:
     return
-  if isinstance(value, jax.core.Tracer):
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
     raise ValueError(
         "`density` sets array shapes and must be a static Python float; with"
         " `optax.inject_hyperparams` pass `static_args=('density',)`."

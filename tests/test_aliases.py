@@ -224,3 +224,27 @@ class WrapperTest(parameterized.TestCase):
     # 6 optimizer steps, reset at step 4: before its update for SPAM (steps
     # 4, 5, 6 since), after it for Stable-SPAM (steps 5, 6 since).
     assert int(resets[0][1]) == (3 if name == "spam" else 2)
+
+
+@pytest.mark.parametrize("name", ["spam", "stable_spam"])
+def test_toy_regression_converges_despite_spikes(name):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+  w_true = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+  y = x @ w_true
+  params = {"w": jnp.zeros((8, 2)), "b": jnp.zeros(2)}
+  opt = make(name, lr=5e-2, weight_decay=0.0)
+
+  def loss(p):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+  def step(carry, t):
+    p, s = carry
+    g = jax.grad(loss)(p)
+    g = jax.tree.map(lambda a: jnp.where(t % 37 == 20, 1e4 * a, a), g)
+    u, s = opt.update(g, s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (final, _), _ = jax.jit(lambda p: jax.lax.scan(
+      step, (p, opt.init(p)), jnp.arange(300)))(params)
+  assert float(loss(final)) < 0.05 * float(loss(params))
