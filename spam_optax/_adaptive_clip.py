@@ -33,14 +33,15 @@ class ClipByRunningMaxState(NamedTuple):
 def clip_by_running_max(
     gamma3: float = 0.999, reset_interval: int = 0
 ) -> optax.GradientTransformation:
-  r"""Clips each leaf to a bias-corrected running max of its largest entry (AdaClip).
+  r"""Clips each leaf to a running max of its largest entry (AdaClip).
 
   For each leaf, with :math:`k` the bias-correction step:
 
   .. math::
     m_t &= \gamma_3 m_{t-1} + (1-\gamma_3)\max_i |g_i|, \qquad
     \hat m_t = m_t / (1 - \gamma_3^k) \\
-    g_i &\leftarrow g_i\,\hat m_t / \max_j |g_j| \quad\text{where } |g_i| > \hat m_t
+    g_i &\leftarrow g_i\,\hat m_t / \max_j |g_j|
+      \quad\text{where } |g_i| > \hat m_t
 
   so entries above the running max are scaled down, keeping their sign and
   their ratios to each other. The EMA is never reset, but :math:`k` restarts
@@ -62,7 +63,8 @@ def clip_by_running_max(
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import spam_optax
-    >>> opt = optax.chain(spam_optax.clip_by_running_max(0.999), optax.adam(1e-3))
+    >>> opt = optax.chain(
+    ...     spam_optax.clip_by_running_max(0.999), optax.adam(1e-3))
     >>> params = {'w': jnp.zeros(4)}
     >>> state = opt.init(params)
     >>> u, state = opt.update({'w': jnp.arange(4.0)}, state, params)
@@ -98,7 +100,8 @@ def clip_by_running_max(
       over = abs_g > m_hat
       ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
       clipped = jnp.where(over, g.astype(dtype) * ratio, g.astype(dtype))
-      return clipped.astype(g.dtype), m.astype(dtype), jnp.sum(over, dtype=jnp.int32)
+      n_clipped = jnp.sum(over, dtype=jnp.int32)
+      return clipped.astype(g.dtype), m.astype(dtype), n_clipped
 
     updates, max_ema, clipped = _tree_util.tree_map_unzip(
         leaf, 3, updates, state.max_ema

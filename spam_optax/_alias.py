@@ -191,7 +191,8 @@ def stable_spam(
     gamma3: AdaClip's running-max decay.
     reset_interval: official ``update_proj_gap``; 0 = never reset.
     total_steps: official ``total_T``; enables the cosine decay of
-      :math:`\beta_1` and :math:`\gamma_1` down to ``eta_min`` times their value.
+      :math:`\beta_1` and :math:`\gamma_1` down to ``eta_min`` times their
+      value.
     eta_min: floor of that cosine scale.
 
   Returns:

@@ -51,9 +51,10 @@ def scale_by_grad_norm_history(
   The leaf's norm becomes :math:`c_t`, the ratio of the bias-corrected mean
   norm to the bias-corrected RMS norm: about 1 while the norm is steady, and
   well below 1 when a spike inflates :math:`n` (the spike enters
-  :math:`b_t` squared). As in :func:`clip_by_running_max`, :math:`k` restarts after every
-  multiple of ``reset_interval`` (official **quirk**: :math:`k = t` up to the
-  first reset step included, then :math:`2, \dots, T+1`; 0 = never).
+  :math:`b_t` squared). As in :func:`clip_by_running_max`, :math:`k`
+  restarts after every multiple of ``reset_interval`` (official **quirk**:
+  :math:`k = t` up to the first reset step included, then
+  :math:`2, \dots, T+1`; 0 = never).
 
   Args:
     gamma1: :math:`\gamma_1`, decay of the norm EMA.

@@ -60,8 +60,10 @@ def restarted_count(step: jax.Array, reset_interval: Any) -> jax.Array:
   return jnp.where(restarted, step % safe + 1, step)
 
 
-def restarted_count_before_reset(step: jax.Array, reset_interval: Any) -> jax.Array:
-  """Stable-SPAM's ``k`` as seen by AdaClip and AdaGN, which run before the reset.
+def restarted_count_before_reset(
+    step: jax.Array, reset_interval: Any
+) -> jax.Array:
+  """Stable-SPAM's ``k`` as seen by AdaClip and AdaGN (they run before the reset).
 
   In the official code ``k`` is incremented, AdaClip and AdaGN use it, and only
   then is it set to 1 on a reset step. So these statistics see ``k = t`` up to

@@ -39,7 +39,7 @@ def clip_leaf_against_second_moment(
     active: jax.Array,
     clip_unseen: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-  r"""Clips one leaf: where :math:`g^2 > \theta\,\nu`, :math:`g \to \mathrm{sign}(g)\sqrt{\theta\,\nu}`.
+  r"""Clips one leaf where :math:`g^2 > \theta\nu`, to :math:`\pm\sqrt{\theta\nu}`.
 
   The comparison is strict and has no epsilon (**quirk** of the official code):
   where ``nu == 0`` while the clip is active, any nonzero entry is clipped to 0.
@@ -57,7 +57,8 @@ def clip_leaf_against_second_moment(
   """
   compute_dtype = jnp.promote_types(g.dtype, nu.dtype)
   gc = g.astype(compute_dtype)
-  bound_sq = jnp.asarray(spike_threshold, compute_dtype) * nu.astype(compute_dtype)
+  threshold = jnp.asarray(spike_threshold, compute_dtype)
+  bound_sq = threshold * nu.astype(compute_dtype)
   spike = active & (gc * gc > bound_sq)
   if not clip_unseen:
     spike = spike & (bound_sq > 0)
@@ -146,7 +147,9 @@ def clip_spikes(
   def update_fn(updates, state, params=None):
     del params
     step = optax.safe_increment(state.count)
-    active = spike_clip_active(step, spike_threshold, clip_delay, reset_interval)
+    active = spike_clip_active(
+        step, spike_threshold, clip_delay, reset_interval
+    )
     reset = _periodic_reset.is_reset_step(step, reset_interval)
     nu = jax.tree.map(
         lambda v: jnp.where(reset, jnp.zeros_like(v), v), state.nu

@@ -99,7 +99,9 @@ def scale_by_stable_spam_adam(
     del params
     step = optax.safe_increment(state.count)
     k = _periodic_reset.restarted_count(step, reset_interval)
-    beta1 = b1 * _momentum_scale.cosine_momentum_scale(step, total_steps, eta_min)
+    beta1 = b1 * _momentum_scale.cosine_momentum_scale(
+        step, total_steps, eta_min
+    )
     correction1 = _numerics.one_minus_power(beta1, k)
     sqrt_correction2 = jnp.sqrt(_numerics.one_minus_power(b2, k))
 

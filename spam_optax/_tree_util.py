@@ -5,7 +5,7 @@ import jax
 
 
 def tree_map_unzip(fn: Callable[..., tuple], n_out: int, tree: Any, *rest: Any):
-  """Maps ``fn`` over leaves and unzips its ``n_out`` outputs into ``n_out`` trees.
+  """Maps ``fn`` over leaves and unzips its ``n_out`` outputs into trees.
 
   Unlike ``jax.tree.map`` followed by an ``is_leaf`` on tuples, this is safe for
   trees that themselves contain tuples. ``None`` leaves are kept as ``None``.

@@ -1,4 +1,4 @@
-"""Decoupled weight decay applied to the already-updated parameters (SPAM's order)."""
+"""Decoupled weight decay of the already-updated parameters (SPAM's order)."""
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
