@@ -16,7 +16,7 @@ import math
 
 OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
-DTYPES = ("bfloat16", "mixed", "float32")
+DTYPES = ("auto", "bfloat16", "mixed", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TrainConfig:
 
   # model
   model_config: str = "llama_9m"
-  dtype: str = "bfloat16"
+  dtype: str = "auto"  # bfloat16 on accelerators, float32 on CPU (see for_backend)
   activation_checkpointing: bool = False
   # optimizer
   optimizer: str = "spam"
@@ -38,7 +38,7 @@ class TrainConfig:
   scheduler: str = "cosine"
   min_lr_ratio: float = 0.1
   warmup_steps: int = 30
-  num_training_steps: int = 250
+  num_training_steps: int = 400
   # SPAM
   density: float = 1.0
   DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM)
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="llama_9m ... llama_7b (or 60m, ...), or a HF LlamaConfig JSON path")
   g.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                  help="bfloat16: params, grads and moments in bf16 (the official runs); "
-                      "mixed: float32 params and moments, bf16 compute; float32: all float32")
+                      "mixed: float32 params and moments, bf16 compute; float32: all float32; "
+                      "auto: bfloat16 on GPU/TPU, float32 on CPU")
   _bool_flag(g, "activation_checkpointing", "rematerialise decoder blocks")
   g = p.add_argument_group("optimizer")
   g.add_argument("--optimizer", default=d.optimizer, type=str.lower,
@@ -260,8 +261,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     data.local_files(cfg.dataset)  # a missing path is a one-line error now, not later
     if cfg.eval_dataset:
       data.local_files(cfg.eval_dataset)
-  name = cfg.name or (
-      f"{cfg.model_config.split('/')[-1].removesuffix('.json')}-{cfg.optimizer}-{cfg.dtype}")
   return dataclasses.replace(
       cfg,
       total_batch_size=total,
@@ -270,6 +269,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
       eval_tokens=(10_000_000 if is_c4 else 32_768) if cfg.eval_tokens is None
       else cfg.eval_tokens,
       total_T=cfg.total_T or cfg.num_training_steps,
-      name=name,
-      save_dir=cfg.save_dir or f"runs/{name}",
   )
+
+
+def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
+  """Resolves ``--dtype auto`` and the run name once the JAX backend is known.
+
+  On CPU, XLA emulates bf16 matrix products at about half the float32 speed, so the CPU demo
+  trains in float32; on GPU/TPU ``auto`` means the official pure-bf16 setting.
+  """
+  dtype = cfg.dtype
+  if dtype == "auto":
+    dtype = "float32" if backend == "cpu" else "bfloat16"
+  name = cfg.name or (
+      f"{cfg.model_config.split('/')[-1].removesuffix('.json')}-{cfg.optimizer}-{dtype}")
+  return dataclasses.replace(cfg, dtype=dtype, name=name,
+                             save_dir=cfg.save_dir or f"runs/{name}")

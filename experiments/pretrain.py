@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
   # ---- flags and devices (every input error is raised here, before any compilation)
   cfg = config.parse_args(argv)
   sharding.maybe_initialize_distributed(cfg.distributed)
+  cfg = config.for_backend(cfg, jax.default_backend())
   sizes = sharding.parse_mesh(cfg.mesh, jax.device_count())
   check_devices(cfg, sizes)
   host, num_hosts = jax.process_index(), jax.process_count()
