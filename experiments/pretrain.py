@@ -29,7 +29,7 @@ class NonFiniteLoss(SystemExit):
   """Training produced a NaN/inf loss; the run stops, the last good checkpoint is kept."""
 
 
-def model_config(cfg: config.TrainConfig, vocab_size: int | None) -> models.LlamaConfig:
+def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
   try:
     mcfg = models.get_config(cfg.model_config)
   except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
@@ -38,8 +38,6 @@ def model_config(cfg: config.TrainConfig, vocab_size: int | None) -> models.Llam
             "float32": ("float32", "float32")}[cfg.dtype]
   changes = dict(dtype=dtypes[0], param_dtype=dtypes[1], remat=cfg.activation_checkpointing,
                  max_seq_len=max(mcfg.max_seq_len, cfg.max_length))
-  if vocab_size is not None:
-    changes["vocab_size"] = vocab_size
   return dataclasses.replace(mcfg, **changes)
 
 
@@ -91,10 +89,11 @@ def main(argv=None) -> dict:
   sizes = sharding.parse_mesh(cfg.mesh, jax.device_count())
   check_devices(cfg, sizes)
   host, num_hosts = jax.process_index(), jax.process_count()
-  tok = tokenizer.get_tokenizer(cfg.tokenizer)
-  # The byte vocabulary replaces the config's; the T5 tokenizer keeps the papers' 32000.
-  mcfg = model_config(cfg, tok.vocab_size if cfg.tokenizer == "bytes" else None)
+  mcfg = model_config(cfg)
   quant = quant_config(cfg)
+  tok = tokenizer.get_tokenizer(cfg.tokenizer)
+  if cfg.tokenizer == "bytes":  # the T5 tokenizer keeps the papers' 32000
+    mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size)
   schedule = optimizers.make_schedule(cfg)
   optimizer = optimizers.make_optimizer(cfg, schedule)
 

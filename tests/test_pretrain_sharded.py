@@ -46,7 +46,7 @@ SHARDED = textwrap.dedent("""
     assert jax.device_count() == 8
     flags, out_dir = json.loads(sys.argv[1]), sys.argv[2]
     runs = {}
-    for mesh in ["data=1", "data=2,fsdp=4", "fsdp=8"]:
+    for mesh in ["data=1", "data=2,fsdp=4"]:
       pretrain.main(flags + ["--mesh", mesh, "--save_dir", f"{out_dir}/{mesh}"])
       with open(f"{out_dir}/{mesh}/metrics.jsonl") as f:
         runs[mesh] = [json.loads(line) for line in f]
@@ -69,7 +69,7 @@ def test_sharded_runs_match_single_device(flags, tmp_path):
   assert "fsdp" in result["spec"][0]
   runs = result["runs"]
   reference = runs["data=1"]
-  for mesh in ("data=2,fsdp=4", "fsdp=8"):
+  for mesh in ("data=2,fsdp=4",):
     assert [r["step"] for r in runs[mesh]] == [r["step"] for r in reference]
     for got, want in zip(runs[mesh], reference):
       for key in ("loss", "grad_norm", "eval_loss"):
