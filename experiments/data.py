@@ -233,7 +233,8 @@ class RowBatcher:
       text = self.documents.current()
       if text is None:
         return None
-      self._tokens = np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+      cut = None if self.packing else self.max_length
+      self._tokens = np.asarray(self.tokenizer.encode(text, max_length=cut), dtype=np.int32)
     return self._tokens
 
   def _advance(self) -> None:

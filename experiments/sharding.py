@@ -21,14 +21,23 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def maybe_initialize_distributed(requested: bool) -> None:
-  """``jax.distributed.initialize()`` for multi-host runs (explicit, or detected from the env).
+def _launched_multi_host(env) -> bool:
+  """Signs of a multi-process launch that JAX's cluster detection understands."""
+  return ("JAX_COORDINATOR_ADDRESS" in env
+          or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
-  On a Cloud TPU pod slice and under SLURM, JAX discovers the coordinator itself; elsewhere set
-  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+
+def maybe_initialize_distributed(requested: bool) -> None:
+  """``jax.distributed.initialize()`` for multi-host runs: with ``--distributed``, or when the
+  environment shows a multi-process launch (SLURM, Open MPI, TPU worker list, or explicit
+  ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``).
+
+  On a Cloud TPU pod slice and under SLURM, JAX discovers the coordinator itself.
   """
   env = os.environ
-  if not (requested or "JAX_COORDINATOR_ADDRESS" in env):
+  if not (requested or _launched_multi_host(env)):
     return
   kwargs = {}
   if "JAX_COORDINATOR_ADDRESS" in env:

@@ -24,7 +24,8 @@ class ByteTokenizer:
   def vocab_size(self) -> int:
     return 256 + self.offset
 
-  def encode(self, text: str) -> np.ndarray:
+  def encode(self, text: str, max_length: int | None = None) -> np.ndarray:
+    del max_length  # rows are cut by the batcher
     data = np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8)
     return np.append(data.astype(np.int32) + self.offset, np.int32(self.eos_id))
 
@@ -52,7 +53,11 @@ class HFTokenizer:
   def vocab_size(self) -> int:
     return len(self._tok)
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, max_length: int | None = None) -> list[int]:
+    """With ``max_length``, truncates like the official preprocessing
+    (``truncation=True``), which keeps ``</s>`` as the last token of a cut document."""
+    if max_length:
+      return list(self._tok(text, max_length=max_length, truncation=True)["input_ids"])
     ids = self._tok(text, add_special_tokens=True)["input_ids"]
     if not ids or ids[-1] != self.eos_id:
       ids = list(ids) + [self.eos_id]

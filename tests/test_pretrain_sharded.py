@@ -135,3 +135,12 @@ def test_two_process_distributed_run(flags, tmp_path):
   assert outs[0]["checkpoint"] == 4
   with open(tmp_path / "dist" / "metrics.jsonl") as f:
     assert len([line for line in f if '"loss"' in line]) == 4  # written once, by process 0
+
+
+def test_multi_host_launch_detection():
+  from experiments import sharding
+  assert not sharding._launched_multi_host({})
+  assert not sharding._launched_multi_host({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "a"})
+  assert sharding._launched_multi_host({"SLURM_NTASKS": "4"})
+  assert sharding._launched_multi_host({"TPU_WORKER_HOSTNAMES": "w0,w1"})
+  assert sharding._launched_multi_host({"JAX_COORDINATOR_ADDRESS": "h:1"})
