@@ -61,6 +61,10 @@ def test_interrupted_and_resumed_run_matches_exactly(run_args, tmp_path):
   assert step == 6 and int(state["step"]) == 6
   assert {"epoch", "doc", "offset"} <= set(data_state)
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(state["params"]))
+  # --dtype bfloat16 keeps the moments in bf16 too, like the official runs.
+  moments = [x for x in jax.tree.leaves(state["opt_state"])
+             if x.ndim and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+  assert moments and all(x.dtype == jax.numpy.bfloat16 for x in moments)
   # Nothing left to do: the finished run is not retrained.
   again = pretrain.main(run_args("resumed", "--resume"))
   assert again["start_step"] == 6 and again["last"] is None
