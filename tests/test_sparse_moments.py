@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 
-from spam_optax._sparse_moments import SparseMomentsState
-from spam_optax._sparse_moments import replace_masks
-from spam_optax._sparse_moments import sparse_moments
-from spam_optax._sparse_moments import uniform_mask_sampler
+from spam_optax import replace_masks
+from spam_optax import spam
+from spam_optax import sparse_moments
+from spam_optax import SparseMomentsState
+from spam_optax import uniform_mask_sampler
 
 from conftest import REFERENCE_DIR
 
@@ -54,8 +55,6 @@ def _replay_sparse(name):
   Returns the worst relative error over all steps and leaves, entry by entry
   and relative to each leaf's largest entry.
   """
-  from spam_optax import spam  # pylint: disable=g-import-not-at-top
-
   meta, arrays = _load(name)
   names = list(meta["params"])
   params = {n: jnp.asarray(arrays[f"p0/{n}"]) for n in names}
@@ -350,7 +349,7 @@ def test_sharded_params_in_subprocess(tmp_path):
   script = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np, optax
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from spam_optax._sparse_moments import sparse_moments
+      from spam_optax import sparse_moments
       assert jax.device_count() == 2, jax.devices()
       mesh = Mesh(np.array(jax.devices()), ("x",))
       shard = NamedSharding(mesh, P("x", None))
