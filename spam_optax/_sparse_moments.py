@@ -84,10 +84,10 @@ def _num_kept(density: float, size: int) -> int:
 def _validate_density(density: Any) -> float:
   if isinstance(density, bool) or not isinstance(density, numbers.Real):
     raise ValueError(
-        f"density must be a static number in (0, 1], got {density!r}."
+        f"`density` must be a static number in (0, 1], got {density!r}."
     )
   if not 0.0 < float(density) <= 1.0:
-    raise ValueError(f"density must be in (0, 1], got {density!r}.")
+    raise ValueError(f"`density` must be in (0, 1], got {density!r}.")
   return float(density)
 
 
@@ -267,7 +267,8 @@ def sparse_moments(
   whenever :math:`(t + 1) \bmod T = 0` (``T = reset_interval``; 0 = never)
   every mask is redrawn with ``sampler``; inner-state entries (floating leaves
   of the compact ``(k,)`` shape) at indices in both the old and the new mask
-  are carried over, the others start at zero.
+  are carried over, the others start at zero. Masks chosen elsewhere (recorded
+  ones, another schedule) are set with :func:`replace_masks`.
 
   Args:
     inner: the transformation run on the compact tree (e.g. Adam).
@@ -303,7 +304,7 @@ def sparse_moments(
   """
   density = _validate_density(density)
   if _is_static_int(reset_interval) and reset_interval < 0:
-    raise ValueError(f"reset_interval must be >= 0, got {reset_interval!r}.")
+    raise ValueError(f"`reset_interval` must be >= 0, got {reset_interval!r}.")
   sampler = uniform_mask_sampler if sampler is None else sampler
   inner = optax.with_extra_args_support(inner)
 
