@@ -93,13 +93,17 @@ def clip_by_running_max(
 
     def leaf(g, m):
       dtype = m.dtype
-      abs_g = jnp.abs(g).astype(dtype)
-      g_max = jnp.max(abs_g, initial=0.0)
+      gd = g.astype(dtype)
+      # max|g| as max(max g, -min g): the same value (negation is exact), but
+      # the reductions read g itself, so no full-size |g| is materialized for
+      # them; |g| below is recomputed inside the elementwise loops.
+      g_max = jnp.maximum(jnp.max(gd, initial=0.0), -jnp.min(gd, initial=0.0))
+      abs_g = jnp.abs(gd)
       m = gamma3 * m + (1 - gamma3) * g_max
       m_hat = m / correction.astype(dtype)
       over = abs_g > m_hat
       ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
-      clipped = jnp.where(over, g.astype(dtype) * ratio, g.astype(dtype))
+      clipped = jnp.where(over, gd * ratio, gd)
       n_clipped = jnp.sum(over, dtype=jnp.int32)
       return clipped.astype(g.dtype), m.astype(dtype), n_clipped
 
