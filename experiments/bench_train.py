@@ -1,0 +1,216 @@
+"""Trainer throughput: the real jitted train step (forward, backward, optimizer update) and the loader.
+
+For each model and optimizer this builds the step exactly as ``experiments.pretrain`` does
+(``optimizers.make_schedule`` / ``make_optimizer``, ``train_step.make_init_fn`` /
+``make_train_step``, the same mesh, logical-axis rules, shardings and donated state) and times
+it on a synthetic batch of random token ids (no padding): warm-up calls after compilation, then
+the median of ``--steps`` calls, each waited for. Model FLOPs per token come from
+``models.flops_per_token`` (6·N + 12·L·d·T, PaLM's convention); MFU is achieved model FLOP/s
+over ``--peak_tflops`` per device (default 989, H100 dense bf16, on GPU; n/a on CPU).
+
+Separately it times the real input pipeline (``data.make_loaders`` on ``--dataset``, default
+the offline standard-library corpus): ``next_batch()`` of the training loader, in batches/s
+and tokens/s, and reports loader tokens/s ÷ step tokens/s. The loop prepares batch t+1 while
+step t runs on the device, so a ratio well above 1 means the data is never the bottleneck.
+
+  python -m experiments.bench_train                                  # GPU: 60m…1b, 3 optimizers
+  python -m experiments.bench_train --models llama_9m --batch 8 --length 128   # a CPU
+  python -m experiments.bench_train --models llama_1b --optimizers spam --activation_checkpointing
+
+Reference: the PyTorch peer (HF LLaMA + the official SPAM optimizer) on one H100 at batch
+64×256 runs 417k tokens/s (60m), 226k (130m), 95k (350m), 18k (1b). Target on one H100:
+at least 2× the peer. The ours/peer column is printed on GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import models
+from experiments import config, data, optimizers, pretrain, sharding, tokenizer
+from experiments import train_step as ts
+
+H100_DENSE_BF16_TFLOPS = 989.0
+# HF LLaMA + official SPAM, one H100, batch 64×256, tokens/s.
+PEER_TOKENS_PER_S = {"llama_60m": 417e3, "llama_130m": 226e3, "llama_350m": 95e3,
+                     "llama_1b": 18e3}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default="llama_60m,llama_130m,llama_350m,llama_1b",
+                 help="comma-separated config names")
+  p.add_argument("--optimizers", default="adamw,spam,stable_spam",
+                 help=f"comma-separated, from {', '.join(config.OPTIMIZERS)}")
+  p.add_argument("--batch", type=int, default=64, help="sequences per step")
+  p.add_argument("--length", type=int, default=256, help="tokens per sequence")
+  p.add_argument("--dtype", default="auto", choices=config.DTYPES,
+                 help="as the trainer's --dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--activation_checkpointing", action="store_true")
+  p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
+  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="per-device peak for MFU; default 989 (H100 dense bf16) on GPU, none else")
+  p.add_argument("--dataset", default="stdlib", help="the loader's --dataset (default stdlib)")
+  p.add_argument("--tokenizer", default="auto", help="the loader's --tokenizer")
+  p.add_argument("--loader_batches", type=int, default=50, help="timed loader batches")
+  p.add_argument("--no_loader", action="store_true", help="skip the loader measurement")
+  p.add_argument("--json", default=None, help="also write the results to this JSON file")
+  return p.parse_args(argv)
+
+
+def trainer_config(args, model: str, optimizer: str) -> config.TrainConfig:
+  argv = ["--model_config", model, "--optimizer", optimizer, "--batch_size", str(args.batch),
+          "--max_length", str(args.length), "--dtype", args.dtype,
+          "--density", str(args.density)]
+  if args.activation_checkpointing:
+    argv.append("--activation_checkpointing")
+  return config.for_backend(config.parse_args(argv), jax.default_backend())
+
+
+def bench_step(args, model_name: str, optimizer_name: str) -> dict:
+  """Compiles and times the trainer's step for one model and optimizer."""
+  cfg = trainer_config(args, model_name, optimizer_name)
+  mcfg = pretrain.model_config(cfg)  # keeps the config's vocabulary (32000), as on C4
+  schedule = optimizers.make_schedule(cfg)
+  optimizer = optimizers.make_optimizer(cfg, schedule)
+  model = models.Llama(mcfg)
+  sizes = sharding.parse_mesh(None, jax.device_count())
+  pretrain.check_devices(cfg, sizes)
+  mesh = sharding.make_mesh(sizes)
+  rules = models.DEFAULT_LOGICAL_AXIS_RULES
+  replicated = NamedSharding(mesh, P())
+  example = jnp.zeros((1, cfg.max_length), jnp.int32)
+  init_fn = ts.make_init_fn(model, optimizer, param_dtype=jnp.dtype(mcfg.param_dtype),
+                            example_tokens=example)
+  batch_sharding = sharding.train_batch_sharding(mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, mcfg.vocab_size, (1, cfg.batch_size, cfg.max_length), dtype=np.int32)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example))["params"]
+    param_shardings = sharding.param_shardings(boxed, mesh, rules)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed))
+    state_shardings = {
+        "step": replicated, "params": param_shardings, "rng": replicated,
+        "opt_state": sharding.follow_params(abstract["opt_state"], abstract["params"],
+                                            param_shardings, mesh),
+    }
+    init = jax.jit(init_fn, out_shardings=state_shardings)
+    step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=0),
+                   in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    state = init(jax.random.PRNGKey(cfg.seed))
+    batch = sharding.to_global(tokens, batch_sharding, tokens.shape)
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    del state
+  step_s = statistics.median(times)
+  n_tokens = cfg.batch_size * cfg.max_length
+  flops = models.flops_per_token(mcfg, cfg.max_length) * n_tokens
+  peak = args.peak_tflops
+  if peak is None and jax.default_backend() == "gpu":
+    peak = H100_DENSE_BF16_TFLOPS
+  mfu = flops / step_s / (peak * 1e12 * jax.device_count()) if peak else None
+  return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
+              batch=cfg.batch_size, length=cfg.max_length, params=models.count_params(mcfg),
+              step_s=step_s, step_s_min=min(times), compile_s=compile_s,
+              tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
+              mfu=mfu, loss=loss)
+
+
+def bench_loader(args) -> dict:
+  """Times ``next_batch()`` of the trainer's own training loader."""
+  cfg = config.parse_args(["--dataset", args.dataset, "--tokenizer", args.tokenizer,
+                           "--batch_size", str(args.batch), "--max_length", str(args.length),
+                           "--eval_batches", "1"])
+  tok = tokenizer.get_tokenizer(cfg.tokenizer)
+  t0 = time.perf_counter()
+  train, _ = data.make_loaders(cfg, tok, host=0, num_hosts=1)
+  setup_s = time.perf_counter() - t0
+  for _ in range(2):
+    train.next_batch()
+  t0 = time.perf_counter()
+  pad = 0
+  for _ in range(args.loader_batches):
+    pad += int((train.next_batch() == tok.pad_id).sum())
+  elapsed = time.perf_counter() - t0
+  n_tokens = args.loader_batches * cfg.batch_size * cfg.max_length
+  return dict(dataset=cfg.dataset, tokenizer=cfg.tokenizer, packing=cfg.packing,
+              batch=cfg.batch_size, length=cfg.max_length, setup_s=setup_s,
+              batches_per_s=args.loader_batches / elapsed, tokens_per_s=n_tokens / elapsed,
+              pad_fraction=pad / n_tokens)
+
+
+def _k(x: float) -> str:
+  return f"{x / 1e3:,.1f}k" if x >= 1e3 else f"{x:,.0f}"
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  device = jax.devices()[0]
+  backend = jax.default_backend()
+  print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
+        f"{backend} ({device.device_kind}) x{jax.device_count()}, "
+        f"{platform.processor() or platform.machine()}", flush=True)
+  loader = None
+  if not args.no_loader:
+    loader = bench_loader(args)
+    print(f"loader: --dataset {loader['dataset']} (tokenizer {loader['tokenizer']}, packing "
+          f"{'on' if loader['packing'] else 'off'}), {loader['batch']}×{loader['length']}: "
+          f"{loader['batches_per_s']:,.1f} batches/s, {_k(loader['tokens_per_s'])} tokens/s "
+          f"(setup {loader['setup_s']:.1f}s, padding {100 * loader['pad_fraction']:.1f}%)",
+          flush=True)
+  print("| model | optimizer | dtype | batch×len | step (ms) | tokens/s | model TFLOP/s | MFU "
+        "| loader ÷ step | PyTorch peer (H100) | ours ÷ peer |")
+  print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+  results = []
+  for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for opt in [o.strip() for o in args.optimizers.split(",") if o.strip()]:
+      r = bench_step(args, name, opt)
+      results.append(r)
+      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+      ratio = f"{loader['tokens_per_s'] / r['tokens_per_s']:,.1f}×" if loader else "–"
+      peer = PEER_TOKENS_PER_S.get(r["model"])
+      vs_peer = (f"{r['tokens_per_s'] / peer:.2f}×" if peer and backend == "gpu" else "–")
+      print(f"| {r['model']} | {r['optimizer']} | {r['dtype']} | {r['batch']}×{r['length']} "
+            f"| {1e3 * r['step_s']:.1f} | {_k(r['tokens_per_s'])} | {r['model_tflops_per_s']:.3f} "
+            f"| {mfu} | {ratio} | {_k(peer) if peer else '–'} | {vs_peer} |", flush=True)
+  if results:
+    compiled = ", ".join(f"{r['model']}/{r['optimizer']} {r['compile_s']:.0f}" for r in results)
+    print(f"compile + first step (s): {compiled}", flush=True)
+  if backend == "gpu" and (args.batch, args.length) != (64, 256):
+    print("note: the PyTorch peer numbers are for batch 64×256")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"loader": loader, "steps": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
