@@ -8,14 +8,22 @@ state's size (device-independent; computed with ``jax.eval_shape``).
   python -m experiments.bench_optimizer --size small
   python -m experiments.bench_optimizer --size 1b            # on a GPU
   python -m experiments.bench_optimizer --size 1b --no-time  # state sizes only
+  python -m experiments.bench_optimizer --size small --blocks  # where the time goes
+
+``--blocks`` times chains that add one block at a time, and hand-written
+single-function versions of the same math (one function per leaf, no optax
+chain), to tell the cost of the math on this backend from the cost of the
+composable structure.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import math
 import statistics
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +82,120 @@ def optimizers(density: float) -> dict:
       "stable_spam": spam_optax.stable_spam(lr),
       f"spam d={density:g}": spam_optax.spam(
           lr, density=density, sparse_mask=projection_mask),
+  }
+
+
+class _FusedState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+  clipped: Any = None
+
+
+def _fused_spam(lr: float, count_clipped: bool = True, b1=0.9, b2=0.999, eps=1e-6,
+                threshold=5000.0, delay=20, interval=500, warmup=150):
+  """SPAM's math written as one function per leaf (reference for ``--blocks``).
+
+  Same arithmetic as ``spam_optax.spam`` (dense, no weight decay): reset select,
+  spike clip against the old ``v``, Adam, warm-up scale and learning rate, all in
+  one expression per leaf. ``count_clipped=False`` drops the per-leaf count of
+  clipped entries (the only reduction).
+  """
+  def init(params):
+    zeros = lambda p: jnp.zeros_like(p)
+    return _FusedState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                       jax.tree.map(zeros, params))
+
+  def update(grads, state, params=None):
+    del params
+    t = state.count + 1
+    reset = t % interval == 0
+    active = (t >= delay) & (t % interval >= delay)
+    since = jnp.where(t >= interval, t % interval, warmup + t)
+    scale = 1 - jnp.where(since < warmup,
+                          0.99 * (1 + jnp.cos(jnp.pi * since / (warmup + 1))) / 2, 0)
+    correction = (jnp.sqrt(-jnp.expm1(t * math.log(b2)))
+                  / -jnp.expm1(t * math.log(b1)))
+    factor = (-lr * scale * correction).astype(jnp.float32)
+
+    def leaf(g, m, v):
+      m = jnp.where(reset, 0, m)
+      v = jnp.where(reset, 0, v)
+      bound_sq = threshold * v
+      spike = active & (g * g > bound_sq)
+      count = jnp.sum(spike, dtype=jnp.int32) if count_clipped else None
+      g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound_sq), g)
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      return m / (jnp.sqrt(v) + eps) * factor, m, v, count
+
+    out = jax.tree.map(leaf, grads, state.mu, state.nu)
+    is_tuple = lambda x: isinstance(x, tuple)
+    u, mu, nu, clipped = (jax.tree.map(lambda o, i=i: o[i], out, is_leaf=is_tuple)
+                          for i in range(4))
+    return u, _FusedState(t, mu, nu, clipped)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _fused_adam_reset_after(lr: float, b1=0.9, b2=0.999, eps=1e-8, interval=1000):
+  """Stable-SPAM's Adam with the after-update reset, one function per leaf."""
+  def init(params):
+    zeros = lambda p: jnp.zeros_like(p)
+    return _FusedState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                       jax.tree.map(zeros, params))
+
+  def update(grads, state, params=None):
+    del params
+    t = state.count + 1
+    reset = t % interval == 0
+    k = jnp.where(t >= interval, t % interval + 1, t)
+    bc1 = -jnp.expm1(k * math.log(b1))
+    sqrt_bc2 = jnp.sqrt(-jnp.expm1(k * math.log(b2)))
+
+    def leaf(g, m, v):
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      u = -lr * (m / bc1) / (jnp.sqrt(v) / sqrt_bc2 + eps)
+      return u, jnp.where(reset, 0, m), jnp.where(reset, 0, v)
+
+    out = jax.tree.map(leaf, grads, state.mu, state.nu)
+    is_triple = lambda x: isinstance(x, tuple)
+    u, mu, nu = (jax.tree.map(lambda o, i=i: o[i], out, is_leaf=is_triple)
+                 for i in range(3))
+    return u, _FusedState(t, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+def block_optimizers() -> dict:
+  """Chains adding one block at a time, and hand-fused references."""
+  lr = 1e-3
+  scale_lr = optax.scale_by_learning_rate(lr)
+  sbs = spam_optax.scale_by_spam
+  ssa = lambda: spam_optax.scale_by_stable_spam_adam(reset_interval=1000)
+  return {
+      "adamw": optax.adamw(lr, eps=1e-6, weight_decay=0.0),
+      "scale_by_spam (no clip)": optax.chain(sbs(spike_threshold=0.0), scale_lr),
+      "scale_by_spam": optax.chain(sbs(), scale_lr),
+      "periodic_reset(scale_by_spam)": optax.chain(
+          spam_optax.periodic_reset(sbs(), 500), scale_lr),
+      "spam": spam_optax.spam(lr),
+      "hand-fused spam": _fused_spam(lr),
+      "hand-fused spam, no clip count": _fused_spam(lr, count_clipped=False),
+      "scale_by_stable_spam_adam": optax.chain(ssa(), scale_lr),
+      "periodic_reset(.., after_update=False)": optax.chain(
+          spam_optax.periodic_reset(ssa(), 1000), scale_lr),
+      "periodic_reset(.., after_update=True)": optax.chain(
+          spam_optax.periodic_reset(ssa(), 1000, after_update=True), scale_lr),
+      "hand-fused adam + after-update reset": _fused_adam_reset_after(lr),
+      "clip_by_running_max + adam": optax.chain(
+          spam_optax.clip_by_running_max(0.999, reset_interval=1000),
+          optax.scale_by_adam(), scale_lr),
+      "scale_by_grad_norm_history + adam": optax.chain(
+          spam_optax.scale_by_grad_norm_history(reset_interval=1000),
+          optax.scale_by_adam(), scale_lr),
+      "stable_spam": spam_optax.stable_spam(lr),
   }
 
 
@@ -161,6 +283,9 @@ def main(argv=None):
   parser.add_argument("--sequential", action="store_true",
                       help="hold one optimizer at a time (less memory, more exposed to "
                       "load changes) instead of interleaving the calls")
+  parser.add_argument("--blocks", action="store_true",
+                      help="time chains adding one block at a time and hand-fused "
+                      "single-function references instead of the four optimizers")
   parser.add_argument("--no-time", action="store_true",
                       help="report state sizes only (no allocation)")
   args = parser.parse_args(argv)
@@ -174,6 +299,21 @@ def main(argv=None):
   print(f"# size {size}: {n_params:,} params, {args.dtype}; "
         f"warm-up {args.warmup}, median of {args.iters}, "
         f"{'sequential' if args.sequential else 'interleaved'}")
+
+  if args.blocks:
+    # Two groups, so that at most ~8 states are resident at once.
+    blocks = block_optimizers()
+    names = list(blocks)
+    groups = [names[:7], ["adamw"] + names[7:]]
+    print()
+    print("| chain | update ms | × adamw (same group) |")
+    print("|---|---:|---:|")
+    for group in groups:
+      times = time_updates({n: blocks[n] for n in group}, shapes, warmup=args.warmup,
+                           iters=args.iters, interleave=not args.sequential)
+      for name in group:
+        print(f"| {name} | {times[name]:.1f} | {times[name] / times['adamw']:.2f} |")
+    return
 
   opts = optimizers(args.density)
   times = {} if args.no_time else time_updates(
