@@ -123,7 +123,10 @@ def periodic_reset(
     :math:`t`'s update, which therefore starts from fresh moments.
   - ``after_update=True`` (Stable-SPAM, **quirk** of the official code): step
     :math:`t` still uses (and updates) the old moments; the zeroed moments take
-    effect from step :math:`t+1`.
+    effect from step :math:`t+1`. The zeroing itself is applied at the start
+    of step :math:`t+1` (one pass over the moments instead of two), so a state
+    saved right after step :math:`t` still holds the moments that step
+    :math:`t+1` discards.
 
   Wrap only the transformation that holds moments: any floating-point state in
   ``inner`` is zeroed, including e.g. hyperparameters held by an
@@ -168,14 +171,18 @@ def periodic_reset(
   def update_fn(updates, state, params=None, **extra_args):
     step = optax.safe_increment(state.count)
     do_reset = is_reset_step(step, reset_interval)
-    inner_state = state.inner_state
-    if not after_update:
-      inner_state = _zero_floating(inner_state, do_reset)
+    if after_update:
+      # The zeroing that follows reset step t - 1 is applied here, before the
+      # inner update of step t: the same trajectory as zeroing right after
+      # step t - 1, but the moments are then read and written in one pass
+      # (zeroing the freshly updated moments makes XLA copy both of them).
+      zero_now = is_reset_step(step - 1, reset_interval) & (step > 1)
+    else:
+      zero_now = do_reset
+    inner_state = _zero_floating(state.inner_state, zero_now)
     updates, inner_state = inner.update(
         updates, inner_state, params, **extra_args
     )
-    if after_update:
-      inner_state = _zero_floating(inner_state, do_reset)
     since = optax.safe_increment(state.steps_since_reset)
     since = jnp.where(do_reset, 0 if after_update else 1, since)
     return updates, PeriodicResetState(

@@ -89,8 +89,14 @@ class PeriodicResetTest(chex.TestCase):
       up, sp = plain.update(g, sp)
     np.testing.assert_allclose(ua, up)  # step 2 still used the old moments
     assert not np.allclose(ub, up)
-    np.testing.assert_array_equal(sa.inner_state.mu, np.zeros(2))
     assert int(sa.steps_since_reset) == 0 and int(sb.steps_since_reset) == 1
+    # Step 3 starts from zeroed moments (the zeroing is applied on entry).
+    g = jnp.array([0.5, 4.0])
+    ua, sa = after.update(g, sa)
+    fresh = spam_optax.periodic_reset(optax.scale_by_adam(), 2)
+    _, sf = fresh.update(g, fresh.init(params))
+    np.testing.assert_allclose(sa.inner_state.mu, sf.inner_state.mu)
+    np.testing.assert_allclose(sa.inner_state.nu, sf.inner_state.nu)
 
   def test_zero_interval_never_resets(self):
     params = jnp.zeros(3)
