@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
   host, num_hosts = jax.process_index(), jax.process_count()
   mcfg = model_config(cfg)
   quant = quant_config(cfg)
-  tok = tokenizer.get_tokenizer(cfg.tokenizer)
+  tok = tokenizer.get_tokenizer(cfg.tokenizer, vocab_limit=mcfg.vocab_size)
   if cfg.tokenizer == "bytes":  # the T5 tokenizer keeps the papers' 32000
     mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size)
   schedule = optimizers.make_schedule(cfg)

@@ -37,7 +37,7 @@ class ByteTokenizer:
 class HFTokenizer:
   """A Hugging Face tokenizer (``t5-base`` in the papers), which appends ``</s>`` itself."""
 
-  def __init__(self, name: str):
+  def __init__(self, name: str, vocab_limit: int | None = None):
     try:
       import transformers  # pylint: disable=import-outside-toplevel
     except ImportError as e:
@@ -48,6 +48,12 @@ class HFTokenizer:
     self._tok = transformers.AutoTokenizer.from_pretrained(name)
     self.pad_id = int(self._tok.pad_token_id)
     self.eos_id = int(self._tok.eos_token_id)
+    # t5-base has 32100 ids (100 sentinels, <extra_id_N>, above the papers' 32000-row
+    # embedding). An id past the embedding would read NaN in JAX's gather and stop the run;
+    # such ids become <unk> instead.
+    self.vocab_limit = vocab_limit
+    unk = self._tok.unk_token_id
+    self.unk_id = int(unk) if unk is not None else self.pad_id
 
   @property
   def vocab_size(self) -> int:
@@ -57,18 +63,22 @@ class HFTokenizer:
     """With ``max_length``, truncates like the official preprocessing
     (``truncation=True``), which keeps ``</s>`` as the last token of a cut document."""
     if max_length:
-      return list(self._tok(text, max_length=max_length, truncation=True)["input_ids"])
-    ids = self._tok(text, add_special_tokens=True)["input_ids"]
-    if not ids or ids[-1] != self.eos_id:
-      ids = list(ids) + [self.eos_id]
-    return list(ids)
+      ids = list(self._tok(text, max_length=max_length, truncation=True)["input_ids"])
+    else:
+      ids = list(self._tok(text, add_special_tokens=True)["input_ids"])
+      if not ids or ids[-1] != self.eos_id:
+        ids.append(self.eos_id)
+    if self.vocab_limit is not None:
+      ids = [i if i < self.vocab_limit else self.unk_id for i in ids]
+    return ids
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def get_tokenizer(name: str):
-  """``bytes`` -> :class:`ByteTokenizer`; anything else is a Hugging Face tokenizer name/path."""
+def get_tokenizer(name: str, vocab_limit: int | None = None):
+  """``bytes`` -> :class:`ByteTokenizer`; anything else is a Hugging Face tokenizer name/path
+  (ids at or above ``vocab_limit``, the model's vocabulary, are mapped to ``<unk>``)."""
   if name in ("bytes", "byte"):
     return ByteTokenizer()
-  return HFTokenizer(name)
+  return HFTokenizer(name, vocab_limit=vocab_limit)

@@ -337,3 +337,13 @@ def test_pretrain_runs_on_c4_end_to_end_and_resumes(fake_c4, tmp_path):
   assert ("load_state_dict", "train", {"examples_yielded": 8}) in fake_c4
   cut = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").open()]
   np.testing.assert_allclose([r["loss"] for r in cut if "loss" in r], losses, rtol=1e-6)
+
+
+def test_ids_past_the_model_vocabulary_become_unk(fake_c4):
+  # t5-base's sentinel ids (32000..32099) lie past the papers' 32000-row embedding.
+  text = "w0 w60 w99 w10"
+  tok = tokenizer.get_tokenizer("t5-base", vocab_limit=50)
+  ids = [VOCAB["w0"], UNK, UNK, VOCAB["w10"], EOS]
+  assert tok.encode(text) == ids
+  assert tok.encode(text, max_length=3) == [VOCAB["w0"], UNK, EOS]
+  assert tokenizer.get_tokenizer("t5-base").encode(text) == encode(text)
