@@ -1,16 +1,20 @@
 """Checkpoints with an orbax ``CheckpointManager``: the train state plus the loader position.
 
 One checkpoint = ``state`` (params, optimizer state with its masks, counters and scalars, the
-step and the PRNG key, saved as sharded arrays) + ``data`` (the loader's JSON position).
+step and the PRNG key, saved as sharded arrays) + ``data`` (every host's loader position, as
+JSON keyed by process index: each host reads its own shard, and orbax writes JSON from the
+primary host only, so the positions are gathered to it first).
 Orbax writes into a temporary directory and renames it when complete, so an interrupted save
 never looks like a checkpoint; only the newest ``keep`` are kept. Saves are asynchronous: the
 loop keeps training while the arrays are written.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -29,9 +33,10 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, train_state, data_state: dict) -> None:
+    """``data_state`` is this host's loader position; all hosts call this together."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(train_state),
-        data=ocp.args.JsonSave(data_state),
+        data=ocp.args.JsonSave({"hosts": gather_host_states(data_state)}),
     ))
 
   def restore(self, abstract_state, step: int | None = None):
@@ -41,7 +46,8 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
     ))
-    return step, restored["state"], restored["data"]
+    hosts = restored["data"]["hosts"]
+    return step, restored["state"], hosts[str(jax.process_index())]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -55,3 +61,16 @@ def abstract_like(tree):
   """ShapeDtypeStructs (with shardings) describing ``tree``: a restore target."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def gather_host_states(data_state: dict) -> dict[str, dict]:
+  """Every host's JSON-able ``data_state``, keyed by process index (a collective)."""
+  if jax.process_count() == 1:
+    return {"0": data_state}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return {str(i): json.loads(blobs[i, :n].tobytes().decode()) for i, n in enumerate(sizes)}

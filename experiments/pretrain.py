@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
       writer.close()
   summary.update(
       end_step=end, wall_s=time.perf_counter() - t0, last=last_record, first_eval=first_eval,
-      last_eval=last_eval, checkpoint=ckpt.directory, latest_checkpoint=ckpt.latest_step())
+      last_eval=last_eval, checkpoint=ckpt.directory, latest_checkpoint=ckpt.latest_step(),
+      data_state=train_loader.state_dict())
   if host == 0:
     _print_summary(summary)
   return summary

@@ -95,11 +95,18 @@ DISTRIBUTED = textwrap.dedent("""
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from experiments import pretrain
+    from experiments import checkpointing
     summary = pretrain.main(json.loads(sys.argv[1]))
     assert jax.process_count() == 2
+    # Each host gets its own loader position back from the last checkpoint.
+    ckpt = checkpointing.Checkpointer(summary["checkpoint"].rsplit("/", 1)[0], keep=2)
+    saved = ckpt.manager.restore(ckpt.latest_step(), args=checkpointing.ocp.args.Composite(
+        data=checkpointing.ocp.args.JsonRestore()))["data"]["hosts"]
+    ckpt.close()
     print(json.dumps({"process": jax.process_index(), "loss": summary["last"]["loss"],
                       "eval": summary["last_eval"]["eval_loss"],
-                      "checkpoint": summary["latest_checkpoint"]}))
+                      "checkpoint": summary["latest_checkpoint"],
+                      "data_state": summary["data_state"], "saved_hosts": saved}))
 """)
 
 
@@ -133,6 +140,10 @@ def test_two_process_distributed_run(flags, tmp_path):
   # One global computation: both processes see the same loss and evaluation.
   assert outs[0]["loss"] == outs[1]["loss"] and outs[0]["eval"] == outs[1]["eval"]
   assert outs[0]["checkpoint"] == 4
+  # The checkpoint holds both hosts' loader positions, each as that host last saw it.
+  for o in outs:
+    assert sorted(o["saved_hosts"]) == ["0", "1"]
+    assert o["saved_hosts"][str(o["process"])] == o["data_state"]
   with open(tmp_path / "dist" / "metrics.jsonl") as f:
     assert len([line for line in f if '"loss"' in line]) == 4  # written once, by process 0
 
