@@ -102,14 +102,7 @@ def bench_step(args, model_name: str, optimizer_name: str) -> dict:
   with contextlib.ExitStack() as stack:
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(rules))
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example))["params"]
-    param_shardings = sharding.param_shardings(boxed, mesh, rules)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed))
-    state_shardings = {
-        "step": replicated, "params": param_shardings, "rng": replicated,
-        "opt_state": sharding.follow_params(abstract["opt_state"], abstract["params"],
-                                            param_shardings, mesh),
-    }
+    _, state_shardings, _ = sharding.train_state_shardings(model, init_fn, example, mesh, rules)
     init = jax.jit(init_fn, out_shardings=state_shardings)
     step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=0),
                    in_shardings=(state_shardings, batch_sharding),

@@ -138,14 +138,8 @@ def main(argv=None) -> dict:
   stack.enter_context(jax.set_mesh(mesh))
   stack.enter_context(nn.logical_axis_rules(rules))
   with stack:
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example))["params"]
-    param_shardings = sharding.param_shardings(boxed, mesh, rules)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.seed))
-    state_shardings = {
-        "step": replicated, "params": param_shardings, "rng": replicated,
-        "opt_state": sharding.follow_params(abstract["opt_state"], abstract["params"],
-                                            param_shardings, mesh),
-    }
+    param_shardings, state_shardings, abstract = sharding.train_state_shardings(
+        model, init_fn, example, mesh, rules)
     init = jax.jit(init_fn, out_shardings=state_shardings)
     train_step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=tok.pad_id),
                          in_shardings=(state_shardings, batch_sharding),

@@ -116,6 +116,24 @@ def follow_params(tree, params, shardings, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def train_state_shardings(model, init_fn, example_tokens, mesh: Mesh, rules):
+  """Shardings of the train state ``{step, params, rng, opt_state}`` built by ``init_fn``.
+
+  Parameters by their logical axis names, each optimizer-state leaf like the parameter it
+  follows, counters and the PRNG key replicated. Returns ``(param_shardings,
+  state_shardings, abstract_state)``; call inside ``nn.logical_axis_rules(rules)``.
+  """
+  replicated = NamedSharding(mesh, P())
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example_tokens))["params"]
+  params = param_shardings(boxed, mesh, rules)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state = {
+      "step": replicated, "params": params, "rng": replicated,
+      "opt_state": follow_params(abstract["opt_state"], abstract["params"], params, mesh),
+  }
+  return params, state, abstract
+
+
 def train_batch_sharding(mesh: Mesh) -> NamedSharding:
   """(accumulation steps, rows, length): rows over data x fsdp."""
   return NamedSharding(mesh, P(None, BATCH_AXES, None))
