@@ -143,3 +143,29 @@ def test_c4_without_its_packages_is_a_one_line_error(tiny_args, monkeypatch):
   assert "\n" not in str(e.value)
   with pytest.raises(SystemExit, match="needs the optional"):
     pretrain.main(tiny_args(dataset="c4", packing=None))  # the t5-base tokenizer
+
+
+
+def _read_tensorboard_scalars(log_dir):
+  """{tag: [values]} from the TFRecord-framed event files under ``log_dir``."""
+  event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+  scalars = {}
+  for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+      n = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        scalars.setdefault(v.tag, []).append(v.simple_value)
+  return scalars
+
+
+def test_tensorboard_events_mirror_the_metrics(tiny_args, tmp_path):
+  pytest.importorskip("tensorboardX")
+  pretrain.main(tiny_args(optimizer="stable_spam", num_training_steps=3))
+  scalars = _read_tensorboard_scalars(tmp_path / "run" / "tensorboard")
+  assert {"loss", "grad_norm", "eval_loss"} <= set(scalars)
+  losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+  np.testing.assert_allclose(scalars["loss"], losses, rtol=1e-6)
