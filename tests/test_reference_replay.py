@@ -8,29 +8,9 @@ import optax
 import pytest
 
 import spam_optax
+from _reference import alias_kwargs
 from conftest import REFERENCE_DIR
 
-# Official constructor names -> keyword arguments of our aliases.
-SPAM_NAMES = {
-    "lr": "learning_rate",
-    "eps": "eps",
-    "weight_decay": "weight_decay",
-    "threshold": "spike_threshold",
-    "DeltaT": "reset_interval",
-    "warmup_steps": "warmup_steps",
-    "grad_accu_steps": "clip_delay",
-}
-STABLE_SPAM_NAMES = {
-    "lr": "learning_rate",
-    "eps": "eps",
-    "weight_decay": "weight_decay",
-    "gamma1": "gamma1",
-    "gamma2": "gamma2",
-    "gamma3": "gamma3",
-    "update_proj_gap": "reset_interval",
-    "total_T": "total_steps",
-    "eta_min": "eta_min",
-}
 TOLERANCE = {"float64": 1e-10, "float32": 3e-5}
 
 DENSE_FILES = sorted(
@@ -40,15 +20,8 @@ DENSE_FILES = sorted(
 
 def optimizer_from_meta(meta):
   """Builds our alias from the official hyperparameters in a reference file."""
-  names = SPAM_NAMES if meta["optimizer"] == "spam" else STABLE_SPAM_NAMES
-  kwargs = {}
-  for name, value in meta["hyperparameters"].items():
-    if name == "betas":
-      kwargs["b1"], kwargs["b2"] = value
-    else:
-      kwargs[names[name]] = value
   alias = spam_optax.spam if meta["optimizer"] == "spam" else spam_optax.stable_spam
-  return alias(**kwargs)
+  return alias(**alias_kwargs(meta))
 
 
 def replay(opt, p0, grads):

@@ -19,34 +19,13 @@ from spam_optax import sparse_moments
 from spam_optax import SparseMomentsState
 from spam_optax import uniform_mask_sampler
 
+from _reference import alias_kwargs
 from conftest import REFERENCE_DIR
-
-# Official constructor names in the reference files -> keyword of `spam()`.
-_SPAM_KWARGS = {
-    "lr": "learning_rate",
-    "eps": "eps",
-    "weight_decay": "weight_decay",
-    "threshold": "spike_threshold",
-    "DeltaT": "reset_interval",
-    "warmup_steps": "warmup_steps",
-    "grad_accu_steps": "clip_delay",
-}
-
 
 def _load(name):
   with np.load(REFERENCE_DIR / f"{name}.npz") as data:
     arrays = {key: data[key] for key in data.files}
   return json.loads(str(arrays.pop("meta"))), arrays
-
-
-def _spam_kwargs(meta):
-  kwargs = {}
-  for key, value in meta["hyperparameters"].items():
-    if key == "betas":
-      kwargs["b1"], kwargs["b2"] = value
-    else:
-      kwargs[_SPAM_KWARGS[key]] = value
-  return kwargs
 
 
 def _replay_sparse(name):
@@ -58,7 +37,7 @@ def _replay_sparse(name):
   meta, arrays = _load(name)
   names = list(meta["params"])
   params = {n: jnp.asarray(arrays[f"p0/{n}"]) for n in names}
-  opt = spam(density=meta["density"], **_spam_kwargs(meta))
+  opt = spam(density=meta["density"], **alias_kwargs(meta))
   state = opt.init(params)
 
   @jax.jit
