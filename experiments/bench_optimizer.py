@@ -92,6 +92,12 @@ class _FusedState(NamedTuple):
   clipped: Any = None
 
 
+def _fused_init(params) -> _FusedState:
+  zeros = lambda p: jnp.zeros_like(p)
+  return _FusedState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                     jax.tree.map(zeros, params))
+
+
 def _fused_spam(lr: float, count_clipped: bool = True, b1=0.9, b2=0.999, eps=1e-6,
                 threshold=5000.0, delay=20, interval=500, warmup=150):
   """SPAM's math written as one function per leaf (reference for ``--blocks``).
@@ -101,10 +107,7 @@ def _fused_spam(lr: float, count_clipped: bool = True, b1=0.9, b2=0.999, eps=1e-
   one expression per leaf. ``count_clipped=False`` drops the per-leaf count of
   clipped entries (the only reduction).
   """
-  def init(params):
-    zeros = lambda p: jnp.zeros_like(p)
-    return _FusedState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
-                       jax.tree.map(zeros, params))
+  init = _fused_init
 
   def update(grads, state, params=None):
     del params
@@ -140,10 +143,7 @@ def _fused_spam(lr: float, count_clipped: bool = True, b1=0.9, b2=0.999, eps=1e-
 
 def _fused_adam_reset_after(lr: float, b1=0.9, b2=0.999, eps=1e-8, interval=1000):
   """Stable-SPAM's Adam with the after-update reset, one function per leaf."""
-  def init(params):
-    zeros = lambda p: jnp.zeros_like(p)
-    return _FusedState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
-                       jax.tree.map(zeros, params))
+  init = _fused_init
 
   def update(grads, state, params=None):
     del params
