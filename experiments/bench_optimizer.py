@@ -98,14 +98,16 @@ def _fused_init(params) -> _FusedState:
                      jax.tree.map(zeros, params))
 
 
-def _fused_spam(lr: float, count_clipped: bool = True, b1=0.9, b2=0.999, eps=1e-6,
+def _fused_spam(lr: float, count: str = "changed", b1=0.9, b2=0.999, eps=1e-6,
                 threshold=5000.0, delay=20, interval=500, warmup=150):
   """SPAM's math written as one function per leaf (reference for ``--blocks``).
 
   Same arithmetic as ``spam_optax.spam`` (dense, no weight decay): reset select,
   spike clip against the old ``v``, Adam, warm-up scale and learning rate, all in
-  one expression per leaf. ``count_clipped=False`` drops the per-leaf count of
-  clipped entries (the only reduction).
+  one expression per leaf. ``count`` is how the per-leaf number of clipped
+  entries (the only reduction) is taken: ``"changed"`` as the library does
+  (float row sums of ``|sign(clipped - g)|``), ``"mask"`` as an int32 sum of
+  the spike mask ``g² > θv``, ``"none"`` not at all.
   """
   init = _fused_init
 
@@ -126,11 +128,18 @@ def _fused_spam(lr: float, count_clipped: bool = True, b1=0.9, b2=0.999, eps=1e-
       v = jnp.where(reset, 0, v)
       bound_sq = threshold * v
       spike = active & (g * g > bound_sq)
-      count = jnp.sum(spike, dtype=jnp.int32) if count_clipped else None
-      g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound_sq), g)
+      clipped = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound_sq), g)
+      if count == "changed":
+        rows = jnp.sum(jnp.abs(jnp.sign(clipped - g)), axis=-1)
+        n = jnp.sum(jnp.where(jnp.isnan(rows), 0, rows).astype(jnp.int32))
+      elif count == "mask":
+        n = jnp.sum(spike, dtype=jnp.int32)
+      else:
+        n = None
+      g = clipped
       m = b1 * m + (1 - b1) * g
       v = b2 * v + (1 - b2) * g * g
-      return m / (jnp.sqrt(v) + eps) * factor, m, v, count
+      return m / (jnp.sqrt(v) + eps) * factor, m, v, n
 
     out = jax.tree.map(leaf, grads, state.mu, state.nu)
     is_tuple = lambda x: isinstance(x, tuple)
@@ -182,7 +191,8 @@ def block_optimizers() -> dict:
           spam_optax.periodic_reset(sbs(), 500), scale_lr),
       "spam": spam_optax.spam(lr),
       "hand-fused spam": _fused_spam(lr),
-      "hand-fused spam, no clip count": _fused_spam(lr, count_clipped=False),
+      "hand-fused spam, mask count": _fused_spam(lr, count="mask"),
+      "hand-fused spam, no clip count": _fused_spam(lr, count="none"),
       "scale_by_stable_spam_adam": optax.chain(ssa(), scale_lr),
       "periodic_reset(.., after_update=False)": optax.chain(
           spam_optax.periodic_reset(ssa(), 1000), scale_lr),

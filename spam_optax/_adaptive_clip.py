@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spam_optax import _count
 from spam_optax import _numerics
 from spam_optax import _periodic_reset
 from spam_optax import _tree_util
@@ -104,7 +105,7 @@ def clip_by_running_max(
       over = abs_g > m_hat
       ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
       clipped = jnp.where(over, gd * ratio, gd)
-      n_clipped = jnp.sum(over, dtype=jnp.int32)
+      n_clipped = _count.count_changed(clipped, gd)
       return clipped.astype(g.dtype), m.astype(dtype), n_clipped
 
     updates, max_ema, clipped = _tree_util.tree_map_unzip(

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spam_optax import _count
 from spam_optax import _periodic_reset
 from spam_optax import _tree_util
 from spam_optax import _validation
@@ -55,6 +56,8 @@ def clip_leaf_against_second_moment(
   Returns:
     ``(clipped_g, n_clipped)`` with ``n_clipped`` an int32 scalar.
   """
+  if isinstance(spike_threshold, (int, float)) and spike_threshold == 0:
+    return g, jnp.zeros([], jnp.int32)  # clip disabled: nothing to compute
   compute_dtype = jnp.promote_types(g.dtype, nu.dtype)
   gc = g.astype(compute_dtype)
   threshold = jnp.asarray(spike_threshold, compute_dtype)
@@ -63,7 +66,7 @@ def clip_leaf_against_second_moment(
   if not clip_unseen:
     spike = spike & (bound_sq > 0)
   clipped = jnp.where(spike, jnp.sign(gc) * jnp.sqrt(bound_sq), gc)
-  return clipped.astype(g.dtype), jnp.sum(spike, dtype=jnp.int32)
+  return clipped.astype(g.dtype), _count.count_changed(clipped, gc)
 
 
 class ClipSpikesState(NamedTuple):

@@ -1,0 +1,49 @@
+"""Counting the entries a clip changed, as one fused float reduction."""
+import jax
+import jax.numpy as jnp
+
+# Float32 holds every integer up to 2**24 exactly, so a float32 sum of 0/1
+# values is exact for rows up to this length.
+_MAX_EXACT_ROW = 2**24
+
+
+def count_changed(new: jax.Array, old: jax.Array) -> jax.Array:
+  r"""Returns the number of entries where ``new`` differs from ``old`` (int32).
+
+  Used for the clipped-entry counts of :func:`spam_optax.scale_by_spam`,
+  :func:`spam_optax.clip_spikes` and :func:`spam_optax.clip_by_running_max`:
+  a clip changes exactly the entries it clips (up to a rounding tie, where the
+  clipped value rounds back to the original one and nothing changed).
+
+  Computed as :math:`\sum_i |\mathrm{sign}(\mathrm{new}_i - \mathrm{old}_i)|`
+  per row (last axis) in at least float32, exact because a row has fewer than
+  :math:`2^{24}` entries; the row counts are then summed as int32. Two reasons
+  for this form rather than ``jnp.sum(new != old, dtype=jnp.int32)``:
+
+  * it reads the clipped values, not the second moment the clip compared
+    against, so when that moment is a donated buffer updated in place by the
+    same step (SPAM's ``v``), XLA has no second reader of the old value to
+    protect and needs no copy of it;
+  * arithmetic feeding a float sum fuses into one vectorized reduction on
+    XLA:CPU, whereas a boolean mask feeding an integer sum is materialized
+    at full size and reduced by a slower integer loop.
+
+  Entries where either side is NaN are not counted; a row that holds one
+  counts 0 (such a step has NaN moments anyway; see ``docs/optimizers.md``).
+
+  Args:
+    new: the values after the clip.
+    old: the values before it (same shape).
+
+  Returns:
+    An int32 scalar.
+  """
+  dtype = jnp.promote_types(jnp.promote_types(new.dtype, old.dtype), jnp.float32)
+  changed = jnp.abs(jnp.sign(new.astype(dtype) - old.astype(dtype)))
+  if changed.ndim == 0:
+    changed = changed.reshape(1, 1)
+  elif changed.shape[-1] > _MAX_EXACT_ROW and dtype == jnp.float32:
+    return jnp.sum(new != old, dtype=jnp.int32)
+  rows = jnp.sum(changed, axis=-1)
+  rows = jnp.where(jnp.isnan(rows), 0, rows)
+  return jnp.sum(rows.astype(jnp.int32), dtype=jnp.int32)

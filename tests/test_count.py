@@ -1,0 +1,60 @@
+"""Tests of the clipped-entry count shared by the clips."""
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spam_optax import _count
+
+
+def changed_pair(shape, dtype, seed):
+  """Two arrays equal except at a random ~30% of entries."""
+  rng = np.random.default_rng(seed)
+  old = rng.normal(size=shape).astype(dtype)
+  new = old.copy()
+  change = rng.random(shape) < 0.3
+  new[change] = (old[change] * rng.uniform(0.1, 0.9, size=shape)[change]).astype(dtype)
+  return new, old
+
+
+class CountChangedTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      ((), np.float32), ((7,), np.float32), ((33, 17), np.float32),
+      ((3, 4, 5, 6), np.float32), ((0, 4), np.float32), ((64, 9), np.float64),
+  )
+  def test_matches_numpy(self, shape, dtype):
+    new, old = changed_pair(shape, dtype, seed=len(shape))
+    got = self.variant(_count.count_changed)(jnp.asarray(new), jnp.asarray(old))
+    want = int(np.sum(new != old))
+    chex.assert_type(got, jnp.int32)
+    chex.assert_shape(got, ())
+    self.assertEqual(int(got), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_and_signed_zeros(self):
+    old = jnp.asarray([1.0, -2.0, 3.0, 1e-3, 0.0, -0.0, 5.0], jnp.bfloat16)
+    new = jnp.asarray([1.0, -1.0, 0.0, 1e-3, -0.0, 0.0, -0.0], jnp.bfloat16)
+    # -0.0 == 0.0, so only the -2 -> -1, 3 -> 0 and 5 -> -0 entries changed.
+    self.assertEqual(int(self.variant(_count.count_changed)(new, old)), 3)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_infinities_count(self):
+    old = jnp.asarray([[jnp.inf, 1.0, -jnp.inf, 2.0]])
+    new = jnp.asarray([[10.0, 1.0, -10.0, jnp.inf]])
+    self.assertEqual(int(self.variant(_count.count_changed)(new, old)), 3)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_a_row_with_nan_counts_zero(self):
+    old = jnp.asarray([[1.0, 2.0, 3.0], [1.0, jnp.nan, 3.0]])
+    new = jnp.asarray([[0.5, 2.0, 0.0], [0.5, jnp.nan, 0.0]])
+    self.assertEqual(int(self.variant(_count.count_changed)(new, old)), 2)
+
+  def test_counts_exactly_beyond_float32_integers(self):
+    # 2**25 changed entries: a single float32 sum of ones would stop at 2**24.
+    shape = (2**12, 2**13)
+    old = jnp.zeros(shape, jnp.float32)
+    new = jnp.ones(shape, jnp.float32)
+    self.assertEqual(int(jax.jit(_count.count_changed)(new, old)), 2**25)
