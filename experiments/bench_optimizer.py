@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import datetime
 import math
+import resource
 import statistics
 import time
 from typing import Any, NamedTuple
@@ -48,6 +49,8 @@ SIZES = {
     "small": Shapes(hidden=512, mlp=1376, layers=8, heads=8, vocab=32000),
     # LLaMA-1B (1,339,082,752 params).
     "1b": Shapes(hidden=2048, mlp=5461, layers=24, heads=32, vocab=32000),
+    # For the tests: the same layout, seconds to run.
+    "tiny": Shapes(hidden=64, mlp=172, layers=2, heads=4, vocab=256),
 }
 
 
@@ -244,24 +247,38 @@ class Runner:
 
     self.step = jax.jit(step, donate_argnums=(0, 1))
     self.times = []
+    self.faults = []
 
   def run(self, record: bool) -> None:
+    faults = _minor_page_faults()
     start = time.perf_counter()
     self.params, self.state = self.step(self.params, self.state, self.grads)
     jax.block_until_ready((self.params, self.state))
     if record:
       self.times.append(time.perf_counter() - start)
+      self.faults.append(_minor_page_faults() - faults)
 
   def median_ms(self) -> float:
     return 1e3 * statistics.median(self.times)
 
+  def median_faults(self) -> float:
+    return statistics.median(self.faults)
+
+
+def _minor_page_faults() -> int:
+  """This process's minor page faults so far (first touches of fresh memory)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
 
 def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
                  interleave: bool) -> dict:
-  """Median ms per update of each optimizer (first ``warmup`` calls compile/warm up).
+  """Median (ms, host page faults) per update of each optimizer.
 
-  Interleaved, every optimizer stays resident and the calls rotate through them, so
-  load from other processes hits all alike; sequential holds one at a time.
+  The first ``warmup`` calls compile and warm up. Interleaved, every optimizer stays
+  resident and the calls rotate through them, so load from other processes hits all
+  alike; sequential holds one at a time. Page faults count the host memory an update
+  touches for the first time: on CPU, XLA allocates each call's full-size temporaries
+  afresh, and the kernel faults in and zeroes every 4 KiB page of them.
   """
   (grads,) = random_trees(shapes, 1, seed=0)
   if not interleave:
@@ -270,7 +287,7 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
       runner = Runner(opt, shapes, grads)
       for i in range(warmup + iters):
         runner.run(record=i >= warmup)
-      result[name] = runner.median_ms()
+      result[name] = runner.median_ms(), runner.median_faults()
       del runner
     return result
   runners = {name: Runner(opt, shapes, grads) for name, opt in opts.items()}
@@ -279,7 +296,7 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
     shift = i % len(names)
     for name in names[shift:] + names[:shift]:
       runners[name].run(record=i >= warmup)
-  return {name: r.median_ms() for name, r in runners.items()}
+  return {name: (r.median_ms(), r.median_faults()) for name, r in runners.items()}
 
 
 def main(argv=None):
@@ -316,32 +333,37 @@ def main(argv=None):
     names = list(blocks)
     groups = [names[:7], ["adamw"] + names[7:]]
     print()
-    print("| chain | update ms | × adamw (same group) |")
-    print("|---|---:|---:|")
+    print("| chain | update ms | × adamw (same group) | page faults |")
+    print("|---|---:|---:|---:|")
     for group in groups:
       times = time_updates({n: blocks[n] for n in group}, shapes, warmup=args.warmup,
                            iters=args.iters, interleave=not args.sequential)
+      base_ms = times["adamw"][0]
       for name in group:
-        print(f"| {name} | {times[name]:.1f} | {times[name] / times['adamw']:.2f} |")
+        ms, faults = times[name]
+        print(f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {faults:,.0f} |")
     return
 
   opts = optimizers(args.density)
   times = {} if args.no_time else time_updates(
       opts, shapes, warmup=args.warmup, iters=args.iters,
       interleave=not args.sequential)
-  rows = [(name, times.get(name), tree_bytes(jax.eval_shape(opt.init, shapes)))
+  rows = [(name, *times.get(name, (None, None)),
+           tree_bytes(jax.eval_shape(opt.init, shapes)))
           for name, opt in opts.items()]
 
-  base_ms, base_bytes = rows[0][1], rows[0][2]
-  dense_spam_bytes = rows[1][2]
+  base_ms, base_bytes = rows[0][1], rows[0][3]
+  dense_spam_bytes = rows[1][3]
   print()
-  print("| optimizer | update ms | × adamw | state MiB | state × adamw | state × dense spam |")
-  print("|---|---:|---:|---:|---:|---:|")
-  for name, ms, nbytes in rows:
+  print("| optimizer | update ms | × adamw | page faults | state MiB | state × adamw "
+        "| state × dense spam |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  for name, ms, faults, nbytes in rows:
     t = "—" if ms is None else f"{ms:.1f}"
     r = "—" if ms is None else f"{ms / base_ms:.2f}"
-    print(f"| {name} | {t} | {r} | {nbytes / 2**20:,.1f} | {nbytes / base_bytes:.3f} "
-          f"| {nbytes / dense_spam_bytes:.3f} |")
+    f = "—" if faults is None else f"{faults:,.0f}"
+    print(f"| {name} | {t} | {r} | {f} | {nbytes / 2**20:,.1f} | "
+          f"{nbytes / base_bytes:.3f} | {nbytes / dense_spam_bytes:.3f} |")
 
 
 if __name__ == "__main__":
