@@ -109,8 +109,8 @@ def _fused_spam(lr: float, count: str = "changed", b1=0.9, b2=0.999, eps=1e-6,
   spike clip against the old ``v``, Adam, warm-up scale and learning rate, all in
   one expression per leaf. ``count`` is how the per-leaf number of clipped
   entries (the only reduction) is taken: ``"changed"`` as the library does
-  (float row sums of ``|sign(clipped - g)|``), ``"mask"`` as an int32 sum of
-  the spike mask ``g² > θv``, ``"none"`` not at all.
+  (float row sums of ``ceil(min(|clipped - g|, 1))``), ``"mask"`` as an int32
+  sum of the spike mask ``g² > θv``, ``"none"`` not at all.
   """
   init = _fused_init
 
@@ -133,7 +133,7 @@ def _fused_spam(lr: float, count: str = "changed", b1=0.9, b2=0.999, eps=1e-6,
       spike = active & (g * g > bound_sq)
       clipped = jnp.where(spike, jnp.sign(g) * jnp.sqrt(bound_sq), g)
       if count == "changed":
-        rows = jnp.sum(jnp.abs(jnp.sign(clipped - g)), axis=-1)
+        rows = jnp.sum(jnp.ceil(jnp.minimum(jnp.abs(clipped - g), 1)), axis=-1)
         n = jnp.sum(jnp.where(jnp.isnan(rows), 0, rows).astype(jnp.int32))
       elif count == "mask":
         n = jnp.sum(spike, dtype=jnp.int32)
