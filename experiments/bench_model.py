@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 import models
+from experiments import metrics
 
-H100_DENSE_BF16_TFLOPS = 989.0
 
 
 def parse_args(argv=None):
@@ -43,7 +43,7 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--remat", action="store_true", help="rematerialise every block")
   p.add_argument("--peak_tflops", type=float, default=None,
-                 help="per-device peak for MFU; default 989 (H100 dense bf16) on GPU, none otherwise")
+                 help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
   return p.parse_args(argv)
 
@@ -75,10 +75,8 @@ def bench_one(name: str, quant_name: str, args) -> dict:
   step_s = statistics.median(times)
   n_tokens = args.batch * args.seq_len
   flops = models.flops_per_token(config, args.seq_len) * n_tokens
-  peak = args.peak_tflops
-  if peak is None and jax.default_backend() == "gpu":
-    peak = H100_DENSE_BF16_TFLOPS
-  mfu = flops / step_s / (peak * 1e12) if peak else None
+  peak = metrics.peak_flops_per_device(args.peak_tflops)
+  mfu = flops / step_s / (peak) if peak else None
   return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
               params=models.count_params(config), step_s=step_s, compile_s=compile_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,

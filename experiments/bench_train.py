@@ -6,7 +6,8 @@ For each model and optimizer this builds the step exactly as ``experiments.pretr
 it on a synthetic batch of random token ids (no padding): warm-up calls after compilation, then
 the median of ``--steps`` calls, each waited for. Model FLOPs per token come from
 ``models.flops_per_token`` (6·N + 12·L·d·T, PaLM's convention); MFU is achieved model FLOP/s
-over ``--peak_tflops`` per device (default 989, H100 dense bf16, on GPU; n/a on CPU).
+over the per-device peak (``--peak_tflops``, else ``metrics.PEAK_TFLOPS`` for known
+chips, e.g. 989 for an H100; n/a on CPU).
 
 Separately it times the real input pipeline (``data.make_loaders`` on ``--dataset``, default
 the offline standard-library corpus): ``next_batch()`` of the training loader, in batches/s
@@ -39,10 +40,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from experiments import config, data, optimizers, pretrain, sharding, tokenizer
+from experiments import config, data, metrics, optimizers, pretrain, sharding, tokenizer
 from experiments import train_step as ts
 
-H100_DENSE_BF16_TFLOPS = 989.0
 # HF LLaMA + official SPAM, one H100, batch 64×256, tokens/s.
 PEER_TOKENS_PER_S = {"llama_60m": 417e3, "llama_130m": 226e3, "llama_350m": 95e3,
                      "llama_1b": 18e3}
@@ -63,7 +63,7 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--peak_tflops", type=float, default=None,
-                 help="per-device peak for MFU; default 989 (H100 dense bf16) on GPU, none else")
+                 help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--dataset", default="stdlib", help="the loader's --dataset (default stdlib)")
   p.add_argument("--tokenizer", default="auto", help="the loader's --tokenizer")
   p.add_argument("--loader_batches", type=int, default=50, help="timed loader batches")
@@ -110,27 +110,25 @@ def bench_step(args, model_name: str, optimizer_name: str) -> dict:
     state = init(jax.random.PRNGKey(cfg.seed))
     batch = sharding.to_global(tokens, batch_sharding, tokens.shape)
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
+    state, step_metrics = step(state, batch)
+    jax.block_until_ready((state, step_metrics))
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
-      state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
+      state, step_metrics = step(state, batch)
+    jax.block_until_ready((state, step_metrics))
     times = []
     for _ in range(args.steps):
       t0 = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready((state, metrics))
+      state, step_metrics = step(state, batch)
+      jax.block_until_ready((state, step_metrics))
       times.append(time.perf_counter() - t0)
-    loss = float(metrics["loss"])
+    loss = float(step_metrics["loss"])
     del state
   step_s = statistics.median(times)
   n_tokens = cfg.batch_size * cfg.max_length
   flops = models.flops_per_token(mcfg, cfg.max_length) * n_tokens
-  peak = args.peak_tflops
-  if peak is None and jax.default_backend() == "gpu":
-    peak = H100_DENSE_BF16_TFLOPS
-  mfu = flops / step_s / (peak * 1e12 * jax.device_count()) if peak else None
+  peak = metrics.peak_flops_per_device(args.peak_tflops)
+  mfu = flops / step_s / (peak * jax.device_count()) if peak else None
   return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
               batch=cfg.batch_size, length=cfg.max_length, params=models.count_params(mcfg),
               step_s=step_s, step_s_min=min(times), compile_s=compile_s,
