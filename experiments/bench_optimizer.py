@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 import spam_optax
+from spam_optax._tree_util import tree_map_unzip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +145,7 @@ def _fused_spam(lr: float, count: str = "changed", b1=0.9, b2=0.999, eps=1e-6,
       v = b2 * v + (1 - b2) * g * g
       return m / (jnp.sqrt(v) + eps) * factor, m, v, n
 
-    out = jax.tree.map(leaf, grads, state.mu, state.nu)
-    is_tuple = lambda x: isinstance(x, tuple)
-    u, mu, nu, clipped = (jax.tree.map(lambda o, i=i: o[i], out, is_leaf=is_tuple)
-                          for i in range(4))
+    u, mu, nu, clipped = tree_map_unzip(leaf, 4, grads, state.mu, state.nu)
     return u, _FusedState(t, mu, nu, clipped)
 
   return optax.GradientTransformation(init, update)
@@ -171,10 +169,7 @@ def _fused_adam_reset_after(lr: float, b1=0.9, b2=0.999, eps=1e-8, interval=1000
       u = -lr * (m / bc1) / (jnp.sqrt(v) / sqrt_bc2 + eps)
       return u, jnp.where(reset, 0, m), jnp.where(reset, 0, v)
 
-    out = jax.tree.map(leaf, grads, state.mu, state.nu)
-    is_triple = lambda x: isinstance(x, tuple)
-    u, mu, nu = (jax.tree.map(lambda o, i=i: o[i], out, is_leaf=is_triple)
-                 for i in range(3))
+    u, mu, nu = tree_map_unzip(leaf, 3, grads, state.mu, state.nu)
     return u, _FusedState(t, mu, nu)
 
   return optax.GradientTransformation(init, update)

@@ -48,7 +48,7 @@ def count_changed(new: jax.Array, old: jax.Array) -> jax.Array:
   if changed.ndim == 0:
     changed = changed.reshape(1, 1)
   elif changed.shape[-1] > _MAX_EXACT_ROW and dtype == jnp.float32:
-    return jnp.sum(new != old, dtype=jnp.int32)
+    return jnp.sum(changed == 1, dtype=jnp.int32)  # NaN entries not counted
   rows = jnp.sum(changed, axis=-1)
   rows = jnp.where(jnp.isnan(rows), 0, rows)
   return jnp.sum(rows.astype(jnp.int32), dtype=jnp.int32)

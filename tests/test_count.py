@@ -58,3 +58,9 @@ class CountChangedTest(chex.TestCase, parameterized.TestCase):
     old = jnp.zeros(shape, jnp.float32)
     new = jnp.ones(shape, jnp.float32)
     self.assertEqual(int(jax.jit(_count.count_changed)(new, old)), 2**25)
+
+  def test_a_row_too_long_for_float32_sums(self):
+    # One row of 2**24 + 2 entries takes the int32 path; NaN entries stay uncounted.
+    old = jnp.zeros(2**24 + 2, jnp.float32)
+    new = old.at[::2].set(1.0).at[1].set(jnp.nan)
+    self.assertEqual(int(jax.jit(_count.count_changed)(new, old)), 2**23 + 1)
