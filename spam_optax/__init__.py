@@ -17,8 +17,8 @@ from spam_optax._sparse_moments import replace_masks
 from spam_optax._sparse_moments import sparse_moments
 from spam_optax._sparse_moments import SparseMomentsState
 from spam_optax._sparse_moments import uniform_mask_sampler
-from spam_optax._spike_clip import clip_spikes
-from spam_optax._spike_clip import ClipSpikesState
+from spam_optax._spike_clip import spam_clip
+from spam_optax._spike_clip import SpamClipState
 from spam_optax._stable_spam_adam import scale_by_stable_spam_adam
 from spam_optax._stable_spam_adam import ScaleByStableSpamAdamState
 from spam_optax._telemetry import spike_stats
@@ -29,9 +29,7 @@ __all__ = (
     "add_decayed_weights_after_update",
     "AddDecayedWeightsAfterUpdateState",
     "clip_by_running_max",
-    "clip_spikes",
     "ClipByRunningMaxState",
-    "ClipSpikesState",
     "cosine_momentum_scale",
     "periodic_reset",
     "PeriodicResetState",
@@ -46,6 +44,8 @@ __all__ = (
     "ScaleBySpamState",
     "ScaleByStableSpamAdamState",
     "spam",
+    "spam_clip",
+    "SpamClipState",
     "sparse_moments",
     "SparseMomentsState",
     "spike_stats",

@@ -12,11 +12,6 @@ from spam_optax import _tree_util
 from spam_optax import _validation
 
 
-def stat_dtype(dtype: Any) -> Any:
-  """Dtype of scalar statistics: at least float32, float64 for float64 leaves."""
-  return jnp.promote_types(jnp.float32, dtype)
-
-
 class ClipByRunningMaxState(NamedTuple):
   """State of :func:`clip_by_running_max`.
 
@@ -75,13 +70,13 @@ def clip_by_running_max(
     Adam <https://arxiv.org/abs/2502.17055>`_, 2025.
   """
   _validation.check_unit_interval("gamma3", gamma3)
-  _validation.check_non_negative("reset_interval", reset_interval)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
 
   def init_fn(params):
     return ClipByRunningMaxState(
         count=jnp.zeros([], jnp.int32),
         max_ema=jax.tree.map(
-            lambda p: jnp.zeros([], stat_dtype(p.dtype)), params
+            lambda p: jnp.zeros([], _numerics.stat_dtype(p.dtype)), params
         ),
         clipped=jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params),
     )

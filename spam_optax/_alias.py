@@ -1,6 +1,5 @@
 """The ready-made optimizers: SPAM and Stable-SPAM as chains of the blocks."""
-import importlib
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
 import jax
 import optax
@@ -10,38 +9,19 @@ from spam_optax import _grad_norm_history
 from spam_optax import _periodic_reset
 from spam_optax import _reset_warmup
 from spam_optax import _scale_by_spam
+from spam_optax import _sparse_moments
 from spam_optax import _stable_spam_adam
+from spam_optax import _tree_util
 from spam_optax import _validation
 from spam_optax import _weight_decay
 
-MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
-
-def _sparse_moments_fn():
-  try:
-    module = importlib.import_module("spam_optax._sparse_moments")
-  except ModuleNotFoundError as e:
-    raise NotImplementedError(
-        "spam(density=...) needs spam_optax._sparse_moments, which is not"
-        " available in this installation."
-    ) from e
-  return module.sparse_moments
-
-
-def _default_sparse_mask(params):
-  return jax.tree.map(lambda p: p.ndim == 2, params)
-
-
-def _complement_mask(sparse_mask: MaskOrFn) -> Callable[[optax.Params], Any]:
-  """Mask of the leaves that are *not* sparse, as a function of the params."""
+def _dense_leaf_mask(sparse_mask: _tree_util.MaskOrFn):
+  """The complement of the sparse-leaf mask, as a function of the params."""
   def mask_fn(params):
-    if sparse_mask is None:
-      mask = _default_sparse_mask(params)
-    elif callable(sparse_mask):
-      mask = sparse_mask(params)
-    else:
-      mask = sparse_mask
-    return jax.tree.map(lambda m: not m, mask)
+    return jax.tree.map(
+        lambda m: not m, _sparse_moments.sparse_leaf_mask(sparse_mask, params)
+    )
   return mask_fn
 
 
@@ -57,8 +37,9 @@ def spam(
     warmup_steps: int = 150,
     clip_delay: int = 20,
     density: Optional[float] = None,
-    sparse_mask: MaskOrFn = None,
+    sparse_mask: _tree_util.MaskOrFn = None,
     seed: int = 0,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""SPAM: Adam with spike clipping, periodic momentum reset and warm-up.
 
@@ -96,6 +77,11 @@ def spam(
     sparse_mask: which leaves are sparse: a tree of booleans or a callable of
       the params (as in :func:`optax.masked`); default every 2-D leaf.
     seed: seed of the random momentum masks.
+    mu_dtype: dtype of Adam's two moments, the first moment :math:`m` *and*
+      the second moment :math:`v` (unlike :func:`optax.adamw`, where it sets
+      only :math:`m`); also of the stand-in moments of ``density``. None keeps
+      the parameters' dtype. The update is computed in the wider of the
+      gradient's and this dtype and returned in the gradient's dtype.
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -114,9 +100,7 @@ def spam(
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
     Training <https://arxiv.org/abs/2501.06842>`_, 2025.
   """
-  _validation.check_density(density)
-  _validation.check_non_negative("weight_decay", weight_decay)
-  _validation.check_non_negative("warmup_steps", warmup_steps)
+  _validation.check_learning_rate(learning_rate)
   moments = _periodic_reset.periodic_reset(
       _scale_by_spam.scale_by_spam(
           b1=b1,
@@ -125,12 +109,13 @@ def spam(
           spike_threshold=spike_threshold,
           clip_delay=clip_delay,
           reset_interval=reset_interval,
+          mu_dtype=mu_dtype,
       ),
       reset_interval,
   )
   decay_mask = None
   if density is not None:
-    moments = _sparse_moments_fn()(
+    moments = _sparse_moments.sparse_moments(
         moments,
         density=density,
         sparse_mask=sparse_mask,
@@ -138,7 +123,7 @@ def spam(
         seed=seed,
     )
     # Quirk: the official code decays a copy of sparse leaves, a no-op.
-    decay_mask = _complement_mask(sparse_mask)
+    decay_mask = _dense_leaf_mask(sparse_mask)
   return optax.chain(
       moments,
       _reset_warmup.scale_by_reset_warmup(reset_interval, warmup_steps),
@@ -162,6 +147,7 @@ def stable_spam(
     reset_interval: int = 1000,
     total_steps: Optional[int] = None,
     eta_min: float = 0.5,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Stable-SPAM: AdaClip, AdaGN and Adam with momentum reset.
 
@@ -194,6 +180,11 @@ def stable_spam(
       :math:`\beta_1` and :math:`\gamma_1` down to ``eta_min`` times their
       value.
     eta_min: floor of that cosine scale.
+    mu_dtype: dtype of Adam's two moments, the first moment :math:`m` *and*
+      the second moment :math:`v` (unlike :func:`optax.adamw`, where it sets
+      only :math:`m`). None keeps the parameters' dtype. The per-leaf scalar
+      statistics of AdaClip and AdaGN are float32 (float64 for float64
+      leaves) whatever this is.
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -210,6 +201,7 @@ def stable_spam(
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit
     Adam <https://arxiv.org/abs/2502.17055>`_, 2025.
   """
+  _validation.check_learning_rate(learning_rate)
   _validation.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
       _adaptive_clip.clip_by_running_max(gamma3, reset_interval=reset_interval),
@@ -229,6 +221,7 @@ def stable_spam(
               total_steps=total_steps,
               eta_min=eta_min,
               reset_interval=reset_interval,
+              mu_dtype=mu_dtype,
           ),
           reset_interval,
           after_update=True,

@@ -11,26 +11,17 @@ def count_changed(new: jax.Array, old: jax.Array) -> jax.Array:
   r"""Returns the number of entries where ``new`` differs from ``old`` (int32).
 
   Used for the clipped-entry counts of :func:`spam_optax.scale_by_spam`,
-  :func:`spam_optax.clip_spikes` and :func:`spam_optax.clip_by_running_max`:
+  :func:`spam_optax.spam_clip` and :func:`spam_optax.clip_by_running_max`:
   a clip changes exactly the entries it clips (up to a rounding tie, where the
   clipped value rounds back to the original one and nothing changed).
 
   Computed as :math:`\sum_i \lceil\min(|\mathrm{new}_i - \mathrm{old}_i|,
   1)\rceil` (1 where the entries differ, 0 where they are equal) per row (last
   axis) in at least float32, exact because a row has fewer than :math:`2^{24}`
-  entries; the row counts are then summed as int32. Three reasons for this form
-  rather than ``jnp.sum(new != old, dtype=jnp.int32)``:
-
-  * it reads the clipped values, not the second moment the clip compared
-    against, so when that moment is a donated buffer updated in place by the
-    same step (SPAM's ``v``), XLA has no second reader of the old value to
-    protect and needs no copy of it;
-  * arithmetic feeding a float sum fuses into one vectorized reduction on
-    XLA:CPU, whereas a boolean mask feeding an integer sum is materialized
-    at full size and reduced by a slower integer loop;
-  * ``ceil`` and ``min`` run at the same speed whatever the data, while
-    ``abs(sign(d))`` is several times slower on XLA:CPU when most entries
-    changed (e.g. AdaClip right after a reset).
+  entries (longer float32 rows are counted by comparison); the row counts are
+  then summed as int32. It reads only the values before and after the clip,
+  never the statistic the clip compared against. Why this form rather than
+  ``jnp.sum(new != old)``: see BENCHMARKS.md, "Optimizer update".
 
   Entries where either side is NaN are not counted; a row that holds one
   counts 0 (such a step has NaN moments anyway; see ``docs/optimizers.md``).

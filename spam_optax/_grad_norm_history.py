@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spam_optax import _adaptive_clip
 from spam_optax import _momentum_scale
 from spam_optax import _numerics
 from spam_optax import _periodic_reset
+from spam_optax import _tree_util
 from spam_optax import _validation
 
 
@@ -86,20 +86,25 @@ def scale_by_grad_norm_history(
   _validation.check_unit_interval("gamma1", gamma1)
   _validation.check_unit_interval("gamma2", gamma2)
   _validation.check_non_negative("eps", eps)
-  _validation.check_positive_or_none("total_steps", total_steps)
+  _validation.check_positive_int_or_none("total_steps", total_steps)
   _validation.check_closed_unit_interval("eta_min", eta_min)
-  _validation.check_non_negative("reset_interval", reset_interval)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
 
   def init_fn(params):
+    # One array per field and leaf: a state whose fields share a buffer
+    # cannot be donated to a jitted update.
     if global_norm:
       dtypes = [l.dtype for l in jax.tree.leaves(params)] or [jnp.float32]
-      dtype = _adaptive_clip.stat_dtype(jnp.result_type(*dtypes))
-      zeros = jnp.zeros([], dtype)
-      return ScaleByGradNormHistoryState(jnp.zeros([], jnp.int32), zeros, zeros)
-    stats = jax.tree.map(
-        lambda p: jnp.zeros([], _adaptive_clip.stat_dtype(p.dtype)), params
+      dtype = _numerics.stat_dtype(jnp.result_type(*dtypes))
+      return ScaleByGradNormHistoryState(
+          jnp.zeros([], jnp.int32), jnp.zeros([], dtype), jnp.zeros([], dtype)
+      )
+    stats = lambda p: jnp.zeros([], _numerics.stat_dtype(p.dtype))
+    return ScaleByGradNormHistoryState(
+        jnp.zeros([], jnp.int32),
+        jax.tree.map(stats, params),
+        jax.tree.map(stats, params),
     )
-    return ScaleByGradNormHistoryState(jnp.zeros([], jnp.int32), stats, stats)
 
   def update_fn(updates, state, params=None):
     del params
@@ -132,18 +137,14 @@ def scale_by_grad_norm_history(
       updates = jax.tree.map(lambda g: rescale(g, factor), updates)
       return updates, ScaleByGradNormHistoryState(step, a, b)
 
-    leaves, treedef = jax.tree.flatten(updates)
-    a_leaves = treedef.flatten_up_to(state.mu_norm)
-    b_leaves = treedef.flatten_up_to(state.nu_norm)
-    out_g, out_a, out_b = [], [], []
-    for g, a, b in zip(leaves, a_leaves, b_leaves):
+    def leaf(g, a, b):
       norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(a.dtype))))
       factor, a, b = statistics(norm, a, b)
-      out_g.append(rescale(g, factor))
-      out_a.append(a)
-      out_b.append(b)
-    return treedef.unflatten(out_g), ScaleByGradNormHistoryState(
-        step, treedef.unflatten(out_a), treedef.unflatten(out_b)
+      return rescale(g, factor), a, b
+
+    updates, a, b = _tree_util.tree_map_unzip(
+        leaf, 3, updates, state.mu_norm, state.nu_norm
     )
+    return updates, ScaleByGradNormHistoryState(step, a, b)
 
   return optax.GradientTransformation(init_fn, update_fn)

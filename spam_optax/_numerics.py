@@ -1,4 +1,4 @@
-"""Bias corrections computed without cancellation in low precision."""
+"""Numerics shared by the blocks: statistics dtypes and accurate bias corrections."""
 import math
 from typing import Any
 
@@ -30,3 +30,8 @@ def one_minus_power(decay: Any, count: jax.Array) -> jax.Array:
       decay = decay.astype(jnp.result_type(float))
     log_decay = jnp.log(decay)
   return -jnp.expm1(count * log_decay)
+
+
+def stat_dtype(dtype: Any) -> Any:
+  """Dtype of scalar statistics: at least float32, float64 for float64 leaves."""
+  return jnp.promote_types(jnp.float32, dtype)

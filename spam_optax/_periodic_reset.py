@@ -85,8 +85,9 @@ class PeriodicResetState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32).
-    steps_since_reset: updates applied with moments accumulated since the
-      last reset (int32); equals ``count`` before the first reset.
+    steps_since_reset: steps completed since the last reset step (int32):
+      0 right after a reset step (a multiple of ``reset_interval``) with either
+      timing, ``count`` before the first reset.
     inner_state: the wrapped transformation's state.
   """
   count: jax.Array
@@ -159,13 +160,14 @@ def periodic_reset(
     Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit
     Adam <https://arxiv.org/abs/2502.17055>`_, 2025.
   """
-  _validation.check_non_negative("reset_interval", reset_interval)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    zero = jnp.zeros([], jnp.int32)
     return PeriodicResetState(
-        count=zero, steps_since_reset=zero, inner_state=inner.init(params)
+        count=jnp.zeros([], jnp.int32),
+        steps_since_reset=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -184,7 +186,7 @@ def periodic_reset(
         updates, inner_state, params, **extra_args
     )
     since = optax.safe_increment(state.steps_since_reset)
-    since = jnp.where(do_reset, 0 if after_update else 1, since)
+    since = jnp.where(do_reset, 0, since)
     return updates, PeriodicResetState(
         count=step, steps_since_reset=since, inner_state=inner_state
     )

@@ -69,8 +69,8 @@ def scale_by_reset_warmup(
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
     Training <https://arxiv.org/abs/2501.06842>`_, 2025.
   """
-  _validation.check_non_negative("reset_interval", reset_interval)
-  _validation.check_non_negative("warmup_steps", warmup_steps)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
+  _validation.check_non_negative_int("warmup_steps", warmup_steps)
 
   def init_fn(params):
     del params

@@ -95,8 +95,8 @@ def scale_by_spam(
   _validation.check_unit_interval("b2", b2)
   _validation.check_non_negative("eps", eps)
   _validation.check_non_negative("spike_threshold", spike_threshold)
-  _validation.check_non_negative("clip_delay", clip_delay)
-  _validation.check_non_negative("reset_interval", reset_interval)
+  _validation.check_non_negative_int("clip_delay", clip_delay)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
 
   def init_fn(params):
     zeros = lambda p: jnp.zeros_like(p, dtype=mu_dtype)

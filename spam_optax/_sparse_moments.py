@@ -13,11 +13,14 @@ sharded arrays.
 
 from collections.abc import Callable
 import numbers
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from spam_optax import _tree_util
+from spam_optax import _validation
 
 MaskSampler = Callable[[jax.Array, int, int], jax.Array]
 """``sampler(key, size, k)``: sorted ``int32`` flat indices of shape ``(k,)``."""
@@ -81,32 +84,25 @@ def _num_kept(density: float, size: int) -> int:
   return int(density * size)
 
 
-def _validate_density(density: Any) -> float:
-  if isinstance(density, bool) or not isinstance(density, numbers.Real):
-    raise ValueError(
-        f"`density` must be a static number in (0, 1], got {density!r}."
-    )
-  if not 0.0 < float(density) <= 1.0:
-    raise ValueError(f"`density` must be in (0, 1], got {density!r}.")
-  return float(density)
-
-
 def _is_static_int(x: Any) -> bool:
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _default_sparse_mask(params: Any) -> Any:
-  return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
+def sparse_leaf_mask(sparse_mask: _tree_util.MaskOrFn, params: Any) -> Any:
+  """The tree of booleans marking the sparse leaves of ``params``.
+
+  ``sparse_mask`` is such a tree, a callable of the params returning one, or
+  None for the default: every 2-D leaf.
+  """
+  if sparse_mask is None:
+    return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
+  return sparse_mask(params) if callable(sparse_mask) else sparse_mask
 
 
 def _sparse_flags(sparse_mask: Any, params: Any) -> tuple[list[bool], Any]:
   """Flags per params position (``None`` positions included) and the treedef."""
-  if sparse_mask is None:
-    sparse_mask = _default_sparse_mask
-  if callable(sparse_mask):
-    sparse_mask = sparse_mask(params)
   leaves, treedef = jax.tree.flatten(params, is_leaf=_is_slot)
-  flags = treedef.flatten_up_to(sparse_mask)
+  flags = treedef.flatten_up_to(sparse_leaf_mask(sparse_mask, params))
   return [p is not None and bool(f) for p, f in zip(leaves, flags)], treedef
 
 
@@ -249,7 +245,7 @@ def sparse_moments(
     inner: optax.GradientTransformation,
     *,
     density: float,
-    sparse_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    sparse_mask: _tree_util.MaskOrFn = None,
     reset_interval: int = 0,
     seed: int = 0,
     sampler: Optional[MaskSampler] = None,
@@ -302,9 +298,8 @@ def sparse_moments(
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
     Training <https://arxiv.org/abs/2501.06842>`_, 2025 (arXiv:2501.06842).
   """
-  density = _validate_density(density)
-  if _is_static_int(reset_interval) and reset_interval < 0:
-    raise ValueError(f"`reset_interval` must be >= 0, got {reset_interval!r}.")
+  density = _validation.check_density(density)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
   sampler = uniform_mask_sampler if sampler is None else sampler
   inner = optax.with_extra_args_support(inner)
 

@@ -2,9 +2,9 @@
 
 The clip compares each gradient entry with the second-moment estimate *before*
 this step's update. Inside SPAM that estimate is Adam's own ``v``, so the clip
-lives in :func:`spam_optax.scale_by_spam`; :func:`clip_spikes` is the
+lives in :func:`spam_optax.scale_by_spam`; :func:`spam_clip` is the
 stand-alone form, keeping its own EMA of squared gradients, for use in front of
-any optimizer.
+any optimizer: ``optax.chain(spam_optax.spam_clip(), optax.adam(1e-3))``.
 """
 from typing import Any, NamedTuple, Optional
 
@@ -69,8 +69,8 @@ def clip_leaf_against_second_moment(
   return clipped.astype(g.dtype), _count.count_changed(clipped, gc)
 
 
-class ClipSpikesState(NamedTuple):
-  """State of :func:`clip_spikes`.
+class SpamClipState(NamedTuple):
+  """State of :func:`spam_clip`.
 
   Attributes:
     count: number of updates so far (int32).
@@ -82,7 +82,7 @@ class ClipSpikesState(NamedTuple):
   clipped: Any
 
 
-def clip_spikes(
+def spam_clip(
     spike_threshold: float = 5000.0,
     b2: float = 0.999,
     clip_delay: int = 20,
@@ -100,10 +100,30 @@ def clip_spikes(
   :math:`t \bmod T \ge A`, and :math:`\nu` is zeroed at every
   :math:`t \bmod T = 0` (:math:`T` = ``reset_interval``, 0 = never).
 
-  This is the form to put in front of an optimizer that has no second moment
-  (Lion, SGD) or whose moments are not accessible. It costs one extra
-  full-size buffer; inside SPAM use :func:`scale_by_spam`, which reuses Adam's
-  ``v`` (with the same ``b2`` the two are identical).
+  This is the form to put in front of any optimizer, e.g.
+  ``optax.chain(spam_clip(), optax.adam(1e-3))``, including those with no
+  second moment (Lion, SGD) or whose moments are not accessible. It costs one
+  extra full-size buffer; inside SPAM use :func:`scale_by_spam`, which reuses
+  Adam's ``v`` (with the same ``b2`` the two are identical).
+
+  **Lining up with a momentum reset.** In front of
+  ``periodic_reset(inner, T)``, pass the same ``reset_interval=T``: the clip
+  counts the same steps as the reset (both count the updates of the chain, so
+  also under ``optax.MultiSteps``), its :math:`\nu` is zeroed on the very step
+  whose update starts from the reset moments, and its hold-off of
+  ``clip_delay`` steps restarts there, as SPAM's clip does:
+
+  .. code-block:: python
+
+    optax.chain(
+        spam_optax.spam_clip(clip_delay=20, reset_interval=500),
+        spam_optax.periodic_reset(optax.scale_by_adam(), 500),
+        optax.scale_by_learning_rate(1e-3),
+    )
+
+  With ``periodic_reset(..., after_update=True)`` the inner moments are zeroed
+  one step later than the clip's :math:`\nu` (after reset step :math:`t`
+  instead of before it).
 
   Args:
     spike_threshold: :math:`\theta`; 0 disables the clip.
@@ -111,8 +131,9 @@ def clip_spikes(
     clip_delay: :math:`A`, steps to wait (after the start and after every
       reset) before clipping; while :math:`\nu` is 0 an active clip would zero
       every entry.
-    reset_interval: :math:`T`; the EMA is zeroed every :math:`T` steps (0 =
-      never).
+    reset_interval: :math:`T`; the EMA is zeroed, and the hold-off restarts,
+      at every step :math:`t` with :math:`t \bmod T = 0` (0 = never): the
+      ``reset_interval`` of the :func:`periodic_reset` that follows.
     nu_dtype: dtype of :math:`\nu`; defaults to the parameters' dtype.
     clip_unseen: if True (official), an entry whose :math:`\nu` is still 0
       while the clip is active is clipped to 0; False leaves it unclipped.
@@ -123,10 +144,7 @@ def clip_spikes(
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import spam_optax
-    >>> opt = optax.chain(
-    ...     spam_optax.clip_spikes(spike_threshold=5000.0, clip_delay=20),
-    ...     optax.lion(learning_rate=1e-4),
-    ... )
+    >>> opt = optax.chain(spam_optax.spam_clip(), optax.adam(1e-3))
     >>> params = {'w': jnp.ones((2, 3))}
     >>> state = opt.init(params)
     >>> updates, state = opt.update({'w': jnp.ones((2, 3))}, state, params)
@@ -137,13 +155,13 @@ def clip_spikes(
   """
   _validation.check_non_negative("spike_threshold", spike_threshold)
   _validation.check_unit_interval("b2", b2)
-  _validation.check_non_negative("clip_delay", clip_delay)
-  _validation.check_non_negative("reset_interval", reset_interval)
+  _validation.check_non_negative_int("clip_delay", clip_delay)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
 
   def init_fn(params):
     nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=nu_dtype), params)
     clipped = jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params)
-    return ClipSpikesState(
+    return SpamClipState(
         count=jnp.zeros([], jnp.int32), nu=nu, clipped=clipped
     )
 
@@ -172,6 +190,6 @@ def clip_spikes(
         new_updates,
         nu,
     )
-    return new_updates, ClipSpikesState(count=step, nu=nu, clipped=counts)
+    return new_updates, SpamClipState(count=step, nu=nu, clipped=counts)
 
   return optax.GradientTransformation(init_fn, update_fn)

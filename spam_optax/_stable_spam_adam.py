@@ -83,9 +83,9 @@ def scale_by_stable_spam_adam(
   _validation.check_unit_interval("b1", b1)
   _validation.check_unit_interval("b2", b2)
   _validation.check_non_negative("eps", eps)
-  _validation.check_positive_or_none("total_steps", total_steps)
+  _validation.check_positive_int_or_none("total_steps", total_steps)
   _validation.check_closed_unit_interval("eta_min", eta_min)
-  _validation.check_non_negative("reset_interval", reset_interval)
+  _validation.check_non_negative_int("reset_interval", reset_interval)
 
   def init_fn(params):
     zeros = lambda p: jnp.zeros_like(p, dtype=mu_dtype)

@@ -8,20 +8,14 @@ from spam_optax import _adaptive_clip
 from spam_optax import _periodic_reset
 from spam_optax import _scale_by_spam
 from spam_optax import _spike_clip
+from spam_optax import _tree_util
 
 _CLIP_STATES = (
     _scale_by_spam.ScaleBySpamState,
-    _spike_clip.ClipSpikesState,
+    _spike_clip.SpamClipState,
     _adaptive_clip.ClipByRunningMaxState,
 )
 _STATES = _CLIP_STATES + (_periodic_reset.PeriodicResetState,)
-
-
-def _key_name(entry: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
 
 
 def _find_states(tree: Any) -> list[Any]:
@@ -42,18 +36,25 @@ def spike_stats(opt_state: Any) -> dict[str, jax.Array]:
   Searches the state of any chain or wrapper (``optax.chain``,
   ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
   ``sparse_moments``) for the states of :func:`scale_by_spam`,
-  :func:`clip_spikes`, :func:`clip_by_running_max` and :func:`periodic_reset`.
+  :func:`spam_clip`, :func:`clip_by_running_max` and :func:`periodic_reset`.
   Everything is a traced-friendly JAX scalar, so this can run inside a jitted
   train step; no host sync happens until the logger reads the values.
 
+  A state with none of these pieces (e.g. ``optax.adamw``'s) gives an empty
+  dict, without a warning, so that one logging call serves every optimizer.
+  :func:`spam_optax.spam` and :func:`spam_optax.stable_spam` give the same keys
+  for the same parameters.
+
   Keys:
     - ``spike/clipped_total``: entries clipped at the last step, all leaves and
-      all clipping blocks together (int32).
+      all clipping blocks together (int32): SPAM's spike clip, AdaClip.
     - ``spike/clipped/<leaf path>``: the same per parameter leaf, the path
       joined with ``/`` (e.g. ``spike/clipped/layers/0/w``).
-    - ``reset/steps_since_reset``: from the first :func:`periodic_reset` found;
-      0 right after a reset that took effect after the update, 1 right after a
-      reset applied before it.
+    - ``reset/steps_since_reset``: from the first :func:`periodic_reset`
+      found, the steps completed since the last reset step: 0 right after a
+      step that is a multiple of the interval, whether the reset zeroed the
+      moments before that step's update (SPAM) or after it
+      (Stable-SPAM); the step count before the first reset.
 
   Args:
     opt_state: an optimizer state.
@@ -76,7 +77,7 @@ def spike_stats(opt_state: Any) -> dict[str, jax.Array]:
   for node in found:
     if isinstance(node, _CLIP_STATES):
       for path, count in jax.tree_util.tree_flatten_with_path(node.clipped)[0]:
-        name = "spike/clipped/" + "/".join(_key_name(p) for p in path)
+        name = "spike/clipped/" + "/".join(_tree_util.path_names(path))
         stats[name] = stats[name] + count if name in stats else count
         total = count if total is None else total + count
     elif isinstance(node, _periodic_reset.PeriodicResetState):

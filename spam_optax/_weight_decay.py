@@ -1,10 +1,11 @@
 """Decoupled weight decay of the already-updated parameters (SPAM's order)."""
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from spam_optax import _tree_util
 from spam_optax import _validation
 
 
@@ -16,7 +17,7 @@ class AddDecayedWeightsAfterUpdateState(NamedTuple):
 def add_decayed_weights_after_update(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: float = 0.0,
-    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    mask: _tree_util.MaskOrFn = None,
 ) -> optax.GradientTransformation:
   r"""Adds decoupled weight decay of the *updated* parameters to the updates.
 
@@ -58,6 +59,7 @@ def add_decayed_weights_after_update(
     Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
     Training <https://arxiv.org/abs/2501.06842>`_, 2025.
   """
+  _validation.check_learning_rate(learning_rate)
   _validation.check_non_negative("weight_decay", weight_decay)
 
   def init_fn(params):

@@ -23,7 +23,7 @@ BLOCKS = {
     "scale_by_spam": (spam_optax.scale_by_spam,
                       dict(b1=0.8, spike_threshold=20.0, clip_delay=2,
                            reset_interval=3)),
-    "clip_spikes": (spam_optax.clip_spikes,
+    "spam_clip": (spam_optax.spam_clip,
                     dict(spike_threshold=20.0, b2=0.9, clip_delay=2,
                          reset_interval=3)),
     "periodic_reset": (_reset_adam, dict(reset_interval=3)),

@@ -65,8 +65,8 @@ _PIECES = {
         spam_optax.periodic_reset(base, _RESET),
     ),
     # SPAM's spike clip on its own second moment, moments reset periodically.
-    "clip_spikes": lambda base: optax.chain(
-        spam_optax.clip_spikes(
+    "spam_clip": lambda base: optax.chain(
+        spam_optax.spam_clip(
             spike_threshold=50.0, clip_delay=10, reset_interval=_RESET
         ),
         spam_optax.periodic_reset(base, _RESET),

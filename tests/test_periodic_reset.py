@@ -89,7 +89,8 @@ class PeriodicResetTest(chex.TestCase):
       up, sp = plain.update(g, sp)
     np.testing.assert_allclose(ua, up)  # step 2 still used the old moments
     assert not np.allclose(ub, up)
-    assert int(sa.steps_since_reset) == 0 and int(sb.steps_since_reset) == 1
+    # Either timing: 0 steps since the reset step 2.
+    assert int(sa.steps_since_reset) == 0 and int(sb.steps_since_reset) == 0
     # Step 3 starts from zeroed moments (the zeroing is applied on entry).
     g = jnp.array([0.5, 4.0])
     ua, sa = after.update(g, sa)

@@ -1,4 +1,4 @@
-"""Tests of the SPAM spike clip: `clip_spikes` and the clip inside `scale_by_spam`."""
+"""Tests of the SPAM spike clip: `spam_clip` and the clip inside `scale_by_spam`."""
 from absl.testing import parameterized
 import chex
 import jax
@@ -14,8 +14,8 @@ from _piece_helpers import nested_params
 from _piece_helpers import to_jnp
 
 
-def np_clip_spikes(seq, theta, b2, delay, interval):
-  """NumPy reference of `clip_spikes` for one leaf sequence."""
+def np_spam_clip(seq, theta, b2, delay, interval):
+  """NumPy reference of `spam_clip` for one leaf sequence."""
   v = np.zeros_like(seq[0], dtype=np.float64)
   out, counts = [], []
   for t, g in enumerate(seq, 1):
@@ -58,13 +58,13 @@ def per_leaf(fn, seq):
   return results, treedef
 
 
-class ClipSpikesTest(chex.TestCase):
+class SpamClipTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_numpy_reference(self):
     theta, b2, delay, interval = 50.0, 0.9, 3, 7
     seq = gradient_sequence(12)
-    opt = spam_optax.clip_spikes(theta, b2=b2, clip_delay=delay,
+    opt = spam_optax.spam_clip(theta, b2=b2, clip_delay=delay,
                                  reset_interval=interval)
     params = to_jnp(nested_params())
     state = opt.init(params)
@@ -74,7 +74,7 @@ class ClipSpikesTest(chex.TestCase):
       u, state = update(to_jnp(g), state)
       got.append(u)
     results, treedef = per_leaf(
-        lambda s: np_clip_spikes(s, theta, b2, delay, interval), seq
+        lambda s: np_spam_clip(s, theta, b2, delay, interval), seq
     )
     for t in range(len(seq)):
       want = treedef.unflatten([r[0][t] for r in results])
@@ -85,7 +85,7 @@ class ClipSpikesTest(chex.TestCase):
     assert sum(r[1][3] for r in results) > 0  # the spike at step 4 was clipped
 
   def test_lion_recipe_runs_and_clips(self):
-    opt = optax.chain(spam_optax.clip_spikes(5000.0, clip_delay=2),
+    opt = optax.chain(spam_optax.spam_clip(5000.0, clip_delay=2),
                       optax.lion(1e-3))
     params = {"w": jnp.ones((3, 3))}
     state = opt.init(params)
@@ -104,7 +104,7 @@ class ClipSpikesTest(chex.TestCase):
   )
   def test_rejects_bad_hyperparameters(self, kwargs, name):
     with pytest.raises(ValueError, match=name):
-      spam_optax.clip_spikes(**kwargs)
+      spam_optax.spam_clip(**kwargs)
 
 
 class ScaleBySpamTest(chex.TestCase):
@@ -148,7 +148,7 @@ class ScaleBySpamTest(chex.TestCase):
     np.testing.assert_array_equal(u, np.zeros(4))
     assert int(state.clipped) == 4
 
-  def test_equals_clip_spikes_in_front_of_adam_without_eps(self):
+  def test_equals_spam_clip_in_front_of_adam_without_eps(self):
     # The stand-alone clip keeps its own EMA; with the same b2 it sees the same
     # second moment as the clip inside scale_by_spam.
     interval, delay = 5, 2
@@ -157,7 +157,7 @@ class ScaleBySpamTest(chex.TestCase):
                                  clip_delay=delay, reset_interval=interval),
         interval)
     b = optax.chain(
-        spam_optax.clip_spikes(10.0, b2=0.999, clip_delay=delay,
+        spam_optax.spam_clip(10.0, b2=0.999, clip_delay=delay,
                                reset_interval=interval),
         spam_optax.periodic_reset(optax.scale_by_adam(eps=0.0), interval),
     )
@@ -197,6 +197,6 @@ def test_clip_unseen_false_leaves_unseen_entries_alone():
   u, state = opt.update(jnp.arange(1.0, 5.0), opt.init(jnp.zeros(4)))
   assert np.all(np.asarray(u) > 0)
   assert int(state.clipped) == 0
-  clip = spam_optax.clip_spikes(clip_delay=0, clip_unseen=False)
+  clip = spam_optax.spam_clip(clip_delay=0, clip_unseen=False)
   g, _ = clip.update(jnp.ones(3), clip.init(jnp.zeros(3)))
   np.testing.assert_array_equal(g, np.ones(3))

@@ -42,7 +42,7 @@ def test_spam_keys_and_counts():
   total = sum(int(history[3][k]) for k in LEAF_KEYS)
   assert total == int(history[3]["spike/clipped_total"])
   since = [int(h["reset/steps_since_reset"]) for h in history]
-  assert since == [1, 2, 3, 4, 5, 1, 2, 3, 4]
+  assert since == [1, 2, 3, 4, 5, 0, 1, 2, 3]  # reset at step 6
 
 
 def test_stable_spam_counts_adaclip_and_reset_timing():
@@ -69,7 +69,7 @@ def test_found_inside_wrappers(wrap):
 
 
 def test_stand_alone_clip_and_empty_state():
-  opt = optax.chain(spam_optax.clip_spikes(50.0, clip_delay=2), optax.lion(1e-3))
+  opt = optax.chain(spam_optax.spam_clip(50.0, clip_delay=2), optax.lion(1e-3))
   _, history = train(opt, 5)
   assert "reset/steps_since_reset" not in history[-1]
   assert int(history[3]["spike/clipped_total"]) >= 3
