@@ -1,4 +1,7 @@
 """Tests of the `spam` and `stable_spam` aliases under optax's wrappers."""
+import inspect
+from typing import Optional
+
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
@@ -60,6 +63,44 @@ class ValidationTest(parameterized.TestCase):
     with pytest.raises(ValueError, match=name) as info:
       spam_optax.stable_spam(1e-3, **{name: value})
     assert "\n" not in str(info.value)
+
+  @parameterized.parameters(
+      ("spam", "reset_interval", 2.5), ("spam", "warmup_steps", 2.5),
+      ("spam", "clip_delay", 2.5), ("spam", "reset_interval", 2.0),
+      ("stable_spam", "reset_interval", 2.5), ("stable_spam", "total_steps", 9.5),
+  )
+  def test_rejects_non_integer_step_counts(self, name, arg, value):
+    factory = getattr(spam_optax, name)
+    with pytest.raises(ValueError, match=f"`{arg}` must be an integer"):
+      factory(1e-3, **{arg: value})
+    # The same check when the value is injected (at `init`).
+    injected = optax.inject_hyperparams(factory)(1e-3, **{arg: value})
+    with pytest.raises(ValueError, match=f"`{arg}` must be an integer"):
+      injected.init(to_jnp(nested_params()))
+
+  @parameterized.parameters(
+      ("spam", -1e-3, "must be >= 0"), ("stable_spam", -1e-3, "must be >= 0"),
+      ("spam", "1e-3", "must be a number"),
+      ("stable_spam", "1e-3", "must be a number"),
+      ("spam", None, "must be a number"),
+  )
+  def test_rejects_bad_learning_rate(self, name, value, message):
+    factory = getattr(spam_optax, name)
+    with pytest.raises(ValueError, match=f"`learning_rate` {message}") as info:
+      factory(value)
+    assert "\n" not in str(info.value)
+
+  @parameterized.parameters("spam", "stable_spam")
+  def test_rejects_injected_negative_learning_rate(self, name):
+    injected = optax.inject_hyperparams(getattr(spam_optax, name))(-1e-3)
+    with pytest.raises(ValueError, match="`learning_rate` must be >= 0"):
+      injected.init(to_jnp(nested_params()))
+
+  @parameterized.parameters("spam", "stable_spam")
+  def test_accepts_integer_arrays_and_schedules(self, name):
+    factory = getattr(spam_optax, name)
+    factory(optax.constant_schedule(1e-3), reset_interval=np.int64(4))
+    factory(jnp.asarray(1e-3), reset_interval=jnp.asarray(4))
 
 
 class AliasTest(parameterized.TestCase):
@@ -133,15 +174,28 @@ class AliasTest(parameterized.TestCase):
       optax.inject_hyperparams(spam_optax.spam)(
           learning_rate=1e-2, density=0.5).init(to_jnp(nested_params()))
 
-  def test_all_numeric_hyperparameters_injectable(self):
-    seq = gradient_sequence(6)
-    inj = optax.inject_hyperparams(spam_optax.spam)(learning_rate=1e-2,
-                                                     **SPAM_KW)
-    assert_close(run(inj, seq)[0], run(make("spam"), seq)[0], rtol=1e-5)
-    inj = optax.inject_hyperparams(spam_optax.stable_spam)(
-        learning_rate=1e-2, gamma1=0.8, **STABLE_KW)
-    assert_close(run(inj, seq)[0], run(make("stable_spam", gamma1=0.8), seq)[0],
-                 rtol=1e-5)
+  @parameterized.parameters(
+      ("spam", dict(learning_rate=1e-2, b1=0.8, b2=0.95, eps=1e-5,
+                    weight_decay=0.1, spike_threshold=20.0, reset_interval=4,
+                    warmup_steps=2, clip_delay=1, seed=3)),
+      ("stable_spam", dict(learning_rate=1e-2, b1=0.8, b2=0.95, eps=1e-6,
+                           weight_decay=0.1, gamma1=0.8, gamma2=0.95,
+                           gamma3=0.9, reset_interval=4, total_steps=10,
+                           eta_min=0.3)),
+  )
+  def test_all_numeric_hyperparameters_injectable(self, name, kw):
+    # Every numeric argument of the alias, each away from its default.
+    factory = getattr(spam_optax, name)
+    numbers = (int, float, Optional[int], Optional[float])
+    numeric = {k for k, p in inspect.signature(factory).parameters.items()
+               if p.annotation in numbers} | {"learning_rate"}
+    numeric -= {"density"}  # sets shapes: static (see below)
+    assert set(kw) == numeric
+    seq = gradient_sequence(9)
+    inj = optax.inject_hyperparams(factory)(**kw)
+    p_inj, state = run(inj, seq)
+    assert set(state.hyperparams) == numeric
+    assert_close(p_inj, run(factory(**kw), seq)[0], rtol=1e-5)
 
   def test_sparse_leaves_are_not_decayed_quirk(self):
     # Zero gradients: Adam's update is 0, only weight decay moves the params.
@@ -169,6 +223,25 @@ class AliasTest(parameterized.TestCase):
                     if jnp.issubdtype(x.dtype, jnp.floating)]
     assert {x.dtype for x in float_leaves if x.ndim} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in float_leaves if not x.ndim} <= {jnp.dtype(jnp.float32)}
+
+
+  @parameterized.parameters(("spam", None), ("spam", 0.5), ("stable_spam", None))
+  def test_mu_dtype_sets_both_adam_moments(self, name, density):
+    params = {"w": jnp.ones((4, 2), jnp.bfloat16), "b": jnp.ones(2, jnp.bfloat16)}
+    kw = {} if density is None else {"density": density}
+    opt = make(name, mu_dtype=jnp.float32, **kw)
+    state = opt.init(params)
+    g = jax.tree.map(jnp.ones_like, params)
+    u, state = jax.jit(opt.update)(g, state, params)
+    assert {x.dtype for x in jax.tree.leaves(u)} == {jnp.dtype(jnp.bfloat16)}
+    for field in ("mu", "nu"):
+      moments = optax.tree_utils.tree_get_all_with_path(state, field)
+      assert len(moments) == 1
+      leaves = jax.tree.leaves(moments[0][1])
+      assert {x.dtype for x in leaves} == {jnp.dtype(jnp.float32)}
+    # The per-leaf scalars of AdaClip and AdaGN are float32 anyway; nothing
+    # else in the state is bfloat16.
+    assert jnp.dtype(jnp.bfloat16) not in {x.dtype for x in jax.tree.leaves(state)}
 
 
 class WrapperTest(parameterized.TestCase):

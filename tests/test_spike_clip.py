@@ -34,20 +34,22 @@ def np_spam_clip(seq, theta, b2, delay, interval):
 
 
 def np_spam_adam(seq, b1, b2, eps, theta, delay, interval):
-  """NumPy reference of `scale_by_spam` (no reset) for one leaf sequence."""
+  """NumPy reference of `scale_by_spam` (no reset): updates and clip counts."""
   m = np.zeros_like(seq[0], dtype=np.float64)
   v = np.zeros_like(m)
-  out = []
+  out, counts = [], []
   for t, g in enumerate(seq, 1):
     g = g.astype(np.float64)
     phase = t % interval if interval else t
+    spike = np.zeros(g.shape, bool)
     if theta != 0 and t >= delay and phase >= delay:
       spike = g * g > theta * v
       g = np.where(spike, np.sign(g) * np.sqrt(theta * v), g)
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     out.append(np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps))
-  return out
+    counts.append(int(spike.sum()))
+  return out, counts
 
 
 def per_leaf(fn, seq):
@@ -96,11 +98,52 @@ class SpamClipTest(chex.TestCase):
     stats = spam_optax.spike_stats(state)
     assert int(stats["spike/clipped_total"]) == 1
 
+  @parameterized.parameters(False, True)
+  def test_lines_up_with_periodic_reset(self, after_update):
+    # The recipe of the docstring: the same reset_interval on the clip and on
+    # the reset. The clip's v is zeroed and its hold-off restarts on the reset
+    # step, whichever timing the reset has.
+    theta, b2, delay, interval = 5000.0, 0.9, 2, 5
+    opt = optax.chain(
+        spam_optax.spam_clip(theta, b2=b2, clip_delay=delay,
+                             reset_interval=interval),
+        spam_optax.periodic_reset(optax.scale_by_adam(), interval,
+                                  after_update=after_update),
+    )
+    # Spikes before, on and after the reset steps 5 and 10, each on its own
+    # entry (a spike, clipped or not, inflates its entry's v).
+    rng = np.random.default_rng(0)
+    seq = []
+    for t in range(1, 13):
+      g = rng.normal(size=(4, 3)).astype(np.float32)
+      if t in (4, 5, 6, 7, 9, 11, 12):
+        g.reshape(-1)[t % 12] *= 1000.0
+      seq.append({"w": g})
+    params = {"w": jnp.zeros((4, 3))}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    counts, since = [], []
+    for g in seq:
+      _, state = update(to_jnp(g), state, params)
+      counts.append(int(state[0].clipped["w"]))
+      since.append(int(state[1].steps_since_reset))
+      if since[-1] == 0:  # a reset step: the clip's v restarted with it
+        np.testing.assert_allclose(state[0].nu["w"],
+                                   (1 - b2) * np.square(g["w"]), rtol=1e-6)
+    want = np_spam_clip([g["w"] for g in seq], theta, b2, delay, interval)
+    assert counts == want[1]
+    # The hold-off after each reset: no clip on steps 5, 6 and 10, 11, though
+    # steps 5, 6 and 11 carry spikes; the spikes at 4, 7, 9 and 12 are clipped.
+    assert since == [1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2]
+    assert [t for t, c in enumerate(counts, 1) if c] == [4, 7, 9, 12]
+
   @parameterized.parameters(
       dict(kwargs=dict(spike_threshold=-1.0), name="spike_threshold"),
       dict(kwargs=dict(b2=1.0), name="b2"),
       dict(kwargs=dict(clip_delay=-1), name="clip_delay"),
       dict(kwargs=dict(reset_interval=-5), name="reset_interval"),
+      dict(kwargs=dict(reset_interval=2.5), name="reset_interval"),
+      dict(kwargs=dict(clip_delay=1.5), name="clip_delay"),
   )
   def test_rejects_bad_hyperparameters(self, kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -118,19 +161,24 @@ class ScaleBySpamTest(chex.TestCase):
     params = to_jnp(nested_params())
     state = opt.init(params)
     update = self.variant(opt.update)
-    got = []
+    got, clipped = [], []
     for g in seq:
       u, state = update(to_jnp(g), state)
       got.append(u)
+      clipped.append(state.clipped)
     results, treedef = per_leaf(
         lambda s: np_spam_adam(s, hp["b1"], hp["b2"], hp["eps"],
                                hp["spike_threshold"], hp["clip_delay"], 0),
         seq,
     )
     for t in range(len(seq)):
-      assert_trees_close(got[t], treedef.unflatten([r[t] for r in results]),
+      assert_trees_close(got[t], treedef.unflatten([r[0][t] for r in results]),
                          rtol=1e-4)
-    assert int(sum(jax.tree.leaves(state.clipped))) >= 0
+      # The clipped-entry count of every step, per leaf.
+      want = treedef.unflatten([r[1][t] for r in results])
+      chex.assert_trees_all_equal(
+          jax.tree.map(int, clipped[t]), jax.tree.map(int, want))
+    assert sum(r[1][3] for r in results) > 0  # the spike at step 4 was clipped
 
   def test_only_mu_and_nu_are_full_size(self):
     params = {"w": jnp.ones((5, 7)), "b": jnp.ones(7)}

@@ -53,6 +53,20 @@ def test_stable_spam_counts_adaclip_and_reset_timing():
   assert since == [1, 2, 0, 1, 2, 0]
 
 
+def test_both_aliases_report_the_same_keys_and_reset_clock():
+  # SPAM zeroes its moments before the update of a reset step, Stable-SPAM
+  # after it; the reset clock reads 0 after the reset step for both.
+  spam = spam_optax.spam(1e-2, reset_interval=3, warmup_steps=1, clip_delay=1)
+  stable = spam_optax.stable_spam(1e-2, reset_interval=3)
+  (s_spam, h_spam), (s_stable, h_stable) = train(spam, 6), train(stable, 6)
+  keys = LEAF_KEYS | {"spike/clipped_total", "reset/steps_since_reset"}
+  assert set(spam_optax.spike_stats(s_spam)) == keys
+  assert set(spam_optax.spike_stats(s_stable)) == keys
+  for history in (h_spam, h_stable):
+    since = [int(h["reset/steps_since_reset"]) for h in history]
+    assert since == [1, 2, 0, 1, 2, 0]
+
+
 @pytest.mark.parametrize("wrap", ["inject", "multisteps", "apply_if_finite"])
 def test_found_inside_wrappers(wrap):
   if wrap == "inject":
@@ -73,6 +87,7 @@ def test_stand_alone_clip_and_empty_state():
   _, history = train(opt, 5)
   assert "reset/steps_since_reset" not in history[-1]
   assert int(history[3]["spike/clipped_total"]) >= 3
+  # No SPAM piece: an empty dict (documented), so one call serves every run.
   assert spam_optax.spike_stats(optax.adam(1e-3).init(jnp.zeros(2))) == {}
 
 
