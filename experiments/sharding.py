@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import models
+from spam_optax._tree_util import path_names
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -91,10 +92,6 @@ def param_shardings(boxed_abstract_params, mesh: Mesh,
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def _path_key(path) -> tuple:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def follow_params(tree, params, shardings, mesh: Mesh):
   """Shardings for ``tree`` (an optimizer state): a leaf whose key path ends with a parameter's
   path and has its shape takes that parameter's sharding; everything else (counters, scalars,
@@ -102,11 +99,11 @@ def follow_params(tree, params, shardings, mesh: Mesh):
   by_path = {}
   for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                           jax.tree.leaves(shardings)):
-    by_path[_path_key(path)] = (p.shape, s)
+    by_path[path_names(path)] = (p.shape, s)
   replicated = NamedSharding(mesh, P())
 
   def pick(path, leaf):
-    key = _path_key(path)
+    key = path_names(path)
     for start in range(len(key)):
       hit = by_path.get(key[start:])
       if hit is not None and hit[0] == getattr(leaf, "shape", None):
