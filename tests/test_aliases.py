@@ -1,5 +1,6 @@
 """Tests of the `spam` and `stable_spam` aliases under optax's wrappers."""
 from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,12 +34,6 @@ def run(opt, seq, params=None, jit=True):
   return params, state
 
 
-def assert_close(a, b, rtol=1e-6, atol=1e-7):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
-
-
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -70,7 +65,7 @@ class AliasTest(parameterized.TestCase):
     p_jit, state = run(make(name), seq)
     p_eager, _ = run(make(name), seq, jit=False)
     assert p_jit["layers"][1] is None
-    assert_close(p_jit, p_eager, rtol=1e-5)
+    chex.assert_trees_all_close(p_jit, p_eager, rtol=1e-5, atol=1e-7)
     for leaf in jax.tree.leaves(p_jit):
       assert np.all(np.isfinite(leaf))
 
@@ -98,7 +93,7 @@ class AliasTest(parameterized.TestCase):
     injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, **kw)
     p_inj, state = run(injected, seq)
     p_ref, _ = run(make(name), seq)
-    assert_close(p_inj, p_ref, rtol=1e-5)
+    chex.assert_trees_all_close(p_inj, p_ref, rtol=1e-5, atol=1e-7)
     # The learning rate can be changed between steps without recompiling.
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
     params = to_jnp(nested_params())
@@ -115,14 +110,14 @@ class AliasTest(parameterized.TestCase):
     p_sched, _ = run(factory(schedule, **kw), seq)
     p_inj, _ = run(optax.inject_hyperparams(factory)(learning_rate=schedule,
                                                       **kw), seq)
-    assert_close(p_sched, p_inj, rtol=1e-5)
+    chex.assert_trees_all_close(p_sched, p_inj, rtol=1e-5, atol=1e-7)
     # First step uses schedule(0).
     params = to_jnp(nested_params())
     u_sched, _ = factory(schedule, **kw).update(
         to_jnp(seq[0]), factory(schedule, **kw).init(params), params)
     u_const, _ = factory(1e-2, **kw).update(
         to_jnp(seq[0]), factory(1e-2, **kw).init(params), params)
-    assert_close(u_sched, u_const)
+    chex.assert_trees_all_close(u_sched, u_const, rtol=1e-6, atol=1e-7)
 
   def test_density_is_static_under_inject_hyperparams(self):
     opt = optax.inject_hyperparams(spam_optax.spam, static_args=("density",))(
@@ -137,11 +132,13 @@ class AliasTest(parameterized.TestCase):
     seq = gradient_sequence(6)
     inj = optax.inject_hyperparams(spam_optax.spam)(learning_rate=1e-2,
                                                      **SPAM_KW)
-    assert_close(run(inj, seq)[0], run(make("spam"), seq)[0], rtol=1e-5)
+    chex.assert_trees_all_close(run(inj, seq)[0], run(make("spam"), seq)[0],
+                                rtol=1e-5, atol=1e-7)
     inj = optax.inject_hyperparams(spam_optax.stable_spam)(
         learning_rate=1e-2, gamma1=0.8, **STABLE_KW)
-    assert_close(run(inj, seq)[0], run(make("stable_spam", gamma1=0.8), seq)[0],
-                 rtol=1e-5)
+    chex.assert_trees_all_close(
+        run(inj, seq)[0], run(make("stable_spam", gamma1=0.8), seq)[0],
+        rtol=1e-5, atol=1e-7)
 
   def test_sparse_leaves_are_not_decayed_quirk(self):
     # Zero gradients: Adam's update is 0, only weight decay moves the params.
@@ -187,8 +184,8 @@ class WrapperTest(parameterized.TestCase):
                        jnp.inf * jnp.ones_like(x), to_jnp(seq[3]))
     u, new_state = update(bad, state, params)
     new_params = optax.apply_updates(params, u)
-    assert_close(new_params, params, rtol=0, atol=0)
-    assert_close(new_state.inner_state, state.inner_state, rtol=0, atol=0)
+    chex.assert_trees_all_equal(new_params, params)
+    chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
     assert int(new_state.notfinite_count) == 1
     for g in seq[3:]:
       u, new_state = update(to_jnp(g), new_state, new_params)
@@ -219,7 +216,7 @@ class WrapperTest(parameterized.TestCase):
     means = [jax.tree.map(lambda a, b: (a + b) / 2, seq[i], seq[i + 1])
              for i in range(0, len(seq), k)]
     want, _ = run(make(name), means)
-    assert_close(params, want, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(params, want, rtol=1e-5, atol=1e-6)
     resets = optax.tree_utils.tree_get_all_with_path(state, "steps_since_reset")
     # 6 optimizer steps, reset at step 4: before its update for SPAM (steps
     # 4, 5, 6 since), after it for Stable-SPAM (steps 5, 6 since).
