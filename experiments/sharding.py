@@ -16,9 +16,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import models
+from models.sharding import MESH_AXES
 from spam_optax._tree_util import path_names
 
-AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -60,14 +60,14 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
       continue
     name, _, value = part.partition("=")
     name = name.strip()
-    if name not in AXES or not value.strip().lstrip("-").isdigit() or int(value) < 1:
+    if name not in MESH_AXES or not value.strip().lstrip("-").isdigit() or int(value) < 1:
       raise SystemExit(f"error: bad --mesh entry {part!r}; expected e.g. data=4,fsdp=2 "
-                       f"with axes {', '.join(AXES)}")
+                       f"with axes {', '.join(MESH_AXES)}")
     sizes[name] = int(value)
   if "data" not in sizes:
-    rest = n_devices // int(np.prod([sizes.get(a, 1) for a in AXES if a != "data"]))
+    rest = n_devices // int(np.prod([sizes.get(a, 1) for a in MESH_AXES if a != "data"]))
     sizes["data"] = max(rest, 1)
-  sizes = {a: sizes.get(a, 1) for a in AXES}
+  sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
   needed = int(np.prod(list(sizes.values())))
   if needed > n_devices or (jax.process_count() > 1 and needed != n_devices):
     raise SystemExit(f"error: --mesh {spec} needs {needed} devices, {n_devices} are available")
@@ -76,9 +76,9 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
 
 def make_mesh(sizes: dict[str, int]) -> Mesh:
   """The mesh over the first data x fsdp x tensor devices (all of them, unless asked)."""
-  n = int(np.prod([sizes[a] for a in AXES]))
-  devices = np.asarray(jax.devices()[:n]).reshape([sizes[a] for a in AXES])
-  return Mesh(devices, AXES)
+  n = int(np.prod([sizes[a] for a in MESH_AXES]))
+  devices = np.asarray(jax.devices()[:n]).reshape([sizes[a] for a in MESH_AXES])
+  return Mesh(devices, MESH_AXES)
 
 
 def batch_parallelism(sizes: dict[str, int]) -> int:
@@ -121,8 +121,11 @@ def train_state_shardings(model, init_fn, example_tokens, mesh: Mesh, rules):
   state_shardings, abstract_state)``; call inside ``nn.logical_axis_rules(rules)``.
   """
   replicated = NamedSharding(mesh, P())
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example_tokens))["params"]
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example_tokens))["params"]
   params = param_shardings(boxed, mesh, rules)
+  # The trainer seeds its state with a raw uint32 key (`jax.random.PRNGKey`), not a typed
+  # one: the key is checkpointed, orbax-checkpoint 0.11 cannot save typed key arrays, and
+  # existing checkpoints hold uint32[2]. The abstract state must hold the same kind of key.
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state = {
       "step": replicated, "params": params, "rng": replicated,

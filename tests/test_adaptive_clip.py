@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import spam_optax
-from _piece_helpers import assert_trees_close
 from _piece_helpers import gradient_sequence
 from _piece_helpers import nested_params
 from _piece_helpers import to_jnp
@@ -55,8 +54,8 @@ class ClipByRunningMaxTest(chex.TestCase):
     refs = [np_ada_clip([s[i] for s in leaves], gamma3, interval)
             for i in range(len(leaves[0]))]
     for t in range(len(seq)):
-      assert_trees_close(got[t], treedef.unflatten([r[t] for r in refs]),
-                         rtol=1e-5)
+      chex.assert_trees_all_close(
+          got[t], treedef.unflatten([r[t] for r in refs]), rtol=1e-5, atol=1e-6)
     assert state.max_ema["dense"]["w"].dtype == jnp.float32
     assert state.max_ema["layers"][1] is None
 

@@ -3,6 +3,7 @@ import inspect
 from typing import Optional
 
 from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,12 +35,6 @@ def run(opt, seq, params=None, jit=True):
     u, state = update(to_jnp(g), state, params)
     params = optax.apply_updates(params, u)
   return params, state
-
-
-def assert_close(a, b, rtol=1e-6, atol=1e-7):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
 class ValidationTest(parameterized.TestCase):
@@ -111,7 +106,7 @@ class AliasTest(parameterized.TestCase):
     p_jit, state = run(make(name), seq)
     p_eager, _ = run(make(name), seq, jit=False)
     assert p_jit["layers"][1] is None
-    assert_close(p_jit, p_eager, rtol=1e-5)
+    chex.assert_trees_all_close(p_jit, p_eager, rtol=1e-5, atol=1e-7)
     for leaf in jax.tree.leaves(p_jit):
       assert np.all(np.isfinite(leaf))
 
@@ -139,7 +134,7 @@ class AliasTest(parameterized.TestCase):
     injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, **kw)
     p_inj, state = run(injected, seq)
     p_ref, _ = run(make(name), seq)
-    assert_close(p_inj, p_ref, rtol=1e-5)
+    chex.assert_trees_all_close(p_inj, p_ref, rtol=1e-5, atol=1e-7)
     # The learning rate can be changed between steps without recompiling.
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
     params = to_jnp(nested_params())
@@ -156,14 +151,14 @@ class AliasTest(parameterized.TestCase):
     p_sched, _ = run(factory(schedule, **kw), seq)
     p_inj, _ = run(optax.inject_hyperparams(factory)(learning_rate=schedule,
                                                       **kw), seq)
-    assert_close(p_sched, p_inj, rtol=1e-5)
+    chex.assert_trees_all_close(p_sched, p_inj, rtol=1e-5, atol=1e-7)
     # First step uses schedule(0).
     params = to_jnp(nested_params())
     u_sched, _ = factory(schedule, **kw).update(
         to_jnp(seq[0]), factory(schedule, **kw).init(params), params)
     u_const, _ = factory(1e-2, **kw).update(
         to_jnp(seq[0]), factory(1e-2, **kw).init(params), params)
-    assert_close(u_sched, u_const)
+    chex.assert_trees_all_close(u_sched, u_const, rtol=1e-6, atol=1e-7)
 
   def test_density_is_static_under_inject_hyperparams(self):
     opt = optax.inject_hyperparams(spam_optax.spam, static_args=("density",))(
@@ -195,7 +190,7 @@ class AliasTest(parameterized.TestCase):
     inj = optax.inject_hyperparams(factory)(**kw)
     p_inj, state = run(inj, seq)
     assert set(state.hyperparams) == numeric
-    assert_close(p_inj, run(factory(**kw), seq)[0], rtol=1e-5)
+    chex.assert_trees_all_close(p_inj, run(factory(**kw), seq)[0], rtol=1e-5, atol=1e-7)
 
   def test_sparse_leaves_are_not_decayed_quirk(self):
     # Zero gradients: Adam's update is 0, only weight decay moves the params.
@@ -260,8 +255,8 @@ class WrapperTest(parameterized.TestCase):
                        jnp.inf * jnp.ones_like(x), to_jnp(seq[3]))
     u, new_state = update(bad, state, params)
     new_params = optax.apply_updates(params, u)
-    assert_close(new_params, params, rtol=0, atol=0)
-    assert_close(new_state.inner_state, state.inner_state, rtol=0, atol=0)
+    chex.assert_trees_all_equal(new_params, params)
+    chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
     assert int(new_state.notfinite_count) == 1
     for g in seq[3:]:
       u, new_state = update(to_jnp(g), new_state, new_params)
@@ -292,7 +287,7 @@ class WrapperTest(parameterized.TestCase):
     means = [jax.tree.map(lambda a, b: (a + b) / 2, seq[i], seq[i + 1])
              for i in range(0, len(seq), k)]
     want, _ = run(make(name), means)
-    assert_close(params, want, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(params, want, rtol=1e-5, atol=1e-6)
     resets = optax.tree_utils.tree_get_all_with_path(state, "steps_since_reset")
     # 6 optimizer steps, the last reset step is 4 (SPAM zeroes the moments
     # before its update, Stable-SPAM after it): 2 steps since, either way.

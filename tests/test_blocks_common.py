@@ -1,7 +1,6 @@
 """Every block under optax's wrappers: inject_hyperparams, MultiSteps, apply_if_finite."""
-import functools
-
 from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,12 +51,6 @@ def run(opt, seq, params):
   return out, state
 
 
-def assert_sequences_close(a, b, rtol=1e-5):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=1e-7)
-
-
 class BlocksUnderWrappersTest(parameterized.TestCase):
 
   @parameterized.parameters(*sorted(BLOCKS))
@@ -68,7 +61,7 @@ class BlocksUnderWrappersTest(parameterized.TestCase):
     plain, _ = run(factory(**kwargs), seq, params)
     injected, _ = run(optax.inject_hyperparams(factory)(**kwargs), seq, params)
     # Injected hyperparameters are float32 arrays: `1 - b1` loses ~1e-7.
-    assert_sequences_close(injected, plain, rtol=1e-4)
+    chex.assert_trees_all_close(injected, plain, rtol=1e-4, atol=1e-7)
 
   @parameterized.parameters(*sorted(BLOCKS))
   def test_multisteps_accumulates_and_counts_optimizer_steps(self, name):
@@ -80,7 +73,7 @@ class BlocksUnderWrappersTest(parameterized.TestCase):
     means = [jax.tree.map(lambda a, b: (a + b) / 2, seq[i], seq[i + 1])
              for i in range(0, len(seq), 2)]
     plain, _ = run(factory(**kwargs), means, params)
-    assert_sequences_close(multi[1::2], plain)
+    chex.assert_trees_all_close(multi[1::2], plain, rtol=1e-5, atol=1e-7)
 
   @parameterized.parameters(*sorted(BLOCKS))
   def test_apply_if_finite_leaves_state_untouched(self, name):
@@ -93,6 +86,6 @@ class BlocksUnderWrappersTest(parameterized.TestCase):
     u, new_state = opt.update(bad, state, params)
     for leaf in jax.tree.leaves(u):
       np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
-    assert_sequences_close(new_state.inner_state, state.inner_state, rtol=0)
+    chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
     _, state = run(opt, seq, params)
     assert int(state.notfinite_count) == 0

@@ -7,14 +7,9 @@ import pytest
 
 from experiments import checkpointing, pretrain
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-        "num_hidden_layers": 2, "vocab_size": 258, "max_sequence_length": 64}
-
-
 @pytest.fixture
-def run_args(tmp_path):
-  model = tmp_path / "tiny.json"
-  model.write_text(json.dumps(TINY))
+def run_args(tmp_path, tiny_model_config):
+  model = tiny_model_config
   corpus = tmp_path / "corpus.txt"
   rng = np.random.default_rng(1)
   corpus.write_text("\n".join(

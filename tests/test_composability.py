@@ -1,4 +1,5 @@
 """The pieces recombined with other optax optimizers and wrappers."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,10 +141,7 @@ def test_multi_steps_counts_optimizer_steps(density):
   ]
   direct, _ = _run(make(), params, means)
   # Resets every 5 optimizer steps: counting micro-batches would differ.
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-      accumulated, direct,
-  )
+  chex.assert_trees_all_close(accumulated, direct, rtol=1e-4, atol=1e-6)
 
 
 def test_inject_hyperparams():
@@ -154,9 +152,7 @@ def test_inject_hyperparams():
   )
   got, state = _run(injected, params, grads)
   want, ref_state = _run(spam_optax.spam(1e-2, **_SMALL_SPAM), params, grads)
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want
-  )
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
   # A new learning rate in the state takes effect at the next step.
   state.hyperparams["learning_rate"] = jnp.asarray(2e-2)
   g = grads[0]
@@ -164,10 +160,8 @@ def test_inject_hyperparams():
   single, _ = jax.jit(spam_optax.spam(1e-2, **_SMALL_SPAM).update)(
       g, ref_state, want
   )
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, 2 * b, rtol=1e-5, atol=1e-6),
-      doubled, single,
-  )
+  chex.assert_trees_all_close(doubled, jax.tree.map(lambda b: 2 * b, single),
+                              rtol=1e-5, atol=1e-6)
 
 
 def test_inject_hyperparams_sparse():
@@ -180,9 +174,7 @@ def test_inject_hyperparams_sparse():
   want, _ = _run(
       spam_optax.spam(1e-2, density=0.25, **_SMALL_SPAM), params, grads
   )
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want
-  )
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import optax
 import pytest
 
 import spam_optax
-from _piece_helpers import assert_trees_close
 from _piece_helpers import gradient_sequence
 from _piece_helpers import nested_params
 from _piece_helpers import to_jnp
@@ -62,8 +61,9 @@ class PeriodicResetTest(chex.TestCase):
     want, want_state = manual_reset_run(INNERS[inner](), seq, params,
                                         interval, after_update)
     for t in range(len(seq)):
-      assert_trees_close(got[t], want[t], rtol=1e-5)
-    assert_trees_close(state.inner_state, want_state, rtol=1e-5)
+      chex.assert_trees_all_close(got[t], want[t], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(state.inner_state, want_state, rtol=1e-5,
+                                atol=1e-6)
 
   def test_adam_count_keeps_counting(self):
     opt = spam_optax.periodic_reset(optax.scale_by_adam(b1=0.5), 2)

@@ -9,15 +9,10 @@ import pytest
 
 from experiments import config, optimizers, pretrain
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-        "num_hidden_layers": 2, "vocab_size": 258, "max_sequence_length": 64}
-
-
 @pytest.fixture
-def tiny_args(tmp_path):
+def tiny_args(tmp_path, tiny_model_config):
   """Flags for a few-step run of a 2-layer, width-32 LLaMA on a small local corpus."""
-  model = tmp_path / "tiny.json"
-  model.write_text(json.dumps(TINY))
+  model = tiny_model_config
   corpus = tmp_path / "corpus.jsonl"
   words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
   rng = np.random.default_rng(0)

@@ -10,10 +10,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-        "num_hidden_layers": 2, "vocab_size": 258, "max_sequence_length": 64}
-
-
 def _env(**extra):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -22,9 +18,8 @@ def _env(**extra):
 
 
 @pytest.fixture
-def flags(tmp_path):
-  model = tmp_path / "tiny.json"
-  model.write_text(json.dumps(TINY))
+def flags(tmp_path, tiny_model_config):
+  model = tiny_model_config
   corpus = tmp_path / "corpus.txt"
   rng = np.random.default_rng(2)
   corpus.write_text("\n".join(" ".join(rng.choice(list("abcdefgh"), size=10 + i % 11))

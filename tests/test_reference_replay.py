@@ -8,8 +8,9 @@ import optax
 import pytest
 
 import spam_optax
+from _reference import REFERENCE_DIR
 from _reference import alias_kwargs
-from conftest import REFERENCE_DIR
+from _reference import enable_x64
 
 TOLERANCE = {"float64": 1e-10, "float32": 3e-5}
 
@@ -58,7 +59,7 @@ def test_replay_matches_official_trajectory(filename):
   data = np.load(REFERENCE_DIR / filename)
   meta = json.loads(str(data["meta"]))
   dtype = meta["dtype"]
-  with jax.enable_x64(dtype == "float64"):
+  with enable_x64(dtype == "float64"):
     opt = optimizer_from_meta(meta)
     names = list(meta["params"])
     p0 = {n: jnp.asarray(data[f"p0/{n}"]) for n in names}

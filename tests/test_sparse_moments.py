@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from spam_optax import replace_masks
 from spam_optax import spam
@@ -19,8 +18,9 @@ from spam_optax import sparse_moments
 from spam_optax import SparseMomentsState
 from spam_optax import uniform_mask_sampler
 
+from _reference import REFERENCE_DIR
 from _reference import alias_kwargs
-from conftest import REFERENCE_DIR
+from _reference import enable_x64
 
 def _load(name):
   with np.load(REFERENCE_DIR / f"{name}.npz") as data:
@@ -63,7 +63,7 @@ def _replay_sparse(name):
 
 
 def test_spam_sparse_replay_float64():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     entrywise, _ = _replay_sparse("spam_sparse_float64")
   assert entrywise < 1e-10, entrywise
 
