@@ -12,7 +12,6 @@ Parameter names follow the HF model (`embed_tokens`, `layers_<i>/self_attn/q_pro
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import flax.linen as nn

@@ -14,9 +14,9 @@ the offline standard-library corpus): ``next_batch()`` of the training loader, i
 and tokens/s, and reports loader tokens/s ÷ step tokens/s. The loop prepares batch t+1 while
 step t runs on the device, so a ratio well above 1 means the data is never the bottleneck.
 
-  python -m experiments.bench_train                                  # GPU: 60m…1b, 3 optimizers
-  python -m experiments.bench_train --models llama_9m --batch 8 --length 128   # a CPU
-  python -m experiments.bench_train --models llama_1b --optimizers spam --activation_checkpointing
+  python -m experiments.benchmarks.bench_train                                  # GPU: 60m…1b, 3 optimizers
+  python -m experiments.benchmarks.bench_train --models llama_9m --batch 8 --length 128   # a CPU
+  python -m experiments.benchmarks.bench_train --models llama_1b --optimizers spam --activation_checkpointing
 
 Reference: the PyTorch peer (HF LLaMA + the official SPAM optimizer) on one H100 at batch
 64×256 runs 417k tokens/s (60m), 226k (130m), 95k (350m), 18k (1b). Target on one H100:

@@ -5,9 +5,9 @@ warmed up, as the median of `--steps` calls. Model FLOPs per token are
 6·N + 12·L·d·T (N: parameters without the input embedding; PaLM's convention,
 no causal halving); MFU is achieved model FLOP/s over `--peak_tflops` per device.
 
-  python -m experiments.bench_model                                  # GPU: 60m…1b, batch 64×256
-  python -m experiments.bench_model --models llama_60m --batch 8     # small, e.g. on a CPU
-  python -m experiments.bench_model --models llama_350m --quant bf16,int4,fp4 --remat
+  python -m experiments.benchmarks.bench_model                                  # GPU: 60m…1b, batch 64×256
+  python -m experiments.benchmarks.bench_model --models llama_60m --batch 8     # small, e.g. on a CPU
+  python -m experiments.benchmarks.bench_model --models llama_350m --quant bf16,int4,fp4 --remat
 
 Targets on one H100 (dense bf16 peak 989 TFLOP/s): bf16 MFU ≥ 40% at 350m, and an
 int4 step no slower than 1.3× the bf16 one.
@@ -24,11 +24,9 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import models
 from experiments import metrics
-
 
 
 def parse_args(argv=None):
