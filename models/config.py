@@ -42,6 +42,11 @@ class LlamaConfig:
   remat: bool = False
   # Name of a `jax.checkpoint_policies` entry, used when `remat` is on.
   remat_policy: str = "nothing_saveable"
+  # One decoder block scanned over the layers (`flax.linen.scan`, as MaxText does): the
+  # block is traced and compiled once, and the decoder parameters live in one subtree
+  # `params["layers"]` whose leaves carry a leading axis of size `num_layers` (logical
+  # axis "layers") instead of `layers_0`, `layers_1`, ...
+  scan_layers: bool = False
   # Passed to `jax.nn.dot_product_attention`: None picks cuDNN on GPU when it
   # applies and XLA otherwise.
   attention_implementation: str | None = None

@@ -40,6 +40,8 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed calls (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--remat", action="store_true", help="rematerialise every block")
+  p.add_argument("--scan_layers", action="store_true",
+                 help="one decoder block scanned over the layers (LlamaConfig.scan_layers)")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -47,7 +49,7 @@ def parse_args(argv=None):
 
 
 def bench_one(name: str, quant_name: str, args) -> dict:
-  config = models.get_config(name, remat=args.remat)
+  config = models.get_config(name, remat=args.remat, scan_layers=args.scan_layers)
   quant = models.get_quant_config(quant_name)
   model = models.Llama(config, quant=quant)
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
@@ -57,11 +59,13 @@ def bench_one(name: str, quant_name: str, args) -> dict:
     logits = model.apply({"params": params}, tokens, rngs={"quant": key})
     return models.cross_entropy_loss(logits[:, :-1], tokens[:, 1:])[0]
 
-  step = jax.jit(jax.value_and_grad(loss_fn))
   key = jax.random.key(2)
   t0 = time.perf_counter()
+  step = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
+  compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
+  t0 = time.perf_counter()
   jax.block_until_ready(step(params, tokens, key))
-  compile_s = time.perf_counter() - t0
+  first_step_s = time.perf_counter() - t0
   for _ in range(args.warmup):
     jax.block_until_ready(step(params, tokens, key))
   times = []
@@ -76,7 +80,9 @@ def bench_one(name: str, quant_name: str, args) -> dict:
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak) if peak else None
   return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
-              params=models.count_params(config), step_s=step_s, compile_s=compile_s,
+              scan_layers=config.scan_layers, remat=config.remat,
+              params=models.count_params(config), step_s=step_s,
+              compile_s=compile_s, first_step_s=first_step_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
               mfu=mfu, loss=float(loss))
 
@@ -101,6 +107,9 @@ def main(argv=None):
       print(f"| {r['model']} | {r['quant']} | {r['batch']}×{r['seq_len']} | {1e3 * r['step_s']:.1f} "
             f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.3f} | {mfu} | {ratio} |",
             flush=True)
+  if results:
+    print("compile (s, step excluded): " + ", ".join(
+        f"{r['model']}/{r['quant']} {r['compile_s']:.1f}" for r in results), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)

@@ -59,6 +59,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="auto", choices=config.DTYPES,
                  help="as the trainer's --dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--activation_checkpointing", action="store_true")
+  p.add_argument("--scan_layers", action="store_true", help="as the trainer's --scan_layers")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -78,6 +79,8 @@ def trainer_config(args, model: str, optimizer: str) -> config.TrainConfig:
           "--density", str(args.density)]
   if args.activation_checkpointing:
     argv.append("--activation_checkpointing")
+  if args.scan_layers:
+    argv.append("--scan_layers")
   return config.for_backend(config.parse_args(argv), jax.default_backend())
 
 
@@ -130,6 +133,7 @@ def bench_step(args, model_name: str, optimizer_name: str) -> dict:
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak * jax.device_count()) if peak else None
   return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
+              scan_layers=mcfg.scan_layers, remat=mcfg.remat,
               batch=cfg.batch_size, length=cfg.max_length, params=models.count_params(mcfg),
               step_s=step_s, step_s_min=min(times), compile_s=compile_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
