@@ -17,17 +17,18 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   peer = tmp_path / "torch_peer.py"  # a stand-in: the peer is skipped on a CPU before it runs
   peer.write_text("raise SystemExit('must not run')\n")
   out = tmp_path / "out"
-  accelerator.main(["--tiny", "--parts", "train,peer", "--torch_peer", str(peer),
+  accelerator.main(["--tiny", "--parts", "train,peer,hlo_train", "--torch_peer", str(peer),
                     "--out", str(out)])
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
-  assert list(parts) == ["probe", "peer", "train_9m", "optimizer", "model_9m", "blocks"]
+  assert list(parts) == ["probe", "peer", "train_9m", "optimizer", "model_9m", "hlo_train",
+                         "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   no_torch = importlib.util.find_spec("torch") is None
   assert parts["peer"] == {"status": "skipped", "reason": "torch is not installed" if no_torch
                            else "no CUDA GPU (jax backend: cpu)"}
   assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
-  for name in ("optimizer", "model_9m", "blocks"):
+  for name in ("optimizer", "model_9m", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
   (train,) = report["results"]["train"]
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
@@ -35,6 +36,12 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
   assert [t["status"] for t in peer_row] == ["not measured"]
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
+  # The compiled trainer step: the donated state is reused in place, without a warning.
+  assert parts["hlo_train"]["status"] == "ok", parts["hlo_train"]
+  (hlo,) = report["results"]["hlo"]
+  assert hlo["donation_warnings"] == [] and hlo["aliased_outputs"] > 0
+  assert hlo["ops"]["while"] >= 1 and not hlo["cudnn_attention"]  # accumulation scan; CPU
+  assert "| train-llama_9m-spam |" in md
   assert "## Targets" in md and "| llama_9m | 2×16 |" in md and "--tiny" in report["command"]
 
 
@@ -43,7 +50,7 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   report, md = _report(tmp_path)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
-  for name in ("train_9m", "optimizer", "model_9m", "blocks"):
+  for name in ("train_9m", "optimizer", "model_9m", "hlo_train", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])
   assert "| blocks | skipped |" in md

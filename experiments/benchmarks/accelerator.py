@@ -10,8 +10,10 @@ part loses only itself), in this order, skipping what no longer fits in ``--budg
 3. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, spam d=0.25, one resident at
    a time;
 4. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256;
-5. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
-6. ``bench_model`` at 1b.
+5. ``hlo_stats`` of the trainer's step at 350m and of the spam update at 1b (kernels, cuDNN
+   attention or not, loops, scatters, donated buffers);
+6. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
+7. ``bench_model`` at 1b (with ``--remat`` if it runs out of memory).
 
 and checks the targets: SPAM ≤ 1.05× optax.adamw and Stable-SPAM ≤ 1.35× per update at 1b;
 MFU ≥ 40% at 350m in bf16; the int4 step ≤ 1.3× the bf16 step; the trainer ≥ 2× the peer's
@@ -151,6 +153,14 @@ def plan(args, parts_dir: str) -> list:
                 retry_argv=argv + ["--remat"] if size == "1b" else None)
 
   parts += [model_part(s) for s in model_sizes]
+  hlo_model = "llama_9m" if args.tiny else "llama_350m"
+  parts.append(Part("hlo_train", _module("hlo_stats") + [
+      "--what", "train", "--model", hlo_model, "--optimizer", "spam", "--batch", str(batch),
+      "--length", str(length), "--dtype", dtype, "--json", js("hlo_train")], 90, 30,
+      js("hlo_train")))
+  parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
+      "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
+      "--json", js("hlo_optimizer")], 60, 20, js("hlo_optimizer")))
   parts.append(Part("blocks", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--blocks", "--json", js("blocks")] + block_iters,
       150, 60, js("blocks")))
@@ -228,7 +238,7 @@ def _peer_rows(part: Part) -> list:
 
 def collect(parts: dict) -> dict:
   """Results of every part and the targets they decide."""
-  res = {"optimizer": None, "blocks": None, "model": [], "train": [], "peer": []}
+  res = {"optimizer": None, "blocks": None, "model": [], "train": [], "peer": [], "hlo": []}
   if "optimizer" in parts:
     res["optimizer"] = _read_json(parts["optimizer"].json_file)
   if "blocks" in parts:
@@ -239,6 +249,8 @@ def collect(parts: dict) -> dict:
       res["model"] += data
     if name.startswith("train_") and data:
       res["train"] += data["steps"]
+    if name.startswith("hlo_") and data:
+      res["hlo"].append(data)
   if "peer" in parts:
     res["peer"] = _peer_rows(parts["peer"])
   res["targets"] = targets(res)
@@ -347,6 +359,18 @@ def markdown(report: dict) -> str:
       lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
                    f"{1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
                    f"{_f(r['mfu'], '{:.1%}')} | {_f(vs, '{:.2f}×')} | {r['compile_s']:.1f} |")
+  if res["hlo"]:
+    lines += ["", "## Compiled HLO (hlo_stats)", "",
+              "| step | fusions | while loops | scatters | copies | custom calls | cuDNN attention "
+              "| outputs in donated buffers | donation warnings |",
+              "|---|---:|---:|---:|---:|---|---|---:|---|"]
+    for h in res["hlo"]:
+      calls = ", ".join(f"{k} ×{v}" for k, v in h["custom_calls"].items()) or "–"
+      ops = h["ops"]
+      lines.append(f"| {h['what']} | {ops.get('fusion', 0)} | {ops.get('while', 0)} | "
+                   f"{ops.get('scatter', 0)} | {ops.get('copy', 0)} | {calls} | "
+                   f"{'yes' if h['cudnn_attention'] else 'no'} | {h['aliased_outputs']} | "
+                   f"{len(h['donation_warnings']) or 'none'} |")
   blocks = res["blocks"]
   if blocks:
     lines += ["", f"## Where the optimizer time goes (`--blocks`, {blocks['size']})", "",

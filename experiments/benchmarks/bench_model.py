@@ -40,6 +40,8 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed calls (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--remat", action="store_true", help="rematerialise every block")
+  p.add_argument("--compile_only", action="store_true",
+                 help="compile on abstract parameters (nothing allocated) and report the time")
   p.add_argument("--scan_layers", action="store_true",
                  help="one decoder block scanned over the layers (LlamaConfig.scan_layers)")
   p.add_argument("--peak_tflops", type=float, default=None,
@@ -53,7 +55,8 @@ def bench_one(name: str, quant_name: str, args) -> dict:
   quant = models.get_quant_config(quant_name)
   model = models.Llama(config, quant=quant)
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
+  init = jax.eval_shape if args.compile_only else jax.jit
+  params = nn.meta.unbox(init(model.init)(jax.random.key(1), tokens)["params"])
 
   def loss_fn(params, tokens, key):
     logits = model.apply({"params": params}, tokens, rngs={"quant": key})
@@ -63,6 +66,9 @@ def bench_one(name: str, quant_name: str, args) -> dict:
   t0 = time.perf_counter()
   step = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
   compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
+  if args.compile_only:
+    return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
+                scan_layers=config.scan_layers, remat=config.remat, compile_s=compile_s)
   t0 = time.perf_counter()
   jax.block_until_ready(step(params, tokens, key))
   first_step_s = time.perf_counter() - t0
@@ -100,6 +106,10 @@ def main(argv=None):
     for quant_name in args.quant.split(","):
       r = bench_one(name.strip(), quant_name.strip(), args)
       results.append(r)
+      if args.compile_only:
+        print(f"| {r['model']} | {r['quant']} | {r['batch']}×{r['seq_len']} | compile only "
+              f"| | | | |", flush=True)
+        continue
       if quant_name.strip() == "bf16":
         base = r["step_s"]
       ratio = f"{r['step_s'] / base:.2f}×" if base else "–"

@@ -84,8 +84,13 @@ def trainer_config(args, model: str, optimizer: str) -> config.TrainConfig:
   return config.for_backend(config.parse_args(argv), jax.default_backend())
 
 
-def bench_step(args, model_name: str, optimizer_name: str) -> dict:
-  """Compiles and times the trainer's step for one model and optimizer."""
+@contextlib.contextmanager
+def trainer_step(args, model_name: str, optimizer_name: str):
+  """The trainer's jitted init and step for one model and optimizer, with a batch.
+
+  Yields ``(cfg, mcfg, init, step, batch)`` inside the trainer's mesh and logical-axis
+  rules: ``init(key)`` makes the sharded train state, ``step(state, batch)`` donates it.
+  """
   cfg = trainer_config(args, model_name, optimizer_name)
   mcfg = pretrain.model_config(cfg)  # keeps the config's vocabulary (32000), as on C4
   schedule = optimizers.make_schedule(cfg)
@@ -110,8 +115,14 @@ def bench_step(args, model_name: str, optimizer_name: str) -> dict:
     step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=0),
                    in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
-    state = init(jax.random.PRNGKey(cfg.seed))
     batch = sharding.to_global(tokens, batch_sharding, tokens.shape)
+    yield cfg, mcfg, init, step, batch
+
+
+def bench_step(args, model_name: str, optimizer_name: str) -> dict:
+  """Compiles and times the trainer's step for one model and optimizer."""
+  with trainer_step(args, model_name, optimizer_name) as (cfg, mcfg, init, step, batch):
+    state = init(jax.random.PRNGKey(cfg.seed))
     t0 = time.perf_counter()
     step = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
