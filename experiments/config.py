@@ -17,6 +17,10 @@ import math
 OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
+# Element-wise update rules (global counters at most): the same with the layers stacked by
+# --scan_layers. Stable-SPAM's AdaGN/AdaClip and Adafactor's factored moments take
+# statistics per tensor, which a stacked tensor would pool over all layers.
+SCAN_OPTIMIZERS = ("adamw", "adam", "spam", "lion", "sgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +31,7 @@ class TrainConfig:
   model_config: str = "llama_9m"
   dtype: str = "auto"  # bfloat16 on accelerators, float32 on CPU (see for_backend)
   activation_checkpointing: bool = False
+  scan_layers: bool = False
   # optimizer
   optimizer: str = "spam"
   lr: float = 3e-3
@@ -119,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "mixed: float32 params and moments, bf16 compute; float32: all float32; "
                       "auto: bfloat16 on GPU/TPU, float32 on CPU")
   _bool_flag(g, "activation_checkpointing", "rematerialise decoder blocks")
+  _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
+             f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")
   g.add_argument("--optimizer", default=d.optimizer, type=str.lower,
                  help=f"one of {', '.join(OPTIMIZERS)}")
@@ -234,6 +241,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     fail(f"unknown --optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
   if not 0.0 < cfg.density <= 1.0:
     fail(f"--density must be in (0, 1], got {cfg.density}")
+  if cfg.scan_layers and cfg.optimizer not in SCAN_OPTIMIZERS:
+    fail(f"--scan_layers stacks each weight of all layers into one tensor, and --optimizer "
+         f"{cfg.optimizer} takes statistics per tensor; use it with {', '.join(SCAN_OPTIMIZERS)}")
   for flag in ("batch_size", "max_length", "num_training_steps", "eval_every", "save_every",
                "keep_checkpoints"):
     if getattr(cfg, flag) < 1:

@@ -13,6 +13,8 @@ from models.llama import (
     count_params,
     cross_entropy_loss,
     flops_per_token,
+    stack_layers,
+    unstack_layers,
 )
 from models.quantization import QuantConfig, get_quant_config
 from models.sharding import DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXIS_NAMES, MESH_AXES
@@ -34,4 +36,6 @@ __all__ = [
     "from_hf_json",
     "get_config",
     "get_quant_config",
+    "stack_layers",
+    "unstack_layers",
 ]

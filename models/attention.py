@@ -35,8 +35,28 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     implementation: str | None = None) -> jax.Array:
+  """Causal `jax.nn.dot_product_attention` over (batch, length, heads, head_dim).
+
+  `implementation` "xla" or "cudnn" is passed through. None picks: cuDNN's fused flash
+  attention on a GPU where it applies, XLA otherwise. JAX's own None means XLA today (its
+  automatic choice is a TODO), so the choice is made here: on a GPU "cudnn" is traced
+  first, and its trace-time refusals (inputs not fp16/bf16, head size, cuDNN version,
+  compute capability) fall back to "xla".
+  """
+  if implementation is None:
+    if jax.default_backend() == "gpu":
+      try:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+      except (ValueError, NotImplementedError, RuntimeError):
+        pass
+    implementation = "xla"
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
 class Attention(nn.Module):
-  """Causal self-attention: q/k/v/o projections, RoPE, `jax.nn.dot_product_attention`.
+  """Causal self-attention: q/k/v/o projections, RoPE, `causal_attention`.
 
   The q, k, v kernels are (embed, heads, kv) and the o kernel (heads, kv, embed);
   all four may be fake-quantized. Scores, softmax and the AV product stay in the
@@ -74,8 +94,6 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, positions, self.rope_theta), qkv_axes)
     k = nn.with_logical_constraint(apply_rope(k, positions, self.rope_theta), qkv_axes)
     v = nn.with_logical_constraint(v, qkv_axes)
-    out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=self.implementation
-    )
+    out = causal_attention(q, k, v, self.implementation)
     out = nn.with_logical_constraint(out, qkv_axes)
     return dense(x.shape[-1], (-2, -1), ("heads", "kv", "embed"), "o_proj")(out)

@@ -42,11 +42,19 @@ class LlamaConfig:
   remat: bool = False
   # Name of a `jax.checkpoint_policies` entry, used when `remat` is on.
   remat_policy: str = "nothing_saveable"
-  # Passed to `jax.nn.dot_product_attention`: None picks cuDNN on GPU when it
-  # applies and XLA otherwise.
+  # One decoder block scanned over the layers (`flax.linen.scan`, as MaxText does): the
+  # block is traced and compiled once, and the decoder parameters live in one subtree
+  # `params["layers"]` whose leaves carry a leading axis of size `num_layers` (logical
+  # axis "layers") instead of `layers_0`, `layers_1`, ...
+  scan_layers: bool = False
+  # `jax.nn.dot_product_attention`'s "xla" or "cudnn"; None (`attention.causal_attention`)
+  # picks cuDNN flash attention on a GPU where it applies and XLA otherwise.
   attention_implementation: str | None = None
 
   def __post_init__(self):
+    if self.attention_implementation not in (None, "xla", "cudnn"):
+      raise ValueError(f"attention_implementation {self.attention_implementation!r} is not "
+                       "None, 'xla' or 'cudnn'")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"

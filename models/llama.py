@@ -7,7 +7,9 @@ orbax checkpoints as is and optax transforms directly; and `model.apply` is a pu
 function that jits and shards without module-state plumbing.
 
 Parameter names follow the HF model (`embed_tokens`, `layers_<i>/self_attn/q_proj`,
-`mlp/gate_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`).
+`mlp/gate_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`). With
+`LlamaConfig.scan_layers`, the blocks are one `layers/...` subtree whose leaves are stacked
+over a leading `num_layers` axis (`stack_layers` / `unstack_layers` convert).
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+  """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)).
+
+  With `scanned`, returns `(x, None)`: the carry and (no) output of `nn.scan`.
+  """
 
   config: LlamaConfig
   quant: QuantConfig | None = None
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -60,7 +66,8 @@ class DecoderBlock(nn.Module):
         param_dtype=param_dtype,
         name="mlp",
     )(h)
-    return nn.with_logical_constraint(x + h, ACTIVATION_AXES)
+    x = nn.with_logical_constraint(x + h, ACTIVATION_AXES)
+    return (x, None) if self.scanned else x
 
 
 class Llama(nn.Module):
@@ -99,9 +106,21 @@ class Llama(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     block = DecoderBlock
     if cfg.remat:
-      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
-    for i in range(cfg.num_layers):
-      x = block(cfg, self.quant, name=f"layers_{i}")(x, positions)
+      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      block = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "quant": True},
+          in_axes=(nn.broadcast,),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, _ = block(cfg, self.quant, scanned=True, name="layers")(x, positions)
+    else:
+      for i in range(cfg.num_layers):
+        x = block(cfg, self.quant, name=f"layers_{i}")(x, positions)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
     # The head runs in the compute dtype but accumulates and returns float32.
     logits = DenseGeneral(
@@ -142,6 +161,25 @@ def abstract_variables(
   model = Llama(config, quant=quant)
   tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+
+
+def stack_layers(params: dict) -> dict:
+  """Unboxed parameters of `layers_0` … `layers_<n-1>` → the `scan_layers` layout.
+
+  The blocks become one `layers` subtree whose leaves are stacked on a new leading axis,
+  in layer order; every other entry is kept as is.
+  """
+  names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
+  rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in names])}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of `stack_layers`: `layers` (leading axis L) → `layers_0` … `layers_<L-1>`."""
+  layers = params["layers"]
+  n = jax.tree.leaves(layers)[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  return {**rest, **{f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}}
 
 
 def count_params(config: LlamaConfig | str, *, exclude_embedding: bool = False) -> int:

@@ -8,8 +8,8 @@ trainer maps them to mesh axes with `flax.linen` logical partitioning, e.g.
       shardings = nn.logical_to_mesh_sharding(specs, mesh, DEFAULT_LOGICAL_AXIS_RULES)
 
 Names: `vocab`, `embed`, `mlp`, `heads`, `kv` (per-head features), `norm` (RMSNorm
-scales) on parameters; `batch`, `length`, `embed`, `heads`, `kv`, `mlp`, `vocab` on
-activations.
+scales), `layers` (the stacked axis of `LlamaConfig.scan_layers`) on parameters; `batch`,
+`length`, `embed`, `heads`, `kv`, `mlp`, `vocab` on activations.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...]
     ("heads", "tensor"),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # the stacked axis of `LlamaConfig.scan_layers`: never sharded
 )
 
 LOGICAL_AXIS_NAMES: tuple[str, ...] = tuple(name for name, _ in DEFAULT_LOGICAL_AXIS_RULES)

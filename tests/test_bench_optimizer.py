@@ -1,11 +1,11 @@
-"""experiments/bench_optimizer.py: its tables, and its hand-fused SPAM equals spam()."""
+"""experiments/benchmarks/bench_optimizer.py: its tables, and its hand-fused SPAM equals spam()."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import spam_optax
-from experiments import bench_optimizer
+from experiments.benchmarks import bench_optimizer
 
 
 def table_rows(text):

@@ -1,7 +1,7 @@
-"""experiments/bench_train.py runs end to end at a tiny size and reports both measurements."""
+"""experiments/benchmarks/bench_train.py runs end to end at a tiny size and reports both measurements."""
 import json
 
-from experiments import bench_train
+from experiments.benchmarks import bench_train
 
 
 def test_bench_train_smoke(tmp_path, capsys):

@@ -261,3 +261,31 @@ def test_cross_entropy_matches_numpy():
   full, n_all = models.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(targets))
   np.testing.assert_allclose(float(full), nll.mean(), rtol=1e-5)
   assert float(n_all) == 10 and loss.dtype == jnp.float32
+
+
+def test_attention_asks_for_cudnn_on_a_gpu_and_falls_back_to_xla(monkeypatch):
+  """`implementation=None`: cuDNN flash attention traced first on a GPU; a refusal → XLA."""
+  from models import attention
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.float32) for _ in range(3))
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  real, calls = jax.nn.dot_product_attention, []
+
+  def recording(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    if implementation == "cudnn":
+      raise NotImplementedError("Q must be fp16/bf16")  # what cuDNN says to float32 inputs
+    return real(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  chex.assert_trees_all_close(attention.causal_attention(q, k, v), want)
+  assert calls == ["xla"]  # on the CPU, cuDNN is not asked for
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  calls.clear()
+  chex.assert_trees_all_close(attention.causal_attention(q, k, v), want)
+  assert calls == ["cudnn", "xla"]
+  calls.clear()
+  attention.causal_attention(q, k, v, "xla")
+  assert calls == ["xla"]
+  with pytest.raises(ValueError, match="attention_implementation"):
+    TINY.replace(attention_implementation="flash")

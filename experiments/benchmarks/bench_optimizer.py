@@ -5,10 +5,10 @@ by side in one process: each update is jitted with donated params and state,
 warmed up, then timed as the median of many calls. Also reports the optimizer
 state's size (device-independent; computed with ``jax.eval_shape``).
 
-  python -m experiments.bench_optimizer --size small
-  python -m experiments.bench_optimizer --size 1b            # on a GPU
-  python -m experiments.bench_optimizer --size 1b --no-time  # state sizes only
-  python -m experiments.bench_optimizer --size small --blocks  # where the time goes
+  python -m experiments.benchmarks.bench_optimizer --size small
+  python -m experiments.benchmarks.bench_optimizer --size 1b            # on a GPU
+  python -m experiments.benchmarks.bench_optimizer --size 1b --no-time  # state sizes only
+  python -m experiments.benchmarks.bench_optimizer --size small --blocks  # where the time goes
 
 ``--blocks`` times chains that add one block at a time, and hand-written
 single-function versions of the same math (one function per leaf, no optax
@@ -18,64 +18,44 @@ composable structure.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
+import json
 import math
 import resource
 import statistics
 import time
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import models
 import spam_optax
+from experiments import optimizers as train_optimizers
 from spam_optax._tree_util import tree_map_unzip
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  """A LLaMA parameter layout: untied embedding and head, RMSNorm weights."""
-  hidden: int
-  mlp: int
-  layers: int
-  heads: int
-  vocab: int
 
 
 SIZES = {
     # LLaMA-60M of the SPAM paper's 60M run (58,073,600 params).
-    "small": Shapes(hidden=512, mlp=1376, layers=8, heads=8, vocab=32000),
+    "small": models.get_config("llama_60m"),
     # LLaMA-1B (1,339,082,752 params).
-    "1b": Shapes(hidden=2048, mlp=5461, layers=24, heads=32, vocab=32000),
+    "1b": models.get_config("llama_1b"),
     # For the tests: the same layout, seconds to run.
-    "tiny": Shapes(hidden=64, mlp=172, layers=2, heads=4, vocab=256),
+    "tiny": models.get_config("llama_9m", num_layers=2, vocab_size=256),
 }
 
 
-def param_shapes(s: Shapes, dtype) -> dict:
-  """The parameter tree as ``jax.ShapeDtypeStruct`` leaves."""
-  leaf = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
-  h, f = s.hidden, s.mlp
-  params = {"embed_tokens": leaf(s.vocab, h), "norm": leaf(h),
-            "lm_head": leaf(h, s.vocab)}
-  for i in range(s.layers):
-    params[f"layers_{i}"] = {
-        "self_attn": {n: leaf(h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-        "mlp": {"gate_proj": leaf(h, f), "up_proj": leaf(h, f), "down_proj": leaf(f, h)},
-        "input_layernorm": leaf(h),
-        "post_attention_layernorm": leaf(h),
-    }
-  return params
+def param_shapes(config: models.LlamaConfig, dtype) -> dict:
+  """The model's parameter tree as ``jax.ShapeDtypeStruct`` leaves of ``dtype``.
 
-
-def projection_mask(params) -> dict:
-  """Sparse momentum on the attention and MLP projections, as in the official runs."""
-  def is_projection(path, x):
-    return any(getattr(k, "key", None) in ("self_attn", "mlp") for k in path) and x.ndim == 2
-  return jax.tree_util.tree_map_with_path(is_projection, params)
+  ``models.abstract_variables``: the layout the trainer optimizes (untied embedding and
+  head, RMSNorm scales, attention kernels shaped (embed, heads, kv)), nothing allocated.
+  """
+  params = nn.meta.unbox(models.abstract_variables(config)["params"])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
 
 
 def optimizers(density: float) -> dict:
@@ -85,7 +65,7 @@ def optimizers(density: float) -> dict:
       "spam": spam_optax.spam(lr),
       "stable_spam": spam_optax.stable_spam(lr),
       f"spam d={density:g}": spam_optax.spam(
-          lr, density=density, sparse_mask=projection_mask),
+          lr, density=density, sparse_mask=train_optimizers.projection_mask),
   }
 
 
@@ -240,7 +220,10 @@ class Runner:
       updates, state = opt.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    self.step = jax.jit(step, donate_argnums=(0, 1))
+    start = time.perf_counter()
+    self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
+        self.params, self.state, grads).compile()
+    self.compile_s = time.perf_counter() - start
     self.times = []
     self.faults = []
 
@@ -265,13 +248,19 @@ def _minor_page_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+class Timing(NamedTuple):
+  ms: float  # median update time
+  faults: float  # median host page faults per update
+  compile_s: float  # tracing, lowering and XLA compilation
+
+
 def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
                  interleave: bool) -> dict:
-  """Median (ms, host page faults) per update of each optimizer.
+  """A ``Timing`` per optimizer: median ms and host page faults per update.
 
-  The first ``warmup`` calls compile and warm up. Interleaved, every optimizer stays
-  resident and the calls rotate through them, so load from other processes hits all
-  alike; sequential holds one at a time. Page faults count the host memory an update
+  Each step is compiled ahead (timed apart), then ``warmup`` calls warm up. Interleaved,
+  every optimizer stays resident and the calls rotate through them, so load from other
+  processes hits all alike; sequential holds one at a time. Page faults count the host memory an update
   touches for the first time: on CPU, XLA allocates each call's full-size temporaries
   afresh, and the kernel faults in and zeroes every 4 KiB page of them.
   """
@@ -282,7 +271,7 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
       runner = Runner(opt, shapes, grads)
       for i in range(warmup + iters):
         runner.run(record=i >= warmup)
-      result[name] = runner.median_ms(), runner.median_faults()
+      result[name] = Timing(runner.median_ms(), runner.median_faults(), runner.compile_s)
       del runner
     return result
   runners = {name: Runner(opt, shapes, grads) for name, opt in opts.items()}
@@ -291,7 +280,8 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
     shift = i % len(names)
     for name in names[shift:] + names[:shift]:
       runners[name].run(record=i >= warmup)
-  return {name: (r.median_ms(), r.median_faults()) for name, r in runners.items()}
+  return {name: Timing(r.median_ms(), r.median_faults(), r.compile_s)
+          for name, r in runners.items()}
 
 
 def main(argv=None):
@@ -310,6 +300,7 @@ def main(argv=None):
                       "single-function references instead of the four optimizers")
   parser.add_argument("--no-time", action="store_true",
                       help="report state sizes only (no allocation)")
+  parser.add_argument("--json", default=None, help="also write the results to this JSON file")
   args = parser.parse_args(argv)
 
   device = jax.devices()[0]
@@ -322,43 +313,69 @@ def main(argv=None):
         f"warm-up {args.warmup}, median of {args.iters}, "
         f"{'sequential' if args.sequential else 'interleaved'}")
 
+  header = dict(date=str(datetime.date.today()), device=device.device_kind,
+                platform=device.platform, jax=jax.__version__, optax=optax.__version__,
+                size=size, params=n_params, dtype=args.dtype, warmup=args.warmup,
+                iters=args.iters, sequential=args.sequential)
   if args.blocks:
     # Two groups, so that at most ~8 states are resident at once.
     blocks = block_optimizers()
     names = list(blocks)
     groups = [names[:7], ["adamw"] + names[7:]]
     print()
-    print("| chain | update ms | × adamw (same group) | page faults |")
-    print("|---|---:|---:|---:|")
-    for group in groups:
+    print("| chain | update ms | × adamw (same group) | page faults | compile s |")
+    print("|---|---:|---:|---:|---:|")
+    results = []
+    for group_index, group in enumerate(groups):
       times = time_updates({n: blocks[n] for n in group}, shapes, warmup=args.warmup,
                            iters=args.iters, interleave=not args.sequential)
-      base_ms = times["adamw"][0]
+      base_ms = times["adamw"].ms
       for name in group:
-        ms, faults = times[name]
-        print(f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {faults:,.0f} |")
+        t = times[name]
+        results.append(dict(name=name, group=group_index, update_ms=t.ms,
+                            x_adamw=t.ms / base_ms, page_faults=t.faults, compile_s=t.compile_s))
+        print(f"| {name} | {t.ms:.1f} | {t.ms / base_ms:.2f} | {t.faults:,.0f} "
+              f"| {t.compile_s:.1f} |", flush=True)
+    _write_json(args.json, dict(header, blocks=results))
     return
 
   opts = optimizers(args.density)
   times = {} if args.no_time else time_updates(
       opts, shapes, warmup=args.warmup, iters=args.iters,
       interleave=not args.sequential)
-  rows = [(name, *times.get(name, (None, None)),
-           tree_bytes(jax.eval_shape(opt.init, shapes)))
-          for name, opt in opts.items()]
-
-  base_ms, base_bytes = rows[0][1], rows[0][3]
-  dense_spam_bytes = rows[1][3]
+  base_bytes = dense_spam_bytes = None
+  results = []
+  for name, opt in opts.items():
+    nbytes = tree_bytes(jax.eval_shape(opt.init, shapes))
+    base_bytes = base_bytes or nbytes
+    dense_spam_bytes = nbytes if name == "spam" else dense_spam_bytes
+    t = times.get(name)
+    results.append(dict(name=name, update_ms=t and t.ms, page_faults=t and t.faults,
+                        compile_s=t and t.compile_s, state_bytes=nbytes))
+  base_ms = results[0]["update_ms"]
   print()
   print("| optimizer | update ms | × adamw | page faults | state MiB | state × adamw "
         "| state × dense spam |")
   print("|---|---:|---:|---:|---:|---:|---:|")
-  for name, ms, faults, nbytes in rows:
+  for r in results:
+    ms, faults, nbytes = r["update_ms"], r["page_faults"], r["state_bytes"]
+    r["x_adamw"] = None if ms is None else ms / base_ms
+    r["state_x_adamw"] = nbytes / base_bytes
+    r["state_x_dense_spam"] = nbytes / dense_spam_bytes
     t = "—" if ms is None else f"{ms:.1f}"
-    r = "—" if ms is None else f"{ms / base_ms:.2f}"
+    x = "—" if ms is None else f"{r['x_adamw']:.2f}"
     f = "—" if faults is None else f"{faults:,.0f}"
-    print(f"| {name} | {t} | {r} | {f} | {nbytes / 2**20:,.1f} | "
-          f"{nbytes / base_bytes:.3f} | {nbytes / dense_spam_bytes:.3f} |")
+    print(f"| {r['name']} | {t} | {x} | {f} | {nbytes / 2**20:,.1f} | "
+          f"{r['state_x_adamw']:.3f} | {r['state_x_dense_spam']:.3f} |")
+  if times:
+    print("compile (s): " + ", ".join(f"{r['name']} {r['compile_s']:.1f}" for r in results))
+  _write_json(args.json, dict(header, optimizers=results))
+
+
+def _write_json(path: str | None, result: dict) -> None:
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ warmed up, as the median of `--steps` calls. Model FLOPs per token are
 6·N + 12·L·d·T (N: parameters without the input embedding; PaLM's convention,
 no causal halving); MFU is achieved model FLOP/s over `--peak_tflops` per device.
 
-  python -m experiments.bench_model                                  # GPU: 60m…1b, batch 64×256
-  python -m experiments.bench_model --models llama_60m --batch 8     # small, e.g. on a CPU
-  python -m experiments.bench_model --models llama_350m --quant bf16,int4,fp4 --remat
+  python -m experiments.benchmarks.bench_model                                  # GPU: 60m…1b, batch 64×256
+  python -m experiments.benchmarks.bench_model --models llama_60m --batch 8     # small, e.g. on a CPU
+  python -m experiments.benchmarks.bench_model --models llama_350m --quant bf16,int4,fp4 --remat
 
 Targets on one H100 (dense bf16 peak 989 TFLOP/s): bf16 MFU ≥ 40% at 350m, and an
 int4 step no slower than 1.3× the bf16 one.
@@ -24,11 +24,9 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import models
 from experiments import metrics
-
 
 
 def parse_args(argv=None):
@@ -42,6 +40,10 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10, help="timed calls (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--remat", action="store_true", help="rematerialise every block")
+  p.add_argument("--compile_only", action="store_true",
+                 help="compile on abstract parameters (nothing allocated) and report the time")
+  p.add_argument("--scan_layers", action="store_true",
+                 help="one decoder block scanned over the layers (LlamaConfig.scan_layers)")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -49,21 +51,27 @@ def parse_args(argv=None):
 
 
 def bench_one(name: str, quant_name: str, args) -> dict:
-  config = models.get_config(name, remat=args.remat)
+  config = models.get_config(name, remat=args.remat, scan_layers=args.scan_layers)
   quant = models.get_quant_config(quant_name)
   model = models.Llama(config, quant=quant)
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
+  init = jax.eval_shape if args.compile_only else jax.jit
+  params = nn.meta.unbox(init(model.init)(jax.random.key(1), tokens)["params"])
 
   def loss_fn(params, tokens, key):
     logits = model.apply({"params": params}, tokens, rngs={"quant": key})
     return models.cross_entropy_loss(logits[:, :-1], tokens[:, 1:])[0]
 
-  step = jax.jit(jax.value_and_grad(loss_fn))
   key = jax.random.key(2)
   t0 = time.perf_counter()
+  step = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
+  compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
+  if args.compile_only:
+    return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
+                scan_layers=config.scan_layers, remat=config.remat, compile_s=compile_s)
+  t0 = time.perf_counter()
   jax.block_until_ready(step(params, tokens, key))
-  compile_s = time.perf_counter() - t0
+  first_step_s = time.perf_counter() - t0
   for _ in range(args.warmup):
     jax.block_until_ready(step(params, tokens, key))
   times = []
@@ -78,7 +86,9 @@ def bench_one(name: str, quant_name: str, args) -> dict:
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak) if peak else None
   return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
-              params=models.count_params(config), step_s=step_s, compile_s=compile_s,
+              scan_layers=config.scan_layers, remat=config.remat,
+              params=models.count_params(config), step_s=step_s,
+              compile_s=compile_s, first_step_s=first_step_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
               mfu=mfu, loss=float(loss))
 
@@ -96,6 +106,10 @@ def main(argv=None):
     for quant_name in args.quant.split(","):
       r = bench_one(name.strip(), quant_name.strip(), args)
       results.append(r)
+      if args.compile_only:
+        print(f"| {r['model']} | {r['quant']} | {r['batch']}×{r['seq_len']} | compile only "
+              f"| | | | |", flush=True)
+        continue
       if quant_name.strip() == "bf16":
         base = r["step_s"]
       ratio = f"{r['step_s'] / base:.2f}×" if base else "–"
@@ -103,6 +117,9 @@ def main(argv=None):
       print(f"| {r['model']} | {r['quant']} | {r['batch']}×{r['seq_len']} | {1e3 * r['step_s']:.1f} "
             f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.3f} | {mfu} | {ratio} |",
             flush=True)
+  if results:
+    print("compile (s, step excluded): " + ", ".join(
+        f"{r['model']}/{r['quant']} {r['compile_s']:.1f}" for r in results), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)

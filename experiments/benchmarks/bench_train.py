@@ -14,9 +14,9 @@ the offline standard-library corpus): ``next_batch()`` of the training loader, i
 and tokens/s, and reports loader tokens/s ÷ step tokens/s. The loop prepares batch t+1 while
 step t runs on the device, so a ratio well above 1 means the data is never the bottleneck.
 
-  python -m experiments.bench_train                                  # GPU: 60m…1b, 3 optimizers
-  python -m experiments.bench_train --models llama_9m --batch 8 --length 128   # a CPU
-  python -m experiments.bench_train --models llama_1b --optimizers spam --activation_checkpointing
+  python -m experiments.benchmarks.bench_train                                  # GPU: 60m…1b, 3 optimizers
+  python -m experiments.benchmarks.bench_train --models llama_9m --batch 8 --length 128   # a CPU
+  python -m experiments.benchmarks.bench_train --models llama_1b --optimizers spam --activation_checkpointing
 
 Reference: the PyTorch peer (HF LLaMA + the official SPAM optimizer) on one H100 at batch
 64×256 runs 417k tokens/s (60m), 226k (130m), 95k (350m), 18k (1b). Target on one H100:
@@ -59,6 +59,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="auto", choices=config.DTYPES,
                  help="as the trainer's --dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--activation_checkpointing", action="store_true")
+  p.add_argument("--scan_layers", action="store_true", help="as the trainer's --scan_layers")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -78,11 +79,18 @@ def trainer_config(args, model: str, optimizer: str) -> config.TrainConfig:
           "--density", str(args.density)]
   if args.activation_checkpointing:
     argv.append("--activation_checkpointing")
+  if args.scan_layers:
+    argv.append("--scan_layers")
   return config.for_backend(config.parse_args(argv), jax.default_backend())
 
 
-def bench_step(args, model_name: str, optimizer_name: str) -> dict:
-  """Compiles and times the trainer's step for one model and optimizer."""
+@contextlib.contextmanager
+def trainer_step(args, model_name: str, optimizer_name: str):
+  """The trainer's jitted init and step for one model and optimizer, with a batch.
+
+  Yields ``(cfg, mcfg, init, step, batch)`` inside the trainer's mesh and logical-axis
+  rules: ``init(key)`` makes the sharded train state, ``step(state, batch)`` donates it.
+  """
   cfg = trainer_config(args, model_name, optimizer_name)
   mcfg = pretrain.model_config(cfg)  # keeps the config's vocabulary (32000), as on C4
   schedule = optimizers.make_schedule(cfg)
@@ -107,12 +115,21 @@ def bench_step(args, model_name: str, optimizer_name: str) -> dict:
     step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=0),
                    in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
-    state = init(jax.random.PRNGKey(cfg.seed))
     batch = sharding.to_global(tokens, batch_sharding, tokens.shape)
+    yield cfg, mcfg, init, step, batch
+
+
+def bench_step(args, model_name: str, optimizer_name: str) -> dict:
+  """Compiles and times the trainer's step for one model and optimizer."""
+  with trainer_step(args, model_name, optimizer_name) as (cfg, mcfg, init, step, batch):
+    state = init(jax.random.PRNGKey(cfg.seed))
+    t0 = time.perf_counter()
+    step = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
     t0 = time.perf_counter()
     state, step_metrics = step(state, batch)
     jax.block_until_ready((state, step_metrics))
-    compile_s = time.perf_counter() - t0
+    first_step_s = time.perf_counter() - t0
     for _ in range(args.warmup):
       state, step_metrics = step(state, batch)
     jax.block_until_ready((state, step_metrics))
@@ -130,8 +147,10 @@ def bench_step(args, model_name: str, optimizer_name: str) -> dict:
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak * jax.device_count()) if peak else None
   return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
+              scan_layers=mcfg.scan_layers, remat=mcfg.remat,
               batch=cfg.batch_size, length=cfg.max_length, params=models.count_params(mcfg),
               step_s=step_s, step_s_min=min(times), compile_s=compile_s,
+              first_step_s=first_step_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
               mfu=mfu, loss=loss)
 
@@ -195,7 +214,7 @@ def main(argv=None):
             f"| {mfu} | {ratio} | {_k(peer) if peer else '–'} | {vs_peer} |", flush=True)
   if results:
     compiled = ", ".join(f"{r['model']}/{r['optimizer']} {r['compile_s']:.0f}" for r in results)
-    print(f"compile + first step (s): {compiled}", flush=True)
+    print(f"compile (s, step excluded): {compiled}", flush=True)
   if backend == "gpu" and (args.batch, args.length) != (64, 256):
     print("note: the PyTorch peer numbers are for batch 64×256")
   if args.json:

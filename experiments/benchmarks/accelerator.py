@@ -1,0 +1,472 @@
+"""Every speed target, measured in one run on the machine it finds: JSON and a markdown table.
+
+Runs, each part in its own subprocess with its own time limit (so a slow or out-of-memory
+part loses only itself), in this order, skipping what no longer fits in ``--budget_s``:
+
+1. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
+   60m, 130m, 350m and 1b, batch 64×256;
+2. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b
+   (1b again with activation checkpointing if it runs out of memory);
+3. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, spam d=0.25, one resident at
+   a time;
+4. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256;
+5. ``hlo_stats`` of the trainer's step at 350m and of the spam update at 1b (kernels, cuDNN
+   attention or not, loops, scatters, donated buffers);
+6. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
+7. ``bench_model`` at 1b (with ``--remat`` if it runs out of memory).
+
+and checks the targets: SPAM ≤ 1.05× optax.adamw and Stable-SPAM ≤ 1.35× per update at 1b;
+MFU ≥ 40% at 350m in bf16; the int4 step ≤ 1.3× the bf16 step; the trainer ≥ 2× the peer's
+tokens/s at every size (ratios only between measurements of this run). Compilation is timed
+apart from the steps. Writes ``accelerator.json``, ``accelerator.md``, and every part's own
+JSON and log under ``parts/`` and ``logs/`` into ``--out`` (default ``$OUT``).
+
+  mkdir -p .peer && cp <path to>/torch_peer.py .peer/
+  PYTHONPATH=. python -m experiments.benchmarks.accelerator --torch_peer .peer/torch_peer.py --out $OUT
+  PYTHONPATH=. python -m experiments.benchmarks.accelerator --tiny --out /tmp/acc   # CPU, tiny sizes
+
+The peer script is not part of this project; without it (or without torch, transformers or
+a CUDA GPU) the peer is recorded as skipped, with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIZES = ("60m", "130m", "350m", "1b")
+TARGETS = dict(spam_x_adamw=1.05, stable_spam_x_adamw=1.35, mfu_350m_bf16=0.40,
+               int4_x_bf16=1.3, ours_x_peer=2.0)
+# Print the device, the backend and the library versions (the parent never imports jax, so
+# that it holds no accelerator memory while the parts run).
+_PROBE = """
+import json, platform
+from importlib import metadata
+import jax
+d = jax.devices()[0]
+info = dict(backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(),
+            python=platform.python_version(), host=platform.node())
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "torch", "transformers"):
+  try:
+    info[name] = metadata.version(name)
+  except metadata.PackageNotFoundError:
+    info[name] = None
+print("PROBE " + json.dumps(info))
+"""
+
+
+@dataclasses.dataclass
+class Part:
+  """One subprocess: ``argv`` after the interpreter; at most ``cap_s``; needs ``min_s`` left."""
+  name: str
+  argv: list
+  cap_s: float
+  min_s: float
+  json_file: str | None = None
+  env: dict = dataclasses.field(default_factory=dict)
+  retry_argv: list | None = None  # run once more with these arguments after running out of memory
+  result: dict = dataclasses.field(default_factory=dict)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.environ.get("OUT"),
+                 help="output folder (default: $OUT)")
+  p.add_argument("--budget_s", type=float, default=420.0,
+                 help="wall-clock budget of the whole run; parts that no longer fit are skipped")
+  p.add_argument("--torch_peer", default=None,
+                 help="path to the PyTorch peer script (torch_peer.py); none: peer skipped")
+  p.add_argument("--tiny", action="store_true",
+                 help="tiny sizes on whatever backend (a CPU test of the whole script)")
+  p.add_argument("--sizes", default=",".join(SIZES),
+                 help="bench_train / peer sizes (default: 60m,130m,350m,1b)")
+  p.add_argument("--parts", default=None,
+                 help="run only the parts whose name starts with one of these (comma-separated: "
+                      "peer, train, optimizer, model, blocks); the others are recorded as skipped")
+  args = p.parse_args(argv)
+  if not args.out:
+    p.error("give --out DIR (or set $OUT)")
+  if args.budget_s <= 0:
+    p.error(f"--budget_s must be > 0, got {args.budget_s}")
+  if args.torch_peer and not os.path.isfile(args.torch_peer):
+    p.error(f"--torch_peer {args.torch_peer}: no such file")
+  return args
+
+
+def _module(name: str) -> list:
+  return ["-m", f"experiments.benchmarks.{name}"]
+
+
+def plan(args, parts_dir: str) -> list:
+  """The parts in the order they run."""
+  js = lambda name: os.path.join(parts_dir, name + ".json")
+  sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+  if args.tiny:
+    train_sizes, model_sizes, model_late = ["9m"], ["9m"], []
+    batch, length, steps, warmup = 2, 16, 2, 1
+    opt_size, opt_iters, block_iters = "tiny", ["--warmup", "1", "--iters", "2"], [
+        "--warmup", "0", "--iters", "1"]
+    dtype = "auto"
+  else:
+    train_sizes, model_sizes, model_late = sizes, ["350m", "60m"], ["1b"]
+    batch, length, steps, warmup = 64, 256, 10, 2
+    opt_size, opt_iters, block_iters = "1b", ["--warmup", "3", "--iters", "20"], [
+        "--warmup", "2", "--iters", "10"]
+    dtype = "bfloat16"
+  train_caps = {"60m": (60, 20), "130m": (60, 20), "350m": (90, 30), "1b": (150, 45)}
+  model_caps = {"60m": (60, 20), "350m": (90, 30), "1b": (120, 50)}
+  parts = []
+  peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
+  peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,
+          "--batch", str(batch), "--length", str(length)] + (
+              ["--warmup", "1", "--iters", "2"] if args.tiny else [])
+  parts.append(Part("peer", peer, 150, 30, env={"OUT": os.path.join(parts_dir, "peer")}))
+  for size in train_sizes:
+    name = f"llama_{size}"
+    argv = _module("bench_train") + [
+        "--models", name, "--optimizers", "spam", "--dtype", dtype, "--batch", str(batch),
+        "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--no_loader",
+        "--json", js(f"train_{size}")]
+    cap, need = train_caps.get(size, (60, 10))
+    parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
+                      retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
+  parts.append(Part("optimizer", _module("bench_optimizer") + [
+      "--size", opt_size, "--sequential", "--json", js("optimizer")] + opt_iters,
+      120, 40, js("optimizer")))
+
+  def model_part(size):
+    argv = _module("bench_model") + [
+        "--models", f"llama_{size}", "--quant", "bf16,int4", "--batch", str(batch),
+        "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
+        "--json", js(f"model_{size}")]
+    cap, need = model_caps.get(size, (60, 10))
+    return Part(f"model_{size}", argv, cap, need, js(f"model_{size}"),
+                retry_argv=argv + ["--remat"] if size == "1b" else None)
+
+  parts += [model_part(s) for s in model_sizes]
+  hlo_model = "llama_9m" if args.tiny else "llama_350m"
+  parts.append(Part("hlo_train", _module("hlo_stats") + [
+      "--what", "train", "--model", hlo_model, "--optimizer", "spam", "--batch", str(batch),
+      "--length", str(length), "--dtype", dtype, "--json", js("hlo_train")], 90, 30,
+      js("hlo_train")))
+  parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
+      "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
+      "--json", js("hlo_optimizer")], 60, 20, js("hlo_optimizer")))
+  parts.append(Part("blocks", _module("bench_optimizer") + [
+      "--size", opt_size, "--sequential", "--blocks", "--json", js("blocks")] + block_iters,
+      150, 60, js("blocks")))
+  parts += [model_part(s) for s in model_late]
+  if args.tiny:  # a loaded CPU: only the budget limits the parts
+    for part in parts:
+      part.cap_s, part.min_s = args.budget_s, 1
+  return parts
+
+
+def _peer_skip_reason(args, probe: dict) -> str | None:
+  if not args.torch_peer:
+    return "no --torch_peer given (the peer script is not part of the project)"
+  for module in ("torch", "transformers"):
+    if importlib.util.find_spec(module) is None:
+      return f"{module} is not installed"
+  if probe.get("backend") != "gpu":
+    return f"no CUDA GPU (jax backend: {probe.get('backend', 'unknown')})"
+  return None
+
+
+def run_part(part: Part, timeout_s: float, logs_dir: str, env: dict) -> dict:
+  """Runs one part; returns its status, wall time and, on failure, the log's last line."""
+  cmd = [sys.executable] + part.argv
+  log_path = os.path.join(logs_dir, part.name + ".log")
+  t0 = time.perf_counter()
+  with open(log_path, "w", encoding="utf-8") as log:
+    log.write("$ " + shlex.join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **part.env}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+      rc = proc.wait(timeout=timeout_s)
+      status = "ok" if rc == 0 else "failed"
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, 9)  # the part's own process group (start_new_session)
+      proc.wait()
+      rc, status = None, "timeout"
+  wall_s = time.perf_counter() - t0
+  with open(log_path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  result = dict(status=status, rc=rc, wall_s=round(wall_s, 1), limit_s=round(timeout_s, 1),
+                cmd=shlex.join(cmd), log=os.path.relpath(log_path, os.path.dirname(logs_dir)))
+  if status != "ok":
+    lines = [l for l in text.splitlines() if l.strip()]
+    result["reason"] = "out of memory" if _oom(text) else (lines[-1][:300] if lines else "")
+  result["stdout"] = text
+  return result
+
+
+def _oom(text: str) -> bool:
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                 "OutOfMemoryError"))
+
+
+def _read_json(path: str | None):
+  if not path or not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _peer_rows(part: Part) -> list:
+  """The peer's JSON lines from its output (kept even when it was stopped part-way)."""
+  rows = []
+  for line in part.result.get("stdout", "").splitlines():
+    line = line.strip()
+    if line.startswith("{") and '"size"' in line:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass
+  return rows
+
+
+def collect(parts: dict) -> dict:
+  """Results of every part and the targets they decide."""
+  res = {"optimizer": None, "blocks": None, "model": [], "train": [], "peer": [], "hlo": []}
+  if "optimizer" in parts:
+    res["optimizer"] = _read_json(parts["optimizer"].json_file)
+  if "blocks" in parts:
+    res["blocks"] = _read_json(parts["blocks"].json_file)
+  for name, part in parts.items():
+    data = _read_json(part.json_file)
+    if name.startswith("model_") and data:
+      res["model"] += data
+    if name.startswith("train_") and data:
+      res["train"] += data["steps"]
+    if name.startswith("hlo_") and data:
+      res["hlo"].append(data)
+  if "peer" in parts:
+    res["peer"] = _peer_rows(parts["peer"])
+  res["targets"] = targets(res)
+  return res
+
+
+def _status(value, limit, at_most: bool) -> str:
+  if value is None:
+    return "not measured"
+  return "met" if (value <= limit if at_most else value >= limit) else "missed"
+
+
+def targets(res: dict) -> list:
+  """One row per target and size: value, limit, met / missed / not measured."""
+  rows = []
+
+  def add(name, value, limit, at_most, note=""):
+    rows.append(dict(target=name, value=value, limit=limit, at_most=at_most,
+                     status=_status(value, limit, at_most), note=note))
+
+  opt = {r["name"]: r for r in (res["optimizer"] or {}).get("optimizers", [])}
+  size = (res["optimizer"] or {}).get("size", "1b")
+  for key, name in (("spam", "spam_x_adamw"), ("stable_spam", "stable_spam_x_adamw")):
+    value = opt.get(key, {}).get("x_adamw")
+    add(f"{key} update ÷ optax.adamw ({size})", value, TARGETS[name], True)
+  bf16 = {r["model"]: r for r in res["model"] if r["quant"] == "bf16"}
+  add("MFU, llama_350m bf16", bf16.get("llama_350m", {}).get("mfu"), TARGETS["mfu_350m_bf16"],
+      False)
+  for r in res["model"]:
+    if r["quant"] == "int4" and r["model"] in bf16:
+      add(f"int4 step ÷ bf16 step, {r['model']}", r["step_s"] / bf16[r["model"]]["step_s"],
+          TARGETS["int4_x_bf16"], True)
+  peer = {"llama_" + p["size"]: p for p in res["peer"] if "tokens_per_s" in p}
+  for r in res["train"]:
+    p = peer.get(r["model"])
+    add(f"trainer tokens/s ÷ PyTorch peer, {r['model']}",
+        r["tokens_per_s"] / p["tokens_per_s"] if p else None, TARGETS["ours_x_peer"], False,
+        "" if p else "no peer measurement in this run")
+  return rows
+
+
+def _f(x, fmt="{:.1f}", none="–"):
+  return none if x is None else fmt.format(x)
+
+
+def markdown(report: dict) -> str:
+  env, res = report["environment"], report["results"]
+  lines = [f"# Accelerator benchmarks, {report['date']}", "",
+           f"**Device:** {env.get('device_kind', '?')} × {env.get('devices', '?')} "
+           f"({env.get('backend', '?')}), host {env.get('host', '?')}; jax {env.get('jax')}, "
+           f"flax {env.get('flax')}, optax {env.get('optax')}, orbax-checkpoint "
+           f"{env.get('orbax-checkpoint')}, torch {env.get('torch')}, "
+           f"transformers {env.get('transformers')}.",
+           f"**Command:** `{report['command']}` (budget {report['budget_s']:.0f} s, "
+           f"used {report['wall_s']:.0f} s)."]
+  if report["tiny"]:
+    lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
+                 "the targets.")
+  lines += ["", "## Targets", "", "| target | measured | limit | status |", "|---|---:|---:|---|"]
+  for t in res["targets"]:
+    pct = "MFU" in t["target"]
+    value = _f(t["value"], "{:.1%}" if pct else "{:.2f}×")
+    limit = ("≤ " if t["at_most"] else "≥ ") + (
+        f"{t['limit']:.0%}" if pct else f"{t['limit']:.2f}×")
+    note = f" ({t['note']})" if t["note"] else ""
+    lines.append(f"| {t['target']} | {value} | {limit} | {t['status']}{note} |")
+  opt = res["optimizer"]
+  if opt:
+    lines += ["", f"## Optimizer update, {opt['size']} ({opt['params']:,} params, "
+              f"{opt['dtype']}, median of {opt['iters']})", "",
+              "| optimizer | update ms | × adamw | compile s | state MiB |",
+              "|---|---:|---:|---:|---:|"]
+    for r in opt["optimizers"]:
+      lines.append(f"| {r['name']} | {_f(r['update_ms'], '{:.2f}')} | "
+                   f"{_f(r['x_adamw'], '{:.2f}')} | {_f(r['compile_s'])} | "
+                   f"{r['state_bytes'] / 2**20:,.1f} |")
+  if res["train"] or res["peer"]:
+    lines += ["", "## Trainer step (spam) and the PyTorch peer (HF LLaMA bf16 + fused AdamW)",
+              "", "| model | batch×len | ours step ms | ours tokens/s | ours MFU | compile s "
+              "| peer step ms | peer tokens/s | peer MFU | ours ÷ peer |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    peer = {"llama_" + p["size"]: p for p in res["peer"]}
+    names = [r["model"] for r in res["train"]] + [m for m in peer if m not in
+                                                   {r["model"] for r in res["train"]}]
+    ours = {r["model"]: r for r in res["train"]}
+    for m in names:
+      o, p = ours.get(m, {}), peer.get(m, {})
+      ratio = (o["tokens_per_s"] / p["tokens_per_s"]
+               if o.get("tokens_per_s") and p.get("tokens_per_s") else None)
+      remat = " (remat)" if o.get("remat") else ""
+      shape = f"{o.get('batch', p.get('batch'))}×{o.get('length', p.get('length'))}"
+      lines.append(
+          f"| {m}{remat} | {shape} | {_f(o.get('step_s') and 1e3 * o['step_s'])} | "
+          f"{_f(o.get('tokens_per_s'), '{:,.0f}')} | {_f(o.get('mfu'), '{:.1%}')} | "
+          f"{_f(o.get('compile_s'))} | {_f(p.get('step_ms'))} | "
+          f"{_f(p.get('tokens_per_s'), '{:,.0f}')} | {_f(p.get('mfu'), '{:.1%}')} | "
+          f"{_f(ratio, '{:.2f}×')}{' — ' + p['error'] if p.get('error') else ''} |")
+  if res["model"]:
+    lines += ["", "## Model forward+backward", "",
+              "| model | quant | batch×len | step ms | tokens/s | MFU | vs bf16 | compile s |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    bf16 = {r["model"]: r["step_s"] for r in res["model"] if r["quant"] == "bf16"}
+    for r in res["model"]:
+      vs = r["step_s"] / bf16[r["model"]] if r["model"] in bf16 else None
+      remat = " (remat)" if r.get("remat") else ""
+      lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
+                   f"{1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                   f"{_f(r['mfu'], '{:.1%}')} | {_f(vs, '{:.2f}×')} | {r['compile_s']:.1f} |")
+  if res["hlo"]:
+    lines += ["", "## Compiled HLO (hlo_stats)", "",
+              "| step | fusions | while loops | scatters | copies | custom calls | cuDNN attention "
+              "| outputs in donated buffers | donation warnings |",
+              "|---|---:|---:|---:|---:|---|---|---:|---|"]
+    for h in res["hlo"]:
+      calls = ", ".join(f"{k} ×{v}" for k, v in h["custom_calls"].items()) or "–"
+      ops = h["ops"]
+      lines.append(f"| {h['what']} | {ops.get('fusion', 0)} | {ops.get('while', 0)} | "
+                   f"{ops.get('scatter', 0)} | {ops.get('copy', 0)} | {calls} | "
+                   f"{'yes' if h['cudnn_attention'] else 'no'} | {h['aliased_outputs']} | "
+                   f"{len(h['donation_warnings']) or 'none'} |")
+  blocks = res["blocks"]
+  if blocks:
+    lines += ["", f"## Where the optimizer time goes (`--blocks`, {blocks['size']})", "",
+              "| chain | update ms | × adamw (same group) | compile s |", "|---|---:|---:|---:|"]
+    for r in blocks["blocks"]:
+      lines.append(f"| {r['name']} | {r['update_ms']:.2f} | {r['x_adamw']:.2f} | "
+                   f"{r['compile_s']:.1f} |")
+  lines += ["", "## Parts", "", "| part | status | wall s | limit s | note |",
+            "|---|---|---:|---:|---|"]
+  for p in report["parts"]:
+    note = (p.get("reason") or "").replace("|", "\\|")
+    lines.append(f"| {p['name']} | {p['status']} | {_f(p.get('wall_s'))} | "
+                 f"{_f(p.get('limit_s'))} | {note} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  start = time.perf_counter()
+  out = os.path.abspath(args.out)
+  parts_dir, logs_dir = os.path.join(out, "parts"), os.path.join(out, "logs")
+  for d in (parts_dir, logs_dir, os.path.join(parts_dir, "peer")):
+    os.makedirs(d, exist_ok=True)
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  if args.tiny:
+    env.setdefault("JAX_PLATFORMS", "cpu")
+
+  def left() -> float:
+    return args.budget_s - (time.perf_counter() - start)
+
+  print(f"# accelerator benchmarks: budget {args.budget_s:.0f} s, out {out}", flush=True)
+  probe_part = Part("probe", ["-c", _PROBE], 90, 5)
+  probe_part.result = run_part(probe_part, min(90.0, max(left(), 1.0)), logs_dir, env)
+  probe = {}
+  for line in probe_part.result["stdout"].splitlines():
+    if line.startswith("PROBE "):
+      probe = json.loads(line[len("PROBE "):])
+  print(f"device: {probe or probe_part.result.get('reason')}", flush=True)
+
+  parts = plan(args, parts_dir)
+  peer_skip = _peer_skip_reason(args, probe)
+  done = {"probe": probe_part}
+  selected = [p.strip() for p in (args.parts or "").split(",") if p.strip()]
+  for part in parts:
+    if selected and not any(part.name.startswith(p) for p in selected):
+      part.result = dict(status="skipped", reason="not in --parts")
+    elif part.name == "peer" and peer_skip:
+      part.result = dict(status="skipped", reason=peer_skip)
+    elif left() < part.min_s:
+      part.result = dict(status="skipped",
+                         reason=f"budget: {max(left(), 0):.0f} s left, needs ≥ {part.min_s:.0f} s")
+    else:
+      part.result = run_part(part, min(part.cap_s, left()), logs_dir, env)
+      if (part.result["status"] == "failed" and part.retry_argv
+          and part.result.get("reason") == "out of memory" and left() >= part.min_s):
+        first = part.result
+        part.argv = part.retry_argv
+        part.result = run_part(part, min(part.cap_s, left()), logs_dir, env)
+        part.result["retried_after"] = "out of memory: " + first["cmd"]
+    done[part.name] = part
+    print(f"{part.name}: {part.result['status']} "
+          f"({part.result.get('wall_s', 0):.0f} s) {part.result.get('reason', '')}", flush=True)
+    if part.name == "peer" and part.result["status"] not in ("ok", "skipped"):
+      rows = _peer_rows(part)
+      if rows:
+        part.result["reason"] = f"{part.result.get('reason', '')}; kept {len(rows)} size(s)"
+
+  results = collect(done)
+  report = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      command=shlex.join(["python", "-m", "experiments.benchmarks.accelerator"]
+                         + (sys.argv[1:] if argv is None else list(argv))),
+      budget_s=args.budget_s, wall_s=time.perf_counter() - start, tiny=args.tiny,
+      environment={**probe, "platform": platform.platform(), "commit": _commit()},
+      parts=[dict(name=n, **{k: v for k, v in p.result.items() if k != "stdout"})
+             for n, p in done.items()],
+      results=results)
+  with open(os.path.join(out, "accelerator.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  text = markdown(report)
+  with open(os.path.join(out, "accelerator.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  print(text, flush=True)
+  return report
+
+
+def _commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,135 @@
+"""What the compiler made of the trainer's step or one optimizer update: a summary of the HLO.
+
+Compiles (without running or allocating) the trainer's step (``bench_train.trainer_step``) or
+one donated optimizer update (``bench_optimizer``'s layout) for this machine's backend and
+counts what matters for speed in the optimized HLO: kernels (fusions, by kind), custom calls
+(cuDNN attention shows as ``__cudnn$fmha...``), while loops (``lax.scan``: accumulation,
+scanned layers), scatters and gathers (sparse moments), sorts, copies, collectives, and how
+many outputs reuse a donated input buffer. Donation warnings raised while compiling are kept.
+
+  python -m experiments.benchmarks.hlo_stats --what train --model llama_60m --optimizer spam
+  python -m experiments.benchmarks.hlo_stats --what optimizer --size small --optimizer spam
+  python -m experiments.benchmarks.hlo_stats --what train --dump /tmp/hlo   # also the HLO text
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import warnings
+
+import jax
+import optax
+
+from experiments.benchmarks import bench_optimizer, bench_train
+
+_OP = re.compile(r"=\s*[^=]*?\s([a-z][a-z0-9\-]*)\(")
+_FUSION_KIND = re.compile(r"\sfusion\(.*kind=(k[A-Za-z]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_ALIAS = re.compile(r"input_output_alias=\{(.*?)\}(?:,\s*[a-z_]+=|\n|$)")
+
+
+def summarize(hlo_text: str) -> dict:
+  """Counts of the instructions of an optimized HLO module that matter for speed."""
+  ops = collections.Counter()
+  kinds = collections.Counter()
+  targets = collections.Counter()
+  for line in hlo_text.splitlines():
+    m = _OP.search(line)
+    if not m or line.lstrip().startswith(("HloModule", "ENTRY", "%fused", "fused")):
+      continue
+    ops[m.group(1)] += 1
+    if m.group(1) == "fusion":
+      k = _FUSION_KIND.search(line)
+      kinds[k.group(1) if k else "?"] += 1
+    if m.group(1) == "custom-call":
+      t = _TARGET.search(line)
+      targets[t.group(1) if t else "?"] += 1
+  header = hlo_text.splitlines()[0] if hlo_text else ""
+  alias = _ALIAS.search(header)
+  aliased = len(re.findall(r"may-alias|must-alias", alias.group(1))) if alias else 0
+  keep = ("fusion", "while", "conditional", "scatter", "gather", "sort", "copy",
+          "dynamic-update-slice", "dynamic-slice", "all-reduce", "all-gather",
+          "reduce-scatter", "custom-call", "dot", "convolution", "reduce", "rng-bit-generator")
+  return dict(ops={k: ops[k] for k in keep if ops[k]}, fusion_kinds=dict(kinds),
+              custom_calls=dict(targets), aliased_outputs=aliased,
+              cudnn_attention=any("fmha" in t for t in targets))
+
+
+def _compile(lowered):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    compiled = lowered.compile()
+  donation = [str(w.message).splitlines()[0] for w in caught if "donat" in str(w.message)]
+  return compiled, donation
+
+
+def train_hlo(args) -> tuple[str, dict]:
+  ns = bench_train.parse_args(["--models", args.model, "--optimizers", args.optimizer,
+                               "--batch", str(args.batch), "--length", str(args.length),
+                               "--dtype", args.dtype, "--density", str(args.density)]
+                              + (["--scan_layers"] if args.scan_layers else [])
+                              + (["--activation_checkpointing"] if args.remat else []))
+  with bench_train.trainer_step(ns, args.model, args.optimizer) as (cfg, _, init, step, batch):
+    state = jax.eval_shape(init, jax.random.PRNGKey(cfg.seed))
+    compiled, donation = _compile(step.lower(state, batch))
+    n_state = len(jax.tree.leaves(state))
+  return compiled.as_text(), dict(state_leaves=n_state, donation_warnings=donation)
+
+
+def optimizer_hlo(args) -> tuple[str, dict]:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES[args.size], jnp.float32)
+  opts = {**bench_optimizer.optimizers(0.25), "spam_sparse": bench_optimizer.optimizers(0.25)[
+      "spam d=0.25"]}
+  opt = opts[args.optimizer]
+
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.eval_shape(opt.init, shapes)
+  compiled, donation = _compile(jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes))
+  n = len(jax.tree.leaves(shapes)) + len(jax.tree.leaves(state))
+  return compiled.as_text(), dict(donated_leaves=n, param_leaves=len(jax.tree.leaves(shapes)),
+                                  donation_warnings=donation)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--what", choices=("train", "optimizer"), default="train")
+  p.add_argument("--model", default="llama_60m", help="--what train: the model config")
+  p.add_argument("--optimizer", default="spam",
+                 help="train: a trainer --optimizer; optimizer: adamw, spam, stable_spam, "
+                      "spam_sparse")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--length", type=int, default=256)
+  p.add_argument("--dtype", default="auto")
+  p.add_argument("--density", type=float, default=1.0)
+  p.add_argument("--scan_layers", action="store_true")
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--size", default="small", choices=sorted(bench_optimizer.SIZES),
+                 help="--what optimizer: the parameter layout")
+  p.add_argument("--dump", default=None, help="folder to write the optimized HLO text into")
+  p.add_argument("--json", default=None, help="also write the summary to this JSON file")
+  args = p.parse_args(argv)
+  text, extra = train_hlo(args) if args.what == "train" else optimizer_hlo(args)
+  label = (f"train-{args.model}-{args.optimizer}{'-scan' if args.scan_layers else ''}"
+           if args.what == "train" else f"optimizer-{args.size}-{args.optimizer}")
+  summary = dict(what=label, backend=jax.default_backend(),
+                 device=jax.devices()[0].device_kind, **summarize(text), **extra)
+  print(json.dumps(summary, indent=1), flush=True)
+  if args.dump:
+    os.makedirs(args.dump, exist_ok=True)
+    with open(os.path.join(args.dump, label + ".hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(text)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+if __name__ == "__main__":
+  main()

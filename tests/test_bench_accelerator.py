@@ -1,0 +1,79 @@
+"""experiments/benchmarks/accelerator.py: parts in subprocesses, the budget, targets, reports."""
+import importlib.util
+import json
+
+import pytest
+
+from experiments.benchmarks import accelerator
+
+
+def _report(out):
+  with open(out / "accelerator.json", encoding="utf-8") as f:
+    report = json.load(f)
+  return report, (out / "accelerator.md").read_text(encoding="utf-8")
+
+
+def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
+  peer = tmp_path / "torch_peer.py"  # a stand-in: the peer is skipped on a CPU before it runs
+  peer.write_text("raise SystemExit('must not run')\n")
+  out = tmp_path / "out"
+  accelerator.main(["--tiny", "--parts", "train,peer,hlo_train", "--torch_peer", str(peer),
+                    "--out", str(out)])
+  report, md = _report(out)
+  parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
+  assert list(parts) == ["probe", "peer", "train_9m", "optimizer", "model_9m", "hlo_train",
+                         "hlo_optimizer", "blocks"]
+  assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
+  no_torch = importlib.util.find_spec("torch") is None
+  assert parts["peer"] == {"status": "skipped", "reason": "torch is not installed" if no_torch
+                           else "no CUDA GPU (jax backend: cpu)"}
+  assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
+  for name in ("optimizer", "model_9m", "hlo_optimizer", "blocks"):
+    assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
+  (train,) = report["results"]["train"]
+  assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
+  assert train["tokens_per_s"] > 0 and train["compile_s"] > 0 and (train["batch"], train["length"]) == (2, 16)
+  peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
+  assert [t["status"] for t in peer_row] == ["not measured"]
+  assert "| train_9m | ok |" in md and "| peer | skipped |" in md
+  # The compiled trainer step: the donated state is reused in place, without a warning.
+  assert parts["hlo_train"]["status"] == "ok", parts["hlo_train"]
+  (hlo,) = report["results"]["hlo"]
+  assert hlo["donation_warnings"] == [] and hlo["aliased_outputs"] > 0
+  assert hlo["ops"]["while"] >= 1 and not hlo["cudnn_attention"]  # accumulation scan; CPU
+  assert "| train-llama_9m-spam |" in md
+  assert "## Targets" in md and "| llama_9m | 2×16 |" in md and "--tiny" in report["command"]
+
+
+def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
+  accelerator.main(["--tiny", "--budget_s", "1", "--out", str(tmp_path)])
+  report, md = _report(tmp_path)
+  parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
+  assert parts["peer"]["reason"].startswith("no --torch_peer given")
+  for name in ("train_9m", "optimizer", "model_9m", "hlo_train", "hlo_optimizer", "blocks"):
+    assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
+  assert all(t["status"] == "not measured" for t in report["results"]["targets"])
+  assert "| blocks | skipped |" in md
+
+
+def test_targets_from_part_results():
+  opt = {"size": "1b", "optimizers": [
+      {"name": "adamw", "x_adamw": 1.0}, {"name": "spam", "x_adamw": 1.04},
+      {"name": "stable_spam", "x_adamw": 1.5}]}
+  model = [dict(model="llama_350m", quant="bf16", step_s=0.10, mfu=0.42),
+           dict(model="llama_350m", quant="int4", step_s=0.14, mfu=0.30),
+           dict(model="llama_60m", quant="bf16", step_s=0.02, mfu=0.2),
+           dict(model="llama_60m", quant="int4", step_s=0.025, mfu=0.16)]
+  train = [dict(model="llama_60m", tokens_per_s=900e3), dict(model="llama_1b", tokens_per_s=30e3)]
+  peer = [dict(size="60m", tokens_per_s=400e3), dict(size="1b", error="out of memory")]
+  rows = {t["target"]: t for t in accelerator.targets(
+      dict(optimizer=opt, model=model, train=train, peer=peer))}
+  assert rows["spam update ÷ optax.adamw (1b)"]["status"] == "met"
+  assert rows["stable_spam update ÷ optax.adamw (1b)"]["status"] == "missed"
+  assert rows["MFU, llama_350m bf16"]["status"] == "met"
+  assert rows["int4 step ÷ bf16 step, llama_350m"]["value"] == pytest.approx(1.4)
+  assert rows["int4 step ÷ bf16 step, llama_350m"]["status"] == "missed"
+  assert rows["int4 step ÷ bf16 step, llama_60m"]["status"] == "met"
+  assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["value"] == pytest.approx(2.25)
+  assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["status"] == "met"
+  assert rows["trainer tokens/s ÷ PyTorch peer, llama_1b"]["status"] == "not measured"
