@@ -99,7 +99,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_args, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (dict(model_config="llama_nope"), "unknown model"),
-    (dict(optimizer="adamax"), "unknown --optimizer"),
+    (dict(optimizer="adamax"), "not a choice"),
     (dict(density=0.0), "density must be in"),
     (dict(density=1.5), "density must be in"),
     (dict(dataset="/does/not/exist.jsonl"), "no such file"),
