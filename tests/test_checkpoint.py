@@ -161,3 +161,46 @@ def test_a_second_signal_exits_at_once():
   assert p.returncode == 128 + signal.SIGINT
   assert p.stdout == f"flag {int(signal.SIGTERM)}\n"
   assert "SIGINT again: exiting now; the last complete checkpoint is kept" in p.stderr
+
+
+TWO_PROCESSES = """
+import json, os, signal, sys, time
+import jax
+jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], 2,
+                           int(os.environ["JAX_PROCESS_ID"]))
+from experiments import preemption
+signalled, name = int(sys.argv[1]), sys.argv[2]
+with preemption.Preemption() as stop:
+  stop.arm()
+  stopped = None
+  for step in range(1, 400):
+    time.sleep(0.05)  # a training step
+    if step == 3 and jax.process_index() == signalled:
+      os.kill(os.getpid(), getattr(signal, name))
+    if stop.reached(step):
+      stopped = step
+      break
+print(json.dumps({"stopped": stopped, "signum": stop.signum}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("signalled, name", [(1, "SIGTERM"), (0, "SIGINT")])
+def test_two_processes_agree_on_the_step_to_save(tmp_path, signalled, name):
+  """JAX's preemption sync: one host gets the signal, both stop at the same step."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             JAX_COORDINATOR_ADDRESS=f"localhost:{port}")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(signalled), name],
+                            env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  assert outs[0]["stopped"] is not None and outs[0]["stopped"] == outs[1]["stopped"]
+  assert outs[signalled]["signum"] == getattr(signal, name)
