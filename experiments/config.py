@@ -10,9 +10,13 @@ values explicitly; see docs/training.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import json
 import math
+import os
+import re
 
 OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -96,6 +100,7 @@ class TrainConfig:
   distributed: bool = False
   # debugging
   inject_nan_at_step: int | None = None
+  inject_signal: str | None = None  # "STEP:TERM", "STEP:TERM,TERM", "STEP:KILL"
 
   @property
   def accum_steps(self) -> int:
@@ -105,14 +110,76 @@ class TrainConfig:
     return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
 
+class UsageError(SystemExit):
+  """A bad flag or value: one ``error: ...`` line, exit status 2 (argparse's convention)."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.code = 2
+
+
+def fail(message: str):
+  """Stops with a one-line error before anything is compiled or written."""
+  raise UsageError(f"error: {message}")
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """Turns a helper's ``SystemExit("message")`` (data, tokenizer, mesh) into a UsageError."""
+  try:
+    yield
+  except UsageError:
+    raise
+  except SystemExit as e:
+    if not isinstance(e.code, str):
+      raise
+    raise UsageError(f"error: {e.code.removeprefix('error: ')}") from None
+
+
+def did_you_mean(name: str, candidates) -> str:
+  """`` (did you mean X?)`` for the closest candidate, or nothing."""
+  close = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.5)
+  return f" (did you mean {close[0]}?)" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse's own errors (unknown flag, bad choice, bad number) as one line, not the usage."""
+
+  def error(self, message: str):
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+      flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("-")]
+      names = [f"{f}{did_you_mean(f, self._option_string_actions)}" for f in flags]
+      message = f"unknown flag {', '.join(names) or unknown.group(1)}"
+    choice = re.match(r"argument (--\w+).*: invalid choice: '(.*?)'", message)
+    if choice:
+      flag, value = choice.groups()
+      options = self._option_string_actions[flag].choices
+      message = (f"{flag} {value!r} is not a choice{did_you_mean(value, options)}; "
+                 f"choose one of {', '.join(options)}")
+    fail(message)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends ``(default: X)`` unless the help already says what the default is."""
+
+  def _get_help_string(self, action):
+    if "default" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
+
+
 def _bool_flag(p: argparse.ArgumentParser, name: str, help_: str) -> None:
+  default = getattr(TrainConfig, name)
+  if "default" not in help_ and isinstance(default, bool):
+    help_ += f" (default: {'on' if default else 'off'})"
   p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_)
 
 
 def build_parser() -> argparse.ArgumentParser:
   d = TrainConfig()
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.pretrain",
+  p = _Parser(
+      prog="python -m experiments.pretrain", formatter_class=_HelpFormatter,
       description="Pretrain LLaMA with SPAM / Stable-SPAM / baselines (JAX). "
                   "No flags: a small offline demo on CPU.")
   a = p.add_argument
@@ -127,20 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")
-  g.add_argument("--optimizer", default=d.optimizer, type=str.lower,
-                 help=f"one of {', '.join(OPTIMIZERS)}")
-  g.add_argument("--lr", type=float, default=d.lr)
-  g.add_argument("--beta1", type=float, default=d.beta1)
-  g.add_argument("--beta2", type=float, default=d.beta2)
+  g.add_argument("--optimizer", default=d.optimizer, type=str.lower, choices=OPTIMIZERS,
+                 help="the update rule")
+  g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+  g.add_argument("--beta1", type=float, default=d.beta1, help="first-moment decay")
+  g.add_argument("--beta2", type=float, default=d.beta2, help="second-moment decay")
   g.add_argument("--eps", type=float, default=None,
                  help="default: the optimizer's own (1e-6 for SPAM as officially, 1e-8 else)")
-  g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+  g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="weight decay")
   g.add_argument("--grad_clipping", type=float, default=d.grad_clipping,
                  help="global gradient-norm clip; 0 = off (the papers)")
-  g.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULERS)
-  g.add_argument("--min_lr_ratio", type=float, default=d.min_lr_ratio)
-  g.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
-  g.add_argument("--num_training_steps", type=int, default=d.num_training_steps)
+  g.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULERS,
+                 help="learning-rate schedule after the linear warm-up")
+  g.add_argument("--min_lr_ratio", type=float, default=d.min_lr_ratio,
+                 help="final learning rate / peak")
+  g.add_argument("--warmup_steps", type=int, default=d.warmup_steps,
+                 help="linear warm-up from 0")
+  g.add_argument("--num_training_steps", type=int, default=d.num_training_steps,
+                 help="optimizer steps")
   g = p.add_argument_group("SPAM")
   g.add_argument("--density", type=float, default=d.density,
                  help="sparse-momentum density for attention/MLP projection weights, in (0, 1]")
@@ -155,31 +226,35 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("Stable-SPAM")
   g.add_argument("--gamma1", type=float, default=None,
                  help="AdaGN/AdaClip EMA factors (default: spam_optax's 0.7, 0.9, 0.999)")
-  g.add_argument("--gamma2", type=float, default=None)
-  g.add_argument("--gamma3", type=float, default=None)
+  g.add_argument("--gamma2", type=float, default=None, help="default: 0.9")
+  g.add_argument("--gamma3", type=float, default=None, help="default: 0.999")
   g.add_argument("--total_T", type=int, default=d.total_T,
                  help="steps of Stable-SPAM's reset schedule (default: --num_training_steps)")
-  g.add_argument("--eta_min", type=float, default=d.eta_min)
+  g.add_argument("--eta_min", type=float, default=d.eta_min,
+                 help="lowest LR factor of the warm-up after a reset")
   g = p.add_argument_group("4-bit training")
   _bool_flag(g, "weight_quant", "fake-quantize projection weights only")
-  g.add_argument("--weight_bits", type=int, default=d.weight_bits)
-  g.add_argument("--weight_group_size", type=int, default=d.weight_group_size)
+  g.add_argument("--weight_bits", type=int, default=d.weight_bits, help="bits per weight")
+  g.add_argument("--weight_group_size", type=int, default=d.weight_group_size,
+                 help="weights sharing one scale")
   _bool_flag(g, "act_quant", "fake-quantize projection weights and inputs (W4A4 with "
              "--weight_bits 4, as the official --act_quant)")
   g.add_argument("--act_bits", type=int, default=None, help="default: --weight_bits")
   g.add_argument("--act_group_size", type=int, default=None,
                  help="default: --weight_group_size (what the official code effectively runs)")
-  g.add_argument("--act_topk", type=int, default=d.act_topk)
+  g.add_argument("--act_topk", type=int, default=d.act_topk,
+                 help="outliers per activation group kept in full precision")
   _bool_flag(g, "act_stochastic", "stochastic rounding of activations")
   _bool_flag(g, "fp4", "FP4 weights and inputs (the official 9-level grid) instead of INT")
   g = p.add_argument_group("batch")
   g.add_argument("--batch_size", type=int, default=d.batch_size,
                  help="sequences per forward/backward pass, over all devices")
   g.add_argument("--total_batch_size", type=int, default=d.total_batch_size,
-                 help="sequences per optimizer step (gradient accumulation)")
+                 help="sequences per optimizer step (gradient accumulation; "
+                      "default: --batch_size)")
   g.add_argument("--gradient_accumulation", type=int, default=None,
-                 help="micro-batches per step, alternative to --total_batch_size")
-  g.add_argument("--max_length", type=int, default=d.max_length)
+                 help="micro-batches per step, alternative to --total_batch_size (default: 1)")
+  g.add_argument("--max_length", type=int, default=d.max_length, help="tokens per row")
   g = p.add_argument_group("data")
   g.add_argument("--dataset", default=d.dataset,
                  help="stdlib (offline demo), c4, or a .txt/.jsonl/.parquet file or directory")
@@ -188,23 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--tokenizer", default=d.tokenizer,
                  help="auto (t5-base for c4, bytes otherwise), bytes, or a HF tokenizer")
   _bool_flag(g, "packing", "concatenate documents into full rows (default: on for stdlib only)")
-  g.add_argument("--data_seed", type=int, default=d.data_seed)
-  g.add_argument("--val_fraction", type=float, default=d.val_fraction)
+  g.add_argument("--data_seed", type=int, default=d.data_seed, help="document shuffle")
+  g.add_argument("--val_fraction", type=float, default=d.val_fraction,
+                 help="held-out fraction of a local dataset")
   g.add_argument("--eval_tokens", type=int, default=None,
                  help="non-pad validation tokens (default: 10M for c4, 32K otherwise)")
-  g.add_argument("--eval_batches", type=int, default=None, help="cap on validation batches")
+  g.add_argument("--eval_batches", type=int, default=None, help="cap on validation batches (default: none)")
   _bool_flag(g, "eval_loss_n_plus_one", "divide the eval loss sum by n_batches + 1 "
              "like the official code (biased low)")
   g = p.add_argument_group("loop")
-  g.add_argument("--seed", type=int, default=d.seed)
-  g.add_argument("--eval_every", type=int, default=d.eval_every)
-  g.add_argument("--save_every", type=int, default=d.save_every)
+  g.add_argument("--seed", type=int, default=d.seed,
+                 help="parameter init, sparse masks, quantization noise")
+  g.add_argument("--eval_every", type=int, default=d.eval_every,
+                 help="steps between evaluations")
+  g.add_argument("--save_every", type=int, default=d.save_every,
+                 help="steps between checkpoints")
   g.add_argument("--save_dir", default=None, help="default: runs/<name>")
   g.add_argument("--name", default=None, help="run name (default: model-optimizer-dtype)")
   _bool_flag(g, "resume", "resume from --save_dir (automatic when it holds a checkpoint)")
-  g.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints)
+  g.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints,
+                 help="newest checkpoints kept")
   g.add_argument("--stop_after", type=int, default=None,
-                 help="stop (with a checkpoint) after this many steps, as if interrupted")
+                 help="stop (with a checkpoint) after this many steps, as if interrupted "
+                      "(default: none)")
   g.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU (default: known accelerators only)")
   _bool_flag(g, "progress", "tqdm progress bar")
@@ -212,65 +293,132 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--mesh", default=None, help="e.g. data=4,fsdp=2 (default: data=all devices)")
   _bool_flag(g, "distributed", "call jax.distributed.initialize() (auto on multi-host TPU)")
   a("--inject_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
+  a("--inject_signal", default=None, help=argparse.SUPPRESS)
   return p
 
 
-def fail(message: str):
-  """Stops with a one-line error before anything is compiled."""
-  raise SystemExit(f"error: {message}")
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """A numeric flag's valid values: finite, between ``lo`` and ``hi`` (None: unbounded)."""
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+
+  def __contains__(self, v) -> bool:
+    return (math.isfinite(v)
+            and (self.lo is None or v > self.lo or (v == self.lo and not self.lo_open))
+            and (self.hi is None or v < self.hi or (v == self.hi and not self.hi_open)))
+
+  def __str__(self) -> str:
+    if self.hi is None:
+      return f"{'>' if self.lo_open else '>='} {self.lo}"
+    return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+_NON_NEGATIVE, _POSITIVE, _AT_LEAST_1 = Range(0), Range(0, lo_open=True), Range(1)
+_DECAY, _UNIT = Range(0, 1, hi_open=True), Range(0, 1)
+
+# Every numeric flag's range (checked by ``resolve``; a test asks that each numeric flag of the
+# parser has an entry here, so a new flag comes with its range).
+RANGES: dict[str, Range] = {
+    "lr": _NON_NEGATIVE, "beta1": _DECAY, "beta2": _DECAY, "eps": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE, "grad_clipping": _NON_NEGATIVE, "min_lr_ratio": _UNIT,
+    "warmup_steps": _NON_NEGATIVE, "num_training_steps": _AT_LEAST_1,
+    "density": Range(0, 1, lo_open=True), "DeltaT": _AT_LEAST_1, "threshold": _NON_NEGATIVE,
+    "warmup_epoch": _NON_NEGATIVE, "grad_accu_steps": _NON_NEGATIVE,
+    "gamma1": _DECAY, "gamma2": _DECAY, "gamma3": _DECAY, "total_T": _AT_LEAST_1,
+    "eta_min": _UNIT,
+    "weight_bits": Range(2), "weight_group_size": _AT_LEAST_1, "act_bits": Range(2),
+    "act_group_size": _AT_LEAST_1, "act_topk": _NON_NEGATIVE,
+    "batch_size": _AT_LEAST_1, "total_batch_size": _AT_LEAST_1,
+    "gradient_accumulation": _AT_LEAST_1, "max_length": Range(2),
+    "data_seed": _NON_NEGATIVE, "val_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    "eval_tokens": _AT_LEAST_1, "eval_batches": _AT_LEAST_1,
+    "seed": _NON_NEGATIVE, "eval_every": _AT_LEAST_1, "save_every": _AT_LEAST_1,
+    "keep_checkpoints": _AT_LEAST_1, "stop_after": _AT_LEAST_1, "peak_tflops": _POSITIVE,
+    "inject_nan_at_step": _AT_LEAST_1,
+}
+
+# Optimizer-specific flags -> the optimizers that read them. Such a flag given on the command
+# line with another --optimizer is an error (it would be ignored silently). A new optimizer
+# adds itself to the rows of the flags it reads; a new optimizer-specific flag adds a row.
+OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {
+    "density": ("spam",), "threshold": ("spam",), "warmup_epoch": ("spam",),
+    "grad_accu_steps": ("spam",),
+    "DeltaT": ("spam", "stable_spam"),
+    "gamma1": ("stable_spam",), "gamma2": ("stable_spam",), "gamma3": ("stable_spam",),
+    "total_T": ("stable_spam",), "eta_min": ("stable_spam",),
+    "eps": ("adamw", "adam", "spam", "stable_spam"),  # adafactor, lion, sgd have none
+}
+
+
+def _check_range(flag: str, value) -> None:
+  if value is not None and not isinstance(value, bool) and value not in RANGES[flag]:
+    fail(f"--{flag} must be {RANGES[flag]}, got {value}")
+
+
+def given_flags(argv=None) -> frozenset[str]:
+  """The destinations of the flags given on the command line (whatever their value)."""
+  p = build_parser()
+  for action in p._actions:  # pylint: disable=protected-access
+    action.default = argparse.SUPPRESS  # absent from the namespace unless given
+  return frozenset(vars(p.parse_args(argv)))
 
 
 def parse_args(argv=None) -> TrainConfig:
   ns = vars(build_parser().parse_args(argv))
+  given = set(given_flags(argv))
   accum = ns.pop("gradient_accumulation")
   if accum is not None:
     if ns["total_batch_size"] is not None:
       fail("give --total_batch_size or --gradient_accumulation, not both")
-    if accum < 1:
-      fail(f"--gradient_accumulation must be >= 1, got {accum}")
+    _check_range("gradient_accumulation", accum)
     ns["total_batch_size"] = ns["batch_size"] * accum
+    given.add("total_batch_size")
   defaults = dataclasses.asdict(TrainConfig())
   ns = {k: (defaults[k] if v is None and isinstance(defaults[k], bool) else v)
         for k, v in ns.items()}
-  return resolve(TrainConfig(**ns))
+  return resolve(TrainConfig(**ns), given=frozenset(given))
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-  """Fills the dataset-dependent defaults and checks values; errors are one line."""
+def resolve(cfg: TrainConfig, given: frozenset[str] | None = None) -> TrainConfig:
+  """Checks values and combinations, fills the dataset-dependent defaults; errors are one line.
+
+  ``given``: the flags set on the command line (default: the fields that differ from
+  TrainConfig's defaults), for the optimizer-specific flags of :data:`OPTIMIZER_FLAGS`.
+  """
   if cfg.optimizer not in OPTIMIZERS:
-    fail(f"unknown --optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-  if not 0.0 < cfg.density <= 1.0:
-    fail(f"--density must be in (0, 1], got {cfg.density}")
+    fail(f"--optimizer {cfg.optimizer!r} is not a choice{did_you_mean(cfg.optimizer, OPTIMIZERS)}"
+         f"; choose one of {', '.join(OPTIMIZERS)}")
+  for flag in RANGES:
+    if hasattr(cfg, flag):
+      _check_range(flag, getattr(cfg, flag))
+  if given is None:
+    default = TrainConfig()
+    given = frozenset(f.name for f in dataclasses.fields(cfg)
+                      if getattr(cfg, f.name) != getattr(default, f.name))
+  ignored = sorted(f for f in given & OPTIMIZER_FLAGS.keys()
+                   if cfg.optimizer not in OPTIMIZER_FLAGS[f])
+  if ignored:
+    fail(f"--optimizer {cfg.optimizer} does not use "
+         + ", ".join(f"--{f} (only {'/'.join(OPTIMIZER_FLAGS[f])})" for f in ignored))
   if cfg.scan_layers and cfg.optimizer not in SCAN_OPTIMIZERS:
     fail(f"--scan_layers stacks each weight of all layers into one tensor, and --optimizer "
          f"{cfg.optimizer} takes statistics per tensor; use it with {', '.join(SCAN_OPTIMIZERS)}")
-  for flag in ("batch_size", "max_length", "num_training_steps", "eval_every", "save_every",
-               "keep_checkpoints"):
-    if getattr(cfg, flag) < 1:
-      fail(f"--{flag} must be >= 1, got {getattr(cfg, flag)}")
-  for flag in ("warmup_steps", "warmup_epoch", "grad_accu_steps", "weight_decay",
-               "grad_clipping"):
-    if getattr(cfg, flag) < 0:
-      fail(f"--{flag} must be >= 0, got {getattr(cfg, flag)}")
-  if cfg.DeltaT is not None and cfg.DeltaT < 1:
-    fail(f"--DeltaT must be >= 1, got {cfg.DeltaT}")
-  if not math.isfinite(cfg.lr) or cfg.lr < 0:
-    fail(f"--lr must be a finite number >= 0, got {cfg.lr}")
-  if cfg.max_length < 2:
-    fail("--max_length must be >= 2 (inputs predict the next token)")
   total = cfg.total_batch_size or cfg.batch_size
   if total % cfg.batch_size:
     fail(f"--total_batch_size {total} is not a multiple of --batch_size {cfg.batch_size}")
-  if not 0.0 < cfg.val_fraction < 1.0:
-    fail(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
-  if cfg.stop_after is not None and cfg.stop_after < 1:
-    fail(f"--stop_after must be >= 1, got {cfg.stop_after}")
+  if cfg.inject_signal is not None and not re.fullmatch(r"\d+:(TERM|INT|KILL)(,(TERM|INT))?",
+                                                         cfg.inject_signal):
+    fail(f"--inject_signal {cfg.inject_signal!r}: expected STEP:TERM, STEP:TERM,TERM or STEP:KILL")
   is_c4 = cfg.dataset == "c4"
   if not is_c4 and cfg.dataset != "stdlib":
     from experiments import data  # pylint: disable=import-outside-toplevel
-    data.local_files(cfg.dataset)  # a missing path is a one-line error now, not later
-    if cfg.eval_dataset:
-      data.local_files(cfg.eval_dataset)
+    with one_line_errors():  # a missing path is a one-line error now, not later
+      data.local_files(cfg.dataset)
+      if cfg.eval_dataset:
+        data.local_files(cfg.eval_dataset)
   return dataclasses.replace(
       cfg,
       total_batch_size=total,
@@ -278,7 +426,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
       packing=(cfg.dataset == "stdlib") if cfg.packing is None else cfg.packing,
       eval_tokens=(10_000_000 if is_c4 else 32_768) if cfg.eval_tokens is None
       else cfg.eval_tokens,
-      total_T=cfg.total_T or cfg.num_training_steps,
   )
 
 

@@ -94,7 +94,7 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
     spam_optax = _spam_module()
     opt = spam_optax.stable_spam(
         schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
-        total_steps=cfg.total_T, eta_min=cfg.eta_min,
+        total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min,
         **_given(eps=cfg.eps, gamma1=cfg.gamma1, gamma2=cfg.gamma2, gamma3=cfg.gamma3,
                  reset_interval=cfg.DeltaT))
   elif name == "adafactor":

@@ -1,8 +1,16 @@
 """Pretrain LLaMA: ``python -m experiments.pretrain [flags]`` (no flags: a small offline demo).
 
-The loop, top to bottom: flags -> devices and mesh -> model, tokenizer, data -> optimizer ->
-sharded, jitted init / train / eval functions -> restore or initialise -> train with per-step
-metrics, periodic evaluation and checkpoints -> summary. See docs/training.md.
+``main`` runs four stages, each its own function, top to bottom:
+
+* :func:`check_inputs`: flags -> devices and mesh -> model, tokenizer, optimizer -> the
+  run-directory guard (experiments/rundir.py). Every bad input stops here with one
+  ``error: ...`` line (exit status 2): nothing is written and nothing compiled.
+* :func:`open_run`: data, then (the first write) config.json, the checkpointer, the metrics.
+* :func:`build_steps`: the sharded, jitted init / train / eval functions.
+* :func:`restore_or_init`, then :func:`train`: per-step metrics, periodic evaluation and
+  checkpoints, a clean stop on SIGINT / SIGTERM (experiments/preemption.py) -> summary.
+
+See docs/training.md.
 """
 from __future__ import annotations
 
@@ -11,8 +19,10 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,12 +31,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from experiments import checkpointing, config, data, metrics, optimizers, sharding, tokenizer
+from experiments import (checkpointing, config, data, metrics, optimizers, plot, preemption,
+                         rundir, sharding, tokenizer)
 from experiments import train_step as ts
 
 
 class NonFiniteLoss(SystemExit):
-  """Training produced a NaN/inf loss; the run stops, the last good checkpoint is kept."""
+  """Training produced a NaN/inf loss or parameters; the run stops without saving them."""
 
 
 def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
@@ -81,51 +92,101 @@ def evaluate(eval_fn, params, batches, mesh, cfg) -> dict:
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 
 
-def main(argv=None) -> dict:
-  # ---- flags and devices (every input error is raised here, before any compilation)
+# ----------------------------------------------------------------------------- stage 1: inputs
+class Inputs(NamedTuple):
+  """The checked run: nothing has been written or compiled yet."""
+  cfg: config.TrainConfig
+  sizes: dict[str, int]
+  mcfg: models.LlamaConfig
+  quant: models.QuantConfig | None
+  tok: Any
+  schedule: Callable
+  optimizer: Any
+  changes: dict | None  # rundir.check: allowed changes of a resumed run, None for a new one
+
+
+def check_inputs(argv=None) -> Inputs:
+  """Parses and checks everything that can be checked without compiling or writing."""
   cfg = config.parse_args(argv)
   sharding.maybe_initialize_distributed(cfg.distributed)
   cfg = config.for_backend(cfg, jax.default_backend())
-  sizes = sharding.parse_mesh(cfg.mesh, jax.device_count())
-  check_devices(cfg, sizes)
-  host, num_hosts = jax.process_index(), jax.process_count()
-  mcfg = model_config(cfg)
-  quant = quant_config(cfg)
-  tok = tokenizer.get_tokenizer(cfg.tokenizer, vocab_limit=mcfg.vocab_size)
+  with config.one_line_errors():
+    sizes = sharding.parse_mesh(cfg.mesh, jax.device_count())
+    check_devices(cfg, sizes)
+    mcfg = model_config(cfg)
+    quant = quant_config(cfg)
+    tok = tokenizer.get_tokenizer(cfg.tokenizer, vocab_limit=mcfg.vocab_size)
   if cfg.tokenizer == "bytes":  # the T5 tokenizer keeps the papers' 32000
     mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size)
   schedule = optimizers.make_schedule(cfg)
-  optimizer = optimizers.make_optimizer(cfg, schedule)
+  try:
+    optimizer = optimizers.make_optimizer(cfg, schedule)
+  except ValueError as e:
+    config.fail(f"--optimizer {cfg.optimizer}: {e}")
+  return Inputs(cfg, sizes, mcfg, quant, tok, schedule, optimizer, _check_run_dir(cfg))
 
-  # ---- output directories, checkpoints, data
-  # Checkpoints go to --save_dir, which may be a bucket (gs://...) every host sees; the
-  # metrics, config and plot are small local files written by process 0.
-  log_dir = f"runs/{cfg.name}" if "://" in cfg.save_dir else cfg.save_dir
-  os.makedirs(log_dir, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(cfg.save_dir, keep=cfg.keep_checkpoints)
-  resume_step = ckpt.latest_step()
-  if cfg.resume and resume_step is None:
-    log(f"--resume: no checkpoint in {cfg.save_dir}; starting from scratch")
-  train_loader, val_batches = data.make_loaders(cfg, tok, host=host, num_hosts=num_hosts)
+
+def _check_run_dir(cfg: config.TrainConfig) -> dict | None:
+  """rundir.check on every host; one refusal stops them all (no host waits for the others)."""
+  if jax.process_count() == 1:
+    return rundir.check(cfg)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  refusal, changes = None, None
+  try:
+    changes = rundir.check(cfg)
+  except config.UsageError as e:
+    refusal = e
+  if int(np.min(multihost_utils.process_allgather(np.int32(refusal is None)))) == 0:
+    raise refusal or config.UsageError("error: another process refused the run directory")
+  return changes
+
+
+# ----------------------------------------------------------------------------- stage 2: the run
+@dataclasses.dataclass
+class Run:
+  """An opened run: its data, run directory, checkpointer and metrics writer."""
+  inputs: Inputs
+  log_dir: str
+  train_loader: Any
+  val_batches: list
+  ckpt: checkpointing.Checkpointer
+  resume_step: int | None
+  writer: metrics.MetricsWriter
+  mesh: Any
+  n_params: int
+
+  @property
+  def cfg(self) -> config.TrainConfig:
+    return self.inputs.cfg
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and the logical-axis rules every sharded function is built and run under."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(models.DEFAULT_LOGICAL_AXIS_RULES):
+      yield
+
+
+def open_run(inputs: Inputs) -> Run:
+  """Reads the data, then writes the run directory (config.json, resumes.jsonl), and opens the
+  checkpointer (``<save_dir>/checkpoints``, possibly a gs:// bucket every host sees) and the
+  metrics (process 0, local)."""
+  cfg, mcfg = inputs.cfg, inputs.mcfg
+  host, num_hosts = jax.process_index(), jax.process_count()
+  with config.one_line_errors():  # an empty or unreadable dataset writes nothing
+    train_loader, val_batches = data.make_loaders(cfg, inputs.tok, host=host,
+                                                  num_hosts=num_hosts)
   if num_hosts > 1:  # every host must run the same number of evaluation batches
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     n_val = int(np.min(multihost_utils.process_allgather(np.int32(len(val_batches)))))
     val_batches = val_batches[:n_val]
+  # ---- the first writes into the run directory
+  ckpt = checkpointing.Checkpointer(cfg.save_dir, keep=cfg.keep_checkpoints)
+  resume_step = ckpt.latest_step()
+  if cfg.resume and resume_step is None:
+    log(f"--resume: no checkpoint in {cfg.save_dir}; starting from scratch")
   if host == 0:
-    with open(os.path.join(log_dir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json())
-
-  # ---- model, shardings, jitted functions
-  mesh = sharding.make_mesh(sizes)
-  rules = models.DEFAULT_LOGICAL_AXIS_RULES
-  model = models.Llama(mcfg, quant=quant)
-  replicated = NamedSharding(mesh, P())
-  example = jnp.zeros((1, cfg.max_length), jnp.int32)
-  init_fn = ts.make_init_fn(model, optimizer, param_dtype=jnp.dtype(mcfg.param_dtype),
-                            example_tokens=example)
-  batch_sharding = sharding.train_batch_sharding(mesh)
-  batch_shape = (cfg.accum_steps, cfg.batch_size, cfg.max_length)
-  n_params = models.count_params(mcfg)
+    rundir.record(cfg, inputs.changes, resume_step)
+  log_dir = rundir.log_dir_of(cfg)
   tokens_per_step = cfg.total_batch_size * cfg.max_length
   flops_per_step = mcfg.flops_per_token(
       cfg.max_length, models.count_params(mcfg, exclude_embedding=True)) * tokens_per_step
@@ -133,125 +194,238 @@ def main(argv=None) -> dict:
   writer = metrics.MetricsWriter(
       log_dir, tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
       peak_flops=peak * jax.device_count() if peak else None, enabled=host == 0)
+  return Run(inputs, log_dir, train_loader, val_batches, ckpt, resume_step, writer,
+             sharding.make_mesh(inputs.sizes), models.count_params(mcfg))
 
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(nn.logical_axis_rules(rules))
-  with stack:
-    param_shardings, state_shardings, abstract = sharding.train_state_shardings(
-        model, init_fn, example, mesh, rules)
-    init = jax.jit(init_fn, out_shardings=state_shardings)
-    train_step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=tok.pad_id),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(ts.make_eval_step(model, pad_id=tok.pad_id),
-                        in_shardings=(param_shardings, sharding.eval_batch_sharding(mesh),
-                                      replicated), out_shardings=replicated)
-    finite = jax.jit(ts.all_finite, out_shardings=replicated)
 
-    # ---- restore or initialise
-    if resume_step is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_shardings)
-      start, state, data_state = ckpt.restore(target, resume_step)
-      train_loader.load_state_dict(data_state)
-      log(f"resumed from {ckpt.directory} at step {start}")
-    else:
-      start, state = 0, init(jax.random.PRNGKey(cfg.seed))
-    log(f"model {mcfg.name}: {n_params / 1e6:.2f}M params (vocab {mcfg.vocab_size}), "
-        f"optimizer {cfg.optimizer}, dtype {cfg.dtype}, mesh {sizes}, "
-        f"{tokens_per_step} tokens/step, {len(val_batches)} validation batches")
+# ----------------------------------------------------------------------------- stage 3: steps
+class Steps(NamedTuple):
+  """The jitted functions of the run (call under ``Run.context()``)."""
+  init: Callable  # key -> train state
+  train: Callable  # (state, batch) -> (state, metrics); donates the state
+  eval: Callable  # (params, batch, loss_sum) -> loss_sum
+  finite: Callable  # params -> bool
+  restore_target: Any  # the train state's ShapeDtypeStructs with their shardings
+  batch_sharding: NamedSharding
+  batch_shape: tuple[int, int, int]
 
-    # ---- train
-    end = cfg.num_training_steps if cfg.stop_after is None else min(
-        cfg.num_training_steps, cfg.stop_after)
-    summary = {"save_dir": cfg.save_dir, "log_dir": log_dir, "metrics": writer.path,
-               "start_step": start}
-    writer.truncate_after(start)
-    first_eval = None
-    if start >= end:
-      log(f"{cfg.save_dir} already holds step {start} (>= {end}): nothing to train; "
-          "raise --num_training_steps or pick another --save_dir")
-    if start == 0 and start < end:
-      first_eval = evaluate(eval_step, state["params"], val_batches, mesh, cfg)
-      writer.write({"step": 0, **first_eval})
-      log(f"step 0: val loss {first_eval['eval_loss']:.4f}, "
-          f"perplexity {first_eval['eval_perplexity']:.2f}")
-    bar = _progress(cfg, start, end)
-    last_record, last_eval, t0 = None, first_eval, time.perf_counter()
-    writer.reset_clock()
-    try:
-      for step in range(start + 1, end + 1):
-        batch = sharding.to_global(train_loader.next_batch(), batch_sharding, batch_shape)
-        if cfg.inject_nan_at_step == step:  # debugging: poison the parameters
-          state["params"] = jax.tree.map(lambda p: p * jnp.nan, state["params"])
-        state, step_metrics = train_step(state, batch)
-        # Fetch step-1's metrics while this step runs (see metrics.py).
-        last_record = _check(writer.push(step, step_metrics), last_record, bar)
-        due_eval = step % cfg.eval_every == 0 or step == cfg.num_training_steps
-        due_save = step % cfg.save_every == 0 or step == end
-        if due_eval or due_save:
-          last_record = _check(writer.flush(hold=True), last_record, bar)
-        if due_eval:
-          last_eval = evaluate(eval_step, state["params"], val_batches, mesh, cfg)
-          writer.annotate(last_eval)
-          log(f"\nstep {step}: val loss {last_eval['eval_loss']:.4f}, "
-              f"perplexity {last_eval['eval_perplexity']:.2f}")
-        if due_save:
-          if not bool(jax.device_get(finite(state["params"]))):
-            raise NonFiniteLoss(f"error: non-finite parameters after step {step}; not saved, "
-                                f"the last good checkpoint in {ckpt.directory} is kept")
-          ckpt.save(step, state, train_loader.state_dict())
-        if due_eval or due_save:
-          writer.reset_clock()
-      last_record = _check(writer.flush(), last_record, bar)
-    finally:
-      bar.close()
-      ckpt.close()
-      writer.close()
-  summary.update(
-      end_step=end, wall_s=time.perf_counter() - t0, last=last_record, first_eval=first_eval,
-      last_eval=last_eval, checkpoint=ckpt.directory, latest_checkpoint=ckpt.latest_step(),
-      data_state=train_loader.state_dict())
-  if host == 0:
+
+def build_steps(run: Run) -> Steps:
+  """Shardings of the train state from its abstract shape, then the jitted functions."""
+  inputs, cfg, mesh = run.inputs, run.cfg, run.mesh
+  model = models.Llama(inputs.mcfg, quant=inputs.quant)
+  replicated = NamedSharding(mesh, P())
+  example = jnp.zeros((1, cfg.max_length), jnp.int32)
+  init_fn = ts.make_init_fn(model, inputs.optimizer,
+                            param_dtype=jnp.dtype(inputs.mcfg.param_dtype),
+                            example_tokens=example)
+  batch_sharding = sharding.train_batch_sharding(mesh)
+  param_shardings, state_shardings, abstract = sharding.train_state_shardings(
+      model, init_fn, example, mesh, models.DEFAULT_LOGICAL_AXIS_RULES)
+  pad_id = inputs.tok.pad_id
+  return Steps(
+      init=jax.jit(init_fn, out_shardings=state_shardings),
+      train=jax.jit(ts.make_train_step(model, inputs.optimizer, inputs.schedule, pad_id=pad_id),
+                    in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval=jax.jit(ts.make_eval_step(model, pad_id=pad_id),
+                   in_shardings=(param_shardings, sharding.eval_batch_sharding(mesh),
+                                 replicated), out_shardings=replicated),
+      finite=jax.jit(ts.all_finite, out_shardings=replicated),
+      restore_target=jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract, state_shardings),
+      batch_sharding=batch_sharding,
+      batch_shape=(cfg.accum_steps, cfg.batch_size, cfg.max_length))
+
+
+# ----------------------------------------------------------------------------- stage 4: train
+def restore_or_init(run: Run, steps: Steps):
+  """(start step, train state): the run directory's latest checkpoint, or step 0."""
+  if run.resume_step is None:
+    return 0, steps.init(jax.random.PRNGKey(run.cfg.seed))
+  start, state, data_state = run.ckpt.restore(steps.restore_target, run.resume_step)
+  run.train_loader.load_state_dict(data_state)
+  log(f"resumed from {run.ckpt.directory} at step {start}")
+  return start, state
+
+
+def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption) -> dict:
+  """Steps ``start + 1 .. end``; raises NonFiniteLoss or preemption.Interrupted to stop."""
+  cfg, writer, ckpt = run.cfg, run.writer, run.ckpt
+  end = cfg.num_training_steps if cfg.stop_after is None else min(
+      cfg.num_training_steps, cfg.stop_after)
+  _log_header(run, start, end)
+  writer.truncate_after(start)
+  stop.arm()
+  first_eval = last_eval = None
+  if start == 0 and start < end:
+    first_eval = last_eval = evaluate(steps.eval, state["params"], run.val_batches, run.mesh, cfg)
+    writer.write({"step": 0, **first_eval})
+    log(f"step 0: val loss {first_eval['eval_loss']:.4f}, "
+        f"perplexity {first_eval['eval_perplexity']:.2f}")
+  bar = _progress(cfg, start, end)
+  last_record, interrupted_at = None, None
+
+  def fetched(record):
+    """A step's record came back from the device: stop on a non-finite loss, show it."""
+    nonlocal last_record
+    if record is not None:
+      _stop_if_nonfinite(record, ckpt)
+      bar.show(record)
+      last_record = record
+
+  t0 = time.perf_counter()
+  writer.reset_clock()
+  try:
+    for step in range(start + 1, end + 1):
+      batch = sharding.to_global(run.train_loader.next_batch(), steps.batch_sharding,
+                                 steps.batch_shape)
+      if cfg.inject_nan_at_step == step:  # debugging: poison the parameters
+        state["params"] = jax.tree.map(lambda p: p * jnp.nan, state["params"])
+      state, step_metrics = steps.train(state, batch)
+      fetched(writer.push(step, step_metrics))  # step - 1's, fetched while this step runs
+      interrupted = stop.reached(step)  # on every host at the same step
+      due_eval = step % cfg.eval_every == 0 or step == cfg.num_training_steps
+      due_save = step % cfg.save_every == 0 or step == end or interrupted
+      if due_eval or due_save:
+        fetched(writer.flush(hold=True))
+      if due_eval:
+        last_eval = evaluate(steps.eval, state["params"], run.val_batches, run.mesh, cfg)
+        writer.annotate(last_eval)
+        log(f"\nstep {step}: val loss {last_eval['eval_loss']:.4f}, "
+            f"perplexity {last_eval['eval_perplexity']:.2f}")
+      if due_save:
+        _save(run, steps, step, state)
+      _inject_signal(cfg, step)
+      if interrupted:
+        interrupted_at = step
+        break
+      if due_eval or due_save:
+        writer.reset_clock()
+    fetched(writer.flush())
+  finally:
+    bar.close()
+    ckpt.close()  # waits for the last asynchronous save
+    writer.close()
+  if interrupted_at is not None:
+    log(f"interrupted at step {interrupted_at}; checkpoint saved; "
+        "rerun the same command to resume")
+    raise preemption.Interrupted(stop.signum)
+  summary = {
+      "save_dir": cfg.save_dir, "log_dir": run.log_dir, "metrics": writer.path,
+      "start_step": start, "end_step": end, "wall_s": time.perf_counter() - t0,
+      "last": last_record, "first_eval": first_eval or _logged_first_eval(writer),
+      "last_eval": last_eval, "checkpoint": ckpt.directory,
+      "latest_checkpoint": ckpt.latest_step(), "data_state": run.train_loader.state_dict()}
+  if jax.process_index() == 0:
     _print_summary(summary)
   return summary
+
+
+def main(argv=None) -> dict:
+  with preemption.Preemption() as stop:
+    inputs = check_inputs(argv)
+    run = open_run(inputs)
+    with run.context():
+      steps = build_steps(run)
+      start, state = restore_or_init(run, steps)
+      return train(run, steps, start, state, stop)
+
+
+def cli(argv=None) -> int:
+  """``python -m experiments.pretrain``: a bad input is one ``error:`` line and status 2."""
+  try:
+    main(argv)
+  except config.UsageError as e:
+    print(e, file=sys.stderr)
+    return 2
+  return 0
+
+
+# ----------------------------------------------------------------------------- loop helpers
+def _log_header(run: Run, start: int, end: int) -> None:
+  cfg, mcfg = run.cfg, run.inputs.mcfg
+  log(f"model {mcfg.name}: {run.n_params / 1e6:.2f}M params "
+      f"(vocab {mcfg.vocab_size}), optimizer {cfg.optimizer}, dtype {cfg.dtype}, "
+      f"mesh {run.inputs.sizes}, {cfg.total_batch_size * cfg.max_length} tokens/step, "
+      f"{len(run.val_batches)} validation batches")
+  if start >= end:
+    log(f"{cfg.save_dir} already holds step {start} (>= {end}): nothing to train; "
+        "raise --num_training_steps or pick another --save_dir")
+
+
+def _kept(ckpt: checkpointing.Checkpointer) -> str:
+  latest = ckpt.latest_step()
+  if latest is None:
+    return "no checkpoint had been written yet"
+  return f"the last good checkpoint (step {latest}) in {ckpt.directory} is kept"
+
+
+def _stop_if_nonfinite(record: dict, ckpt: checkpointing.Checkpointer) -> None:
+  loss = record.get("loss")
+  if loss is None or not math.isfinite(loss):
+    shown = "NaN" if loss is None else loss
+    raise NonFiniteLoss(f"error: loss is {shown} at step {record['step']}; stopping; "
+                        f"{_kept(ckpt)} (lower --lr or enable --grad_clipping)")
+
+
+def _save(run: Run, steps: Steps, step: int, state) -> None:
+  """An asynchronous checkpoint of ``state``, after checking its parameters are finite."""
+  if not bool(jax.device_get(steps.finite(state["params"]))):
+    raise NonFiniteLoss(f"error: non-finite parameters after step {step}; not saved; "
+                        f"{_kept(run.ckpt)}")
+  run.ckpt.save(step, state, run.train_loader.state_dict())
+
+
+def _inject_signal(cfg: config.TrainConfig, step: int) -> None:
+  """Debugging (``--inject_signal STEP:TERM[,TERM]`` or ``STEP:KILL``): signals this process
+  after the step's checkpoint was started, as a preemption or a kill would."""
+  if cfg.inject_signal is None:
+    return
+  at, names = cfg.inject_signal.split(":")
+  if int(at) == step:
+    for name in names.split(","):
+      os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
+def _logged_first_eval(writer: metrics.MetricsWriter) -> dict | None:
+  """The step-0 evaluation of a resumed run, from its metrics.jsonl (process 0)."""
+  if not writer.enabled:
+    return None
+  records = plot.load_metrics(writer.path)
+  if records and records[0]["step"] == 0 and "eval_perplexity" in records[0]:
+    return {k: records[0][k] for k in ("eval_loss", "eval_perplexity")}
+  return None
 
 
 def _progress(cfg, start, end):
   if cfg.progress and jax.process_index() == 0:
     try:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      return tqdm(total=end, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout)
+      return _Bar(tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
+                       file=sys.stdout))
     except ImportError:
       pass
-  return _NoBar()
+  return _Bar(None)
 
 
-class _NoBar:
-  def update(self, n=1):
-    pass
+class _Bar:
+  """A tqdm bar showing each fetched step's loss and throughput (or nothing)."""
 
-  def set_postfix(self, **kw):
-    pass
+  def __init__(self, bar):
+    self.bar = bar
 
-  def close(self):
-    pass
+  def show(self, record: dict) -> None:
+    if self.bar is None:
+      return
+    self.bar.update(record["step"] - self.bar.n)
+    tps = record.get("tokens_per_s")
+    self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}" if tps else "-")
 
-
-def _check(record, previous, bar):
-  """Stops on a non-finite loss; otherwise advances the progress bar."""
-  if record is None:
-    return previous
-  loss = record.get("loss")
-  if loss is None or not math.isfinite(loss):
-    shown = "NaN" if loss is None else loss
-    raise NonFiniteLoss(f"error: loss is {shown} at step {record['step']}; stopping. The last "
-                        "good checkpoint is kept (lower --lr or enable --grad_clipping)")
-  bar.update(record["step"] - bar.n if hasattr(bar, "n") else 1)
-  tps = record.get("tokens_per_s")
-  bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}" if tps else "-")
-  return record
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def _print_summary(s: dict) -> None:
@@ -266,4 +440,4 @@ def _print_summary(s: dict) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

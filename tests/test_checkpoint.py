@@ -1,15 +1,24 @@
-"""Checkpoint / resume: an interrupted and resumed run reproduces the uninterrupted one exactly."""
+"""Checkpoint / resume: an interrupted and resumed run reproduces the uninterrupted one exactly,
+whether it stopped at --stop_after, on SIGINT / SIGTERM, or was killed during a save."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import checkpointing, pretrain
+from experiments import checkpointing, preemption, pretrain
 
-@pytest.fixture
-def run_args(tmp_path, tiny_model_config):
-  model = tiny_model_config
+from _tiny_model import write_tiny_model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_args(tmp_path):
+  model = write_tiny_model_config(tmp_path)
   corpus = tmp_path / "corpus.txt"
   rng = np.random.default_rng(1)
   corpus.write_text("\n".join(
@@ -30,6 +39,19 @@ def run_args(tmp_path, tiny_model_config):
   return args
 
 
+@pytest.fixture
+def run_args(tmp_path):
+  return make_args(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted run's per-step metrics."""
+  tmp = tmp_path_factory.mktemp("straight")
+  pretrain.main(make_args(tmp)("straight"))
+  return losses(tmp / "straight")
+
+
 def losses(save_dir):
   with open(f"{save_dir}/metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
@@ -38,15 +60,17 @@ def losses(save_dir):
           for r in records if "loss" in r}
 
 
-def test_interrupted_and_resumed_run_matches_exactly(run_args, tmp_path):
-  pretrain.main(run_args("straight"))
+def test_interrupted_and_resumed_run_matches_exactly(run_args, tmp_path, straight):
   stopped = pretrain.main(run_args("resumed", "--stop_after", "3"))
   assert stopped["latest_checkpoint"] == 3
   resumed = pretrain.main(run_args("resumed"))  # finds the checkpoint by itself
   assert resumed["start_step"] == 3
-  straight = losses(tmp_path / "straight")
   assert losses(tmp_path / "resumed") == straight
   assert sum(v[3] for v in straight.values()) > 0  # spikes were clipped
+  # The resume is recorded with the setting it changed.
+  with open(tmp_path / "resumed" / "resumes.jsonl") as f:
+    resumes = [json.loads(line) for line in f]
+  assert [(r["step"], r["changed"]) for r in resumes] == [(3, {"stop_after": [3, None]})]
   # keep_checkpoints (default 2): only the newest two remain.
   ckpt = checkpointing.Checkpointer(str(tmp_path / "resumed"), keep=2)
   assert ckpt.manager.all_steps() == [4, 6]
@@ -63,3 +87,119 @@ def test_interrupted_and_resumed_run_matches_exactly(run_args, tmp_path):
   # Nothing left to do: the finished run is not retrained.
   again = pretrain.main(run_args("resumed", "--resume"))
   assert again["start_step"] == 6 and again["last"] is None
+
+
+def _run_subprocess(argv, cwd):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "experiments.pretrain", *argv], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _metrics_step0(save_dir):
+  with open(f"{save_dir}/metrics.jsonl") as f:
+    return json.loads(f.readline())
+
+
+def test_sigterm_then_kill_during_a_save_then_rerun_matches_exactly(run_args, tmp_path,
+                                                                    straight, capsys):
+  # SIGTERM arrives after step 2's work: step 3 (in flight) finishes and is saved.
+  p = _run_subprocess(run_args("run", "--inject_signal", "2:TERM"), tmp_path)
+  assert p.returncode == 128 + signal.SIGTERM, p.stderr[-2000:]
+  assert p.stdout.splitlines()[-1] == (
+      "interrupted at step 3; checkpoint saved; rerun the same command to resume")
+  assert "Traceback" not in p.stderr
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "run"), keep=2)
+  assert ckpt.latest_step() == 3
+  ckpt.close()
+  # The rerun resumes there and is killed (-9) right after the asynchronous save of step 4
+  # started: the latest checkpoint is the last complete one (3, or 4 if it finished).
+  p = _run_subprocess(run_args("run", "--inject_signal", "4:KILL"), tmp_path)
+  assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+  assert "at step 3" in p.stdout  # resumed from ...
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "run"), keep=2)
+  latest = ckpt.latest_step()
+  ckpt.close()
+  assert latest in (3, 4)
+  resumed = pretrain.main(run_args("run"))
+  assert resumed["start_step"] == latest
+  assert losses(tmp_path / "run") == straight
+  # The resumed run still reports the whole run's perplexity, from the step-0 evaluation.
+  first = _metrics_step0(tmp_path / "run")
+  assert first["step"] == 0 and resumed["first_eval"]["eval_loss"] == first["eval_loss"]
+  assert (f"validation perplexity {first['eval_perplexity']:.2f} -> "
+          f"{resumed['last_eval']['eval_perplexity']:.2f}") in capsys.readouterr().out
+
+
+def test_a_signal_before_training_stops_at_once_then_only_sets_a_flag():
+  previous = signal.getsignal(signal.SIGINT)
+  with preemption.Preemption() as stop:
+    with pytest.raises(preemption.Interrupted) as e:
+      os.kill(os.getpid(), signal.SIGTERM)
+    assert e.value.code == 128 + signal.SIGTERM and not stop.reached(1)
+    stop.arm()
+    os.kill(os.getpid(), signal.SIGINT)  # armed: only a flag, the step goes on
+    assert stop.reached(1) and stop.signum == signal.SIGINT
+    assert preemption.Interrupted(stop.signum).code == 130
+  assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
+
+
+def test_a_second_signal_exits_at_once():
+  code = ("import os, signal, time\n"
+          "from experiments import preemption\n"
+          "with preemption.Preemption() as stop:\n"
+          "  stop.arm()\n"
+          "  os.kill(os.getpid(), signal.SIGTERM)\n"
+          "  print('flag', stop.signum, flush=True)\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n"
+          "  time.sleep(30)\n"
+          "  print('not reached')\n")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 128 + signal.SIGINT
+  assert p.stdout == f"flag {int(signal.SIGTERM)}\n"
+  assert "SIGINT again: exiting now; the last complete checkpoint is kept" in p.stderr
+
+
+TWO_PROCESSES = """
+import json, os, signal, sys, time
+import jax
+jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], 2,
+                           int(os.environ["JAX_PROCESS_ID"]))
+from experiments import preemption
+signalled, name = int(sys.argv[1]), sys.argv[2]
+with preemption.Preemption() as stop:
+  stop.arm()
+  stopped = None
+  for step in range(1, 400):
+    time.sleep(0.05)  # a training step
+    if step == 3 and jax.process_index() == signalled:
+      os.kill(os.getpid(), getattr(signal, name))
+    if stop.reached(step):
+      stopped = step
+      break
+print(json.dumps({"stopped": stopped, "signum": stop.signum}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("signalled, name", [(1, "SIGTERM"), (0, "SIGINT")])
+def test_two_processes_agree_on_the_step_to_save(tmp_path, signalled, name):
+  """JAX's preemption sync: one host gets the signal, both stop at the same step."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             JAX_COORDINATOR_ADDRESS=f"localhost:{port}")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(signalled), name],
+                            env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  assert outs[0]["stopped"] is not None and outs[0]["stopped"] == outs[1]["stopped"]
+  assert outs[signalled]["signum"] == getattr(signal, name)

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import types
 
 import jax
 import numpy as np
@@ -94,7 +95,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_args, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (dict(model_config="llama_nope"), "unknown model"),
-    (dict(optimizer="adamax"), "unknown --optimizer"),
+    (dict(optimizer="adamax"), "not a choice"),
     (dict(density=0.0), "density must be in"),
     (dict(density=1.5), "density must be in"),
     (dict(dataset="/does/not/exist.jsonl"), "no such file"),
@@ -118,7 +119,8 @@ def test_batch_must_divide_over_data_parallel_devices():
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path):
-  with pytest.raises(SystemExit, match="loss is .* at step 5") as e:
+  with pytest.raises(SystemExit, match=r"loss is .* at step 5; stopping; the last good "
+                     r"checkpoint \(step 4\)") as e:
     pretrain.main(tiny_args(num_training_steps=8, save_every=2, eval_every=100,
                             inject_nan_at_step=5))
   assert isinstance(e.value, pretrain.NonFiniteLoss)
@@ -127,6 +129,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path):
   # The run resumes from that checkpoint (here without the injected NaN) and finishes.
   summary = pretrain.main(tiny_args(num_training_steps=8, save_every=2, eval_every=100))
   assert summary["start_step"] == 4 and math.isfinite(summary["last"]["loss"])
+
+
+def test_nan_message_promises_no_checkpoint_before_the_first_save():
+  no_checkpoint = types.SimpleNamespace(latest_step=lambda: None, directory="d")
+  with pytest.raises(pretrain.NonFiniteLoss, match="no checkpoint had been written yet"):
+    pretrain._stop_if_nonfinite({"step": 1, "loss": None}, no_checkpoint)
+  pretrain._stop_if_nonfinite({"step": 1, "loss": 2.5}, no_checkpoint)  # finite: goes on
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("datasets", "transformers")),

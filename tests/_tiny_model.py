@@ -1,0 +1,15 @@
+"""The tiny LLaMA the trainer's tests train: a 2-layer, width-32 Hugging Face LlamaConfig JSON.
+
+Its 258 ids hold the byte tokenizer's vocabulary (256 bytes, padding and end of text).
+"""
+import json
+
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "num_hidden_layers": 2, "vocab_size": 258, "max_sequence_length": 64}
+
+
+def write_tiny_model_config(directory):
+  """Writes ``tiny.json`` into ``directory`` (a pathlib.Path) and returns its path."""
+  path = directory / "tiny.json"
+  path.write_text(json.dumps(TINY_MODEL))
+  return path
