@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from experiments import checkpointing, config, data, metrics, optimizers, sharding, tokenizer
+from experiments import warm_start
 from experiments import train_step as ts
 
 
@@ -94,6 +95,9 @@ def main(argv=None) -> dict:
   tok = tokenizer.get_tokenizer(cfg.tokenizer, vocab_limit=mcfg.vocab_size)
   if cfg.tokenizer == "bytes":  # the T5 tokenizer keeps the papers' 32000
     mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size)
+  init_params = warm_start.read_init_params(cfg, mcfg)  # --init_from_hf, or None
+  if cfg.eval_only:
+    return warm_start.eval_only(cfg, mcfg, quant, tok, sizes, init_params)
   schedule = optimizers.make_schedule(cfg)
   optimizer = optimizers.make_optimizer(cfg, schedule)
 
@@ -156,6 +160,10 @@ def main(argv=None) -> dict:
       start, state, data_state = ckpt.restore(target, resume_step)
       train_loader.load_state_dict(data_state)
       log(f"resumed from {ckpt.directory} at step {start}")
+    elif init_params is not None:  # --init_from_hf: its parameters, a fresh optimizer state
+      start = 0
+      state = init(jax.random.PRNGKey(cfg.seed), warm_start.place(init_params, param_shardings))
+      log(f"parameters from {cfg.init_from_hf}")
     else:
       start, state = 0, init(jax.random.PRNGKey(cfg.seed))
     log(f"model {mcfg.name}: {n_params / 1e6:.2f}M params (vocab {mcfg.vocab_size}), "

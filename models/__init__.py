@@ -6,6 +6,7 @@
 """
 
 from models.config import CONFIG_NAMES, CONFIGS, LlamaConfig, from_hf_json, get_config
+from models.hf import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
 from models.llama import (
     DecoderBlock,
     Llama,
@@ -32,6 +33,10 @@ __all__ = [
     "cross_entropy_loss",
     "flops_per_token",
     "from_hf_json",
+    "from_hf_state_dict",
     "get_config",
     "get_quant_config",
+    "load_pretrained",
+    "save_pretrained",
+    "to_hf_state_dict",
 ]
