@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("run_dir", help="the run's --save_dir (holds config.json and checkpoints/)")
   p.add_argument("out_dir", help="directory for config.json and model.safetensors")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step; None: the latest")
   p.add_argument("--dtype", default="float32", choices=models.hf.EXPORT_DTYPES,
                  help="dtype of the written weights")
   return p

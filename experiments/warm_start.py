@@ -30,7 +30,11 @@ def read_init_params(cfg: config.TrainConfig, mcfg: models.LlamaConfig) -> dict 
   try:
     params, _ = models.load_pretrained(cfg.init_from_hf, mcfg, dtype=mcfg.param_dtype)
   except (ValueError, FileNotFoundError, KeyError) as e:
-    config.fail(f"--init_from_hf {cfg.init_from_hf}: {e}")
+    hint = ""
+    if "embed_tokens" in str(e) and cfg.tokenizer in ("bytes", "byte"):
+      hint = (f" (--tokenizer bytes has {mcfg.vocab_size} ids: pass the model's own tokenizer "
+              "with --tokenizer)")
+    config.fail(f"--init_from_hf {cfg.init_from_hf}: {e}{hint}")
   return params
 
 

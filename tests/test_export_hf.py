@@ -5,6 +5,7 @@ import os
 import re
 
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -117,8 +118,15 @@ def test_init_from_hf_errors_are_one_line_before_compiling(run, monkeypatch, tmp
   export_hf.main([str(root / "run"), str(tmp_path / "export")])
   wider = tmp_path / "wider.json"
   wider.write_text(json.dumps({**TINY, "intermediate_size": 96}))
+  # A HF model with its own 300-id vocabulary, started with the byte tokenizer (258 ids).
+  other = models.get_config(wider, intermediate_size=64, vocab_size=300)
+  models.save_pretrained(tmp_path / "vocab300", jax.tree.map(
+      lambda x: np.zeros(x.shape, np.float32),
+      nn.meta.unbox(models.abstract_variables(other)["params"])), other)
   monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the check"))
   cases = [
+      (args(tmp_path / "v", "--init_from_hf", str(tmp_path / "vocab300"), model=False),
+       r"model.embed_tokens.weight has shape \(300, 32\).* \(--tokenizer bytes has 258 ids"),
       (args(tmp_path / "a", "--init_from_hf", str(tmp_path / "export"), "--model_config",
             str(wider), model=False),
        r"model.layers.0.mlp.gate_proj.weight has shape \(64, 32\), the model config "

@@ -10,6 +10,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import models
 from models import hf
@@ -85,22 +86,20 @@ def test_round_trip_through_files_is_exact(tmp_path, dtype):
 
 
 def test_reader_agrees_with_safetensors(tmp_path):
-  safetensors_numpy = pytest.importorskip("safetensors.numpy")
   models.save_pretrained(tmp_path, random_params(), CFG)
   ours = hf.read_safetensors(tmp_path / "model.safetensors")
-  theirs = safetensors_numpy.load_file(str(tmp_path / "model.safetensors"))
+  theirs = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
   chex.assert_trees_all_equal(dict(ours), theirs)
 
 
 def test_sharded_checkpoint_index_is_read(tmp_path):
   """A HF model saved in several shards with model.safetensors.index.json."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   sd = models.to_hf_state_dict(random_params(), CFG)
   names = sorted(sd)
   shards = {"model-00001-of-00002.safetensors": names[:5],
             "model-00002-of-00002.safetensors": names[5:]}
   for shard, keys in shards.items():
-    save_file({k: sd[k] for k in keys}, str(tmp_path / shard))
+    safetensors.numpy.save_file({k: sd[k] for k in keys}, str(tmp_path / shard))
   weight_map = {k: shard for shard, keys in shards.items() for k in keys}
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
   chex.assert_trees_all_equal(dict(hf.read_hf_weights(tmp_path)), sd)
