@@ -235,7 +235,8 @@ def parse_args(argv=None) -> TrainConfig:
     ns["total_batch_size"] = ns["batch_size"] * accum
   hf_dir = ns["init_from_hf"]
   if hf_dir is not None and not os.path.isfile(os.path.join(hf_dir, "config.json")):
-    fail(f"--init_from_hf {hf_dir}: no config.json there (expected a Hugging Face LLaMA directory)")
+    fail(f"--init_from_hf {hf_dir}: no config.json there (expected a Hugging Face model "
+         "directory)")
   if ns["model_config"] is None:  # --init_from_hf DIR brings its own shape
     ns["model_config"] = hf_dir or TrainConfig.model_config
   defaults = dataclasses.asdict(TrainConfig())

@@ -120,9 +120,8 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def _block_params(params: Mapping, config: LlamaConfig) -> list[Mapping]:
   """Each decoder block's parameters, from `layers_<i>` or from the stacked `layers`."""
   if "layers" in params:  # scan_layers: leaves (num_layers, ...)
-    stacked = params["layers"]
-    return [{path: np.asarray(_get(stacked, path))[i] for path, _ in _BLOCK}
-            for i in range(config.num_layers)]
+    stacked = {path: np.asarray(_get(params["layers"], path)) for path, _ in _BLOCK}
+    return [{path: x[i] for path, x in stacked.items()} for i in range(config.num_layers)]
   return [{path: _get(params[f"layers_{i}"], path) for path, _ in _BLOCK}
           for i in range(config.num_layers)]
 
