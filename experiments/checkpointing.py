@@ -60,9 +60,12 @@ class Checkpointer:
     meta = getattr(meta, "tree", meta)
     target = {"params": jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta["params"])}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-    return restored["params"]
+    try:
+      args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                    partial_restore=True)
+    except TypeError:  # an orbax without partial restore: read everything, keep the params
+      return jax.tree.map(np.asarray, reader.restore(path)["params"])
+    return reader.restore(path, args=args)["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
