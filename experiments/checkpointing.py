@@ -49,6 +49,24 @@ class Checkpointer:
     hosts = restored["data"]["hosts"]
     return step, restored["state"], hosts[str(jax.process_index())]
 
+  def restore_params(self, step: int | None = None) -> dict:
+    """Only the parameters of checkpoint ``step`` (default: the latest) as host NumPy arrays,
+    in their saved dtypes; the optimizer state is not read (orbax partial restore)."""
+    step = self.latest_step() if step is None else step
+    path = f"{self.directory}/{step}/state"
+    reader = ocp.PyTreeCheckpointer()
+    meta = reader.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)  # StepMetadata in newer orbax
+    meta = getattr(meta, "tree", meta)
+    target = {"params": jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta["params"])}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    try:
+      args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                    partial_restore=True)
+    except TypeError:  # an orbax without partial restore: read everything, keep the params
+      return jax.tree.map(np.asarray, reader.restore(path)["params"])
+    return reader.restore(path, args=args)["params"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -98,6 +98,9 @@ class TrainConfig:
   # scale-out
   mesh: str | None = None
   distributed: bool = False
+  # start from / only evaluate a Hugging Face checkpoint (see experiments/warm_start.py)
+  init_from_hf: str | None = None
+  eval_only: bool = False
   # debugging
   inject_nan_at_step: int | None = None
   inject_signal: str | None = None  # "STEP:TERM", "STEP:TERM,TERM", "STEP:KILL"
@@ -184,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "No flags: a small offline demo on CPU.")
   a = p.add_argument
   g = p.add_argument_group("model")
-  g.add_argument("--model_config", default=d.model_config,
-                 help="llama_9m ... llama_7b (or 60m, ...), or a HF LlamaConfig JSON path")
+  g.add_argument("--model_config", default=None,
+                 help="llama_9m ... llama_7b (or 60m, ...), a HF LlamaConfig JSON path or a HF "
+                      f"model directory (default: {d.model_config}, or --init_from_hf's shape)")
   g.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                  help="bfloat16: params, grads and moments in bf16 (the official runs); "
                       "mixed: float32 params and moments, bf16 compute; float32: all float32; "
@@ -292,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("scale-out")
   g.add_argument("--mesh", default=None, help="e.g. data=4,fsdp=2 (default: data=all devices)")
   _bool_flag(g, "distributed", "call jax.distributed.initialize() (auto on multi-host TPU)")
+  g = p.add_argument_group("Hugging Face checkpoints (export: python -m experiments.export_hf)")
+  g.add_argument("--init_from_hf", default=None, metavar="DIR",
+                 help="start from a HF LLaMA directory (config.json + model.safetensors) with a "
+                      "fresh optimizer state; a checkpoint in --save_dir still resumes first")
+  _bool_flag(g, "eval_only", "print the validation loss/perplexity of --init_from_hf (or of "
+             "--save_dir's latest checkpoint) without training or writing anything")
   a("--inject_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
   a("--inject_signal", default=None, help=argparse.SUPPRESS)
   return p
@@ -376,6 +386,12 @@ def parse_args(argv=None) -> TrainConfig:
     _check_range("gradient_accumulation", accum)
     ns["total_batch_size"] = ns["batch_size"] * accum
     given.add("total_batch_size")
+  hf_dir = ns["init_from_hf"]
+  if hf_dir is not None and not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    fail(f"--init_from_hf {hf_dir}: no config.json there (expected a Hugging Face model "
+         "directory)")
+  if ns["model_config"] is None:  # --init_from_hf DIR brings its own shape
+    ns["model_config"] = hf_dir or TrainConfig.model_config
   defaults = dataclasses.asdict(TrainConfig())
   ns = {k: (defaults[k] if v is None and isinstance(defaults[k], bool) else v)
         for k, v in ns.items()}

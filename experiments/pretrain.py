@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from experiments import (checkpointing, config, data, metrics, optimizers, plot, preemption,
-                         rundir, sharding, tokenizer)
+                         rundir, sharding, tokenizer, warm_start)
 from experiments import train_step as ts
 
 
@@ -103,6 +103,7 @@ class Inputs(NamedTuple):
   schedule: Callable
   optimizer: Any
   changes: dict | None  # rundir.check: allowed changes of a resumed run, None for a new one
+  init_params: dict | None  # --init_from_hf's parameters (host arrays), None otherwise
 
 
 def check_inputs(argv=None) -> Inputs:
@@ -118,12 +119,16 @@ def check_inputs(argv=None) -> Inputs:
     tok = tokenizer.get_tokenizer(cfg.tokenizer, vocab_limit=mcfg.vocab_size)
   if cfg.tokenizer == "bytes":  # the T5 tokenizer keeps the papers' 32000
     mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size)
+  init_params = warm_start.read_init_params(cfg, mcfg)  # --init_from_hf, or None
   schedule = optimizers.make_schedule(cfg)
   try:
     optimizer = optimizers.make_optimizer(cfg, schedule)
   except ValueError as e:
     config.fail(f"--optimizer {cfg.optimizer}: {e}")
-  return Inputs(cfg, sizes, mcfg, quant, tok, schedule, optimizer, _check_run_dir(cfg))
+  if cfg.eval_only:  # writes nothing: no run-directory check
+    return Inputs(cfg, sizes, mcfg, quant, tok, schedule, optimizer, None, init_params)
+  return Inputs(cfg, sizes, mcfg, quant, tok, schedule, optimizer, _check_run_dir(cfg),
+                init_params)
 
 
 def _check_run_dir(cfg: config.TrainConfig) -> dict | None:
@@ -206,6 +211,7 @@ class Steps(NamedTuple):
   eval: Callable  # (params, batch, loss_sum) -> loss_sum
   finite: Callable  # params -> bool
   restore_target: Any  # the train state's ShapeDtypeStructs with their shardings
+  param_shardings: Any
   batch_sharding: NamedSharding
   batch_shape: tuple[int, int, int]
 
@@ -235,15 +241,21 @@ def build_steps(run: Run) -> Steps:
       restore_target=jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
           abstract, state_shardings),
+      param_shardings=param_shardings,
       batch_sharding=batch_sharding,
       batch_shape=(cfg.accum_steps, cfg.batch_size, cfg.max_length))
 
 
 # ----------------------------------------------------------------------------- stage 4: train
 def restore_or_init(run: Run, steps: Steps):
-  """(start step, train state): the run directory's latest checkpoint, or step 0."""
+  """(start step, train state): the run directory's latest checkpoint, or step 0 (with
+  --init_from_hf's parameters and a fresh optimizer state when given)."""
   if run.resume_step is None:
-    return 0, steps.init(jax.random.PRNGKey(run.cfg.seed))
+    key = jax.random.PRNGKey(run.cfg.seed)
+    if run.inputs.init_params is None:
+      return 0, steps.init(key)
+    log(f"parameters from {run.cfg.init_from_hf}")
+    return 0, steps.init(key, warm_start.place(run.inputs.init_params, steps.param_shardings))
   start, state, data_state = run.ckpt.restore(steps.restore_target, run.resume_step)
   run.train_loader.load_state_dict(data_state)
   log(f"resumed from {run.ckpt.directory} at step {start}")
@@ -326,6 +338,9 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
 def main(argv=None) -> dict:
   with preemption.Preemption() as stop:
     inputs = check_inputs(argv)
+    if inputs.cfg.eval_only:
+      return warm_start.eval_only(inputs.cfg, inputs.mcfg, inputs.quant, inputs.tok,
+                                  inputs.sizes, inputs.init_params)
     run = open_run(inputs)
     with run.context():
       steps = build_steps(run)

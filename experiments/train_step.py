@@ -27,11 +27,12 @@ def lm_loss(model, params, tokens, pad_id: int, rng):
 
 
 def make_init_fn(model, optimizer, *, param_dtype, example_tokens):
-  """``rng -> train state``; parameters are created (and cast) in ``param_dtype``."""
-  def init(rng):
+  """``(rng, params=None) -> train state``; parameters are created (or, given, taken) and cast
+  to ``param_dtype``; the optimizer state is always fresh."""
+  def init(rng, params=None):
     init_rng, rng = jax.random.split(rng)
-    variables = model.init(init_rng, example_tokens)
-    params = nn.meta.unbox(variables["params"])
+    if params is None:
+      params = nn.meta.unbox(model.init(init_rng, example_tokens)["params"])
     params = jax.tree.map(lambda p: p.astype(param_dtype), params)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": optimizer.init(params), "rng": rng}

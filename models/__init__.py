@@ -6,6 +6,7 @@
 """
 
 from models.config import CONFIG_NAMES, CONFIGS, LlamaConfig, from_hf_json, get_config
+from models.hf import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
 from models.llama import (
     DecoderBlock,
     Llama,
@@ -34,8 +35,12 @@ __all__ = [
     "cross_entropy_loss",
     "flops_per_token",
     "from_hf_json",
+    "from_hf_state_dict",
     "get_config",
     "get_quant_config",
+    "load_pretrained",
+    "save_pretrained",
     "stack_layers",
+    "to_hf_state_dict",
     "unstack_layers",
 ]

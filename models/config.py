@@ -126,9 +126,14 @@ def from_hf_json(path: str | os.PathLike, **overrides: Any) -> LlamaConfig:
     raise ValueError(f"{path}: hidden_act {act!r} is not supported (only 'silu')")
   if hf.get("tie_word_embeddings", False):
     raise ValueError(f"{path}: tied embeddings are not supported")
+  _check_hf_fields(path, hf)
+  rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
   max_len = hf.get("max_sequence_length", hf.get("max_position_embeddings", 1024))
+  name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+  if name == "config":  # a HF model directory's config.json: name it after the directory
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) or name
   kw = dict(
-      name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
+      name=name,
       hidden_size=int(hf["hidden_size"]),
       intermediate_size=int(hf["intermediate_size"]),
       num_heads=int(hf["num_attention_heads"]),
@@ -137,20 +142,42 @@ def from_hf_json(path: str | os.PathLike, **overrides: Any) -> LlamaConfig:
       max_seq_len=int(max_len),
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       init_std=float(hf.get("initializer_range", 0.02)),
-      rope_theta=float(hf.get("rope_theta", 10000.0)),
+      rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
   )
   kw.update(overrides)
   return LlamaConfig(**kw)
 
 
+def _check_hf_fields(path, hf: dict) -> None:
+  """Rejects HF LLaMA variants this model does not implement (one-line ValueError)."""
+  heads = int(hf["num_attention_heads"])
+  if int(hf.get("num_key_value_heads") or heads) != heads:
+    raise ValueError(f"{path}: grouped-query attention (num_key_value_heads "
+                     f"{hf['num_key_value_heads']} != num_attention_heads {heads}) "
+                     "is not supported")
+  if hf.get("head_dim") not in (None, int(hf["hidden_size"]) // heads):
+    raise ValueError(f"{path}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise ValueError(f"{path}: {flag} is not supported")
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = (scaling.get("rope_type") or scaling.get("type")
+               or (hf.get("rope_parameters") or {}).get("rope_type", "default"))
+  if rope_type != "default":
+    raise ValueError(f"{path}: rope scaling {rope_type!r} is not supported")
+
+
 def get_config(name: str | os.PathLike | LlamaConfig, **overrides: Any) -> LlamaConfig:
-  """Returns the config called `name` (`llama_60m` or `60m`), or read from a JSON path.
+  """Returns the config called `name` (`llama_60m` or `60m`), or read from a HF config JSON
+  path or a HF model directory holding `config.json`.
 
   Keyword arguments override fields, e.g. `get_config("60m", vocab_size=32100)`.
   """
   if isinstance(name, LlamaConfig):
     return dataclasses.replace(name, **overrides) if overrides else name
   key = os.fspath(name)
+  if os.path.isfile(os.path.join(key, "config.json")):  # a HF model directory
+    key = os.path.join(key, "config.json")
   if key.endswith(".json") or os.path.isfile(key):
     return from_hf_json(key, **overrides)
   key = key.strip().lower()
@@ -159,7 +186,7 @@ def get_config(name: str | os.PathLike | LlamaConfig, **overrides: Any) -> Llama
   if key not in CONFIGS:
     raise ValueError(
         f"unknown model {os.fspath(name)!r}; valid names: {', '.join(CONFIG_NAMES)}"
-        " (with or without the 'llama_' prefix) or a path to a HF config JSON"
+        " (with or without the 'llama_' prefix), a HF config JSON or a HF model directory"
     )
   config = CONFIGS[key]
   return dataclasses.replace(config, **overrides) if overrides else config
