@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("Hugging Face checkpoints (export: python -m experiments.export_hf)")
   g.add_argument("--init_from_hf", default=None, metavar="DIR",
                  help="start from a HF LLaMA directory (config.json + model.safetensors) with a "
-                      "fresh optimizer state; a checkpoint in --save_dir still resumes first")
+                      "fresh optimizer state; a checkpoint in --save_dir still resumes first "
+                       "(default: none)")
   _bool_flag(g, "eval_only", "print the validation loss/perplexity of --init_from_hf (or of "
              "--save_dir's latest checkpoint) without training or writing anything")
   a("--inject_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
