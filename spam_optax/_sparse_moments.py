@@ -99,7 +99,9 @@ def sparse_leaf_mask(sparse_mask: _tree_util.MaskOrFn, params: Any) -> Any:
   return sparse_mask(params) if callable(sparse_mask) else sparse_mask
 
 
-def _sparse_flags(sparse_mask: Any, params: Any) -> tuple[list[bool], Any]:
+def _sparse_flags(
+    sparse_mask: _tree_util.MaskOrFn, params: Any
+) -> tuple[list[bool], Any]:
   """Flags per params position (``None`` positions included) and the treedef."""
   leaves, treedef = jax.tree.flatten(params, is_leaf=_is_slot)
   flags = treedef.flatten_up_to(sparse_leaf_mask(sparse_mask, params))
