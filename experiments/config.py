@@ -17,6 +17,7 @@ import math
 OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd", "adam_mini",
               "galore", "muon", "skip_step")
 SPIKE_GUARDS = ("none", "stable_spam", "spam_clip")
+GUARDED = ("adam", "lion", "adam_mini", "muon", "adafactor")  # --spike_guard's bases
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
 
@@ -48,7 +49,7 @@ class TrainConfig:
   spike_guard: str = "none"
   # SPAM
   density: float = 1.0
-  DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM, 200 GaLore)
+  DeltaT: int | None = None  # None: the default (500 SPAM, 1000 Stable-SPAM, 200 GaLore)
   threshold: float = 5000.0
   warmup_epoch: int = 150
   grad_accu_steps: int = 20  # the official SPAM name of the spike-clip delay
@@ -253,6 +254,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
   """Fills the dataset-dependent defaults and checks values; errors are one line."""
   if cfg.optimizer not in OPTIMIZERS:
     fail(f"unknown --optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+  if cfg.spike_guard != "none" and cfg.optimizer not in GUARDED:
+    fail(f"--spike_guard {cfg.spike_guard} goes in front of --optimizer "
+         f"{'|'.join(GUARDED)}, not {cfg.optimizer}")
+  if cfg.rank is not None and cfg.rank < 1:
+    fail(f"--rank must be >= 1, got {cfg.rank}")
+  if cfg.galore_scale is not None and not cfg.galore_scale > 0:
+    fail(f"--galore_scale must be > 0, got {cfg.galore_scale}")
   if not 0.0 < cfg.density <= 1.0:
     fail(f"--density must be in (0, 1], got {cfg.density}")
   for flag in ("batch_size", "max_length", "num_training_steps", "eval_every", "save_every",
