@@ -1,4 +1,4 @@
-"""Adam-mini as an optax transformation: one second-moment value per parameter block.
+r"""Adam-mini as an optax transformation: one second-moment value per parameter block.
 
 Zhang et al., *Adam-mini: Use Fewer Learning Rates To Gain More*, arXiv:2406.16793 (official
 code: github.com/zyushun/Adam-mini, version 1.1). Adam keeps a second moment per entry;
