@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--galore_scale", type=float, default=None,
                  help="galore: scale of the projected-back update (default 0.25, GaLore's)")
   g.add_argument("--skip_threshold", type=float, default=None,
-                 help="skip_step: skip the update when the gradient norm exceeds this factor "
-                      "times its running statistic (default: the optimizer's own, 6.0 as "
-                      "MaxText's skip_step_scaling_factor)")
+                 help="skip_step: the spike factor above which the whole update is skipped "
+                      "(default: the optimizer's own; MaxText's skip_step_on_spikes, after "
+                      "OLMo-core, skips above mean + 6 std of the last 128 grad norms)")
   g.add_argument("--spike_guard", default=d.spike_guard, choices=SPIKE_GUARDS,
                  help="Stable-SPAM's composability: stable_spam puts AdaClip + AdaGN in front "
                       "of the base and resets its moments periodically; spam_clip puts SPAM's "
