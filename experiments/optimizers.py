@@ -187,12 +187,40 @@ def _galore(cfg, schedule):
   Adam's ε is GaLore AdamW's 1e-6.
   """
   _require_optax("galore")
-  return optax.contrib.galore(
+  return _no_empty_projectors(optax.contrib.galore(
       schedule, rank=cfg.rank or 128, update_proj_gap=cfg.DeltaT or 200,
       scale=0.25 if cfg.galore_scale is None else cfg.galore_scale,
       base_optimizer=optax.scale_by_adam(cfg.beta1, cfg.beta2,
                                          eps=1e-6 if cfg.eps is None else cfg.eps),
-      weight_decay=cfg.weight_decay, weight_dimension_numbers=_galore_dims)
+      weight_decay=cfg.weight_decay, weight_dimension_numbers=_galore_dims))
+
+
+def _map_states(state, state_type, fn):
+  """Applies ``fn`` to every ``state_type`` node of an optimizer state."""
+  is_it = lambda s: isinstance(s, state_type)
+  return jax.tree.map(lambda s: fn(s) if is_it(s) else s, state, is_leaf=is_it)
+
+
+def _no_empty_projectors(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """optax's GaLore keeps a (0, 0) projector for each leaf it does not project, and orbax
+  cannot save zero-size arrays: the state holds an int32 0 in their place between updates."""
+  galore_state = optax.contrib.GaLoreState
+
+  def hide(s):
+    return s._replace(projector=jax.tree.map(
+        lambda p: jnp.zeros((), jnp.int32) if p.size == 0 else p, s.projector))
+
+  def init_fn(params):
+    return _map_states(inner.init(params), galore_state, hide)
+
+  def update_fn(updates, state, params=None):
+    def show(s):
+      return s._replace(projector=jax.tree.map(
+          lambda p, g: jnp.zeros((0, 0), g.dtype) if p.ndim == 0 else p, s.projector, updates))
+    updates, state = inner.update(updates, _map_states(state, galore_state, show), params)
+    return updates, _map_states(state, galore_state, hide)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _muon_dims(params):
@@ -227,11 +255,8 @@ def _keep_muon_coefficients(inner: optax.GradientTransformation) -> optax.Gradie
   float array of the state it wraps; here the state keeps a 0 in their place and each update
   puts the constants back.
   """
-  is_muon = lambda s: isinstance(s, optax.contrib.MuonState)
-
   def swap(state, value):
-    return jax.tree.map(lambda s: s._replace(ns_coeffs=value) if is_muon(s) else s, state,
-                        is_leaf=is_muon)
+    return _map_states(state, optax.contrib.MuonState, lambda s: s._replace(ns_coeffs=value))
 
   def init_fn(params):
     return swap(inner.init(params), jnp.zeros((), jnp.int32))
