@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--beta1", type=float, default=d.beta1)
   g.add_argument("--beta2", type=float, default=d.beta2)
   g.add_argument("--eps", type=float, default=None,
-                 help="default: the optimizer's own (1e-6 for SPAM as officially, 1e-8 else)")
+                 help="default: the optimizer's own (1e-6 for SPAM and GaLore as officially, "
+                      "1e-8 else)")
   g.add_argument("--weight_decay", type=float, default=d.weight_decay)
   g.add_argument("--grad_clipping", type=float, default=d.grad_clipping,
                  help="global gradient-norm clip; 0 = off (the papers)")
