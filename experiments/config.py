@@ -18,13 +18,16 @@ import math
 import os
 import re
 
-OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd")
+OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd", "adam_mini",
+              "galore", "muon", "skip_step")
+SPIKE_GUARDS = ("none", "stable_spam", "spam_clip")
+GUARDED = ("adam", "lion", "adam_mini", "muon", "adafactor")  # --spike_guard's bases
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
 # Element-wise update rules (global counters at most): the same with the layers stacked by
 # --scan_layers. Stable-SPAM's AdaGN/AdaClip and Adafactor's factored moments take
 # statistics per tensor, which a stacked tensor would pool over all layers.
-SCAN_OPTIMIZERS = ("adamw", "adam", "spam", "lion", "sgd")
+SCAN_OPTIMIZERS = ("adamw", "adam", "spam", "lion", "sgd", "adam_mini")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +51,14 @@ class TrainConfig:
   min_lr_ratio: float = 0.1
   warmup_steps: int = 30
   num_training_steps: int = 400
+  # the papers' baselines (docs/training.md)
+  rank: int | None = None  # GaLore; None: 128
+  galore_scale: float | None = None  # GaLore; None: 0.25
+  skip_threshold: float | None = None  # skip_step; None: the optimizer's default
+  spike_guard: str = "none"
   # SPAM
   density: float = 1.0
-  DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM)
+  DeltaT: int | None = None  # None: the default (500 SPAM, 1000 Stable-SPAM, 200 GaLore)
   threshold: float = 5000.0
   warmup_epoch: int = 150
   grad_accu_steps: int = 20  # the official SPAM name of the spike-clip delay
@@ -204,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--beta1", type=float, default=d.beta1, help="first-moment decay")
   g.add_argument("--beta2", type=float, default=d.beta2, help="second-moment decay")
   g.add_argument("--eps", type=float, default=None,
-                 help="default: the optimizer's own (1e-6 for SPAM as officially, 1e-8 else)")
+                 help="default: the optimizer's own (1e-6 for SPAM and GaLore as officially, "
+                      "1e-8 else)")
   g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="weight decay")
   g.add_argument("--grad_clipping", type=float, default=d.grad_clipping,
                  help="global gradient-norm clip; 0 = off (the papers)")
@@ -216,11 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
                  help="linear warm-up from 0")
   g.add_argument("--num_training_steps", type=int, default=d.num_training_steps,
                  help="optimizer steps")
+  g = p.add_argument_group("baselines (adam_mini, galore, muon, skip_step) and spike guards")
+  g.add_argument("--rank", type=int, default=None,
+                 help="galore: rank of the gradient projection (default 128, GaLore's 60M run)")
+  g.add_argument("--galore_scale", type=float, default=None,
+                 help="galore: scale of the projected-back update (default 0.25, GaLore's)")
+  g.add_argument("--skip_threshold", type=float, default=None,
+                 help="skip_step: the spike factor above which the whole update is skipped "
+                      "(default: the optimizer's own; MaxText's skip_step_on_spikes, after "
+                      "OLMo-core, skips above mean + 6 std of the last 128 grad norms)")
+  g.add_argument("--spike_guard", default=d.spike_guard, choices=SPIKE_GUARDS,
+                 help="Stable-SPAM's composability: stable_spam puts AdaClip + AdaGN in front "
+                      "of the base and resets its moments periodically; spam_clip puts SPAM's "
+                      "spike clip in front; bases: adam, lion, adam_mini, muon, adafactor")
   g = p.add_argument_group("SPAM")
   g.add_argument("--density", type=float, default=d.density,
                  help="sparse-momentum density for attention/MLP projection weights, in (0, 1]")
   g.add_argument("--DeltaT", "--update_proj_gap", dest="DeltaT", type=int, default=d.DeltaT,
-                 help="momentum reset interval (default 500 SPAM, 1000 Stable-SPAM)")
+                 help="momentum reset interval (default 500 SPAM, 1000 Stable-SPAM); for "
+                      "--optimizer galore the projection update gap (default 200, GaLore's)")
   g.add_argument("--threshold", type=float, default=d.threshold, help="spike threshold theta")
   g.add_argument("--warmup_epoch", type=int, default=d.warmup_epoch,
                  help="steps of the LR warm-up after each momentum reset (N)")
@@ -349,18 +372,25 @@ RANGES: dict[str, Range] = {
     "seed": _NON_NEGATIVE, "eval_every": _AT_LEAST_1, "save_every": _AT_LEAST_1,
     "keep_checkpoints": _AT_LEAST_1, "stop_after": _AT_LEAST_1, "peak_tflops": _POSITIVE,
     "inject_nan_at_step": _AT_LEAST_1,
+    "rank": _AT_LEAST_1, "galore_scale": _POSITIVE, "skip_threshold": _POSITIVE,
 }
 
 # Optimizer-specific flags -> the optimizers that read them. Such a flag given on the command
 # line with another --optimizer is an error (it would be ignored silently). A new optimizer
 # adds itself to the rows of the flags it reads; a new optimizer-specific flag adds a row.
+# The spike guards read some of these flags too, whatever the base optimizer.
+SPAM_CLIP, STABLE_GUARD = "--spike_guard spam_clip", "--spike_guard stable_spam"
 OPTIMIZER_FLAGS: dict[str, tuple[str, ...]] = {
-    "density": ("spam",), "threshold": ("spam",), "warmup_epoch": ("spam",),
-    "grad_accu_steps": ("spam",),
-    "DeltaT": ("spam", "stable_spam"),
-    "gamma1": ("stable_spam",), "gamma2": ("stable_spam",), "gamma3": ("stable_spam",),
-    "total_T": ("stable_spam",), "eta_min": ("stable_spam",),
-    "eps": ("adamw", "adam", "spam", "stable_spam"),  # adafactor, lion, sgd have none
+    "density": ("spam",), "warmup_epoch": ("spam",),
+    "threshold": ("spam", SPAM_CLIP), "grad_accu_steps": ("spam", SPAM_CLIP),
+    "DeltaT": ("spam", "stable_spam", "galore", STABLE_GUARD),
+    "gamma1": ("stable_spam", STABLE_GUARD), "gamma2": ("stable_spam", STABLE_GUARD),
+    "gamma3": ("stable_spam", STABLE_GUARD), "total_T": ("stable_spam", STABLE_GUARD),
+    "eta_min": ("stable_spam", STABLE_GUARD),
+    # adafactor, lion, sgd have none
+    "eps": ("adamw", "adam", "spam", "stable_spam", "adam_mini", "galore", "muon", "skip_step",
+            STABLE_GUARD),
+    "rank": ("galore",), "galore_scale": ("galore",), "skip_threshold": ("skip_step",),
 }
 
 
@@ -415,11 +445,18 @@ def resolve(cfg: TrainConfig, given: frozenset[str] | None = None) -> TrainConfi
     default = TrainConfig()
     given = frozenset(f.name for f in dataclasses.fields(cfg)
                       if getattr(cfg, f.name) != getattr(default, f.name))
+  if cfg.spike_guard != "none" and cfg.optimizer not in GUARDED:
+    fail(f"--spike_guard {cfg.spike_guard} goes in front of --optimizer "
+         f"{'|'.join(GUARDED)}, not {cfg.optimizer}")
+  readers = {cfg.optimizer, f"--spike_guard {cfg.spike_guard}"}
   ignored = sorted(f for f in given & OPTIMIZER_FLAGS.keys()
-                   if cfg.optimizer not in OPTIMIZER_FLAGS[f])
+                   if not readers & set(OPTIMIZER_FLAGS[f]))
   if ignored:
     fail(f"--optimizer {cfg.optimizer} does not use "
-         + ", ".join(f"--{f} (only {'/'.join(OPTIMIZER_FLAGS[f])})" for f in ignored))
+         + ", ".join(f"--{f} (only {', '.join(OPTIMIZER_FLAGS[f])})" for f in ignored))
+  if cfg.scan_layers and cfg.spike_guard == "stable_spam":
+    fail("--scan_layers stacks each weight of all layers into one tensor, and --spike_guard "
+         "stable_spam takes statistics per tensor; use it without --scan_layers")
   if cfg.scan_layers and cfg.optimizer not in SCAN_OPTIMIZERS:
     fail(f"--scan_layers stacks each weight of all layers into one tensor, and --optimizer "
          f"{cfg.optimizer} takes statistics per tensor; use it with {', '.join(SCAN_OPTIMIZERS)}")

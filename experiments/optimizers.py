@@ -1,16 +1,24 @@
 """The optimizer of a run: learning-rate schedule, optional global-norm clip, then the update rule.
 
 ``adamw``, ``adam``, ``adafactor``, ``lion`` and ``sgd`` are optax's own; ``spam`` and
-``stable_spam`` come from ``spam_optax``. Every optimizer sees the same schedule (the
-official one, below) and the same ``--grad_clipping``.
+``stable_spam`` come from ``spam_optax``; the papers' other baselines are ``adam_mini``
+(``experiments.adam_mini``), ``galore`` and ``muon`` (``optax.contrib``). ``--spike_guard``
+puts Stable-SPAM's or SPAM's pieces in front of a base optimizer. Every optimizer sees the
+same schedule (the official one, below) and the same ``--grad_clipping``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
 import jax.numpy as jnp
 import optax
+
+import spam_optax
+from spam_optax._tree_util import path_names
+from experiments import adam_mini
+from experiments.config import fail
 
 # Sparse momentum covers the projection weights of attention and MLP blocks only, like the
 # official script's `target_modules_list = ["attn", "mlp"]` (embeddings, head, norms stay dense).
@@ -47,20 +55,30 @@ def make_schedule(cfg) -> optax.Schedule:
   return schedule
 
 
+
+def _is_projection(path) -> bool:
+  names = path_names(path)
+  return any(m in names for m in SPARSE_MODULES) and names[-1] == "kernel"
+
+
 def projection_mask(params):
   """True for the attention and MLP projection kernels (where sparse momentum applies)."""
-  def is_projection(path, _):
-    names = [str(getattr(k, "key", k)) for k in path]
-    return any(m in names for m in SPARSE_MODULES) and names[-1] == "kernel"
-  return jax.tree_util.tree_map_with_path(is_projection, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _is_projection(path), params)
 
 
-def _spam_module():
-  try:
-    import spam_optax  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise SystemExit(f"spam_optax is not importable: {e}") from e
-  return spam_optax
+def matrix_axes(path, leaf):
+  """``(input axes, output axes)`` of an attention/MLP projection kernel, None for other leaves.
+
+  The kernels are linear maps stored as Flax ``(inputs..., outputs...)``: q/k/v
+  ``(embed, heads, head_dim)``, o ``(heads, head_dim, embed)``, MLP ``(in, out)``. In the
+  ``scan_layers`` layout (leaves under ``layers``) axis 0 is the layer and belongs to neither.
+  """
+  if not _is_projection(path):
+    return None
+  names = path_names(path)
+  lead = 1 if "layers" in names else 0
+  n_in = 2 if "o_proj" in names else 1
+  return tuple(range(lead, lead + n_in)), tuple(range(lead + n_in, leaf.ndim))
 
 
 def _given(**kwargs) -> dict:
@@ -73,7 +91,9 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
   schedule = schedule or make_schedule(cfg)
   name = cfg.optimizer
   eps = 1e-8 if cfg.eps is None else cfg.eps
-  if name == "adamw":
+  if name in BASELINES:
+    opt = BASELINES[name](cfg, schedule)
+  elif name == "adamw":
     opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps,
                       weight_decay=cfg.weight_decay)
   elif name == "adam":
@@ -82,7 +102,6 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
                       else optax.identity(),
                       optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps))
   elif name == "spam":
-    spam_optax = _spam_module()
     opt = spam_optax.spam(
         schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
         spike_threshold=cfg.threshold, warmup_steps=cfg.warmup_epoch,
@@ -91,7 +110,6 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
         sparse_mask=projection_mask if cfg.density < 1.0 else None, seed=cfg.seed,
         **_given(eps=cfg.eps, reset_interval=cfg.DeltaT))
   elif name == "stable_spam":
-    spam_optax = _spam_module()
     opt = spam_optax.stable_spam(
         schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
         total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min,
@@ -112,6 +130,8 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
                       else optax.identity(), optax.sgd(schedule))
   else:
     raise SystemExit(f"error: unknown --optimizer {name!r}")
+  if cfg.spike_guard != "none":
+    opt = SPIKE_GUARDS[cfg.spike_guard](cfg, opt)
   if cfg.grad_clipping > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clipping), opt)
   return opt
@@ -119,9 +139,163 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
 
 def spike_stats(opt_state) -> dict:
   """SPAM / Stable-SPAM's per-step spike statistics; empty for the optax baselines."""
-  try:
-    import spam_optax  # pylint: disable=import-outside-toplevel
-    fn = spam_optax.spike_stats
-  except (ImportError, AttributeError):
-    return {}
-  return dict(fn(opt_state))
+  return dict(spam_optax.spike_stats(opt_state))
+
+
+# ---------------------------------------------------------------------------------------------
+# The papers' other baselines (docs/training.md, "Other baselines and spike guards").
+
+# Keller Jordan's Newton-Schulz coefficients (optax's default), given explicitly because the
+# stable_spam guard keeps them out of the reset state (see _keep_muon_coefficients).
+MUON_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def _require_optax(fn: str, argument: str | None = None) -> None:
+  """One-line error when the installed optax lacks ``optax.contrib.<fn>`` (or its argument)."""
+  have = getattr(optax.contrib, fn, None)
+  if have is None or (argument and argument not in inspect.signature(have).parameters):
+    fail(f"--optimizer {fn} needs optax>=0.2.7 (optax.contrib.{fn}"
+         f"{'(' + argument + '=...)' if argument else ''}); installed optax {optax.__version__}")
+
+
+def _adam_mini(cfg, schedule):
+  """Adam-mini (arXiv:2406.16793): one second moment per block, AdamW-style decay."""
+  return adam_mini.adam_mini(schedule, b1=cfg.beta1, b2=cfg.beta2,
+                             eps=1e-8 if cfg.eps is None else cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def _galore_dims(params):
+  """GaLore's matrix view of each projection kernel; None (plain Adam) for the rest."""
+  def dims(path, x):
+    axes = matrix_axes(path, x)
+    if axes is None:
+      return None
+    if "layers" in path_names(path):
+      fail("--optimizer galore projects each layer's kernel on its own and does not support "
+           "the scan_layers parameter layout")
+    return optax.contrib.GaLoreDimensionNumbers(*axes)
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _galore(cfg, schedule):
+  """GaLore (arXiv:2403.03507) on the attention/MLP projections, Adam on the rest.
+
+  Defaults are the official 60M script's: rank 128, projection update gap 200, scale 0.25;
+  Adam's ε is GaLore AdamW's 1e-6.
+  """
+  _require_optax("galore")
+  return _no_empty_projectors(optax.contrib.galore(
+      schedule, rank=cfg.rank or 128, update_proj_gap=cfg.DeltaT or 200,
+      scale=0.25 if cfg.galore_scale is None else cfg.galore_scale,
+      base_optimizer=optax.scale_by_adam(cfg.beta1, cfg.beta2,
+                                         eps=1e-6 if cfg.eps is None else cfg.eps),
+      weight_decay=cfg.weight_decay, weight_dimension_numbers=_galore_dims))
+
+
+def _map_states(state, state_type, fn):
+  """Applies ``fn`` to every ``state_type`` node of an optimizer state."""
+  is_it = lambda s: isinstance(s, state_type)
+  return jax.tree.map(lambda s: fn(s) if is_it(s) else s, state, is_leaf=is_it)
+
+
+def _no_empty_projectors(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """optax's GaLore keeps a (0, 0) projector for each leaf it does not project, and orbax
+  cannot save zero-size arrays: the state holds an int32 0 in their place between updates."""
+  galore_state = optax.contrib.GaLoreState
+
+  def hide(s):
+    return s._replace(projector=jax.tree.map(
+        lambda p: jnp.zeros((), jnp.int32) if p.size == 0 else p, s.projector))
+
+  def init_fn(params):
+    return _map_states(inner.init(params), galore_state, hide)
+
+  def update_fn(updates, state, params=None):
+    def show(s):
+      return s._replace(projector=jax.tree.map(
+          lambda p, g: jnp.zeros((0, 0), g.dtype) if p.ndim == 0 else p, s.projector, updates))
+    updates, state = inner.update(updates, _map_states(state, galore_state, show), params)
+    return updates, _map_states(state, galore_state, hide)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _muon_dims(params):
+  """Muon's matrix view of each projection kernel; None (AdamW) for embeddings, head, norms."""
+  def dims(path, x):
+    axes = matrix_axes(path, x)
+    return None if axes is None else optax.contrib.MuonDimensionNumbers(*axes)
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _muon(cfg, schedule):
+  """Muon (Jordan et al. 2024) on the hidden projections, AdamW on the rest, one schedule.
+
+  Muon's update is scaled to AdamW's RMS (``consistent_rms=0.2``, Liu et al. 2025,
+  arXiv:2502.16982), so one ``--lr`` serves both parts; Muon's momentum is its own 0.95.
+  """
+  _require_optax("muon", "consistent_rms")
+  return optax.contrib.muon(
+      schedule, ns_coeffs=MUON_NS_COEFFS, beta=0.95, eps=1e-8 if cfg.eps is None else cfg.eps,
+      weight_decay=cfg.weight_decay, adam_b1=cfg.beta1, adam_b2=cfg.beta2,
+      adam_weight_decay=cfg.weight_decay, muon_weight_dimension_numbers=_muon_dims,
+      consistent_rms=0.2)
+
+
+BASELINES = {"adam_mini": _adam_mini, "galore": _galore, "muon": _muon}
+
+
+def _keep_muon_coefficients(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Holds optax Muon's Newton-Schulz coefficients out of ``inner``'s state.
+
+  They are a float array in ``MuonState``, and ``spam_optax.periodic_reset`` zeroes every
+  float array of the state it wraps; here the state keeps a 0 in their place and each update
+  puts the constants back.
+  """
+  def swap(state, value):
+    return _map_states(state, optax.contrib.MuonState, lambda s: s._replace(ns_coeffs=value))
+
+  def init_fn(params):
+    return swap(inner.init(params), jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    updates, state = inner.update(updates, swap(state, jnp.asarray(MUON_NS_COEFFS)), params)
+    return updates, swap(state, jnp.zeros((), jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _stable_spam_guard(cfg, base):
+  """Stable-SPAM's AdaClip and AdaGN in front of ``base``, its moments reset periodically.
+
+  The pieces and their arguments are those of ``spam_optax.stable_spam`` (reset every
+  ``--DeltaT``, default 1000, after the reset step's update); ``base`` keeps its own learning
+  rate, so the guard rescales the gradient before any of the base's scaling. The reset wraps
+  the whole base: the only float state of these bases is their moments (the schedule's step
+  count is an integer and keeps counting), except Muon's coefficients, held out.
+  """
+  interval = 1000 if cfg.DeltaT is None else cfg.DeltaT
+  if cfg.optimizer == "muon":
+    base = _keep_muon_coefficients(base)
+  return optax.chain(
+      spam_optax.clip_by_running_max(**_given(gamma3=cfg.gamma3), reset_interval=interval),
+      spam_optax.scale_by_grad_norm_history(
+          total_steps=cfg.total_T, eta_min=cfg.eta_min, reset_interval=interval,
+          **_given(gamma1=cfg.gamma1, gamma2=cfg.gamma2, eps=cfg.eps)),
+      spam_optax.periodic_reset(base, interval, after_update=True))
+
+
+def _spam_clip_guard(cfg, base):
+  """SPAM's spike clip (``--threshold``, ``--grad_accu_steps``) in front of ``base``.
+
+  The clip keeps its own EMA of g² (β = ``--beta2``); entries it has not seen yet are left
+  alone (``clip_unseen=False``) rather than frozen.
+  """
+  return optax.chain(
+      spam_optax.spam_clip(spike_threshold=cfg.threshold, b2=cfg.beta2,
+                           clip_delay=cfg.grad_accu_steps, clip_unseen=False),
+      base)
+
+
+SPIKE_GUARDS = {"stable_spam": _stable_spam_guard, "spam_clip": _spam_clip_guard}

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import models
 from experiments import checkpointing, config, data, sharding
 from experiments import train_step as ts
+from spam_optax._tree_util import path_names
 
 
 def read_init_params(cfg: config.TrainConfig, mcfg: models.LlamaConfig) -> dict | None:
@@ -73,7 +74,7 @@ def shape_mismatch(params: dict, mcfg: models.LlamaConfig) -> str | None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
     got = flat.get(path)
     if got is None or got.shape != leaf.shape:
-      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      name = "/".join(path_names(path))
       return (f"{name} is {None if got is None else got.shape}, {mcfg.name} "
               f"needs {leaf.shape}")
   return None

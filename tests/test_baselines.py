@@ -1,0 +1,132 @@
+"""The papers' other baselines and the spike guards, trained through the trainer's own pieces."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import models
+from experiments import config, optimizers
+from experiments import train_step as ts
+from models.config import LlamaConfig
+
+TINY = LlamaConfig(name="tiny", hidden_size=16, intermediate_size=32, num_heads=2,
+                   num_layers=1, vocab_size=32, max_seq_len=16, dtype="float32")
+STEPS = 5
+
+
+def _cfg(*flags):
+  return config.parse_args(["--warmup_steps", "0", "--num_training_steps", "100", "--lr", "1e-2",
+                            *flags])
+
+
+def _train(cfg):
+  """STEPS optimizer steps of the trainer's jitted step on one fixed batch; the losses."""
+  schedule = optimizers.make_schedule(cfg)
+  optimizer = optimizers.make_optimizer(cfg, schedule)
+  model = models.Llama(TINY)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, TINY.vocab_size, (1, 4, 12)),
+                       jnp.int32)
+  init = ts.make_init_fn(model, optimizer, param_dtype=jnp.float32, example_tokens=tokens[0])
+  step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=0))
+  state = init(jax.random.key(0))
+  losses = []
+  for _ in range(STEPS):
+    state, metrics = step(state, tokens)
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
+@pytest.mark.parametrize("flags", [
+    ("--optimizer", "adam_mini", "--weight_decay", "0.1"),
+    ("--optimizer", "galore", "--rank", "4", "--update_proj_gap", "2"),
+    ("--optimizer", "muon", "--weight_decay", "0.1"),
+], ids=lambda f: f[1])
+def test_baseline_trains(flags):
+  losses, state = _train(_cfg(*flags))
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-1] < losses[0], losses
+  # orbax (the trainer's checkpoints) cannot save zero-size arrays
+  assert all(x.size for x in jax.tree.leaves(state["opt_state"]))
+
+
+@pytest.mark.parametrize("base", config.GUARDED)
+@pytest.mark.parametrize("guard", ["stable_spam", "spam_clip"])
+def test_spike_guard_trains(guard, base):
+  # A reset every 2 steps and a clip active from step 1, so both act within the 5 steps.
+  losses, state = _train(_cfg("--optimizer", base, "--spike_guard", guard, "--DeltaT", "2",
+                              "--grad_accu_steps", "1"))
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-1] < losses[0], losses
+  assert int(state["step"]) == STEPS
+  assert all(x.size for x in jax.tree.leaves(state["opt_state"]))
+
+
+def _tiny_params():
+  shapes = nn.meta.unbox(models.abstract_variables(TINY)["params"])
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32), shapes)
+
+
+def test_stable_spam_guard_keeps_muon_working_after_a_reset():
+  """The reset zeroes Muon's momentum, not its Newton-Schulz coefficients."""
+  params = _tiny_params()
+  opt = optimizers.make_optimizer(_cfg("--optimizer", "muon", "--spike_guard", "stable_spam",
+                                       "--DeltaT", "1"))
+  state = opt.init(params)
+  rng = np.random.default_rng(1)
+  for _ in range(3):  # the moments are zeroed before steps 2 and 3
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    updates, state = jax.jit(opt.update)(grads, state, params)
+  q = updates["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert float(jnp.linalg.norm(q)) > 1e-4
+  muon_states = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, optax.contrib.MuonState))
+                 if isinstance(s, optax.contrib.MuonState)]
+  assert len(muon_states) == 1
+  chex.assert_type(muon_states[0].ns_coeffs, jnp.int32)  # held out of the reset state
+
+
+def test_projection_matrix_axes():
+  params = _tiny_params()
+  axes = {jax.tree_util.keystr(p): optimizers.matrix_axes(p, x)
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  layer = "['layers_0']"
+  assert axes[f"{layer}['self_attn']['q_proj']['kernel']"] == ((0,), (1, 2))
+  assert axes[f"{layer}['self_attn']['o_proj']['kernel']"] == ((0, 1), (2,))
+  assert axes[f"{layer}['mlp']['down_proj']['kernel']"] == ((0,), (1,))
+  assert axes["['lm_head']['kernel']"] is None
+  assert axes["['embed_tokens']['embedding']"] is None
+  assert axes[f"{layer}['input_layernorm']['scale']"] is None
+  scanned = {"layers": {"self_attn": {"o_proj": {"kernel": jnp.zeros((2, 2, 8, 16))}}}}
+  (path, leaf), = jax.tree_util.tree_flatten_with_path(scanned)[0]
+  assert optimizers.matrix_axes(path, leaf) == ((1, 2), (3,))  # axis 0: the layer
+
+
+@pytest.mark.parametrize("optimizer", ["spam", "stable_spam", "adamw", "sgd", "galore",
+                                       "skip_step"])
+@pytest.mark.parametrize("guard", ["stable_spam", "spam_clip"])
+def test_spike_guard_on_other_optimizers_is_a_one_line_error(guard, optimizer):
+  with pytest.raises(SystemExit, match=r"^error: --spike_guard") as e:
+    config.parse_args(["--optimizer", optimizer, "--spike_guard", guard])
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--optimizer", "galore", "--rank", "0"), "--rank must be >= 1"),
+    (("--optimizer", "galore", "--galore_scale", "0"), "--galore_scale must be > 0"),
+])
+def test_bad_galore_flags(flags, message):
+  with pytest.raises(SystemExit, match=message):
+    config.parse_args(list(flags))
+
+
+def test_old_optax_is_a_one_line_error(monkeypatch):
+  monkeypatch.delattr(optax.contrib, "galore")
+  with pytest.raises(SystemExit, match=r"error: --optimizer galore needs optax>=0\.2\.7"):
+    optimizers.make_optimizer(_cfg("--optimizer", "galore"))
+  monkeypatch.setattr(optax.contrib, "muon", lambda learning_rate, beta=0.95: None)
+  with pytest.raises(SystemExit, match=r"error: --optimizer muon needs optax>=0\.2\.7"):
+    optimizers.make_optimizer(_cfg("--optimizer", "muon"))
