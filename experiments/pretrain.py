@@ -251,7 +251,7 @@ def restore_or_init(run: Run, steps: Steps):
   """(start step, train state): the run directory's latest checkpoint, or step 0 (with
   --init_from_hf's parameters and a fresh optimizer state when given)."""
   if run.resume_step is None:
-    key = jax.random.PRNGKey(run.cfg.seed)
+    key = jax.random.PRNGKey(run.cfg.seed)  # raw uint32: checkpointed (see sharding.py)
     if run.inputs.init_params is None:
       return 0, steps.init(key)
     log(f"parameters from {run.cfg.init_from_hf}")

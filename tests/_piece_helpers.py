@@ -33,13 +33,3 @@ def gradient_sequence(steps, spike_steps=(4, 9), seed=1):
 
 def to_jnp(tree):
   return jax.tree.map(jnp.asarray, tree)
-
-
-def assert_trees_close(got, want, rtol=2e-5, atol=1e-6):
-  got_leaves = jax.tree.leaves(got)
-  want_leaves = jax.tree.leaves(want)
-  assert jax.tree.structure(got) == jax.tree.structure(
-      jax.tree.map(jnp.asarray, want)
-  )
-  for g, w in zip(got_leaves, want_leaves):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)

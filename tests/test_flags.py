@@ -53,8 +53,9 @@ CASES = [
     (["--optimizer", "adamw", "--density", "0.5"], "adamw does not use --density (only spam)"),
     (["--optimizer", "adamw", "--density", "1.0"], "does not use --density"),  # given = set
     (["--optimizer", "stable_spam", "--threshold", "10"], "does not use --threshold"),
-    (["--optimizer", "spam", "--gamma1", "0.5"], "does not use --gamma1 (only stable_spam)"),
-    (["--optimizer", "adamw", "--update_proj_gap", "10"], "--DeltaT (only spam/stable_spam)"),
+    (["--optimizer", "spam", "--gamma1", "0.5"], "does not use --gamma1 (only stable_spam, --spike_guard stable_spam)"),
+    (["--optimizer", "adamw", "--update_proj_gap", "10"],
+     "--DeltaT (only spam, stable_spam, galore, --spike_guard stable_spam)"),
     (["--optimizer", "lion", "--eps", "1e-8"], "lion does not use --eps"),
     (["--dataset", "{missing}"], "error: --dataset {missing}: no such file or directory"),
     (["--dataset", "{empty}"], "no documents found"),
@@ -103,8 +104,9 @@ def test_every_numeric_flag_has_a_range():
 def test_optimizer_flag_table_names_real_flags_and_optimizers():
   dests = {a.dest for a in config.build_parser()._actions}
   assert set(config.OPTIMIZER_FLAGS) <= dests
+  guards = {f"--spike_guard {g}" for g in config.SPIKE_GUARDS}
   for users in config.OPTIMIZER_FLAGS.values():
-    assert set(users) <= set(config.OPTIMIZERS)
+    assert set(users) <= set(config.OPTIMIZERS) | guards
 
 
 def test_an_optimizer_flag_set_for_its_optimizer_is_accepted():
