@@ -145,7 +145,8 @@ class _Parser(argparse.ArgumentParser):
     if unknown:
       flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("-")]
       names = [f"{f}{did_you_mean(f, self._option_string_actions)}" for f in flags]
-      message = f"unknown flag {', '.join(names) or unknown.group(1)}"
+      message = (f"unknown flag {', '.join(names)}" if names
+                 else f"unexpected argument {unknown.group(1)} (flags start with --)")
     choice = re.match(r"argument (--\w+).*: invalid choice: '(.*?)'", message)
     if choice:
       flag, value = choice.groups()

@@ -324,8 +324,8 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
 
 
 def main(argv=None) -> dict:
+  inputs = check_inputs(argv)  # (initializes jax.distributed, which the handlers ask about)
   with preemption.Preemption() as stop:
-    inputs = check_inputs(argv)
     run = open_run(inputs)
     with run.context():
       steps = build_steps(run)

@@ -37,6 +37,7 @@ def _write(path, text):
 # (argv, expected substring of the one error line). Paths are filled in by the test.
 CASES = [
     (["--model_confg", "llama_9m"], "unknown flag --model_confg (did you mean --model_config?)"),
+    (["llama_9m"], "unexpected argument llama_9m"),
     (["--dtype", "fp16"], "--dtype 'fp16' is not a choice"),
     (["--optimizer", "adamx"], "(did you mean adam"),
     (["--scheduler", "cosin"], "(did you mean cosine?)"),
