@@ -1,7 +1,10 @@
 """The run's configuration: command-line flags (named as in the official scripts) -> TrainConfig.
 
 The trainer parses flags once, resolves the "auto" defaults that depend on the dataset, checks
-everything that can be checked without compiling, and passes the frozen result down.
+everything that can be checked without compiling, and passes the frozen result down. A bad
+flag or value is one ``error: ...`` line and exit status 2 (:class:`UsageError`); the checks
+are tables that new flags and optimizers extend: :data:`RANGES` (every numeric flag's range)
+and :data:`OPTIMIZER_FLAGS` (which optimizers read an optimizer-specific flag).
 
 With no flags at all the defaults describe a small offline demo (a 9M-shape LLaMA with a byte
 vocabulary on the standard library's source, a few hundred steps). The papers' runs set their
@@ -15,7 +18,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import re
 
 OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd", "adam_mini",
@@ -161,7 +163,8 @@ class _Parser(argparse.ArgumentParser):
     if unknown:
       flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("-")]
       names = [f"{f}{did_you_mean(f, self._option_string_actions)}" for f in flags]
-      message = f"unknown flag {', '.join(names) or unknown.group(1)}"
+      message = (f"unknown flag {', '.join(names)}" if names
+                 else f"unexpected argument {unknown.group(1)} (flags start with --)")
     choice = re.match(r"argument (--\w+).*: invalid choice: '(.*?)'", message)
     if choice:
       flag, value = choice.groups()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import jax
 from jax.experimental import multihost_utils
@@ -45,7 +46,9 @@ class Preemption:
     self._previous = {}
 
   def __enter__(self) -> "Preemption":
-    multi = jax.process_count() > 1
+    if threading.current_thread() is not threading.main_thread():
+      return self  # Python delivers signals to the main thread only
+    multi = jax.process_count() > 1  # after jax.distributed.initialize
     for s in SIGNALS:
       if multi and s == signal.SIGTERM:
         continue  # JAX's preemption service handles it
@@ -63,14 +66,13 @@ class Preemption:
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     name = signal.Signals(signum).name
-    if not self.armed:
-      raise Interrupted(signum)  # nothing trained yet: nothing to save
+    if not self.armed:  # nothing trained yet: nothing to save
+      os.write(2, f"\n{name} before training started: stopping, nothing to save\n".encode())
+      raise Interrupted(signum)
     if self.signum is not None:
       os.write(2, f"\n{name} again: exiting now; the last complete checkpoint is kept\n".encode())
       os._exit(128 + signum)  # pylint: disable=protected-access
     self.signum = signum
-    os.write(2, f"\n{name}: stopping after this step with a checkpoint "
-                f"(again to exit at once)\n".encode())
     if jax.process_count() > 1:  # let every host agree on the step through JAX's service
       os.kill(os.getpid(), signal.SIGTERM)
 

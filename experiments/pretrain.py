@@ -336,8 +336,8 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
 
 
 def main(argv=None) -> dict:
+  inputs = check_inputs(argv)  # (initializes jax.distributed, which the handlers ask about)
   with preemption.Preemption() as stop:
-    inputs = check_inputs(argv)
     if inputs.cfg.eval_only:
       return warm_start.eval_only(inputs.cfg, inputs.mcfg, inputs.quant, inputs.tok,
                                   inputs.sizes, inputs.init_params)

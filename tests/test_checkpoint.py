@@ -3,6 +3,7 @@ whether it stopped at --stop_after, on SIGINT / SIGTERM, or was killed during a 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -12,9 +13,8 @@ import pytest
 
 from experiments import checkpointing, preemption, pretrain
 
+import _processes
 from _tiny_model import write_tiny_model_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_args(tmp_path):
@@ -89,13 +89,6 @@ def test_interrupted_and_resumed_run_matches_exactly(run_args, tmp_path, straigh
   assert again["start_step"] == 6 and again["last"] is None
 
 
-def _run_subprocess(argv, cwd):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "experiments.pretrain", *argv], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
 def _metrics_step0(save_dir):
   with open(f"{save_dir}/metrics.jsonl") as f:
     return json.loads(f.readline())
@@ -104,7 +97,7 @@ def _metrics_step0(save_dir):
 def test_sigterm_then_kill_during_a_save_then_rerun_matches_exactly(run_args, tmp_path,
                                                                     straight, capsys):
   # SIGTERM arrives after step 2's work: step 3 (in flight) finishes and is saved.
-  p = _run_subprocess(run_args("run", "--inject_signal", "2:TERM"), tmp_path)
+  p = _processes.run_trainer(run_args("run", "--inject_signal", "2:TERM"), tmp_path)
   assert p.returncode == 128 + signal.SIGTERM, p.stderr[-2000:]
   assert p.stdout.splitlines()[-1] == (
       "interrupted at step 3; checkpoint saved; rerun the same command to resume")
@@ -114,7 +107,7 @@ def test_sigterm_then_kill_during_a_save_then_rerun_matches_exactly(run_args, tm
   ckpt.close()
   # The rerun resumes there and is killed (-9) right after the asynchronous save of step 4
   # started: the latest checkpoint is the last complete one (3, or 4 if it finished).
-  p = _run_subprocess(run_args("run", "--inject_signal", "4:KILL"), tmp_path)
+  p = _processes.run_trainer(run_args("run", "--inject_signal", "4:KILL"), tmp_path)
   assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
   assert "at step 3" in p.stdout  # resumed from ...
   ckpt = checkpointing.Checkpointer(str(tmp_path / "run"), keep=2)
@@ -154,9 +147,8 @@ def test_a_second_signal_exits_at_once():
           "  os.kill(os.getpid(), signal.SIGINT)\n"
           "  time.sleep(30)\n"
           "  print('not reached')\n")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                     timeout=120)
+  p = subprocess.run([sys.executable, "-c", code], env=_processes.env(), capture_output=True,
+                     text=True, timeout=120)
   assert p.returncode == 128 + signal.SIGINT
   assert p.stdout == f"flag {int(signal.SIGTERM)}\n"
   assert "SIGINT again: exiting now; the last complete checkpoint is kept" in p.stderr
@@ -186,15 +178,13 @@ print(json.dumps({"stopped": stopped, "signum": stop.signum}), flush=True)
 @pytest.mark.parametrize("signalled, name", [(1, "SIGTERM"), (0, "SIGINT")])
 def test_two_processes_agree_on_the_step_to_save(tmp_path, signalled, name):
   """JAX's preemption sync: one host gets the signal, both stop at the same step."""
-  import socket  # pylint: disable=import-outside-toplevel
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             JAX_COORDINATOR_ADDRESS=f"localhost:{port}")
-  env.pop("XLA_FLAGS", None)
   procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(signalled), name],
-                            env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                            env=_processes.env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                                JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []
   for p in procs:

@@ -1,17 +1,12 @@
 """Every bad flag is one ``error:`` line and exit status 2, before anything is compiled or
 written; --help shows every choice and default."""
 import argparse
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from experiments import config, pretrain
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _processes
 
 
 @pytest.fixture
@@ -37,6 +32,7 @@ def _write(path, text):
 # (argv, expected substring of the one error line). Paths are filled in by the test.
 CASES = [
     (["--model_confg", "llama_9m"], "unknown flag --model_confg (did you mean --model_config?)"),
+    (["llama_9m"], "unexpected argument llama_9m"),
     (["--dtype", "fp16"], "--dtype 'fp16' is not a choice"),
     (["--optimizer", "adamx"], "(did you mean adam"),
     (["--scheduler", "cosin"], "(did you mean cosine?)"),
@@ -137,10 +133,7 @@ def test_help_shows_choices_and_every_default(capsys):
     (["--threshold", "-5"], "error: --threshold must be >= 0"),
 ])
 def test_the_command_line_exits_2_with_one_line(tmp_path, argv, expected):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, "-m", "experiments.pretrain", *argv,
-                      "--save_dir", str(tmp_path / "run")],
-                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  p = _processes.run_trainer([*argv, "--save_dir", str(tmp_path / "run")], tmp_path)
   assert p.returncode == 2
   assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith(expected)
   assert p.stdout == "" and not (tmp_path / "run").exists()

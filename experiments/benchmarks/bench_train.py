@@ -75,8 +75,9 @@ def parse_args(argv=None):
 
 def trainer_config(args, model: str, optimizer: str) -> config.TrainConfig:
   argv = ["--model_config", model, "--optimizer", optimizer, "--batch_size", str(args.batch),
-          "--max_length", str(args.length), "--dtype", args.dtype,
-          "--density", str(args.density)]
+          "--max_length", str(args.length), "--dtype", args.dtype]
+  if optimizer in config.OPTIMIZER_FLAGS["density"]:  # the others refuse --density
+    argv += ["--density", str(args.density)]
   if args.activation_checkpointing:
     argv.append("--activation_checkpointing")
   if args.scan_layers:
