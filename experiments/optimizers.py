@@ -281,7 +281,8 @@ def _stable_spam_guard(cfg, base):
   return optax.chain(
       spam_optax.clip_by_running_max(**_given(gamma3=cfg.gamma3), reset_interval=interval),
       spam_optax.scale_by_grad_norm_history(
-          total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min, reset_interval=interval,
+          total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min,
+          reset_interval=interval,
           **_given(gamma1=cfg.gamma1, gamma2=cfg.gamma2, eps=cfg.eps)),
       spam_optax.periodic_reset(base, interval, after_update=True))
 
