@@ -89,6 +89,8 @@ def parse_args(argv=None):
                  help="tiny sizes on whatever backend (a CPU test of the whole script)")
   p.add_argument("--sizes", default=",".join(SIZES),
                  help="bench_train / peer sizes (default: 60m,130m,350m,1b)")
+  p.add_argument("--scan_layers", action="store_true",
+                 help="the trainer and model parts with LlamaConfig.scan_layers (faster compile)")
   p.add_argument("--parts", default=None,
                  help="run only the parts whose name starts with one of these (comma-separated: "
                       "peer, train, optimizer, model, blocks); the others are recorded as skipped")
@@ -135,7 +137,7 @@ def plan(args, parts_dir: str) -> list:
     argv = _module("bench_train") + [
         "--models", name, "--optimizers", "spam", "--dtype", dtype, "--batch", str(batch),
         "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--no_loader",
-        "--json", js(f"train_{size}")]
+        "--json", js(f"train_{size}")] + (["--scan_layers"] if args.scan_layers else [])
     cap, need = train_caps.get(size, (60, 10))
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
@@ -147,7 +149,7 @@ def plan(args, parts_dir: str) -> list:
     argv = _module("bench_model") + [
         "--models", f"llama_{size}", "--quant", "bf16,int4", "--batch", str(batch),
         "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
-        "--json", js(f"model_{size}")]
+        "--json", js(f"model_{size}")] + (["--scan_layers"] if args.scan_layers else [])
     cap, need = model_caps.get(size, (60, 10))
     return Part(f"model_{size}", argv, cap, need, js(f"model_{size}"),
                 retry_argv=argv + ["--remat"] if size == "1b" else None)
@@ -156,7 +158,8 @@ def plan(args, parts_dir: str) -> list:
   hlo_model = "llama_9m" if args.tiny else "llama_350m"
   parts.append(Part("hlo_train", _module("hlo_stats") + [
       "--what", "train", "--model", hlo_model, "--optimizer", "spam", "--batch", str(batch),
-      "--length", str(length), "--dtype", dtype, "--json", js("hlo_train")], 90, 30,
+      "--length", str(length), "--dtype", dtype, "--json", js("hlo_train")]
+      + (["--scan_layers"] if args.scan_layers else []), 90, 30,
       js("hlo_train")))
   parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
       "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
@@ -340,7 +343,7 @@ def markdown(report: dict) -> str:
       o, p = ours.get(m, {}), peer.get(m, {})
       ratio = (o["tokens_per_s"] / p["tokens_per_s"]
                if o.get("tokens_per_s") and p.get("tokens_per_s") else None)
-      remat = " (remat)" if o.get("remat") else ""
+      remat = (" (remat)" if o.get("remat") else "") + (" (scan)" if o.get("scan_layers") else "")
       shape = f"{o.get('batch', p.get('batch'))}×{o.get('length', p.get('length'))}"
       lines.append(
           f"| {m}{remat} | {shape} | {_f(o.get('step_s') and 1e3 * o['step_s'])} | "
@@ -355,7 +358,7 @@ def markdown(report: dict) -> str:
     bf16 = {r["model"]: r["step_s"] for r in res["model"] if r["quant"] == "bf16"}
     for r in res["model"]:
       vs = r["step_s"] / bf16[r["model"]] if r["model"] in bf16 else None
-      remat = " (remat)" if r.get("remat") else ""
+      remat = (" (remat)" if r.get("remat") else "") + (" (scan)" if r.get("scan_layers") else "")
       lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
                    f"{1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
                    f"{_f(r['mfu'], '{:.1%}')} | {_f(vs, '{:.2f}×')} | {r['compile_s']:.1f} |")

@@ -55,8 +55,11 @@ def bench_one(name: str, quant_name: str, args) -> dict:
   quant = models.get_quant_config(quant_name)
   model = models.Llama(config, quant=quant)
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
-  init = jax.eval_shape if args.compile_only else jax.jit
-  params = nn.meta.unbox(init(model.init)(jax.random.key(1), tokens)["params"])
+  if args.compile_only:  # shapes only: nothing allocated
+    variables = jax.eval_shape(model.init, jax.random.key(1), tokens)
+  else:
+    variables = jax.jit(model.init)(jax.random.key(1), tokens)
+  params = nn.meta.unbox(variables["params"])
 
   def loss_fn(params, tokens, key):
     logits = model.apply({"params": params}, tokens, rngs={"quant": key})

@@ -21,6 +21,7 @@ import re
 import warnings
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from experiments.benchmarks import bench_optimizer, bench_train
@@ -80,11 +81,9 @@ def train_hlo(args) -> tuple[str, dict]:
 
 
 def optimizer_hlo(args) -> tuple[str, dict]:
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES[args.size], jnp.float32)
-  opts = {**bench_optimizer.optimizers(0.25), "spam_sparse": bench_optimizer.optimizers(0.25)[
-      "spam d=0.25"]}
-  opt = opts[args.optimizer]
+  opts = bench_optimizer.optimizers(0.25)
+  opt = opts["spam d=0.25" if args.optimizer == "spam_sparse" else args.optimizer]
 
   def step(params, state, grads):
     updates, state = opt.update(grads, state, params)
