@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 
 OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd", "adam_mini",

@@ -6,7 +6,6 @@ create one array per field and leaf.
 """
 from absl.testing import parameterized
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
