@@ -14,7 +14,9 @@ import dataclasses
 import json
 import math
 
-OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd")
+OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd", "adam_mini",
+              "galore", "muon", "skip_step")
+SPIKE_GUARDS = ("none", "stable_spam", "spam_clip")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
 
@@ -39,9 +41,14 @@ class TrainConfig:
   min_lr_ratio: float = 0.1
   warmup_steps: int = 30
   num_training_steps: int = 400
+  # the papers' baselines (docs/training.md)
+  rank: int | None = None  # GaLore; None: 128
+  galore_scale: float | None = None  # GaLore; None: 0.25
+  skip_threshold: float | None = None  # skip_step; None: the optimizer's default
+  spike_guard: str = "none"
   # SPAM
   density: float = 1.0
-  DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM)
+  DeltaT: int | None = None  # None: the optimizer's default (500 SPAM, 1000 Stable-SPAM, 200 GaLore)
   threshold: float = 5000.0
   warmup_epoch: int = 150
   grad_accu_steps: int = 20  # the official SPAM name of the spike-clip delay
@@ -134,11 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--min_lr_ratio", type=float, default=d.min_lr_ratio)
   g.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
   g.add_argument("--num_training_steps", type=int, default=d.num_training_steps)
+  g = p.add_argument_group("baselines (adam_mini, galore, muon, skip_step) and spike guards")
+  g.add_argument("--rank", type=int, default=None,
+                 help="galore: rank of the gradient projection (default 128, GaLore's 60M run)")
+  g.add_argument("--galore_scale", type=float, default=None,
+                 help="galore: scale of the projected-back update (default 0.25, GaLore's)")
+  g.add_argument("--skip_threshold", type=float, default=None,
+                 help="skip_step: skip the update when the gradient norm exceeds this factor "
+                      "times its running statistic (default: the optimizer's own, 6.0 as "
+                      "MaxText's skip_step_scaling_factor)")
+  g.add_argument("--spike_guard", default=d.spike_guard, choices=SPIKE_GUARDS,
+                 help="Stable-SPAM's composability: stable_spam puts AdaClip + AdaGN in front "
+                      "of the base and resets its moments periodically; spam_clip puts SPAM's "
+                      "spike clip in front; bases: adam, lion, adam_mini, muon, adafactor")
   g = p.add_argument_group("SPAM")
   g.add_argument("--density", type=float, default=d.density,
                  help="sparse-momentum density for attention/MLP projection weights, in (0, 1]")
   g.add_argument("--DeltaT", "--update_proj_gap", dest="DeltaT", type=int, default=d.DeltaT,
-                 help="momentum reset interval (default 500 SPAM, 1000 Stable-SPAM)")
+                 help="momentum reset interval (default 500 SPAM, 1000 Stable-SPAM); for "
+                      "--optimizer galore the projection update gap (default 200, GaLore's)")
   g.add_argument("--threshold", type=float, default=d.threshold, help="spike threshold theta")
   g.add_argument("--warmup_epoch", type=int, default=d.warmup_epoch,
                  help="steps of the LR warm-up after each momentum reset (N)")
