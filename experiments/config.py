@@ -98,6 +98,7 @@ class TrainConfig:
   distributed: bool = False
   # debugging
   inject_nan_at_step: int | None = None
+  inject_grad_spike: tuple = ()  # ((step, scale), ...) from --inject_grad_spike STEP:SCALE
 
   @property
   def accum_steps(self) -> int:
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--mesh", default=None, help="e.g. data=4,fsdp=2 (default: data=all devices)")
   _bool_flag(g, "distributed", "call jax.distributed.initialize() (auto on multi-host TPU)")
   a("--inject_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
+  a("--inject_grad_spike", action="append", default=[], metavar="STEP:SCALE",
+    help="multiply the gradient of update STEP (1-based) by SCALE, after accumulation and "
+         "before the optimizer (repeatable): a controlled gradient spike")
   return p
 
 
@@ -276,6 +280,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     fail(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
   if cfg.stop_after is not None and cfg.stop_after < 1:
     fail(f"--stop_after must be >= 1, got {cfg.stop_after}")
+  if cfg.skip_threshold is not None and not cfg.skip_threshold > 0:
+    fail(f"--skip_threshold must be > 0, got {cfg.skip_threshold}")
+  cfg = dataclasses.replace(cfg, inject_grad_spike=parse_grad_spikes(cfg.inject_grad_spike))
   is_c4 = cfg.dataset == "c4"
   if not is_c4 and cfg.dataset != "stdlib":
     from experiments import data  # pylint: disable=import-outside-toplevel
@@ -291,6 +298,23 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
       else cfg.eval_tokens,
       total_T=cfg.total_T or cfg.num_training_steps,
   )
+
+
+def parse_grad_spikes(values) -> tuple[tuple[int, float], ...]:
+  """``["STEP:SCALE", ...]`` (or already-parsed pairs) -> ``((step, scale), ...)``."""
+  spikes = []
+  for v in values:
+    if isinstance(v, str):
+      try:
+        step_s, scale_s = v.split(":")
+        v = (int(step_s), float(scale_s))
+      except ValueError:
+        fail(f"--inject_grad_spike {v!r}: expected STEP:SCALE, e.g. 100:1000")
+    step, scale = int(v[0]), float(v[1])
+    if step < 1 or not math.isfinite(scale):
+      fail(f"--inject_grad_spike {step}:{scale}: STEP must be >= 1 and SCALE finite")
+    spikes.append((step, scale))
+  return tuple(spikes)
 
 
 def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments import skip_step
+
 # Sparse momentum covers the projection weights of attention and MLP blocks only, like the
 # official script's `target_modules_list = ["attn", "mlp"]` (embeddings, head, norms stay dense).
 SPARSE_MODULES = ("self_attn", "mlp")
@@ -76,11 +78,14 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
   if name == "adamw":
     opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps,
                       weight_decay=cfg.weight_decay)
-  elif name == "adam":
+  elif name in ("adam", "skip_step"):
     # torch.optim.Adam's weight decay is L2 added to the gradient, before the moments.
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay
                       else optax.identity(),
                       optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps))
+    if name == "skip_step":  # Adam that drops whole updates on gradient-norm spikes
+      opt = skip_step.skip_on_grad_norm_spikes(
+          opt, **_given(threshold=cfg.skip_threshold))
   elif name == "spam":
     spam_optax = _spam_module()
     opt = spam_optax.spam(
@@ -118,10 +123,10 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
 
 
 def spike_stats(opt_state) -> dict:
-  """SPAM / Stable-SPAM's per-step spike statistics; empty for the optax baselines."""
+  """SPAM / Stable-SPAM's per-step spike statistics and skip_step's skips; empty otherwise."""
   try:
     import spam_optax  # pylint: disable=import-outside-toplevel
     fn = spam_optax.spike_stats
   except (ImportError, AttributeError):
-    return {}
-  return dict(fn(opt_state))
+    return skip_step.skip_stats(opt_state)
+  return {**fn(opt_state), **skip_step.skip_stats(opt_state)}

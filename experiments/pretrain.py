@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from experiments import checkpointing, config, data, metrics, optimizers, sharding, tokenizer
+from experiments import summary as run_summary
 from experiments import train_step as ts
 
 
@@ -141,7 +142,8 @@ def main(argv=None) -> dict:
     param_shardings, state_shardings, abstract = sharding.train_state_shardings(
         model, init_fn, example, mesh, rules)
     init = jax.jit(init_fn, out_shardings=state_shardings)
-    train_step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=tok.pad_id),
+    train_step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=tok.pad_id,
+                                            grad_spikes=cfg.inject_grad_spike),
                          in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_step = jax.jit(ts.make_eval_step(model, pad_id=tok.pad_id),
@@ -168,6 +170,8 @@ def main(argv=None) -> dict:
     summary = {"save_dir": cfg.save_dir, "log_dir": log_dir, "metrics": writer.path,
                "start_step": start}
     writer.truncate_after(start)
+    summ = run_summary.RunSummary(log_dir, dataclasses.asdict(cfg), start_step=start,
+                                  enabled=host == 0)
     first_eval = None
     if start >= end:
       log(f"{cfg.save_dir} already holds step {start} (>= {end}): nothing to train; "
@@ -195,6 +199,7 @@ def main(argv=None) -> dict:
         if due_eval:
           last_eval = evaluate(eval_step, state["params"], val_batches, mesh, cfg)
           writer.annotate(last_eval)
+          summ.update(latest=last_record)
           log(f"\nstep {step}: val loss {last_eval['eval_loss']:.4f}, "
               f"perplexity {last_eval['eval_perplexity']:.2f}")
         if due_save:
@@ -205,10 +210,15 @@ def main(argv=None) -> dict:
         if due_eval or due_save:
           writer.reset_clock()
       last_record = _check(writer.flush(), last_record, bar)
+    except NonFiniteLoss as e:
+      writer.close()
+      summ.update(finished=True, error=str(e), diverged=True)
+      raise
     finally:
       bar.close()
       ckpt.close()
       writer.close()
+  summ.update(finished=end == cfg.num_training_steps)
   summary.update(
       end_step=end, wall_s=time.perf_counter() - t0, last=last_record, first_eval=first_eval,
       last_eval=last_eval, checkpoint=ckpt.directory, latest_checkpoint=ckpt.latest_step(),
