@@ -9,7 +9,7 @@ import pytest
 from experiments import config, optimizers, skip_step
 
 WINDOW, THRESHOLD = 16, 6.0
-SPIKES = {20: 50.0, 31: 8.0, 45: 1000.0}  # step (1-based) -> gradient factor
+SPIKES = {20: 50.0, 40: 8.0, 58: 1000.0}  # step (1-based) -> gradient factor, > WINDOW apart
 
 
 def gradients(n, seed=0):
