@@ -146,7 +146,8 @@ def _composability() -> Preset:
         extras=tuple(Arm(g, _f("--spike_guard", g))
                      for g in ("none", "stable_spam", "spam_clip"))))
   paper = {(size, opt, "int4", guard): ppl[i]
-           for (opt, guard), ppl in _COMPOSABILITY.items() for i, size in enumerate(("60m", "130m"))}
+           for (opt, guard), ppl in _COMPOSABILITY.items()
+           for i, size in enumerate(("60m", "130m"))}
   return Preset("stable_spam_composability", "Stable-SPAM's composability table: Lion and "
                 "Adam-mini with and without the spike guards, INT4, 60M and 130M on C4",
                 tuple(grids), paper, "Stable-SPAM (arXiv:2502.17055), composability table")

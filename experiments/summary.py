@@ -91,13 +91,18 @@ def compute(records: list[dict], config: dict, *, wall_s: float | None = None,
   }
 
 
-def read(log_dir: str) -> dict | None:
-  path = os.path.join(log_dir, FILENAME)
+def read_json(path: str) -> dict | None:
+  """A JSON file's content, or None if it is missing or unreadable."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
+
+
+def read(log_dir: str) -> dict | None:
+  """The run's ``summary.json``, or None."""
+  return read_json(os.path.join(log_dir, FILENAME))
 
 
 def write(log_dir: str, summary: dict) -> str:

@@ -15,7 +15,6 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
-import json
 import math
 import os
 import shlex
@@ -81,14 +80,6 @@ def _last_line(path: str) -> str | None:
   return lines[-1] if lines else None
 
 
-def _read_json(path: str) -> dict | None:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def execute(run: Run, out: str, log=print) -> dict:
   """Runs one trainer subprocess (unless finished); returns the run's summary."""
   run_dir = os.path.join(out, run.name)
@@ -109,7 +100,7 @@ def execute(run: Run, out: str, log=print) -> dict:
   if rc != 0:
     error = _last_line(os.path.join(run_dir, "stderr.log")) or f"exit status {rc}"
     if not (s and s.get("error")):  # the trainer records its own non-finite stop
-      cfg = _read_json(os.path.join(run_dir, "config.json")) or {"name": run.name}
+      cfg = summary.read_json(os.path.join(run_dir, "config.json")) or {"name": run.name}
       s = summary.compute(summary.load_records(run_dir), cfg,
                           wall_s=time.monotonic() - t0, error=error)
       summary.write(run_dir, s)
@@ -245,6 +236,7 @@ def write_plot(table: list[dict], out: str, path: str) -> str:
   top = max(good) * 1.5 if good else 10.0
   for col, prec in enumerate(precisions):
     ax_lr, ax_loss = axes[0, col], axes[1, col]
+    plotted = False
     for key in lines:
       sel = sorted((r for r in table if (r["group"], r["optimizer"], r["extra"]) == key
                     and r["precision"] == prec), key=lambda r: r["lr"])
@@ -258,16 +250,20 @@ def write_plot(table: list[dict], out: str, path: str) -> str:
       bad = [r["lr"] for r in sel if r["status"] == "diverged"
              and not _finite(r["final_eval_perplexity"])]
       ax_lr.plot(bad, [top] * len(bad), "x", color=c, ms=9, mew=2)
+      plotted = plotted or bool(pts or bad)
       done = [r for r in sel if _finite(r["final_eval_perplexity"])]
       if done:
         best = min(done, key=lambda r: r["final_eval_perplexity"])
         try:
-          x, y = plot._series(plot.load_metrics(os.path.join(out, best["run"])), "loss")  # pylint: disable=protected-access
+          records = plot.load_metrics(os.path.join(out, best["run"]))
         except SystemExit:
           continue
+        x, y = plot._series(records, "loss")  # pylint: disable=protected-access
         ax_loss.plot(x, y, color=c, lw=0.8, label=f"{label} (lr {best['lr']:g})")
     ax_lr.set(title=f"{prec}: final validation perplexity (x: non-finite)",
-              xlabel="peak learning rate", ylabel="perplexity", xscale="log", yscale="log")
+              xlabel="peak learning rate", ylabel="perplexity")
+    if plotted:
+      ax_lr.set(xscale="log", yscale="log")
     ax_loss.set(title=f"{prec}: training loss of each optimizer's best run", xlabel="step",
                 ylabel="loss")
     for ax in (ax_lr, ax_loss):

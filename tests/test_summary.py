@@ -1,5 +1,4 @@
-"""summary.json (experiments.summary) and --inject_grad_spike, on hand-made records and a tiny run."""
-import json
+"""summary.json (experiments.summary) and --inject_grad_spike: hand-made records, tiny runs."""
 import math
 
 import numpy as np
