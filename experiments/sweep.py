@@ -22,9 +22,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from experiments import plot, presets, summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOOTH = 10  # steps in the moving average of the plotted training loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +228,7 @@ def write_plot(table: list[dict], out: str, path: str) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel,unused-import
 
   precisions = list(dict.fromkeys(r["precision"] for r in table))
   fig, axes = plt.subplots(2, len(precisions), figsize=(6 * len(precisions), 8.5),
@@ -246,7 +250,8 @@ def write_plot(table: list[dict], out: str, path: str) -> str:
       c = style[key]
       pts = [(r["lr"], r["final_eval_perplexity"]) for r in sel
              if _finite(r["final_eval_perplexity"]) and r["status"] != "pending"]
-      ax_lr.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, label=label)
+      if pts:
+        ax_lr.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, label=label)
       bad = [r["lr"] for r in sel if r["status"] == "diverged"
              and not _finite(r["final_eval_perplexity"])]
       ax_lr.plot(bad, [top] * len(bad), "x", color=c, ms=9, mew=2)
@@ -259,12 +264,18 @@ def write_plot(table: list[dict], out: str, path: str) -> str:
         except SystemExit:
           continue
         x, y = plot._series(records, "loss")  # pylint: disable=protected-access
-        ax_loss.plot(x, y, color=c, lw=0.8, label=f"{label} (lr {best['lr']:g})")
+        n = min(SMOOTH, len(y))
+        if n > 1:  # trailing moving average; the first n-1 steps are dropped
+          x, y = x[n - 1:], np.convolve(y, np.ones(n) / n, mode="valid")
+        ax_loss.plot(x, y, color=c, lw=0.9, label=f"{label} (lr {best['lr']:g})")
     ax_lr.set(title=f"{prec}: final validation perplexity (x: non-finite)",
               xlabel="peak learning rate", ylabel="perplexity")
     if plotted:
       ax_lr.set(xscale="log", yscale="log")
-    ax_loss.set(title=f"{prec}: training loss of each optimizer's best run", xlabel="step",
+      ax_lr.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+      ax_lr.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_loss.set(title=f"{prec}: training loss of each optimizer's best run\n"
+                f"({SMOOTH}-step moving average)", xlabel="step",
                 ylabel="loss")
     for ax in (ax_lr, ax_loss):
       ax.grid(alpha=0.3, which="both")
