@@ -28,6 +28,7 @@ from experiments import plot, presets, summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOOTH = 10  # steps in the moving average of the plotted training loss
+LOCK = ".sweep.lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,26 @@ def _last_line(path: str) -> str | None:
   return lines[-1] if lines else None
 
 
+def _lock(run_dir: str) -> bool:
+  """Claims ``run_dir`` for this process (``.sweep.lock`` holds its pid); False if another
+  live process holds it, so two sweeps of one preset never train the same run at once."""
+  path = os.path.join(run_dir, LOCK)
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    try:
+      with open(path, encoding="utf-8") as f:
+        pid = int(f.read().strip() or 0)
+      os.kill(pid, 0)
+      return False  # held by a live process
+    except (OSError, ValueError):  # stale: its process is gone
+      os.remove(path)
+      return _lock(run_dir)
+  with os.fdopen(fd, "w") as f:
+    f.write(str(os.getpid()))
+  return True
+
+
 def execute(run: Run, out: str, log=print) -> dict:
   """Runs one trainer subprocess (unless finished); returns the run's summary."""
   run_dir = os.path.join(out, run.name)
@@ -91,6 +112,20 @@ def execute(run: Run, out: str, log=print) -> dict:
     log(f"skip     {run.name} (finished)")
     return done
   os.makedirs(run_dir, exist_ok=True)
+  if not _lock(run_dir):
+    log(f"skip     {run.name} (another sweep is running it)")
+    return done or {}
+  try:
+    done = summary.read(run_dir)  # it may have finished while we looked
+    if done and done.get("finished"):
+      log(f"skip     {run.name} (finished)")
+      return done
+    return _train(run, out, run_dir, log)
+  finally:
+    os.remove(os.path.join(run_dir, LOCK))
+
+
+def _train(run: Run, out: str, run_dir: str, log) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
   log(f"start    {run.name}")
