@@ -115,6 +115,7 @@ class TrainConfig:
   # debugging
   inject_nan_at_step: int | None = None
   inject_signal: str | None = None  # "STEP:TERM", "STEP:TERM,TERM", "STEP:KILL"
+  inject_grad_spike: tuple = ()  # ((step, scale), ...) from --inject_grad_spike STEP:SCALE
 
   @property
   def accum_steps(self) -> int:
@@ -235,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--galore_scale", type=float, default=None,
                  help="galore: scale of the projected-back update (default 0.25, GaLore's)")
   g.add_argument("--skip_threshold", type=float, default=None,
-                 help="skip_step: the spike factor above which the whole update is skipped "
-                      "(default: the optimizer's own; MaxText's skip_step_on_spikes, after "
-                      "OLMo-core, skips above mean + 6 std of the last 128 grad norms)")
+                 help="skip_step: skip the update when the gradient norm exceeds this factor "
+                      "times its running statistic (default: the optimizer's own, 6.0 as "
+                      "MaxText's skip_step_scaling_factor)")
   g.add_argument("--spike_guard", default=d.spike_guard, choices=SPIKE_GUARDS,
                  help="Stable-SPAM's composability: stable_spam puts AdaClip + AdaGN in front "
                       "of the base and resets its moments periodically; spam_clip puts SPAM's "
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
              "--save_dir's latest checkpoint) without training or writing anything")
   a("--inject_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
   a("--inject_signal", default=None, help=argparse.SUPPRESS)
+  a("--inject_grad_spike", action="append", default=[], metavar="STEP:SCALE",
+    help="multiply the gradient of update STEP (1-based) by SCALE, after accumulation and "
+         "before the optimizer (repeatable): a controlled gradient spike")
   return p
 
 
@@ -470,6 +474,7 @@ def resolve(cfg: TrainConfig, given: frozenset[str] | None = None) -> TrainConfi
   if cfg.inject_signal is not None and not re.fullmatch(r"\d+:(TERM|INT|KILL)(,(TERM|INT))?",
                                                          cfg.inject_signal):
     fail(f"--inject_signal {cfg.inject_signal!r}: expected STEP:TERM, STEP:TERM,TERM or STEP:KILL")
+  cfg = dataclasses.replace(cfg, inject_grad_spike=parse_grad_spikes(cfg.inject_grad_spike))
   is_c4 = cfg.dataset == "c4"
   if not is_c4 and cfg.dataset != "stdlib":
     from experiments import data  # pylint: disable=import-outside-toplevel
@@ -485,6 +490,23 @@ def resolve(cfg: TrainConfig, given: frozenset[str] | None = None) -> TrainConfi
       eval_tokens=(10_000_000 if is_c4 else 32_768) if cfg.eval_tokens is None
       else cfg.eval_tokens,
   )
+
+
+def parse_grad_spikes(values) -> tuple[tuple[int, float], ...]:
+  """``["STEP:SCALE", ...]`` (or already-parsed pairs) -> ``((step, scale), ...)``."""
+  spikes = []
+  for v in values:
+    if isinstance(v, str):
+      try:
+        step_s, scale_s = v.split(":")
+        v = (int(step_s), float(scale_s))
+      except ValueError:
+        fail(f"--inject_grad_spike {v!r}: expected STEP:SCALE, e.g. 100:1000")
+    step, scale = int(v[0]), float(v[1])
+    if step < 1 or not math.isfinite(scale):
+      fail(f"--inject_grad_spike {step}:{scale}: STEP must be >= 1 and SCALE finite")
+    spikes.append((step, scale))
+  return tuple(spikes)
 
 
 def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:

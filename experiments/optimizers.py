@@ -17,7 +17,7 @@ import optax
 
 import spam_optax
 from spam_optax._tree_util import path_names
-from experiments import adam_mini
+from experiments import adam_mini, skip_step
 from experiments.config import fail
 
 # Sparse momentum covers the projection weights of attention and MLP blocks only, like the
@@ -96,11 +96,14 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
   elif name == "adamw":
     opt = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps,
                       weight_decay=cfg.weight_decay)
-  elif name == "adam":
+  elif name in ("adam", "skip_step"):
     # torch.optim.Adam's weight decay is L2 added to the gradient, before the moments.
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay
                       else optax.identity(),
                       optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps))
+    if name == "skip_step":  # Adam that drops whole updates on gradient-norm spikes
+      opt = skip_step.skip_on_grad_norm_spikes(
+          opt, **_given(threshold=cfg.skip_threshold))
   elif name == "spam":
     opt = spam_optax.spam(
         schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
@@ -138,8 +141,8 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
 
 
 def spike_stats(opt_state) -> dict:
-  """SPAM / Stable-SPAM's per-step spike statistics; empty for the optax baselines."""
-  return dict(spam_optax.spike_stats(opt_state))
+  """SPAM / Stable-SPAM's per-step spike statistics and skip_step's skips; empty otherwise."""
+  return {**spam_optax.spike_stats(opt_state), **skip_step.skip_stats(opt_state)}
 
 
 # ---------------------------------------------------------------------------------------------

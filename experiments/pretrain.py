@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import models
 from experiments import (checkpointing, config, data, metrics, optimizers, plot, preemption,
                          rundir, sharding, tokenizer, warm_start)
+from experiments import summary as run_summary
 from experiments import train_step as ts
 
 
@@ -231,7 +232,8 @@ def build_steps(run: Run) -> Steps:
   pad_id = inputs.tok.pad_id
   return Steps(
       init=jax.jit(init_fn, out_shardings=state_shardings),
-      train=jax.jit(ts.make_train_step(model, inputs.optimizer, inputs.schedule, pad_id=pad_id),
+      train=jax.jit(ts.make_train_step(model, inputs.optimizer, inputs.schedule, pad_id=pad_id,
+                                       grad_spikes=cfg.inject_grad_spike),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval=jax.jit(ts.make_eval_step(model, pad_id=pad_id),
@@ -269,6 +271,8 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
       cfg.num_training_steps, cfg.stop_after)
   _log_header(run, start, end)
   writer.truncate_after(start)
+  summ = run_summary.RunSummary(run.log_dir, dataclasses.asdict(cfg), start_step=start,
+                                enabled=jax.process_index() == 0)
   stop.arm()
   first_eval = last_eval = None
   if start == 0 and start < end:
@@ -305,6 +309,7 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
       if due_eval:
         last_eval = evaluate(steps.eval, state["params"], run.val_batches, run.mesh, cfg)
         writer.annotate(last_eval)
+        summ.update(latest=last_record)
         log(f"\nstep {step}: val loss {last_eval['eval_loss']:.4f}, "
             f"perplexity {last_eval['eval_perplexity']:.2f}")
       if due_save:
@@ -316,10 +321,15 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
       if due_eval or due_save:
         writer.reset_clock()
     fetched(writer.flush())
+  except NonFiniteLoss as e:
+    writer.close()  # metrics.jsonl complete before the summary reads it
+    summ.update(finished=True, error=str(e), diverged=True)
+    raise
   finally:
     bar.close()
     ckpt.close()  # waits for the last asynchronous save
     writer.close()
+  summ.update(finished=interrupted_at is None and end == cfg.num_training_steps)
   if interrupted_at is not None:
     log(f"interrupted at step {interrupted_at}; checkpoint saved; "
         "rerun the same command to resume")

@@ -39,8 +39,25 @@ def make_init_fn(model, optimizer, *, param_dtype, example_tokens):
   return init
 
 
-def make_train_step(model, optimizer, schedule, *, pad_id: int):
-  """``(state, batch) -> (state, metrics)``; ``batch`` is int32 ``(accum, rows, length)``."""
+def grad_spike_scale(step, spikes) -> jax.Array:
+  """The factor of update ``step`` (1-based) from a static ``((step, scale), ...)`` table.
+
+  The table is a constant of the compiled step and ``step`` a traced counter, so injecting
+  spikes at any steps compiles once (``--inject_grad_spike``).
+  """
+  if not spikes:
+    return jnp.ones((), jnp.float32)
+  steps = jnp.asarray([s for s, _ in spikes], jnp.int32)
+  scales = jnp.asarray([c for _, c in spikes], jnp.float32)
+  return jnp.prod(jnp.where(steps == step, scales, 1.0))
+
+
+def make_train_step(model, optimizer, schedule, *, pad_id: int, grad_spikes=()):
+  """``(state, batch) -> (state, metrics)``; ``batch`` is int32 ``(accum, rows, length)``.
+
+  ``grad_spikes``: ``((step, scale), ...)``; the mean gradient of update ``step`` is multiplied
+  by ``scale`` before the optimizer sees it (and the logged ``grad_norm`` is of that gradient).
+  """
   def train_step(state, batch):
     params = state["params"]
     rng, step_rng = jax.random.split(state["rng"])
@@ -58,7 +75,8 @@ def make_train_step(model, optimizer, schedule, *, pad_id: int):
     (loss_sum, grad_sum), _ = jax.lax.scan(
         micro_step, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), batch))
     # Gradients reach the optimizer in the parameter dtype (bf16 in the official runs).
-    grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
+    spike = grad_spike_scale(state["step"] + 1, grad_spikes)
+    grads = jax.tree.map(lambda g, p: (g / accum * spike).astype(p.dtype), grad_sum, params)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     metrics = {
