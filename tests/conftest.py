@@ -1,14 +1,45 @@
 """Shared pytest configuration: run JAX on the CPU with deterministic settings."""
+import json
 import os
 
+import numpy as np
 import pytest
 
-from _tiny_model import write_tiny_model_config
+from _tiny_runs import write_tiny_model_config
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture
 def tiny_model_config(tmp_path):
-  """The tiny LLaMA config of the trainer's tests (see _tiny_model), written under tmp_path."""
+  """The tiny LLaMA config of the trainer's tests (see _tiny_runs), written under tmp_path."""
   return write_tiny_model_config(tmp_path)
+
+
+@pytest.fixture
+def tiny_args(tmp_path, tiny_model_config):
+  """Flags for a few-step run of a 2-layer, width-32 LLaMA on a small local corpus."""
+  model = tiny_model_config
+  corpus = tmp_path / "corpus.jsonl"
+  words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
+  rng = np.random.default_rng(0)
+  corpus.write_text("".join(
+      json.dumps({"text": " ".join(rng.choice(words, size=12 + i % 9))}) + "\n"
+      for i in range(300)))
+
+  def args(run="run", **overrides):
+    flags = {"model_config": model, "dataset": corpus, "packing": True, "batch_size": 4,
+             "max_length": 32, "num_training_steps": 6, "warmup_steps": 2, "lr": 1e-2,
+             "eval_every": 3, "save_every": 3, "eval_batches": 2, "dtype": "float32",
+             "progress": False, "save_dir": tmp_path / run, "optimizer": "adamw"}
+    flags.update(overrides)
+    argv = []
+    for k, v in flags.items():
+      if v is True:
+        argv.append(f"--{k}")
+      elif v is False:
+        argv.append(f"--no-{k}")
+      elif v is not None:
+        argv += [f"--{k}", str(v)]
+    return argv
+  return args

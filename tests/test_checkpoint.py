@@ -14,7 +14,7 @@ import pytest
 from experiments import checkpointing, preemption, pretrain
 
 import _processes
-from _tiny_model import write_tiny_model_config
+from _tiny_runs import write_tiny_model_config
 
 
 def make_args(tmp_path):

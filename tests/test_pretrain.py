@@ -1,6 +1,5 @@
 """The pretraining loop end to end on a tiny LLaMA: metrics, schedule, accumulation, errors, NaN."""
 import importlib.util
-import json
 import math
 import types
 
@@ -10,38 +9,7 @@ import pytest
 
 from experiments import config, optimizers, pretrain
 
-@pytest.fixture
-def tiny_args(tmp_path, tiny_model_config):
-  """Flags for a few-step run of a 2-layer, width-32 LLaMA on a small local corpus."""
-  model = tiny_model_config
-  corpus = tmp_path / "corpus.jsonl"
-  words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
-  rng = np.random.default_rng(0)
-  corpus.write_text("".join(
-      json.dumps({"text": " ".join(rng.choice(words, size=12 + i % 9))}) + "\n"
-      for i in range(300)))
-
-  def args(run="run", **overrides):
-    flags = {"model_config": model, "dataset": corpus, "packing": True, "batch_size": 4,
-             "max_length": 32, "num_training_steps": 6, "warmup_steps": 2, "lr": 1e-2,
-             "eval_every": 3, "save_every": 3, "eval_batches": 2, "dtype": "float32",
-             "progress": False, "save_dir": tmp_path / run, "optimizer": "adamw"}
-    flags.update(overrides)
-    argv = []
-    for k, v in flags.items():
-      if v is True:
-        argv.append(f"--{k}")
-      elif v is False:
-        argv.append(f"--no-{k}")
-      elif v is not None:
-        argv += [f"--{k}", str(v)]
-    return argv
-  return args
-
-
-def read_metrics(save_dir):
-  with open(f"{save_dir}/metrics.jsonl") as f:
-    return [json.loads(line) for line in f]
+from _tiny_runs import read_metrics
 
 
 def test_run_writes_metrics_eval_and_checkpoint(tiny_args, tmp_path, capsys):

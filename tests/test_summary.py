@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import config, pretrain, spikes, summary
-from test_pretrain import read_metrics, tiny_args  # pylint: disable=unused-import
+from _tiny_runs import read_metrics
 
 CFG = {"name": "r", "batch_size": 2, "total_batch_size": 4, "max_length": 8,
        "num_training_steps": 30}

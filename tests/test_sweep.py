@@ -7,7 +7,6 @@ import pytest
 
 import models
 from experiments import config, presets, summary, sweep
-from test_pretrain import tiny_args  # pylint: disable=unused-import
 
 
 def _drop(argv, *flags):
