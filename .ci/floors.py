@@ -1,15 +1,15 @@
 """Prints the requirements of CI's floors job: the lowest versions pyproject.toml allows.
 
 jax (with the jaxlib of the same version), optax and numpy for the library, flax and
-orbax-checkpoint for models/, and chex for the tests are pinned to their floors;
-pytest and pytest-xdist are taken as allowed. Where the core dependencies and an extra
+orbax-checkpoint for models/, safetensors for models.hf, and chex for the tests are pinned
+to their floors; pytest and pytest-xdist are taken as allowed. Where the core dependencies and an extra
 both name a package, the core floor is the one pinned: the extra's is for code these
 tests do not import (the train extra's newer optax is for experiments/).
 """
 import re
 import tomllib
 
-PINNED = ("jax", "optax", "numpy", "flax", "orbax-checkpoint", "chex")
+PINNED = ("jax", "optax", "numpy", "flax", "orbax-checkpoint", "safetensors", "chex")
 AS_ALLOWED = ("pytest", "pytest-xdist")
 
 with open("pyproject.toml", "rb") as f:
