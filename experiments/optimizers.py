@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,11 @@ def _given(**kwargs) -> dict:
 def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
   """The update rule named by ``--optimizer``, behind ``--grad_clipping`` when it is set."""
   schedule = schedule or make_schedule(cfg)
+  outer_schedule = schedule
+  if cfg.spike_guard == "stable_spam":
+    # The guard restarts the base afresh, its step counts included; the schedule must keep
+    # counting, so it scales the base's updates from outside (see _stable_spam_guard).
+    schedule = optax.constant_schedule(1.0)
   name = cfg.optimizer
   eps = 1e-8 if cfg.eps is None else cfg.eps
   if name in BASELINES:
@@ -101,9 +107,6 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay
                       else optax.identity(),
                       optax.adam(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=eps))
-    if name == "skip_step":  # Adam that drops whole updates on gradient-norm spikes
-      opt = skip_step.skip_on_grad_norm_spikes(
-          opt, **_given(threshold=cfg.skip_threshold))
   elif name == "spam":
     opt = spam_optax.spam(
         schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
@@ -133,10 +136,14 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
                       else optax.identity(), optax.sgd(schedule))
   else:
     raise SystemExit(f"error: unknown --optimizer {name!r}")
-  if cfg.spike_guard != "none":
-    opt = SPIKE_GUARDS[cfg.spike_guard](cfg, opt)
+  if cfg.spike_guard == "stable_spam":
+    opt = optax.chain(_stable_spam_guard(cfg, opt), optax.scale_by_schedule(outer_schedule))
+  elif cfg.spike_guard == "spam_clip":
+    opt = _spam_clip_guard(cfg, opt)
   if cfg.grad_clipping > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clipping), opt)
+  if name == "skip_step":  # decides on the raw gradient norm, before any clip (as MaxText)
+    opt = skip_step.skip_on_grad_norm_spikes(opt, **_given(threshold=cfg.skip_threshold))
   return opt
 
 
@@ -148,8 +155,7 @@ def spike_stats(opt_state) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The papers' other baselines (docs/training.md, "Other baselines and spike guards").
 
-# Keller Jordan's Newton-Schulz coefficients (optax's default), given explicitly because the
-# stable_spam guard keeps them out of the reset state (see _keep_muon_coefficients).
+# Keller Jordan's Newton-Schulz coefficients (optax's default).
 MUON_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -249,45 +255,52 @@ def _muon(cfg, schedule):
 BASELINES = {"adam_mini": _adam_mini, "galore": _galore, "muon": _muon}
 
 
-def _keep_muon_coefficients(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Holds optax Muon's Newton-Schulz coefficients out of ``inner``'s state.
+class RestartState(NamedTuple):
+  count: jax.Array  # int32, updates so far
+  inner_state: optax.OptState
 
-  They are a float array in ``MuonState``, and ``spam_optax.periodic_reset`` zeroes every
-  float array of the state it wraps; here the state keeps a 0 in their place and each update
-  puts the constants back.
+
+def restart_every(inner: optax.GradientTransformation,
+                  interval: int) -> optax.GradientTransformation:
+  """``inner`` started afresh before every ``interval``-th update (0: never).
+
+  Its whole state is re-initialised: moments zeroed *and* step counts reset, so bias
+  corrections (Adam's 1 - β^t, Adafactor's decay schedule) restart as after a fresh start —
+  Stable-SPAM's momentum reset (MoRet, arXiv:2502.17055), which restarts Adam's bias correction,
+  for any base. ``spam_optax.periodic_reset`` zeroes the moments only and keeps the counts;
+  with a bias-corrected base that makes the first updates after a reset several times larger
+  (≈ (1 - β1)/√(1 - β2) ≈ 3 for Adam's defaults).
   """
-  def swap(state, value):
-    return _map_states(state, optax.contrib.MuonState, lambda s: s._replace(ns_coeffs=value))
-
   def init_fn(params):
-    return swap(inner.init(params), jnp.zeros((), jnp.int32))
+    return RestartState(jnp.zeros([], jnp.int32), inner.init(params))
 
   def update_fn(updates, state, params=None):
-    updates, state = inner.update(updates, swap(state, jnp.asarray(MUON_NS_COEFFS)), params)
-    return updates, swap(state, jnp.zeros((), jnp.int32))
+    count = state.count + 1
+    restart = jnp.logical_and(interval > 0, count % max(interval, 1) == 0)
+    fresh = inner.init(params if params is not None else updates)
+    inner_state = optax.tree.where(restart, fresh, state.inner_state)
+    updates, inner_state = inner.update(updates, inner_state, params)
+    return updates, RestartState(count, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _stable_spam_guard(cfg, base):
-  """Stable-SPAM's AdaClip and AdaGN in front of ``base``, its moments reset periodically.
+  """Stable-SPAM's AdaClip and AdaGN in front of ``base``, which restarts every ``--DeltaT``.
 
-  The pieces and their arguments are those of ``spam_optax.stable_spam`` (reset every
-  ``--DeltaT``, default 1000, after the reset step's update); ``base`` keeps its own learning
-  rate, so the guard rescales the gradient before any of the base's scaling. The reset wraps
-  the whole base: the only float state of these bases is their moments (the schedule's step
-  count is an integer and keeps counting), except Muon's coefficients, held out.
+  AdaClip and AdaGN take the arguments of ``spam_optax.stable_spam``; ``base`` (built with a
+  learning rate of 1, the schedule applied after it by the caller) is restarted afresh every
+  ``--DeltaT`` updates (default 1000) by :func:`restart_every`, before that update — moments
+  and bias corrections, as Stable-SPAM's own Adam does after a reset.
   """
   interval = 1000 if cfg.DeltaT is None else cfg.DeltaT
-  if cfg.optimizer == "muon":
-    base = _keep_muon_coefficients(base)
   return optax.chain(
       spam_optax.clip_by_running_max(**_given(gamma3=cfg.gamma3), reset_interval=interval),
       spam_optax.scale_by_grad_norm_history(
           total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min,
           reset_interval=interval,
           **_given(gamma1=cfg.gamma1, gamma2=cfg.gamma2, eps=cfg.eps)),
-      spam_optax.periodic_reset(base, interval, after_update=True))
+      restart_every(base, interval))
 
 
 def _spam_clip_guard(cfg, base):
@@ -302,4 +315,3 @@ def _spam_clip_guard(cfg, base):
       base)
 
 
-SPIKE_GUARDS = {"stable_spam": _stable_spam_guard, "spam_clip": _spam_clip_guard}

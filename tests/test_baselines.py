@@ -71,14 +71,14 @@ def _tiny_params():
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32), shapes)
 
 
-def test_stable_spam_guard_keeps_muon_working_after_a_reset():
-  """The reset zeroes Muon's momentum, not its Newton-Schulz coefficients."""
+def test_stable_spam_guard_keeps_muon_working_after_a_restart():
+  """The restart re-initialises Muon (momentum zero, coefficients intact), it still updates."""
   params = _tiny_params()
   opt = optimizers.make_optimizer(_cfg("--optimizer", "muon", "--spike_guard", "stable_spam",
                                        "--DeltaT", "1"))
   state = opt.init(params)
   rng = np.random.default_rng(1)
-  for _ in range(3):  # the moments are zeroed before steps 2 and 3
+  for _ in range(3):  # Muon restarts before every update
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
     updates, state = jax.jit(opt.update)(grads, state, params)
   q = updates["layers_0"]["self_attn"]["q_proj"]["kernel"]
@@ -87,7 +87,48 @@ def test_stable_spam_guard_keeps_muon_working_after_a_reset():
       state, is_leaf=lambda s: isinstance(s, optax.contrib.MuonState))
                  if isinstance(s, optax.contrib.MuonState)]
   assert len(muon_states) == 1
-  chex.assert_type(muon_states[0].ns_coeffs, jnp.int32)  # held out of the reset state
+  chex.assert_trees_all_close(muon_states[0].ns_coeffs,
+                              jnp.asarray(optimizers.MUON_NS_COEFFS, jnp.float32))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_restart_every_starts_the_inner_optimizer_afresh(jit):
+  """Restarted before updates 3 and 6, Adam's updates 3-5 are a fresh Adam's 1-3: moments and
+  bias correction restart (zeroing the moments alone would make update 3 about 3x larger)."""
+  rng = np.random.default_rng(2)
+  grads = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(5)]
+  params = jnp.zeros((4, 3))
+
+  def run(opt, seq):
+    state, out = opt.init(params), []
+    update = jax.jit(opt.update) if jit else opt.update
+    for g in seq:
+      u, state = update(g, state, params)
+      out.append(u)
+    return out
+
+  got = run(optimizers.restart_every(optax.adam(1e-2), 3), grads)
+  chex.assert_trees_all_close(got[:2], run(optax.adam(1e-2), grads[:2]), rtol=1e-6)
+  chex.assert_trees_all_close(got[2:], run(optax.adam(1e-2), grads[2:]), rtol=1e-6)
+  never = run(optimizers.restart_every(optax.adam(1e-2), 0), grads)
+  chex.assert_trees_all_close(never, run(optax.adam(1e-2), grads), rtol=1e-6)
+
+
+def test_stable_spam_guard_follows_the_schedule_across_restarts():
+  """The base runs at learning rate 1 inside the restarts; the schedule scales it outside
+  and keeps counting (lr 0 at the first update, as the trainer's schedule)."""
+  cfg = _cfg("--optimizer", "adam", "--spike_guard", "stable_spam", "--DeltaT", "2",
+             "--warmup_steps", "4")
+  opt = optimizers.make_optimizer(cfg)
+  params = _tiny_params()
+  state = opt.init(params)
+  norms = []
+  for _ in range(4):
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(opt.update)(grads, state, params)
+    norms.append(float(optax.tree.norm(updates)))
+  assert norms[0] == 0.0  # lr factor 0 at the first update
+  assert 0.0 < norms[1] < norms[2] < norms[3]  # the warm-up keeps rising across the restart
 
 
 def test_projection_matrix_axes():
