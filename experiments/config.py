@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 
 OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "adafactor", "lion", "sgd", "adam_mini",
               "galore", "muon", "skip_step")
@@ -131,6 +132,17 @@ class UsageError(SystemExit):
   def __init__(self, message: str):
     super().__init__(message)
     self.code = 2
+
+
+def run_cli(main, argv=None) -> int:
+  """Runs an entry point's ``main``: a bad input prints its one ``error:`` line to stderr and
+  returns status 2 (a bare ``SystemExit(2)`` would print nothing)."""
+  try:
+    main(argv)
+  except UsageError as e:
+    print(e, file=sys.stderr)
+    return 2
+  return 0
 
 
 def fail(message: str):
@@ -519,6 +531,7 @@ def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
   if dtype == "auto":
     dtype = "float32" if backend == "cpu" else "bfloat16"
   name = cfg.name or (
-      f"{cfg.model_config.split('/')[-1].removesuffix('.json')}-{cfg.optimizer}-{dtype}")
+      f"{os.path.basename(os.path.normpath(cfg.model_config)).removesuffix('.json')}-"
+      f"{cfg.optimizer}-{dtype}")
   return dataclasses.replace(cfg, dtype=dtype, name=name,
                              save_dir=cfg.save_dir or f"runs/{name}")

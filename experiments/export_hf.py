@@ -89,4 +89,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(config.run_cli(main))

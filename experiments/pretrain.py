@@ -360,12 +360,7 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> int:
   """``python -m experiments.pretrain``: a bad input is one ``error:`` line and status 2."""
-  try:
-    main(argv)
-  except config.UsageError as e:
-    print(e, file=sys.stderr)
-    return 2
-  return 0
+  return config.run_cli(main, argv)
 
 
 # ----------------------------------------------------------------------------- loop helpers

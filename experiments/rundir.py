@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 from experiments import config
@@ -78,13 +79,25 @@ def check(cfg: config.TrainConfig) -> dict[str, list] | None:
   return changes
 
 
+def write_atomically(path: str, text: str) -> None:
+  """Writes ``path`` through a temporary file and ``os.replace``: never half written."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp.")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def record(cfg: config.TrainConfig, changes: dict[str, list] | None, start_step: int | None
            ) -> None:
   """Writes ``config.json`` and, for a rerun, appends it to ``resumes.jsonl`` (process 0)."""
   log_dir = log_dir_of(cfg)
   os.makedirs(log_dir, exist_ok=True)
-  with open(os.path.join(log_dir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(cfg.to_json())
+  write_atomically(os.path.join(log_dir, "config.json"), cfg.to_json())
   if changes is not None:
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "step": start_step or 0, "changed": changes}

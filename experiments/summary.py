@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 
-from experiments import plot, spikes
+from experiments import plot, rundir, spikes
 
 FILENAME = "summary.json"
 
@@ -108,15 +107,7 @@ def read(log_dir: str) -> dict | None:
 def write(log_dir: str, summary: dict) -> str:
   """Writes ``summary.json`` atomically; returns its path."""
   path = os.path.join(log_dir, FILENAME)
-  fd, tmp = tempfile.mkstemp(dir=log_dir, prefix=".summary.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=1, allow_nan=True)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  rundir.write_atomically(path, json.dumps(summary, indent=1, allow_nan=True))
   return path
 
 

@@ -35,18 +35,27 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def _compute_capability() -> float:
+  """The first device's CUDA compute capability (e.g. 9.0 for an H100), 0 if unknown."""
+  try:
+    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+  except (TypeError, ValueError):
+    return 0.0
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      implementation: str | None = None) -> jax.Array:
   """Causal `jax.nn.dot_product_attention` over (batch, length, heads, head_dim).
 
   `implementation` "xla" or "cudnn" is passed through. None picks: cuDNN's fused flash
   attention on a GPU where it applies, XLA otherwise. JAX's own None means XLA today (its
-  automatic choice is a TODO), so the choice is made here: on a GPU "cudnn" is traced
-  first, and its trace-time refusals (inputs not fp16/bf16, head size, cuDNN version,
-  compute capability) fall back to "xla".
+  automatic choice is a TODO), so the choice is made here: on a GPU of compute capability
+  8.0 or newer (Ampere, Hopper, ...; cuDNN's flash attention needs it, and older GPUs would
+  fail only at compile time) "cudnn" is traced first, and its trace-time refusals (inputs not
+  fp16/bf16, head size, cuDNN version) fall back to "xla".
   """
   if implementation is None:
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() == "gpu" and _compute_capability() >= 8.0:
       try:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
       except (ValueError, NotImplementedError, RuntimeError):

@@ -21,7 +21,7 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
                     "--out", str(out)])
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
-  assert list(parts) == ["probe", "peer", "train_9m", "optimizer", "model_9m", "hlo_train",
+  assert list(parts) == ["probe", "optimizer", "model_9m", "peer", "train_9m", "hlo_train",
                          "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   no_torch = importlib.util.find_spec("torch") is None

@@ -138,3 +138,14 @@ def test_init_from_hf_errors_are_one_line_before_compiling(run, monkeypatch, tmp
     with pytest.raises(SystemExit, match=message) as e:
       pretrain.main(argv)
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+
+
+def test_command_line_error_is_one_line_with_status_2(tmp_path):
+  import _processes  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  p = subprocess.run([sys.executable, "-m", "experiments.export_hf", str(tmp_path / "nope"),
+                      str(tmp_path / "out")], cwd=_processes.ROOT, env=_processes.env(),
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such run directory"]

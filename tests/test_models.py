@@ -281,9 +281,14 @@ def test_attention_asks_for_cudnn_on_a_gpu_and_falls_back_to_xla(monkeypatch):
   chex.assert_trees_all_close(attention.causal_attention(q, k, v), want)
   assert calls == ["xla"]  # on the CPU, cuDNN is not asked for
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "_compute_capability", lambda: 9.0)  # an H100
   calls.clear()
   chex.assert_trees_all_close(attention.causal_attention(q, k, v), want)
   assert calls == ["cudnn", "xla"]
+  monkeypatch.setattr(attention, "_compute_capability", lambda: 7.0)  # a V100: XLA only
+  calls.clear()
+  chex.assert_trees_all_close(attention.causal_attention(q, k, v), want)
+  assert calls == ["xla"]
   calls.clear()
   attention.causal_attention(q, k, v, "xla")
   assert calls == ["xla"]

@@ -3,13 +3,13 @@
 Runs, each part in its own subprocess with its own time limit (so a slow or out-of-memory
 part loses only itself), in this order, skipping what no longer fits in ``--budget_s``:
 
-1. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
-   60m, 130m, 350m and 1b, batch 64×256;
-2. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b
-   (1b again with activation checkpointing if it runs out of memory);
-3. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, spam d=0.25, one resident at
+1. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, spam d=0.25, one resident at
    a time;
-4. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256;
+2. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256;
+3. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
+   60m, 130m, 350m and 1b, batch 64×256;
+4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b
+   (1b again with activation checkpointing if it runs out of memory);
 5. ``hlo_stats`` of the trainer's step at 350m and of the spam update at 1b (kernels, cuDNN
    attention or not, loops, scatters, donated buffers);
 6. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
@@ -126,7 +126,23 @@ def plan(args, parts_dir: str) -> list:
     dtype = "bfloat16"
   train_caps = {"60m": (60, 20), "130m": (60, 20), "350m": (90, 30), "1b": (150, 45)}
   model_caps = {"60m": (60, 20), "350m": (90, 30), "1b": (120, 50)}
+
+  def model_part(size):
+    argv = _module("bench_model") + [
+        "--models", f"llama_{size}", "--quant", "bf16,int4", "--batch", str(batch),
+        "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
+        "--json", js(f"model_{size}")] + (["--scan_layers"] if args.scan_layers else [])
+    cap, need = model_caps.get(size, (60, 10))
+    return Part(f"model_{size}", argv, cap, need, js(f"model_{size}"),
+                retry_argv=argv + ["--remat"] if size == "1b" else None)
+
+  # The parts that decide the optimizer and MFU targets first, then the trainer beside its
+  # peer, then the breakdowns; what the budget no longer fits is recorded as skipped.
   parts = []
+  parts.append(Part("optimizer", _module("bench_optimizer") + [
+      "--size", opt_size, "--sequential", "--json", js("optimizer")] + opt_iters,
+      120, 40, js("optimizer")))
+  parts += [model_part(s) for s in model_sizes]
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
   peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,
           "--batch", str(batch), "--length", str(length)] + (
@@ -141,20 +157,7 @@ def plan(args, parts_dir: str) -> list:
     cap, need = train_caps.get(size, (60, 10))
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
-  parts.append(Part("optimizer", _module("bench_optimizer") + [
-      "--size", opt_size, "--sequential", "--json", js("optimizer")] + opt_iters,
-      120, 40, js("optimizer")))
 
-  def model_part(size):
-    argv = _module("bench_model") + [
-        "--models", f"llama_{size}", "--quant", "bf16,int4", "--batch", str(batch),
-        "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
-        "--json", js(f"model_{size}")] + (["--scan_layers"] if args.scan_layers else [])
-    cap, need = model_caps.get(size, (60, 10))
-    return Part(f"model_{size}", argv, cap, need, js(f"model_{size}"),
-                retry_argv=argv + ["--remat"] if size == "1b" else None)
-
-  parts += [model_part(s) for s in model_sizes]
   hlo_model = "llama_9m" if args.tiny else "llama_350m"
   parts.append(Part("hlo_train", _module("hlo_stats") + [
       "--what", "train", "--model", hlo_model, "--optimizer", "spam", "--batch", str(batch),
