@@ -54,10 +54,20 @@ def changed_fields(saved: dict, cfg: config.TrainConfig) -> dict[str, list]:
           if saved.get(k, default.get(k)) != v}
 
 
+def _holds_checkpoints(save_dir: str) -> bool:
+  """Whether ``<save_dir>/checkpoints`` holds a finished checkpoint (orbax names each one by
+  its step; unfinished ones carry a temporary suffix). A bucket counts as holding one."""
+  if "://" in save_dir:
+    return True
+  directory = os.path.join(save_dir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def check(cfg: config.TrainConfig) -> dict[str, list] | None:
   """Refuses (one line, nothing written) a rerun that would change the run in its directory.
 
-  Returns the allowed changes for a directory that already holds a run, None for a new one.
+  Returns the allowed changes for a directory that already holds a run, None for a new one
+  (also for a directory whose earlier attempt never wrote a checkpoint: nothing to protect).
   """
   for path, flag in ((cfg.save_dir, "--save_dir"), (log_dir_of(cfg), "run directory")):
     if "://" not in path and os.path.exists(path) and not os.path.isdir(path):
@@ -72,6 +82,8 @@ def check(cfg: config.TrainConfig) -> dict[str, list] | None:
     config.fail(f"{saved_path} is unreadable ({e}); pick another --save_dir")
   changes = changed_fields(saved, cfg)
   refused = sorted(k for k in changes if k not in RESUMABLE)
+  if refused and not _holds_checkpoints(cfg.save_dir):
+    return None  # an attempt that never saved (a crash, Ctrl-C while compiling): start anew
   if refused:
     shown = ", ".join(f"--{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
     config.fail(f"{log_dir_of(cfg)} holds a run with other settings ({shown}); "

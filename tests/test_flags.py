@@ -5,7 +5,7 @@ import argparse
 import jax
 import pytest
 
-from experiments import config, pretrain
+from experiments import config, pretrain, rundir
 import _processes
 
 
@@ -145,9 +145,23 @@ def test_run_directory_with_other_settings_is_refused_untouched(cli, tmp_path):
   saved = config.for_backend(config.parse_args(["--optimizer", "spam", "--save_dir", str(run)]),
                              "cpu")
   (run / "config.json").write_text(saved.to_json())
+  (run / "checkpoints" / "3").mkdir(parents=True)  # a finished checkpoint of that run
   before = (run / "config.json").read_text()
   status, err = cli("--save_dir", str(run), "--optimizer", "adamw", "--lr", "1e-3")
   assert status == 2 and len(err) == 1
   assert "--lr 0.003 -> 0.001, --optimizer 'spam' -> 'adamw'" in err[0]
   assert (run / "config.json").read_text() == before
-  assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+  assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
+
+
+def test_run_directory_that_never_saved_a_checkpoint_takes_new_settings(tmp_path):
+  # An earlier attempt crashed before its first checkpoint (only an unfinished one is left):
+  # nothing to protect, the rerun is a new run.
+  run = tmp_path / "crashed"
+  (run / "checkpoints" / "2.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  saved = config.for_backend(config.parse_args(["--optimizer", "spam", "--save_dir", str(run)]),
+                             "cpu")
+  (run / "config.json").write_text(saved.to_json())
+  new = config.for_backend(config.parse_args(["--optimizer", "adamw", "--save_dir", str(run)]),
+                           "cpu")
+  assert rundir.check(new) is None
