@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from spam_optax._numerics import one_minus_power
-from spam_optax._tree_util import path_names
+from spam_optax._tree_util import path_names, tree_map_unzip
 
 BlockAxesFn = Callable[[Sequence[Any], jax.Array], tuple[int, ...]]
 
@@ -135,17 +135,15 @@ def scale_by_adam_mini(
     bc1 = one_minus_power(b1, count)
     sqrt_bc2 = jnp.sqrt(one_minus_power(b2, count))
 
-    def leaf(path, g, m, v):
+    def leaf(g, m, v, axes):
       g32 = g.astype(jnp.float32)
-      m = b1 * m.astype(jnp.float32) + (1.0 - b1) * g32
-      v = b2 * v + (1.0 - b2) * jnp.mean(g32 * g32, axis=block_axes(path, g), keepdims=True)
-      u = (m / bc1) / (jnp.sqrt(v) / sqrt_bc2 + eps)
-      return u.astype(g.dtype), m, v
+      m32 = b1 * m.astype(jnp.float32) + (1.0 - b1) * g32
+      v = b2 * v + (1.0 - b2) * jnp.mean(g32 * g32, axis=axes, keepdims=True)
+      u = (m32 / bc1) / (jnp.sqrt(v) / sqrt_bc2 + eps)
+      return u.astype(g.dtype), m32.astype(m.dtype), v
 
-    out = jax.tree_util.tree_map_with_path(leaf, updates, state.mu, state.nu)
-    u, m, v = jax.tree.transpose(jax.tree.structure(updates), jax.tree.structure((0, 0, 0)),
-                                 out)
-    m = jax.tree.map(lambda new, old: new.astype(old.dtype), m, state.mu)
+    axes = jax.tree_util.tree_map_with_path(block_axes, updates)
+    u, m, v = tree_map_unzip(leaf, 3, updates, state.mu, state.nu, axes)
     return u, ScaleByAdamMiniState(count=count, mu=m, nu=v)
 
   return optax.GradientTransformation(init_fn, update_fn)
