@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments import config
+
 
 class Checkpointer:
   """Saves and restores ``(train_state, data_state)`` pairs under ``<save_dir>/checkpoints``."""
@@ -47,6 +49,10 @@ class Checkpointer:
         data=ocp.args.JsonRestore(),
     ))
     hosts = restored["data"]["hosts"]
+    if len(hosts) != jax.process_count():  # each host's loader position is its own
+      raise config.UsageError(
+          f"error: {self.directory} step {step} was saved by {len(hosts)} process(es), this "
+          f"run has {jax.process_count()}; resume it with {len(hosts)}")
     return step, restored["state"], hosts[str(jax.process_index())]
 
   def restore_params(self, step: int | None = None) -> dict:

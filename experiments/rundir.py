@@ -27,7 +27,9 @@ RESUMABLE = frozenset({
     "num_training_steps",  # extend (or shorten) the run; the schedule follows the new length
     "eval_every", "save_every", "keep_checkpoints", "stop_after",
     "progress", "peak_tflops",  # reporting only
-    "mesh", "distributed", "activation_checkpointing",  # layout / memory, same numbers
+    # layout / memory, same numbers (the number of processes must stay the same: each one's
+    # loader position is saved apart, and a checkpoint restores only into as many)
+    "mesh", "distributed", "activation_checkpointing",
     "resume", "name", "save_dir",  # where the run lives, not what it is
     "inject_nan_at_step", "inject_signal",  # debugging
 })

@@ -193,3 +193,17 @@ def test_two_processes_agree_on_the_step_to_save(tmp_path, signalled, name):
     outs.append(json.loads(out.strip().splitlines()[-1]))
   assert outs[0]["stopped"] is not None and outs[0]["stopped"] == outs[1]["stopped"]
   assert outs[signalled]["signum"] == getattr(signal, name)
+
+
+def test_resuming_with_another_number_of_processes_is_one_error_line(tmp_path):
+  # Each process's loader position is saved apart; another process count cannot continue it.
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
+  state = {"w": jax.numpy.ones(3)}
+  ckpt.manager.save(1, args=ocp.args.Composite(  # as two processes would have saved it
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({"hosts": {"0": {"position": 7}, "1": {"position": 9}}})))
+  ckpt.wait()
+  with pytest.raises(SystemExit, match=r"^error: .* saved by 2 process\(es\), this run has 1"):
+    ckpt.restore(checkpointing.abstract_like(state))
+  ckpt.close()
