@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -109,6 +110,7 @@ def main(argv=None):
     for quant_name in args.quant.split(","):
       r = bench_one(name.strip(), quant_name.strip(), args)
       results.append(r)
+      _write_json(args.json, results)  # after each result: a part stopped later keeps it
       if args.compile_only:
         print(f"| {r['model']} | {r['quant']} | {r['batch']}×{r['seq_len']} | compile only "
               f"| | | | |", flush=True)
@@ -123,9 +125,15 @@ def main(argv=None):
   if results:
     print("compile (s, step excluded): " + ", ".join(
         f"{r['model']}/{r['quant']} {r['compile_s']:.1f}" for r in results), flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
+
+
+def _write_json(path: str | None, results: list) -> None:
+  """Writes ``results`` to ``path`` through a temporary file: never half written."""
+  if path:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
