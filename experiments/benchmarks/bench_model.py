@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import time
@@ -27,7 +26,7 @@ import flax.linen as nn
 import jax
 
 import models
-from experiments import metrics
+from experiments import metrics, rundir
 
 
 def parse_args(argv=None):
@@ -128,12 +127,8 @@ def main(argv=None):
 
 
 def _write_json(path: str | None, results: list) -> None:
-  """Writes ``results`` to ``path`` through a temporary file: never half written."""
   if path:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    rundir.write_atomically(path, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
