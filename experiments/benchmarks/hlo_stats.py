@@ -29,25 +29,72 @@ from experiments.benchmarks import bench_optimizer, bench_train
 _OP = re.compile(r"=\s*[^=]*?\s([a-z][a-z0-9\-]*)\(")
 _FUSION_KIND = re.compile(r"\sfusion\(.*kind=(k[A-Za-z]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_TO_APPLY = re.compile(r"to_apply=%?([\w.\-]+)")
 _ALIAS = re.compile(r"input_output_alias=\{(.*?)\}(?:,\s*[a-z_]+=|\n|$)")
 
 
+def computations(hlo_text: str) -> dict:
+  """The module's computations: name → its instruction lines (``ENTRY`` marked by ``entry``)."""
+  comps, name = {}, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      name = header.group(2)
+      comps[name] = dict(entry=bool(header.group(1)), lines=[])
+    elif line.startswith("}"):
+      name = None
+    elif name is not None and line.strip():
+      comps[name]["lines"].append(line)
+  return comps
+
+
+def _bodies(comps: dict) -> set:
+  """Computations that run inside another instruction's kernel, not as kernels themselves.
+
+  Fusion bodies (``calls=`` of a ``fusion``, nested ones too) and the reducers, comparators
+  and combiners of reduce, sort, scatter and all-reduce (``to_apply=`` of anything but a
+  ``call``). While bodies and conditions, conditional branches, called and async-wrapped
+  computations stay: their instructions are launched on their own.
+  """
+  inner = set()
+  for comp in comps.values():
+    for line in comp["lines"]:
+      m = _OP.search(line)
+      op = m.group(1) if m else None
+      if op == "fusion":
+        inner.update(_CALLS.findall(line))
+      if op != "call":
+        inner.update(_TO_APPLY.findall(line))
+  return inner
+
+
 def summarize(hlo_text: str) -> dict:
-  """Counts of the instructions of an optimized HLO module that matter for speed."""
+  """Counts of the instructions of an optimized HLO module that matter for speed.
+
+  Only instructions of computations that run on their own are counted (the entry, while
+  bodies, branches): what a fusion or a reducer holds inside is part of that one kernel.
+  """
   ops = collections.Counter()
   kinds = collections.Counter()
   targets = collections.Counter()
-  for line in hlo_text.splitlines():
-    m = _OP.search(line)
-    if not m or line.lstrip().startswith(("HloModule", "ENTRY", "%fused", "fused")):
+  comps = computations(hlo_text)
+  inner = _bodies(comps)
+  for name, comp in comps.items():
+    if name in inner:
       continue
-    ops[m.group(1)] += 1
-    if m.group(1) == "fusion":
-      k = _FUSION_KIND.search(line)
-      kinds[k.group(1) if k else "?"] += 1
-    if m.group(1) == "custom-call":
-      t = _TARGET.search(line)
-      targets[t.group(1) if t else "?"] += 1
+    for line in comp["lines"]:
+      m = _OP.search(line)
+      if not m:
+        continue
+      ops[m.group(1)] += 1
+      if m.group(1) == "fusion":
+        k = _FUSION_KIND.search(line)
+        kinds[k.group(1) if k else "?"] += 1
+      if m.group(1) == "custom-call":
+        t = _TARGET.search(line)
+        targets[t.group(1) if t else "?"] += 1
   header = hlo_text.splitlines()[0] if hlo_text else ""
   alias = _ALIAS.search(header)
   aliased = len(re.findall(r"may-alias|must-alias", alias.group(1))) if alias else 0

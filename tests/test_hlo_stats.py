@@ -1,0 +1,73 @@
+"""experiments/benchmarks/hlo_stats.py: kernels are counted once, not with what they hold."""
+import jax
+import jax.numpy as jnp
+
+from experiments.benchmarks import hlo_stats
+
+_HLO = """HloModule m, input_output_alias={ {0}: (0, {}, may-alias) }, entry_computation_layout={(f32[8]{0})->(f32[8]{0}, f32[])}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_computation (p: f32[8]) -> f32[] {
+  %p = f32[8]{0} parameter(0)
+  %c = f32[] constant(0)
+  ROOT %r = f32[] reduce(%p, %c), dimensions={0}, to_apply=%add
+}
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %v = f32[8]{0} get-tuple-element(%t), index=1
+  %w = f32[8]{0} copy(%v)
+  ROOT %o = (s32[], f32[8]{0}) tuple(%i, %w)
+}
+
+%cond (t.1: (s32[], f32[8])) -> pred[] {
+  %t.1 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %k = pred[] constant(false)
+}
+
+ENTRY %main (x: f32[8]) -> (f32[8], f32[]) {
+  %x = f32[8]{0} parameter(0)
+  %f = f32[] fusion(%x), kind=kInput, calls=%fused_computation
+  %cc = f32[8]{0} custom-call(%x), custom_call_target="__cudnn$fmhaSoftmax"
+  %z = s32[] constant(0)
+  %init = (s32[], f32[8]{0}) tuple(%z, %cc)
+  %loop = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+  %y = f32[8]{0} get-tuple-element(%loop), index=1
+  ROOT %out = (f32[8]{0}, f32[]) tuple(%y, %f)
+}
+"""
+
+
+def test_counts_the_kernels_of_the_entry_and_loop_bodies_only():
+  s = hlo_stats.summarize(_HLO)
+  # The reduce and the add live inside the fusion and its reducer: one kernel, not three.
+  assert s["ops"] == {"fusion": 1, "while": 1, "copy": 1, "custom-call": 1}
+  assert s["fusion_kinds"] == {"kInput": 1}
+  assert s["custom_calls"] == {"__cudnn$fmhaSoftmax": 1} and s["cudnn_attention"]
+  assert s["aliased_outputs"] == 1
+
+
+def test_computations_and_what_runs_inside_others():
+  comps = hlo_stats.computations(_HLO)
+  assert list(comps) == ["add", "fused_computation", "body", "cond", "main"]
+  assert [n for n, c in comps.items() if c["entry"]] == ["main"]
+  assert hlo_stats._bodies(comps) == {"add", "fused_computation"}
+
+
+def test_a_compiled_scan_on_this_backend():
+  def f(x):
+    def body(c, _):
+      return c * 2 + jnp.sin(c), jnp.sum(c)
+    return jax.lax.scan(body, x, None, length=3)
+
+  text = jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text()
+  s = hlo_stats.summarize(text)
+  assert s["ops"]["while"] == 1 and s["ops"]["fusion"] >= 1
+  # The sum and the stacking of the scan's outputs are fused: no stand-alone reduce.
+  assert "reduce" not in s["ops"] and "dynamic-update-slice" not in s["ops"]
