@@ -1,6 +1,8 @@
 """experiments/benchmarks/accelerator.py: parts in subprocesses, the budget, targets, reports."""
 import importlib.util
 import json
+import os
+import tarfile
 
 import pytest
 
@@ -17,13 +19,14 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   peer = tmp_path / "torch_peer.py"  # a stand-in: the peer is skipped on a CPU before it runs
   peer.write_text("raise SystemExit('must not run')\n")
   out = tmp_path / "out"
-  accelerator.main(["--tiny", "--parts", "train,peer,hlo_train", "--torch_peer", str(peer),
-                    "--out", str(out)])
+  accelerator.main(["--tiny", "--parts", "train,peer", "--torch_peer", str(peer),
+                    "--out", str(out), "--work", str(tmp_path / "work")])
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
-  assert list(parts) == ["probe", "optimizer", "model_9m", "peer", "train_9m", "hlo_train",
+  assert list(parts) == ["probe", "optimizer", "model_9m", "peer", "train_9m",
                          "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
+  assert report["environment"]["copy_GBps"] > 0 and report["environment"]["matmul_bf16_TFLOPs"] > 0
   no_torch = importlib.util.find_spec("torch") is None
   assert parts["peer"] == {"status": "skipped", "reason": "torch is not installed" if no_torch
                            else "no CUDA GPU (jax backend: cpu)"}
@@ -36,13 +39,45 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
   assert [t["status"] for t in peer_row] == ["not measured"]
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
-  # The compiled trainer step: the donated state is reused in place, without a warning.
-  assert parts["hlo_train"]["status"] == "ok", parts["hlo_train"]
+  # The compiled trainer step, from the same process: the donated state is reused in place.
   (hlo,) = report["results"]["hlo"]
+  assert hlo["what"] == "train-llama_9m-spam"
   assert hlo["donation_warnings"] == [] and hlo["aliased_outputs"] > 0
   assert hlo["ops"]["while"] >= 1 and not hlo["cudnn_attention"]  # accumulation scan; CPU
   assert "| train-llama_9m-spam |" in md
+  # Where the time went: a trace of the step, summarised.
+  prof = train["profile"]
+  assert prof["source"] == "cpu" and 0 < prof["busy_ms_per_call"] <= prof["span_ms_per_call"]
+  assert "| train step llama_9m spam |" in md and "Where the device time goes" in md
   assert "## Targets" in md and "| llama_9m | 2×16 |" in md and "--tiny" in report["command"]
+  assert "**Ceilings measured in this run:**" in md
+  # Three files come back; the rest is in the archive.
+  assert sorted(os.listdir(out)) == ["accelerator-parts.tar.gz", "accelerator.json",
+                                     "accelerator.md"]
+  with tarfile.open(out / "accelerator-parts.tar.gz") as tar:
+    names = set(tar.getnames())
+  assert {"accelerator-parts/parts/train_9m.json", "accelerator-parts/logs/train_9m.log",
+          "accelerator-parts/logs/probe.log",
+          "accelerator-parts/hlo/train-llama_9m-spam.hlo.txt"} <= names
+
+
+def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
+  """A run stopped from outside (the device's time limit) keeps the parts it finished."""
+  seen = []
+
+  def fake_run_part(part, timeout_s, logs_dir, env):
+    del timeout_s, logs_dir, env
+    if part.name != "probe":
+      report = json.loads((tmp_path / "accelerator.json").read_text(encoding="utf-8"))
+      seen.append((part.name, [p["name"] for p in report["parts"]]))
+    stdout = 'PROBE {"backend": "cpu", "device_kind": "cpu"}' if part.name == "probe" else ""
+    return dict(status="ok", rc=0, wall_s=0.0, limit_s=1.0, cmd="x", log="x", stdout=stdout)
+
+  monkeypatch.setattr(accelerator, "run_part", fake_run_part)
+  accelerator.main(["--tiny", "--parts", "optimizer,model,train", "--out", str(tmp_path)])
+  # Before each part, the report already holds every part before it.
+  assert seen == [("optimizer", ["probe"]), ("model_9m", ["probe", "optimizer"]),
+                  ("train_9m", ["probe", "optimizer", "model_9m", "peer"])]
 
 
 def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
@@ -50,7 +85,7 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   report, md = _report(tmp_path)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
-  for name in ("train_9m", "optimizer", "model_9m", "hlo_train", "hlo_optimizer", "blocks"):
+  for name in ("train_9m", "optimizer", "model_9m", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])
   assert "| blocks | skipped |" in md
@@ -77,3 +112,23 @@ def test_targets_from_part_results():
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["value"] == pytest.approx(2.25)
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["status"] == "met"
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_1b"]["status"] == "not measured"
+
+
+def test_memory_floor_and_profile_table():
+  # 1.339e9 float32 params at 3.0 TB/s: Adam moves 28 B per param, 12.5 ms.
+  assert accelerator.floor_ms("adamw", 1_339_082_752, "float32", 3000.0) == pytest.approx(
+      12.498, abs=1e-3)
+  assert accelerator.floor_ms("stable_spam", 10**9, "float32", 1000.0) == pytest.approx(32.0)
+  assert accelerator.floor_ms("spam d=0.25", 10**9, "float32", 1000.0) is None
+  assert accelerator.floor_ms("adamw", 10**9, "bfloat16", 1000.0) is None
+  prof = dict(source="gpu", calls=3, busy_ms_per_call=8.0, span_ms_per_call=10.0,
+              kernels_per_call=12, categories={"matmul": 6.0, "reduction": 2.0},
+              top=[dict(op="fusion.1", ms_per_call=6.0, share=0.75, count_per_call=1, name="k")])
+  lines = accelerator.profile_lines(dict(
+      optimizer=None, model=[], train=[dict(model="llama_60m", optimizer="spam", profile=prof),
+                                       dict(model="llama_1b", optimizer="spam",
+                                            profile={"error": "CUPTI | not found"})]))
+  assert "| train step llama_60m spam | 12 | 8.00 | 0.80 | matmul 6.00, reduction 2.00 | " \
+         "fusion.1 6.00 (75%) |" in lines
+  assert any(l.startswith("| train step llama_1b spam |") and "CUPTI \\| not found" in l
+             for l in lines)

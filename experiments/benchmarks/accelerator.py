@@ -1,25 +1,34 @@
 """Every speed target, measured in one run on the machine it finds: JSON and a markdown table.
 
-Runs, each part in its own subprocess with its own time limit (so a slow or out-of-memory
-part loses only itself), in this order, skipping what no longer fits in ``--budget_s``:
+First a probe records the device and the library versions and measures the two ceilings
+(device-memory bandwidth, bf16 matrix-product rate). Then, each part in its own subprocess
+with its own time limit (so a slow or out-of-memory part loses only itself), in this order,
+skipping what no longer fits in ``--budget_s``:
 
 1. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, spam d=0.25, one resident at
-   a time;
-2. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256;
+   a time, each profiled;
+2. ``bench_model`` bf16 and int4 (W4A4) at 350m (profiled) and 60m, 64×256;
 3. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
    60m, 130m, 350m and 1b, batch 64×256;
-4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b
-   (1b again with activation checkpointing if it runs out of memory);
-5. ``hlo_stats`` of the trainer's step at 350m and of the spam update at 1b (kernels, cuDNN
-   attention or not, loops, scatters, donated buffers);
+4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
+   each profiled (1b again with activation checkpointing if it runs out of memory); at 350m
+   also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
+5. ``hlo_stats`` of the spam update at 1b;
 6. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
 7. ``bench_model`` at 1b (with ``--remat`` if it runs out of memory).
 
 and checks the targets: SPAM ≤ 1.05× optax.adamw and Stable-SPAM ≤ 1.35× per update at 1b;
 MFU ≥ 40% at 350m in bf16; the int4 step ≤ 1.3× the bf16 step; the trainer ≥ 2× the peer's
 tokens/s at every size (ratios only between measurements of this run). Compilation is timed
-apart from the steps. Writes ``accelerator.json``, ``accelerator.md``, and every part's own
-JSON and log under ``parts/`` and ``logs/`` into ``--out`` (default ``$OUT``).
+apart from the steps. Each profile (``experiments.benchmarks.profile_summary``) says how long
+the device was busy per call, how much it waited between kernels, and which ops took the
+time: what a missed target needs to be explained without another run.
+
+``--out`` (default ``$OUT``) receives three files, rewritten after every part so that a run
+stopped from outside keeps what it finished: ``accelerator.json`` (everything),
+``accelerator.md`` (the tables) and ``accelerator-parts.tar.gz`` (each part's JSON and log,
+the HLO text, the profile summaries and, while small, the raw traces). The parts work in
+``--work`` (default: a new temporary folder).
 
   mkdir -p .peer && cp <path to>/torch_peer.py .peer/
   PYTHONPATH=. python -m experiments.benchmarks.accelerator --torch_peer .peer/torch_peer.py --out $OUT
@@ -40,18 +49,27 @@ import platform
 import shlex
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+
+from experiments import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZES = ("60m", "130m", "350m", "1b")
+ARCHIVE = "accelerator-parts.tar.gz"
 TARGETS = dict(spam_x_adamw=1.05, stable_spam_x_adamw=1.35, mfu_350m_bf16=0.40,
                int4_x_bf16=1.3, ours_x_peer=2.0)
-# Print the device, the backend and the library versions (the parent never imports jax, so
-# that it holds no accelerator memory while the parts run).
+# Print the device, the backend and the library versions, and measure the two ceilings every
+# figure is read against: device-memory bandwidth (an element-wise pass over a large array,
+# bytes read plus written) and the bf16 matrix-product rate (random operands), each the median
+# of 10 calls. The parent never imports jax, so that it holds no accelerator memory while the
+# parts run.
 _PROBE = """
-import json, platform
+import json, platform, statistics, sys, time
 from importlib import metadata
 import jax
+import jax.numpy as jnp
 d = jax.devices()[0]
 info = dict(backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(),
             python=platform.python_version(), host=platform.node())
@@ -60,8 +78,34 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "torc
     info[name] = metadata.version(name)
   except metadata.PackageNotFoundError:
     info[name] = None
-print("PROBE " + json.dumps(info))
+print("PROBE " + json.dumps(info), flush=True)
+
+def median_s(f, *a):
+  jax.block_until_ready(f(*a))
+  times = []
+  for _ in range(10):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*a))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+tiny = sys.argv[1] == "tiny"
+n = 2**22 if tiny else 2**29  # float32 elements: 16 MiB or 2 GiB
+x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+s = median_s(jax.jit(lambda x: x * 1.5 + 0.5), x)
+info["copy_GBps"] = 2 * 4 * n / s / 1e9
+del x
+k = 512 if tiny else 8192
+a, b = (jax.random.normal(key, (k, k), jnp.bfloat16)
+        for key in jax.random.split(jax.random.key(1)))
+s = median_s(jax.jit(lambda a, b: a @ b), a, b)
+info["matmul_bf16_TFLOPs"] = 2 * k**3 / s / 1e12
+print("PROBE " + json.dumps(info), flush=True)
 """
+# Bytes one update must move per float32 parameter at least: read p, g, m, v and write p, m, v
+# (Adam, and SPAM, whose clip reads the v that Adam reads anyway); Stable-SPAM reads g once
+# more for the norm and the max |g| it needs before the element-wise pass.
+FLOOR_BYTES_PER_PARAM = {"adamw": 28, "spam": 28, "stable_spam": 32}
 
 
 @dataclasses.dataclass
@@ -81,6 +125,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=os.environ.get("OUT"),
                  help="output folder (default: $OUT)")
+  p.add_argument("--work", default=None,
+                 help="folder for the parts' JSON, logs, HLO and profiles (default: a new "
+                      "temporary folder); all of it is also archived into --out")
   p.add_argument("--budget_s", type=float, default=420.0,
                  help="wall-clock budget of the whole run; parts that no longer fit are skipped")
   p.add_argument("--torch_peer", default=None,
@@ -108,9 +155,10 @@ def _module(name: str) -> list:
   return ["-m", f"experiments.benchmarks.{name}"]
 
 
-def plan(args, parts_dir: str) -> list:
-  """The parts in the order they run."""
-  js = lambda name: os.path.join(parts_dir, name + ".json")
+def plan(args, work: str) -> list:
+  """The parts in the order they run; each writes its JSON, profiles and HLO under ``work``."""
+  js = lambda name: os.path.join(work, "parts", name + ".json")
+  prof = lambda name: ["--profile", os.path.join(work, "profiles", name)]
   sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
   if args.tiny:
     train_sizes, model_sizes, model_late = ["9m"], ["9m"], []
@@ -118,12 +166,14 @@ def plan(args, parts_dir: str) -> list:
     opt_size, opt_iters, block_iters = "tiny", ["--warmup", "1", "--iters", "2"], [
         "--warmup", "0", "--iters", "1"]
     dtype = "auto"
+    profiled_model, hlo_size = "9m", "9m"
   else:
     train_sizes, model_sizes, model_late = sizes, ["350m", "60m"], ["1b"]
     batch, length, steps, warmup = 64, 256, 10, 2
     opt_size, opt_iters, block_iters = "1b", ["--warmup", "3", "--iters", "20"], [
         "--warmup", "2", "--iters", "10"]
     dtype = "bfloat16"
+    profiled_model, hlo_size = "350m", "350m"
   train_caps = {"60m": (60, 20), "130m": (60, 20), "350m": (90, 30), "1b": (150, 45)}
   model_caps = {"60m": (60, 20), "350m": (90, 30), "1b": (120, 50)}
 
@@ -131,7 +181,8 @@ def plan(args, parts_dir: str) -> list:
     argv = _module("bench_model") + [
         "--models", f"llama_{size}", "--quant", "bf16,int4", "--batch", str(batch),
         "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
-        "--json", js(f"model_{size}")] + (["--scan_layers"] if args.scan_layers else [])
+        "--json", js(f"model_{size}")] + (["--scan_layers"] if args.scan_layers else []) + (
+            prof(f"model_{size}") if size == profiled_model else [])
     cap, need = model_caps.get(size, (60, 10))
     return Part(f"model_{size}", argv, cap, need, js(f"model_{size}"),
                 retry_argv=argv + ["--remat"] if size == "1b" else None)
@@ -140,33 +191,31 @@ def plan(args, parts_dir: str) -> list:
   # peer, then the breakdowns; what the budget no longer fits is recorded as skipped.
   parts = []
   parts.append(Part("optimizer", _module("bench_optimizer") + [
-      "--size", opt_size, "--sequential", "--json", js("optimizer")] + opt_iters,
-      120, 40, js("optimizer")))
+      "--size", opt_size, "--sequential", "--json", js("optimizer")] + opt_iters
+      + prof("optimizer"), 120, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
   peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,
           "--batch", str(batch), "--length", str(length)] + (
               ["--warmup", "1", "--iters", "2"] if args.tiny else [])
-  parts.append(Part("peer", peer, 150, 30, env={"OUT": os.path.join(parts_dir, "peer")}))
+  parts.append(Part("peer", peer, 150, 30, env={"OUT": os.path.join(work, "parts", "peer")}))
   for size in train_sizes:
     name = f"llama_{size}"
     argv = _module("bench_train") + [
         "--models", name, "--optimizers", "spam", "--dtype", dtype, "--batch", str(batch),
         "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--no_loader",
-        "--json", js(f"train_{size}")] + (["--scan_layers"] if args.scan_layers else [])
+        "--json", js(f"train_{size}")] + (["--scan_layers"] if args.scan_layers else []) + (
+            prof(f"train_{size}"))
+    if size == hlo_size:  # the compiled step's HLO: kernels, cuDNN attention, donation
+      argv += ["--hlo", os.path.join(work, "hlo")]
     cap, need = train_caps.get(size, (60, 10))
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
-  hlo_model = "llama_9m" if args.tiny else "llama_350m"
-  parts.append(Part("hlo_train", _module("hlo_stats") + [
-      "--what", "train", "--model", hlo_model, "--optimizer", "spam", "--batch", str(batch),
-      "--length", str(length), "--dtype", dtype, "--json", js("hlo_train")]
-      + (["--scan_layers"] if args.scan_layers else []), 90, 30,
-      js("hlo_train")))
   parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
       "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
-      "--json", js("hlo_optimizer")], 60, 20, js("hlo_optimizer")))
+      "--json", js("hlo_optimizer"), "--dump", os.path.join(work, "hlo")], 60, 20,
+      js("hlo_optimizer")))
   parts.append(Part("blocks", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--blocks", "--json", js("blocks")] + block_iters,
       150, 60, js("blocks")))
@@ -225,8 +274,11 @@ def _oom(text: str) -> bool:
 def _read_json(path: str | None):
   if not path or not os.path.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def _peer_rows(part: Part) -> list:
@@ -255,6 +307,8 @@ def collect(parts: dict) -> dict:
       res["model"] += data
     if name.startswith("train_") and data:
       res["train"] += data["steps"]
+      res["hlo"] += [{**r["hlo"], "what": f"train-{r['model']}-{r['optimizer']}"}
+                     for r in data["steps"] if r.get("hlo")]
     if name.startswith("hlo_") and data:
       res["hlo"].append(data)
   if "peer" in parts:
@@ -298,6 +352,51 @@ def targets(res: dict) -> list:
   return rows
 
 
+def floor_ms(name: str, params: int, dtype: str | None, copy_gbps: float | None):
+  """The update's memory-bandwidth floor in ms, where it is defined (float32, dense)."""
+  per_param = FLOOR_BYTES_PER_PARAM.get(name)
+  if not per_param or not copy_gbps or dtype not in (None, "float32"):
+    return None
+  return 1e3 * params * per_param / (copy_gbps * 1e9)
+
+
+def profile_lines(res: dict) -> list:
+  """The table of where the device time goes, from every profiled measurement."""
+  rows = []
+  for r in (res["optimizer"] or {}).get("optimizers", []):
+    rows.append((f"update {r['name']}", r.get("profile")))
+  for r in res["model"]:
+    rows.append((f"fwd+bwd {r['model']} {r['quant']}", r.get("profile")))
+  for r in res["train"]:
+    rows.append((f"train step {r['model']} {r['optimizer']}", r.get("profile")))
+  rows = [(n, p) for n, p in rows if p]
+  if not rows:
+    return []
+  lines = ["", "## Where the device time goes (jax.profiler trace of a few calls)", "",
+           "Busy: the union of the kernels' intervals per call; busy ÷ span below 1 is time "
+           "the device waited between kernels (launches, host work).", "",
+           "| measured | kernels/call | busy ms | busy ÷ span | by category (ms) | largest ops "
+           "(ms, share of busy) |", "|---|---:|---:|---:|---|---|"]
+  for name, p in rows:
+    if p.get("error") or not p.get("source"):
+      lines.append(f"| {name} | | | | profile failed: {_cell(p.get('error', '?'))} | |")
+      continue
+    span = p.get("span_ms_per_call")
+    cats = ", ".join(f"{k} {v:.2f}" for k, v in sorted(
+        p.get("categories", {}).items(), key=lambda kv: -kv[1])[:4])
+    top = ", ".join(f"{_cell(t['op'])} {t['ms_per_call']:.2f} ({t['share']:.0%})"
+                    for t in p.get("top", [])[:4])
+    lines.append(f"| {name} | {_f(p.get('kernels_per_call'), '{:.0f}')} | "
+                 f"{_f(p.get('busy_ms_per_call'), '{:.2f}')} | "
+                 f"{_f(p['busy_ms_per_call'] / span if span else None, '{:.2f}')} | "
+                 f"{cats} | {top} |")
+  return lines
+
+
+def _cell(text) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")[:120]
+
+
 def _f(x, fmt="{:.1f}", none="–"):
   return none if x is None else fmt.format(x)
 
@@ -312,6 +411,10 @@ def markdown(report: dict) -> str:
            f"transformers {env.get('transformers')}.",
            f"**Command:** `{report['command']}` (budget {report['budget_s']:.0f} s, "
            f"used {report['wall_s']:.0f} s)."]
+  if env.get("copy_GBps"):
+    lines.append(f"**Ceilings measured in this run:** device memory "
+                 f"{env['copy_GBps']:,.0f} GB/s (an element-wise pass, bytes read + written), "
+                 f"bf16 matrix product {_f(env.get('matmul_bf16_TFLOPs'), '{:,.0f}')} TFLOP/s.")
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")
@@ -327,12 +430,18 @@ def markdown(report: dict) -> str:
   if opt:
     lines += ["", f"## Optimizer update, {opt['size']} ({opt['params']:,} params, "
               f"{opt['dtype']}, median of {opt['iters']})", "",
-              "| optimizer | update ms | × adamw | compile s | state MiB |",
-              "|---|---:|---:|---:|---:|"]
+              "| optimizer | update ms | × adamw | memory floor ms | × floor | compile s "
+              "| state MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in opt["optimizers"]:
+      floor = floor_ms(r["name"], opt["params"], opt.get("dtype"), env.get("copy_GBps"))
+      over = r["update_ms"] / floor if floor and r.get("update_ms") else None
       lines.append(f"| {r['name']} | {_f(r['update_ms'], '{:.2f}')} | "
-                   f"{_f(r['x_adamw'], '{:.2f}')} | {_f(r['compile_s'])} | "
+                   f"{_f(r['x_adamw'], '{:.2f}')} | {_f(floor, '{:.2f}')} | "
+                   f"{_f(over, '{:.2f}')} | {_f(r['compile_s'])} | "
                    f"{r['state_bytes'] / 2**20:,.1f} |")
+    lines += ["", "The memory floor: the bytes an update must move at least (float32: "
+              "p, g, m, v read and p, m, v written, 28 B per parameter; Stable-SPAM 32 B, as "
+              "its max |g| and norm read g once more) over the measured bandwidth."]
   if res["train"] or res["peer"]:
     lines += ["", "## Trainer step (spam) and the PyTorch peer (HF LLaMA bf16 + fused AdamW)",
               "", "| model | batch×len | ours step ms | ours tokens/s | ours MFU | compile s "
@@ -384,6 +493,7 @@ def markdown(report: dict) -> str:
     for r in blocks["blocks"]:
       lines.append(f"| {r['name']} | {r['update_ms']:.2f} | {r['x_adamw']:.2f} | "
                    f"{r['compile_s']:.1f} |")
+  lines += profile_lines(res)
   lines += ["", "## Parts", "", "| part | status | wall s | limit s | note |",
             "|---|---|---:|---:|---|"]
   for p in report["parts"]:
@@ -397,8 +507,9 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.perf_counter()
   out = os.path.abspath(args.out)
-  parts_dir, logs_dir = os.path.join(out, "parts"), os.path.join(out, "logs")
-  for d in (parts_dir, logs_dir, os.path.join(parts_dir, "peer")):
+  work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="accelerator-")
+  logs_dir = os.path.join(work, "logs")
+  for d in (out, logs_dir, os.path.join(work, "parts", "peer")):
     os.makedirs(d, exist_ok=True)
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
@@ -410,18 +521,20 @@ def main(argv=None) -> dict:
   def left() -> float:
     return args.budget_s - (time.perf_counter() - start)
 
-  print(f"# accelerator benchmarks: budget {args.budget_s:.0f} s, out {out}", flush=True)
-  probe_part = Part("probe", ["-c", _PROBE], 90, 5)
+  print(f"# accelerator benchmarks: budget {args.budget_s:.0f} s, out {out}, work {work}",
+        flush=True)
+  probe_part = Part("probe", ["-c", _PROBE, "tiny" if args.tiny else "full"], 90, 5)
   probe_part.result = run_part(probe_part, min(90.0, max(left(), 1.0)), logs_dir, env)
   probe = {}
   for line in probe_part.result["stdout"].splitlines():
     if line.startswith("PROBE "):
-      probe = json.loads(line[len("PROBE "):])
+      probe = json.loads(line[len("PROBE "):])  # the last line holds the most
   print(f"device: {probe or probe_part.result.get('reason')}", flush=True)
 
-  parts = plan(args, parts_dir)
+  parts = plan(args, work)
   peer_skip = _peer_skip_reason(args, probe)
   done = {"probe": probe_part}
+  write_report(args, argv, out, work, time.perf_counter() - start, probe, done)
   selected = [p.strip() for p in (args.parts or "").split(",") if p.strip()]
   for part in parts:
     if selected and not any(part.name.startswith(p) for p in selected):
@@ -446,24 +559,47 @@ def main(argv=None) -> dict:
       rows = _peer_rows(part)
       if rows:
         part.result["reason"] = f"{part.result.get('reason', '')}; kept {len(rows)} size(s)"
+    # A run stopped from outside keeps what is done.
+    report = write_report(args, argv, out, work, time.perf_counter() - start, probe, done)
+  print(markdown(report), flush=True)
+  return report
 
-  results = collect(done)
+
+def write_report(args, argv, out: str, work: str, wall_s: float, probe: dict,
+                 done: dict) -> dict:
+  """Writes ``accelerator.json``, ``accelerator.md`` and the parts' archive into ``out``.
+
+  Three files, each written whole or not at all: the report of what is done so far, its
+  table, and ``accelerator-parts.tar.gz`` (every part's JSON and log, the compiled HLO
+  text and the profile summaries; the raw traces too while they stay small).
+  """
   report = dict(
       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       command=shlex.join(["python", "-m", "experiments.benchmarks.accelerator"]
                          + (sys.argv[1:] if argv is None else list(argv))),
-      budget_s=args.budget_s, wall_s=time.perf_counter() - start, tiny=args.tiny,
+      budget_s=args.budget_s, wall_s=wall_s, tiny=args.tiny,
       environment={**probe, "platform": platform.platform(), "commit": _commit()},
       parts=[dict(name=n, **{k: v for k, v in p.result.items() if k != "stdout"})
              for n, p in done.items()],
-      results=results)
-  with open(os.path.join(out, "accelerator.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  text = markdown(report)
-  with open(os.path.join(out, "accelerator.md"), "w", encoding="utf-8") as f:
-    f.write(text)
-  print(text, flush=True)
+      archive=ARCHIVE, results=collect(done))
+  rundir.write_atomically(os.path.join(out, "accelerator.json"), json.dumps(report, indent=1))
+  rundir.write_atomically(os.path.join(out, "accelerator.md"), markdown(report))
+  _bundle(work, os.path.join(out, ARCHIVE))
   return report
+
+
+def _bundle(work: str, path: str, max_trace_bytes: int = 12 * 2**20) -> None:
+  """``work`` as a gzipped tar at ``path``; raw traces only while they sum to the limit."""
+  traces = []
+  for folder, _, files in os.walk(work):
+    traces += [os.path.join(folder, f) for f in files if f.endswith(".xplane.pb")]
+  keep_traces = sum(os.path.getsize(t) for t in traces) <= max_trace_bytes
+  tmp = path + ".tmp"
+  with tarfile.open(tmp, "w:gz") as tar:
+    tar.add(work, arcname="accelerator-parts",
+            filter=lambda info: None if (info.name.endswith(".xplane.pb") and not keep_traces)
+            else info)
+  os.replace(tmp, path)
 
 
 def _commit() -> str | None:
