@@ -72,3 +72,16 @@ def test_hand_fused_spam_matches_the_alias():
                  got, want)
     if mode != "none":
       assert counts == want_counts, mode
+
+
+def test_every_state_keeps_its_structure_across_an_update():
+  """A compiled, donated step takes back only the state it was compiled for (--blocks runs
+  each chain many times)."""
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
+  opts = {**bench_optimizer.optimizers(0.25), **bench_optimizer.block_optimizers()}
+  for name, opt in opts.items():
+    before = jax.eval_shape(opt.init, shapes)
+    after = jax.eval_shape(opt.update, shapes, before, shapes)[1]
+    assert jax.tree.structure(after) == jax.tree.structure(before), name
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(after)] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(before)], name

@@ -93,7 +93,12 @@ def _fused_spam(lr: float, count: str = "changed", b1=0.9, b2=0.999, eps=1e-6,
   (float row sums of ``ceil(min(|clipped - g|, 1))``), ``"mask"`` as an int32
   sum of the spike mask ``g² > θv``, ``"none"`` not at all.
   """
-  init = _fused_init
+
+  def init(params) -> _FusedState:
+    # The per-leaf counts from the start: the state keeps one structure across updates
+    # (a compiled, donated step accepts no other).
+    zero = None if count == "none" else jnp.zeros([], jnp.int32)
+    return _fused_init(params)._replace(clipped=jax.tree.map(lambda _: zero, params))
 
   def update(grads, state, params=None):
     del params
