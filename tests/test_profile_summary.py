@@ -223,3 +223,12 @@ def test_markdown_and_one_line(traced):
   assert sum(line.startswith("| ") for line in lines) == 1 + 2  # header and two ops
   line = ps.one_line("f", s)
   assert line.startswith("profile f: cpu busy ") and "top " in line
+
+
+def test_profile_says_when_a_gpu_run_traced_no_kernels(tmp_path, monkeypatch):
+  a = jnp.ones((64, 64))
+  jax.block_until_ready(_f(a, a))
+  monkeypatch.setattr(ps.jax, "default_backend", lambda: "gpu")  # the CPU thunks stand in
+  s = ps.profile(lambda: jax.block_until_ready(_f(a, a)), 1, str(tmp_path / "p"))
+  assert s["source"] == "cpu" and "no gpu kernel in the trace" in s["note"]
+  assert os.path.isfile(s["xplane"])
