@@ -22,9 +22,10 @@ How to read it (all times in ms per call, averaged over the device planes):
   before its first kernel or after its last one. (Under the profiler XLA may launch
   kernels one by one that it otherwise replays as one CUDA graph: the gaps of a profile
   are an upper bound on those of the timed calls.)
-* ``categories``: the kernel time by kind of work, a heuristic on names (see
-  ``classify``): many ms in "copy/transpose" or "other elementwise/fusion" next to few in
-  "matmul" is memory-bound work that a better fusion might remove.
+* ``categories``: the kernel time by kind of work, a heuristic: from what each instruction
+  computes when the compiled HLO text is given (``hlo_categories``), else from the op's and
+  kernel's names (``classify``). Many ms in "copy/transpose" or "other elementwise/fusion"
+  next to few in "matmul" is memory-bound work that a better fusion might remove.
 * ``top``: the instructions that took the most time, with their share of the summed kernel
   time (equal to their share of busy when no kernels overlap), launches per call and the
   name of one kernel (on a GPU the cuBLAS / Triton / fusion kernel's own name).
