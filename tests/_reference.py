@@ -24,7 +24,8 @@ REFERENCE_DIR = pathlib.Path(__file__).parent / "data"
 try:  # jax >= 0.8
   enable_x64 = jax.enable_x64
 except AttributeError:  # older jax: the same context manager, still experimental
-  from jax.experimental import enable_x64
+  import jax.experimental
+  enable_x64 = jax.experimental.enable_x64
 
 # Official constructor names -> keyword arguments of `spam()` / `stable_spam()`.
 SPAM_NAMES = {

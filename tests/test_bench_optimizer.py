@@ -1,4 +1,8 @@
-"""experiments/benchmarks/bench_optimizer.py: its tables, and its hand-fused SPAM equals spam()."""
+"""experiments/benchmarks/bench_optimizer.py: its tables, its JSON saved as rows finish, its
+profiles, and its hand-fused SPAM equals spam()."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +76,103 @@ def test_hand_fused_spam_matches_the_alias():
                  got, want)
     if mode != "none":
       assert counts == want_counts, mode
+
+
+def _cheap_optimizers(density):
+  """Stand-ins under the real names: the flow of main() without SPAM's compile time."""
+  del density
+  return {"adamw": optax.adamw(1e-3), "spam": optax.adam(1e-3), "spam d=0.25": optax.sgd(1e-3)}
+
+
+def _spy_profiles(monkeypatch, out):
+  """Records, at each profile, the rows the JSON held and the row being profiled."""
+  seen = []
+  real = bench_optimizer.profile_runner
+
+  def spy(runner, calls, log_dir, label):
+    seen.append((label, json.loads(out.read_text())))
+    return real(runner, calls, log_dir, label)
+
+  monkeypatch.setattr(bench_optimizer, "profile_runner", spy)
+  return seen
+
+
+def test_sequential_rows_are_saved_then_profiled(tmp_path, monkeypatch, capsys):
+  out, prof = tmp_path / "opt.json", tmp_path / "prof"
+  monkeypatch.setattr(bench_optimizer, "optimizers", _cheap_optimizers)
+  seen = _spy_profiles(monkeypatch, out)
+  bench_optimizer.main(["--size", "tiny", "--sequential", "--warmup", "0", "--iters", "1",
+                        "--profile", str(prof), "--profile_calls", "2", "--json", str(out)])
+  names = ["adamw", "spam", "spam d=0.25"]
+  assert [label for label, _ in seen] == ["adamw", "spam", "spam_d=0.25"]
+  for i, (_, saved) in enumerate(seen):  # the finished rows, the current one unprofiled
+    rows = saved["optimizers"]
+    assert [r["name"] for r in rows] == names[:i + 1]
+    assert all("profile" in r for r in rows[:i]) and "profile" not in rows[i]
+    assert rows[i]["update_ms"] > 0 and rows[i]["x_adamw"] > 0
+  rows = json.loads(out.read_text())["optimizers"]
+  assert [r["name"] for r in rows] == names
+  for r in rows:
+    p = r["profile"]
+    assert p["source"] == "cpu" and p["calls"] == 2 and p["top"], r["name"]
+    assert 0 < p["busy_ms_per_call"] <= p["span_ms_per_call"]
+    assert os.path.isfile(p["xplane"])
+  assert sorted(os.listdir(prof)) == ["adamw", "spam", "spam_d=0.25"]
+  text = capsys.readouterr().out
+  assert "profile spam_d=0.25: cpu busy " in text and "**adamw update** (cpu, 2 calls)" in text
+
+
+def test_interleaved_profiles_after_all_timing(tmp_path, monkeypatch):
+  out = tmp_path / "opt.json"
+  monkeypatch.setattr(bench_optimizer, "optimizers", _cheap_optimizers)
+  seen = _spy_profiles(monkeypatch, out)
+  calls = []  # (number of profiles started so far, whether the call was timed)
+  run = bench_optimizer.Runner.run
+  monkeypatch.setattr(bench_optimizer.Runner, "run",
+                      lambda self, record: calls.append((len(seen), record)) or run(self, record))
+  bench_optimizer.main(["--size", "tiny", "--warmup", "0", "--iters", "2",
+                        "--profile", str(tmp_path / "prof"), "--json", str(out)])
+  assert [n for n, timed in calls if timed] == [0] * 6  # 3 optimizers × 2, all before
+  assert len([n for n, timed in calls if not timed]) == 3 * 3  # --profile_calls 3 each
+  first = seen[0][1]["optimizers"]
+  assert [r["name"] for r in first] == ["adamw"] and first[0]["update_ms"] > 0
+  rows = json.loads(out.read_text())["optimizers"]
+  assert [r["profile"]["calls"] for r in rows] == [3, 3, 3]
+  assert rows[0]["x_adamw"] == 1.0 and rows[2]["state_x_dense_spam"] < 1
+
+
+def test_blocks_save_each_group_and_profile_each_chain(tmp_path, monkeypatch):
+  out, prof = tmp_path / "blocks.json", tmp_path / "prof"
+  monkeypatch.setattr(bench_optimizer, "block_optimizers", lambda: {
+      "adamw": optax.adamw(1e-3), "sgd": optax.sgd(1e-3), "adam": optax.adam(1e-3)})
+  seen = _spy_profiles(monkeypatch, out)
+  bench_optimizer.main(["--size", "tiny", "--blocks", "--sequential", "--warmup", "0",
+                        "--iters", "1", "--profile", str(prof), "--profile_calls", "1",
+                        "--json", str(out)])
+  assert [label for label, _ in seen] == ["0-adamw", "0-sgd", "0-adam", "1-adamw"]
+  assert [r["name"] for r in seen[-1][1]["blocks"]] == ["adamw", "sgd", "adam", "adamw"]
+  rows = json.loads(out.read_text())["blocks"]
+  assert [(r["name"], r["group"]) for r in rows] == [
+      ("adamw", 0), ("sgd", 0), ("adam", 0), ("adamw", 1)]
+  assert all(r["profile"]["source"] == "cpu" for r in rows)
+  assert rows[0]["x_adamw"] == 1.0 and rows[3]["x_adamw"] == 1.0
+  assert sorted(os.listdir(prof)) == ["0-adam", "0-adamw", "0-sgd", "1-adamw"]
+
+
+def test_sanitize():
+  assert bench_optimizer.sanitize("periodic_reset(.., after_update=True)") == (
+      "periodic_reset_.._after_update=True")
+  assert bench_optimizer.sanitize("spam d=0.25") == "spam_d=0.25"
+
+
+def test_every_state_keeps_its_structure_across_an_update():
+  """A compiled, donated step takes back only the state it was compiled for (--blocks runs
+  each chain many times)."""
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
+  opts = {**bench_optimizer.optimizers(0.25), **bench_optimizer.block_optimizers()}
+  for name, opt in opts.items():
+    before = jax.eval_shape(opt.init, shapes)
+    after = jax.eval_shape(opt.update, shapes, before, shapes)[1]
+    assert jax.tree.structure(after) == jax.tree.structure(before), name
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(after)] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(before)], name

@@ -1,7 +1,9 @@
-"""experiments/benchmarks/bench_train.py runs end to end at a tiny size and reports both measurements."""
+"""experiments/benchmarks/bench_train.py runs end to end at a tiny size and reports both
+measurements; with --profile and --hlo it keeps the trace's summary and the HLO's counts."""
 import json
+import os
 
-from experiments.benchmarks import bench_train
+from experiments.benchmarks import bench_train, profile_summary
 
 
 def test_bench_train_smoke(tmp_path, capsys):
@@ -15,3 +17,32 @@ def test_bench_train_smoke(tmp_path, capsys):
   step, loader = result["steps"][0], result["loader"]
   assert step["tokens_per_s"] > 0 and step["mfu"] is None  # no peak on CPU
   assert loader["tokens_per_s"] > 0 and loader["batch"] == 2 and loader["length"] == 16
+
+
+def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
+  out, prof, hlo = tmp_path / "bench.json", tmp_path / "prof", tmp_path / "hlo"
+  seen = []
+  real = profile_summary.profile
+
+  def spy(*a, **kw):  # what the JSON held when the profiler started
+    seen.append(json.loads(out.read_text()))
+    return real(*a, **kw)
+
+  monkeypatch.setattr(profile_summary, "profile", spy)
+  bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
+                    "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
+                    "--profile", str(prof), "--profile_calls", "2", "--hlo", str(hlo),
+                    "--json", str(out)])
+  (before,) = [s["steps"] for s in seen]
+  assert len(before) == 1 and before[0]["step_s"] > 0 and "profile" not in before[0]
+  (step,) = json.loads(out.read_text())["steps"]
+  p = step["profile"]
+  assert p["source"] == "cpu" and p["calls"] == 2
+  assert 0 < p["busy_ms_per_call"] <= p["span_ms_per_call"]
+  assert p["categories"]["matmul"] > 0 and p["top"]
+  assert step["xplane"] == p["xplane"] and os.path.isfile(p["xplane"])
+  assert p["xplane"].startswith(str(prof / "llama_9m-spam"))
+  h = step["hlo"]
+  assert h["file"] == str(hlo / "train-llama_9m-spam.hlo.txt") and os.path.isfile(h["file"])
+  assert h["ops"]["fusion"] > 0 and h["aliased_outputs"] > 0  # the donated state
+  assert h["donation_warnings"] == []

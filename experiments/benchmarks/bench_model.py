@@ -11,6 +11,12 @@ no causal halving); MFU is achieved model FLOP/s over `--peak_tflops` per device
 
 Targets on one H100 (dense bf16 peak 989 TFLOP/s): bf16 MFU ≥ 40% at 350m, and an
 int4 step no slower than 1.3× the bf16 one.
+
+The parameters are initialised once per model and shared by its ``--quant`` variants (the
+fake quantization has no parameters of its own). ``--profile DIR`` traces
+``--profile_calls`` more calls of each model and quantization after the timed ones into
+``DIR/<model>-<quant>/`` and keeps where their device time went (``profile_summary``) in the
+result under ``profile``; the JSON is written before and after each profile.
 """
 
 from __future__ import annotations
@@ -18,15 +24,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
 
 import models
 from experiments import metrics, rundir
+from experiments.benchmarks import profile_summary
 
 
 def parse_args(argv=None):
@@ -47,19 +56,35 @@ def parse_args(argv=None):
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="trace --profile_calls calls of each model and quantization after the "
+                      "timed ones into DIR/<model>-<quant>/ and summarise them")
+  p.add_argument("--profile_calls", type=int, default=3, help="calls traced by --profile")
   return p.parse_args(argv)
 
 
-def bench_one(name: str, quant_name: str, args) -> dict:
+def model_inputs(name: str, args):
+  """The model's config, a batch of tokens and its parameters (shapes only with
+  ``--compile_only``), made once and shared by every quantization variant."""
   config = models.get_config(name, remat=args.remat, scan_layers=args.scan_layers)
-  quant = models.get_quant_config(quant_name)
-  model = models.Llama(config, quant=quant)
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
+  model = models.Llama(config)  # the quantized variants have the same parameters
   if args.compile_only:  # shapes only: nothing allocated
     variables = jax.eval_shape(model.init, jax.random.key(1), tokens)
   else:
     variables = jax.jit(model.init)(jax.random.key(1), tokens)
-  params = nn.meta.unbox(variables["params"])
+  return config, tokens, nn.meta.unbox(variables["params"])
+
+
+def bench_one(inputs, quant_name: str, args,
+              checkpoint: Callable[[dict], None] | None = None) -> dict:
+  """Compiles and times forward+backward of one model (``model_inputs``) and quantization.
+
+  With ``--profile`` the result is handed to ``checkpoint`` (which saves it) before the
+  profiled calls run.
+  """
+  config, tokens, params = inputs
+  model = models.Llama(config, quant=models.get_quant_config(quant_name))
 
   def loss_fn(params, tokens, key):
     logits = model.apply({"params": params}, tokens, rngs={"quant": key})
@@ -88,12 +113,21 @@ def bench_one(name: str, quant_name: str, args) -> dict:
   flops = models.flops_per_token(config, args.seq_len) * n_tokens
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak) if peak else None
-  return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
-              scan_layers=config.scan_layers, remat=config.remat,
-              params=models.count_params(config), step_s=step_s,
-              compile_s=compile_s, first_step_s=first_step_s,
-              tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
-              mfu=mfu, loss=float(loss))
+  r = dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
+           scan_layers=config.scan_layers, remat=config.remat,
+           params=models.count_params(config), step_s=step_s,
+           compile_s=compile_s, first_step_s=first_step_s,
+           tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
+           mfu=mfu, loss=float(loss))
+  if args.profile:
+    if checkpoint:
+      checkpoint(r)
+    label = f"{config.name}-{quant_name}"
+    r["profile"] = profile_summary.profile(
+        lambda: jax.block_until_ready(step(params, tokens, key)), args.profile_calls,
+        os.path.join(args.profile, label), hlo_text=step.as_text())
+    print(profile_summary.one_line(label, r["profile"]), flush=True)
+  return r
 
 
 def main(argv=None):
@@ -106,8 +140,10 @@ def main(argv=None):
   results = []
   for name in args.models.split(","):
     base = None
+    inputs = model_inputs(name.strip(), args)
     for quant_name in args.quant.split(","):
-      r = bench_one(name.strip(), quant_name.strip(), args)
+      r = bench_one(inputs, quant_name.strip(), args,
+                    checkpoint=lambda r: _write_json(args.json, results + [r]))
       results.append(r)
       _write_json(args.json, results)  # after each result: a part stopped later keeps it
       if args.compile_only:
@@ -124,6 +160,10 @@ def main(argv=None):
   if results:
     print("compile (s, step excluded): " + ", ".join(
         f"{r['model']}/{r['quant']} {r['compile_s']:.1f}" for r in results), flush=True)
+  for r in results:
+    if "profile" in r:
+      print("\n" + "\n".join(profile_summary.markdown(
+          r["profile"], f"{r['model']} / {r['quant']} forward+backward")), flush=True)
 
 
 def _write_json(path: str | None, results: list) -> None:

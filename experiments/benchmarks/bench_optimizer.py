@@ -14,6 +14,12 @@ state's size (device-independent; computed with ``jax.eval_shape``).
 single-function versions of the same math (one function per leaf, no optax
 chain), to tell the cost of the math on this backend from the cost of the
 composable structure.
+
+``--profile DIR`` traces ``--profile_calls`` more updates of each optimizer after its timed
+ones (interleaved: after all the timing) into ``DIR/<name>/`` and keeps where their device
+time went (``profile_summary``) in its row under ``profile``. The JSON is written after each
+optimizer (``--blocks``: each group) and again after each profile, so a run stopped by its
+time limit keeps the rows it finished.
 """
 from __future__ import annotations
 
@@ -21,10 +27,12 @@ import argparse
 import datetime
 import json
 import math
+import os
+import re
 import resource
 import statistics
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -34,7 +42,9 @@ import optax
 
 import models
 import spam_optax
+from experiments import rundir
 from experiments import optimizers as train_optimizers
+from experiments.benchmarks import profile_summary
 from spam_optax._tree_util import tree_map_unzip
 
 
@@ -93,7 +103,12 @@ def _fused_spam(lr: float, count: str = "changed", b1=0.9, b2=0.999, eps=1e-6,
   (float row sums of ``ceil(min(|clipped - g|, 1))``), ``"mask"`` as an int32
   sum of the spike mask ``g² > θv``, ``"none"`` not at all.
   """
-  init = _fused_init
+
+  def init(params) -> _FusedState:
+    # The per-leaf counts from the start: the state keeps one structure across updates
+    # (a compiled, donated step accepts no other).
+    zero = None if count == "none" else jnp.zeros([], jnp.int32)
+    return _fused_init(params)._replace(clipped=jax.tree.map(lambda _: zero, params))
 
   def update(grads, state, params=None):
     del params
@@ -254,8 +269,8 @@ class Timing(NamedTuple):
   compile_s: float  # tracing, lowering and XLA compilation
 
 
-def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
-                 interleave: bool) -> dict:
+def time_updates(opts: dict, shapes, *, warmup: int, iters: int, interleave: bool,
+                 after: Callable[[str, Timing, Runner], None] | None = None) -> dict:
   """A ``Timing`` per optimizer: median ms and host page faults per update.
 
   Each step is compiled ahead (timed apart), then ``warmup`` calls warm up. Interleaved,
@@ -263,8 +278,13 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
   processes hits all alike; sequential holds one at a time. Page faults count the host memory an update
   touches for the first time: on CPU, XLA allocates each call's full-size temporaries
   afresh, and the kernel faults in and zeroes every 4 KiB page of them.
+
+  ``after(name, timing, runner)`` runs once an optimizer's timing is final, while its
+  runner is still resident (sequential: right after its calls; interleaved: after all of
+  them), in the order of ``opts``: to save the result, then profile more calls.
   """
   (grads,) = random_trees(shapes, 1, seed=0)
+  after = after or (lambda name, timing, runner: None)
   if not interleave:
     result = {}
     for name, opt in opts.items():
@@ -272,6 +292,7 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
       for i in range(warmup + iters):
         runner.run(record=i >= warmup)
       result[name] = Timing(runner.median_ms(), runner.median_faults(), runner.compile_s)
+      after(name, result[name], runner)
       del runner
     return result
   runners = {name: Runner(opt, shapes, grads) for name, opt in opts.items()}
@@ -280,8 +301,24 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int,
     shift = i % len(names)
     for name in names[shift:] + names[:shift]:
       runners[name].run(record=i >= warmup)
-  return {name: Timing(r.median_ms(), r.median_faults(), r.compile_s)
-          for name, r in runners.items()}
+  result = {name: Timing(r.median_ms(), r.median_faults(), r.compile_s)
+            for name, r in runners.items()}
+  for name, runner in runners.items():
+    after(name, result[name], runner)
+  return result
+
+
+def profile_runner(runner: Runner, calls: int, log_dir: str, label: str) -> dict:
+  """``profile_summary.profile`` of ``calls`` more updates of ``runner``; prints one line."""
+  summary = profile_summary.profile(lambda: runner.run(record=False), calls, log_dir,
+                                    hlo_text=runner.step.as_text())
+  print(profile_summary.one_line(label, summary), flush=True)
+  return summary
+
+
+def sanitize(name: str) -> str:
+  """A folder name for an optimizer's label: ``spam d=0.25`` → ``spam_d=0.25``."""
+  return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name).strip("_") or "optimizer"
 
 
 def main(argv=None):
@@ -301,6 +338,11 @@ def main(argv=None):
   parser.add_argument("--no-time", action="store_true",
                       help="report state sizes only (no allocation)")
   parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="trace --profile_calls more updates of each optimizer into "
+                      "DIR/<name>/ and summarise where their device time went")
+  parser.add_argument("--profile_calls", type=int, default=3,
+                      help="updates traced by --profile")
   args = parser.parse_args(argv)
 
   device = jax.devices()[0]
@@ -318,64 +360,123 @@ def main(argv=None):
                 size=size, params=n_params, dtype=args.dtype, warmup=args.warmup,
                 iters=args.iters, sequential=args.sequential)
   if args.blocks:
-    # Two groups, so that at most ~8 states are resident at once.
-    blocks = block_optimizers()
-    names = list(blocks)
-    groups = [names[:7], ["adamw"] + names[7:]]
-    print()
-    print("| chain | update ms | × adamw (same group) | page faults | compile s |")
-    print("|---|---:|---:|---:|---:|")
-    results = []
-    for group_index, group in enumerate(groups):
-      times = time_updates({n: blocks[n] for n in group}, shapes, warmup=args.warmup,
-                           iters=args.iters, interleave=not args.sequential)
-      base_ms = times["adamw"].ms
-      for name in group:
-        t = times[name]
-        results.append(dict(name=name, group=group_index, update_ms=t.ms,
-                            x_adamw=t.ms / base_ms, page_faults=t.faults, compile_s=t.compile_s))
-        print(f"| {name} | {t.ms:.1f} | {t.ms / base_ms:.2f} | {t.faults:,.0f} "
-              f"| {t.compile_s:.1f} |", flush=True)
-    _write_json(args.json, dict(header, blocks=results))
-    return
+    _main_blocks(args, shapes, header)
+  else:
+    _main_optimizers(args, shapes, header)
 
-  opts = optimizers(args.density)
-  times = {} if args.no_time else time_updates(
-      opts, shapes, warmup=args.warmup, iters=args.iters,
-      interleave=not args.sequential)
-  base_bytes = dense_spam_bytes = None
+
+def _save_then_profile(args, save: Callable[[], None], rows: dict, prefix: str = ""):
+  """The ``after`` of ``time_updates`` for ``--profile``: save, profile, save again."""
+  def after(name: str, timing: Timing, runner: Runner) -> None:
+    del timing
+    save()
+    if args.profile:
+      label = prefix + sanitize(name)
+      rows[name]["profile"] = profile_runner(
+          runner, args.profile_calls, os.path.join(args.profile, label), label)
+      save()
+  return after
+
+
+def _main_blocks(args, shapes, header: dict) -> None:
+  # Two groups, so that at most ~8 states are resident at once.
+  blocks = block_optimizers()
+  names = list(blocks)
+  groups = [names[:7], ["adamw"] + names[7:]]
+  print()
+  print("| chain | update ms | × adamw (same group) | page faults | compile s |")
+  print("|---|---:|---:|---:|---:|")
   results = []
-  for name, opt in opts.items():
-    nbytes = tree_bytes(jax.eval_shape(opt.init, shapes))
-    base_bytes = base_bytes or nbytes
-    dense_spam_bytes = nbytes if name == "spam" else dense_spam_bytes
-    t = times.get(name)
-    results.append(dict(name=name, update_ms=t and t.ms, page_faults=t and t.faults,
-                        compile_s=t and t.compile_s, state_bytes=nbytes))
-  base_ms = results[0]["update_ms"]
+  for group_index, group in enumerate(groups):
+    rows = _time_group(args, shapes, {n: blocks[n] for n in group}, group_index, header,
+                       results)
+    for name in group:
+      r = rows[name]
+      results.append(r)
+      print(f"| {name} | {r['update_ms']:.1f} | {r['x_adamw']:.2f} | {r['page_faults']:,.0f} "
+            f"| {r['compile_s']:.1f} |", flush=True)
+    _write_json(args.json, dict(header, blocks=results))
+  _print_profiles(results)
+
+
+def _time_group(args, shapes, opts: dict, group_index: int, header: dict,
+                earlier: list) -> dict:
+  """The rows of one ``--blocks`` group (its first chain is adamw), saved as they come."""
+  rows = {}
+  save = lambda: _write_json(args.json, dict(header, blocks=earlier + list(rows.values())))
+  profile = _save_then_profile(args, save, rows, prefix=f"{group_index}-")
+
+  def record(name: str, t: Timing, runner: Runner) -> None:
+    base_ms = rows["adamw"]["update_ms"] if "adamw" in rows else t.ms  # adamw comes first
+    rows[name] = dict(name=name, group=group_index, update_ms=t.ms, x_adamw=t.ms / base_ms,
+                      page_faults=t.faults, compile_s=t.compile_s)
+    profile(name, t, runner)
+
+  time_updates(opts, shapes, warmup=args.warmup, iters=args.iters,
+               interleave=not args.sequential, after=record)
+  return rows
+
+
+def _main_optimizers(args, shapes, header: dict) -> None:
+  opts = optimizers(args.density)
+  state_bytes = {name: tree_bytes(jax.eval_shape(opt.init, shapes))
+                 for name, opt in opts.items()}
+  rows = {name: dict(name=name, update_ms=None, page_faults=None, compile_s=None,
+                     state_bytes=nbytes) for name, nbytes in state_bytes.items()}
+  base_bytes, dense_spam_bytes = state_bytes["adamw"], state_bytes["spam"]
+
+  def finished() -> list:
+    """The rows measured so far (all of them with --no-time), with their ratios."""
+    base_ms = rows["adamw"]["update_ms"]
+    done = []
+    for r in rows.values():
+      if r["update_ms"] is None and not args.no_time:
+        continue
+      ms = r["update_ms"]
+      r["x_adamw"] = None if ms is None or base_ms is None else ms / base_ms
+      r["state_x_adamw"] = r["state_bytes"] / base_bytes
+      r["state_x_dense_spam"] = r["state_bytes"] / dense_spam_bytes
+      done.append(r)
+    return done
+
+  save = lambda: _write_json(args.json, dict(header, optimizers=finished()))
+  profile = _save_then_profile(args, save, rows)
+
+  def record(name, t, runner):
+    rows[name].update(update_ms=t.ms, page_faults=t.faults, compile_s=t.compile_s)
+    profile(name, t, runner)
+
+  if not args.no_time:
+    time_updates(opts, shapes, warmup=args.warmup, iters=args.iters,
+                 interleave=not args.sequential, after=record)
+  results = finished()
   print()
   print("| optimizer | update ms | × adamw | page faults | state MiB | state × adamw "
         "| state × dense spam |")
   print("|---|---:|---:|---:|---:|---:|---:|")
   for r in results:
     ms, faults, nbytes = r["update_ms"], r["page_faults"], r["state_bytes"]
-    r["x_adamw"] = None if ms is None else ms / base_ms
-    r["state_x_adamw"] = nbytes / base_bytes
-    r["state_x_dense_spam"] = nbytes / dense_spam_bytes
     t = "—" if ms is None else f"{ms:.1f}"
     x = "—" if ms is None else f"{r['x_adamw']:.2f}"
     f = "—" if faults is None else f"{faults:,.0f}"
     print(f"| {r['name']} | {t} | {x} | {f} | {nbytes / 2**20:,.1f} | "
           f"{r['state_x_adamw']:.3f} | {r['state_x_dense_spam']:.3f} |")
-  if times:
+  if not args.no_time:
     print("compile (s): " + ", ".join(f"{r['name']} {r['compile_s']:.1f}" for r in results))
   _write_json(args.json, dict(header, optimizers=results))
+  _print_profiles(results)
+
+
+def _print_profiles(results: list) -> None:
+  for r in results:
+    if "profile" in r:
+      print("\n" + "\n".join(profile_summary.markdown(r["profile"], f"{r['name']} update")),
+            flush=True)
 
 
 def _write_json(path: str | None, result: dict) -> None:
   if path:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
+    rundir.write_atomically(path, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

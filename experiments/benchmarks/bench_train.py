@@ -17,6 +17,14 @@ step t runs on the device, so a ratio well above 1 means the data is never the b
   python -m experiments.benchmarks.bench_train                                  # GPU: 60m…1b, 3 optimizers
   python -m experiments.benchmarks.bench_train --models llama_9m --batch 8 --length 128   # a CPU
   python -m experiments.benchmarks.bench_train --models llama_1b --optimizers spam --activation_checkpointing
+  python -m experiments.benchmarks.bench_train --models llama_350m --profile /tmp/prof --hlo /tmp/hlo
+
+``--profile DIR`` traces ``--profile_calls`` more steps after the timed ones into
+``DIR/<model>-<optimizer>/`` and keeps where their device time went (``profile_summary``)
+in the result under ``profile``; ``--hlo DIR`` writes the compiled step's optimized HLO to
+``DIR/train-<model>-<optimizer>.hlo.txt`` and keeps its counts (``hlo_stats.summarize``) and
+the donation warnings of its compilation under ``hlo``. The JSON is written after each
+result, before and after its profile: a run stopped by its time limit keeps what it measured.
 
 Reference: the PyTorch peer (HF LLaMA + the official SPAM optimizer) on one H100 at batch
 64×256 runs 417k tokens/s (60m), 226k (130m), 95k (350m), 18k (1b). Target on one H100:
@@ -29,9 +37,11 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -40,8 +50,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from experiments import config, data, metrics, optimizers, pretrain, sharding, tokenizer
+from experiments import (config, data, metrics, optimizers, pretrain, rundir, sharding,
+                         tokenizer)
 from experiments import train_step as ts
+from experiments.benchmarks import profile_summary
 
 # HF LLaMA + official SPAM, one H100, batch 64×256, tokens/s.
 PEER_TOKENS_PER_S = {"llama_60m": 417e3, "llama_130m": 226e3, "llama_350m": 95e3,
@@ -70,6 +82,12 @@ def parse_args(argv=None):
   p.add_argument("--loader_batches", type=int, default=50, help="timed loader batches")
   p.add_argument("--no_loader", action="store_true", help="skip the loader measurement")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="trace --profile_calls steps of each model and optimizer after the timed "
+                      "ones into DIR/<model>-<optimizer>/ and summarise them")
+  p.add_argument("--profile_calls", type=int, default=3, help="steps traced by --profile")
+  p.add_argument("--hlo", default=None, metavar="DIR",
+                 help="write each compiled step's optimized HLO text into DIR and summarise it")
   return p.parse_args(argv)
 
 
@@ -120,13 +138,39 @@ def trainer_step(args, model_name: str, optimizer_name: str):
     yield cfg, mcfg, init, step, batch
 
 
-def bench_step(args, model_name: str, optimizer_name: str) -> dict:
-  """Compiles and times the trainer's step for one model and optimizer."""
+def _compile(args, lowered):
+  """The compiled step and, with ``--hlo``, the donation warnings raised compiling it."""
+  if not args.hlo:
+    return lowered.compile(), None
+  # hlo_stats imports this module: imported here, when asked for.
+  from experiments.benchmarks import hlo_stats  # pylint: disable=import-outside-toplevel
+  return hlo_stats._compile(lowered)  # pylint: disable=protected-access
+
+
+def _hlo(args, text: str, donation: list, label: str) -> dict:
+  """Writes the step's optimized HLO into ``--hlo`` and summarises it (``hlo_stats``)."""
+  from experiments.benchmarks import hlo_stats  # pylint: disable=import-outside-toplevel
+  os.makedirs(args.hlo, exist_ok=True)
+  path = os.path.join(args.hlo, f"train-{label}.hlo.txt")
+  rundir.write_atomically(path, text)
+  return dict(hlo_stats.summarize(text), donation_warnings=donation, file=path)
+
+
+def bench_step(args, model_name: str, optimizer_name: str,
+               checkpoint: Callable[[dict], None] | None = None) -> dict:
+  """Compiles and times the trainer's step for one model and optimizer.
+
+  With ``--profile`` the result is handed to ``checkpoint`` (which saves it) before the
+  profiled steps run, so a profiler that fails or hangs cannot lose the timing.
+  """
+  label = f"{model_name}-{optimizer_name}"
+  sizes = _sizes(args, model_name, optimizer_name)  # outside the mesh: unboxes the parameters
   with trainer_step(args, model_name, optimizer_name) as (cfg, mcfg, init, step, batch):
     state = init(jax.random.PRNGKey(cfg.seed))
     t0 = time.perf_counter()
-    step = step.lower(state, batch).compile()
+    step, donation = _compile(args, step.lower(state, batch))
     compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
+    text = step.as_text() if args.hlo or args.profile else None
     t0 = time.perf_counter()
     state, step_metrics = step(state, batch)
     jax.block_until_ready((state, step_metrics))
@@ -141,15 +185,45 @@ def bench_step(args, model_name: str, optimizer_name: str) -> dict:
       jax.block_until_ready((state, step_metrics))
       times.append(time.perf_counter() - t0)
     loss = float(step_metrics["loss"])
+    r = _result(args, cfg, mcfg, optimizer_name, sizes, times, compile_s, first_step_s, loss)
+    if args.hlo:
+      r["hlo"] = _hlo(args, text, donation, label)
+    if args.profile:
+      if checkpoint:
+        checkpoint(r)
+      holder = [state]
+
+      def run_once():
+        holder[0], out = step(holder[0], batch)
+        jax.block_until_ready((holder[0], out))
+
+      r["profile"] = profile_summary.profile(
+          run_once, args.profile_calls, os.path.join(args.profile, label), hlo_text=text)
+      r["xplane"] = r["profile"].get("xplane")
+      print(profile_summary.one_line(label, r["profile"]), flush=True)
+      del holder
     del state
+  return r
+
+
+def _sizes(args, model_name: str, optimizer_name: str) -> tuple[int, float]:
+  """The model's parameters and model FLOPs per step."""
+  cfg = trainer_config(args, model_name, optimizer_name)
+  mcfg = pretrain.model_config(cfg)
+  n_tokens = cfg.batch_size * cfg.max_length
+  return models.count_params(mcfg), models.flops_per_token(mcfg, cfg.max_length) * n_tokens
+
+
+def _result(args, cfg, mcfg, optimizer_name, sizes, times, compile_s, first_step_s,
+            loss) -> dict:
+  n_params, flops = sizes
   step_s = statistics.median(times)
   n_tokens = cfg.batch_size * cfg.max_length
-  flops = models.flops_per_token(mcfg, cfg.max_length) * n_tokens
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak * jax.device_count()) if peak else None
   return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
               scan_layers=mcfg.scan_layers, remat=mcfg.remat,
-              batch=cfg.batch_size, length=cfg.max_length, params=models.count_params(mcfg),
+              batch=cfg.batch_size, length=cfg.max_length, params=n_params,
               step_s=step_s, step_s_min=min(times), compile_s=compile_s,
               first_step_s=first_step_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
@@ -202,10 +276,13 @@ def main(argv=None):
         "| loader ÷ step | PyTorch peer (H100) | ours ÷ peer |")
   print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
   results = []
+  save = lambda extra=(): _write_json(args.json, loader, results + list(extra))
+  save()
   for name in [m.strip() for m in args.models.split(",") if m.strip()]:
     for opt in [o.strip() for o in args.optimizers.split(",") if o.strip()]:
-      r = bench_step(args, name, opt)
+      r = bench_step(args, name, opt, checkpoint=lambda r: save([r]))
       results.append(r)
+      save()
       mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
       ratio = f"{loader['tokens_per_s'] / r['tokens_per_s']:,.1f}×" if loader else "–"
       peer = PEER_TOKENS_PER_S.get(r["model"])
@@ -218,9 +295,15 @@ def main(argv=None):
     print(f"compile (s, step excluded): {compiled}", flush=True)
   if backend == "gpu" and (args.batch, args.length) != (64, 256):
     print("note: the PyTorch peer numbers are for batch 64×256")
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"loader": loader, "steps": results}, f, indent=1)
+  for r in results:
+    if "profile" in r:
+      print("\n" + "\n".join(profile_summary.markdown(
+          r["profile"], f"{r['model']} / {r['optimizer']} step")), flush=True)
+
+
+def _write_json(path: str | None, loader: dict | None, results: list) -> None:
+  if path:
+    rundir.write_atomically(path, json.dumps({"loader": loader, "steps": results}, indent=1))
 
 
 if __name__ == "__main__":
