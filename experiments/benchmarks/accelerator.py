@@ -376,7 +376,7 @@ def profile_lines(res: dict) -> list:
            "Busy: the union of the kernels' intervals per call; busy ÷ span below 1 is time "
            "the device waited between kernels (launches, host work).", "",
            "| measured | kernels/call | busy ms | busy ÷ span | by category (ms) | largest ops "
-           "(ms, share of busy) |", "|---|---:|---:|---:|---|---|"]
+           "(ms, share of kernel time) |", "|---|---:|---:|---:|---|---|"]
   for name, p in rows:
     if p.get("error") or not p.get("source"):
       lines.append(f"| {name} | | | | profile failed: {_cell(p.get('error', '?'))} | |")
@@ -414,7 +414,7 @@ def markdown(report: dict) -> str:
   if env.get("copy_GBps"):
     lines.append(f"**Ceilings measured in this run:** device memory "
                  f"{env['copy_GBps']:,.0f} GB/s (an element-wise pass, bytes read + written), "
-                 f"bf16 matrix product {_f(env.get('matmul_bf16_TFLOPs'), '{:,.0f}')} TFLOP/s.")
+                 f"bf16 matrix product {_f(env.get('matmul_bf16_TFLOPs'), '{:,.3g}')} TFLOP/s.")
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")
@@ -588,17 +588,17 @@ def write_report(args, argv, out: str, work: str, wall_s: float, probe: dict,
   return report
 
 
-def _bundle(work: str, path: str, max_trace_bytes: int = 12 * 2**20) -> None:
+def _bundle(work: str, path: str, max_trace_bytes: int = 10 * 2**20) -> None:
   """``work`` as a gzipped tar at ``path``; raw traces only while they sum to the limit."""
+  raw = lambda name: name.endswith((".xplane.pb", ".trace.json.gz"))
   traces = []
   for folder, _, files in os.walk(work):
-    traces += [os.path.join(folder, f) for f in files if f.endswith(".xplane.pb")]
+    traces += [os.path.join(folder, f) for f in files if raw(f)]
   keep_traces = sum(os.path.getsize(t) for t in traces) <= max_trace_bytes
   tmp = path + ".tmp"
   with tarfile.open(tmp, "w:gz") as tar:
     tar.add(work, arcname="accelerator-parts",
-            filter=lambda info: None if (info.name.endswith(".xplane.pb") and not keep_traces)
-            else info)
+            filter=lambda info: None if (raw(info.name) and not keep_traces) else info)
   os.replace(tmp, path)
 
 
