@@ -71,3 +71,71 @@ def test_a_compiled_scan_on_this_backend():
   assert s["ops"]["while"] == 1 and s["ops"]["fusion"] >= 1
   # The sum and the stacking of the scan's outputs are fused: no stand-alone reduce.
   assert "reduce" not in s["ops"] and "dynamic-update-slice" not in s["ops"]
+
+
+def test_kernel_traffic_reads_operands_and_writes_results_once():
+  t = hlo_stats.kernel_traffic(_HLO)
+  # fusion f32[8] -> f32[]: 32 + 4; custom call f32[8] -> f32[8]: 64; the loop's copy: 64.
+  assert t["kernels"] == 3 and t["bytes"] == 164
+  assert t["by_kind"] == {"fusion:kInput": dict(kernels=1, bytes=36),
+                          "custom-call": dict(kernels=1, bytes=64),
+                          "copy": dict(kernels=1, bytes=64)}
+
+
+def test_type_bytes():
+  assert hlo_stats.type_bytes("f32[2,3]{1,0}") == 24
+  assert hlo_stats.type_bytes("(bf16[4]{0}, s32[], pred[8])") == 8 + 4 + 8
+  assert hlo_stats.type_bytes("s4[16]") == 8 and hlo_stats.type_bytes("token[]") == 0
+
+
+def test_an_adam_update_moves_at_least_its_state():
+  """Adam must read p, g, m, v and write p, m, v (28 B per parameter); a backend without
+  multi-output fusion (XLA:CPU) writes m and v and reads them back (40 B)."""
+  import optax
+
+  n = 1 << 16
+  opt = optax.adam(1e-3)
+  p = jnp.ones((n,), jnp.float32)
+
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(p, opt.init(p), p).compile().as_text()
+  t = hlo_stats.kernel_traffic(text)
+  assert 28 * n <= t["bytes"] <= 40 * n + 4096
+  assert t["kernels"] >= 1
+
+
+def test_compiling_for_an_h100_without_one():
+  """The jax CUDA plugin compiles for a described H100 on this CPU (skipped without it)."""
+  import importlib.util
+
+  import pytest
+
+  try:
+    plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+  except ModuleNotFoundError:
+    plugin = None
+  if plugin is None:
+    pytest.skip("the jax CUDA plugin is not installed")
+  from experiments.benchmarks import aot_gpu
+
+  (row,) = aot_gpu.optimizer_updates("tiny", ["adamw"], aot_gpu.target_sharding("h100"))
+  params = row["params"]
+  # XLA:GPU fuses Adam into one pass per leaf: the 28 B per parameter the math needs.
+  assert 28 * params <= row["traffic"]["bytes"] <= 28.5 * params
+
+
+def test_without_the_cuda_plugin_the_h100_target_is_one_error_line():
+  import pytest
+
+  from experiments.benchmarks import aot_gpu
+
+  try:
+    aot_gpu.target_sharding("h100")
+  except SystemExit as e:
+    assert str(e).startswith("error: compiling for h100 needs the jax CUDA plugin")
+    assert "\n" not in str(e)
+  else:
+    pytest.skip("the jax CUDA plugin is installed here")

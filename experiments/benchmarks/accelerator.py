@@ -103,9 +103,10 @@ info["matmul_bf16_TFLOPs"] = 2 * k**3 / s / 1e12
 print("PROBE " + json.dumps(info), flush=True)
 """
 # Bytes one update must move per float32 parameter at least: read p, g, m, v and write p, m, v
-# (Adam, and SPAM, whose clip reads the v that Adam reads anyway); Stable-SPAM reads g once
-# more for the norm and the max |g| it needs before the element-wise pass.
-FLOOR_BYTES_PER_PARAM = {"adamw": 28, "spam": 28, "stable_spam": 32}
+# (Adam, and SPAM, whose clip reads the v that Adam reads anyway); Stable-SPAM reads g twice
+# more before its element-wise pass: for max |g| (AdaClip), then for the norm of the clipped
+# leaf (AdaGN), which needs that max first.
+FLOOR_BYTES_PER_PARAM = {"adamw": 28, "spam": 28, "stable_spam": 36}
 
 
 @dataclasses.dataclass
@@ -440,8 +441,9 @@ def markdown(report: dict) -> str:
                    f"{_f(over, '{:.2f}')} | {_f(r['compile_s'])} | "
                    f"{r['state_bytes'] / 2**20:,.1f} |")
     lines += ["", "The memory floor: the bytes an update must move at least (float32: "
-              "p, g, m, v read and p, m, v written, 28 B per parameter; Stable-SPAM 32 B, as "
-              "its max |g| and norm read g once more) over the measured bandwidth."]
+              "p, g, m, v read and p, m, v written, 28 B per parameter; Stable-SPAM 36 B, as "
+              "its max |g| and then the norm of the clipped g read g twice more) over the "
+              "measured bandwidth."]
   if res["train"] or res["peer"]:
     lines += ["", "## Trainer step (spam) and the PyTorch peer (HF LLaMA bf16 + fused AdamW)",
               "", "| model | batch×len | ours step ms | ours tokens/s | ours MFU | compile s "

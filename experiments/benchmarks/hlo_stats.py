@@ -106,6 +106,72 @@ def summarize(hlo_text: str) -> dict:
               cudnn_attention=any("fmha" in t for t in targets))
 
 
+# Bytes per element of the HLO element types (sub-byte types packed).
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+                "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
+                "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
+                "f8e5m2fnuz": 1, "f8e4m3fnuz": 1, "f8e4m3b11fnuz": 1, "f4e2m1fn": 0.5}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+# Instructions that launch nothing: they name, split or join buffers, or hold a computation
+# whose own instructions are counted.
+_FREE = frozenset({"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
+                   "conditional", "call", "after-all", "partition-id", "replica-id",
+                   "opt-barrier", "add-dependency", "domain", "async-done", "copy-done",
+                   "all-reduce-done", "all-gather-done", "collective-permute-done"})
+
+
+def type_bytes(hlo_type: str) -> float:
+  """Bytes of an HLO type, tuples summed: ``(f32[2,3]{1,0}, bf16[4])`` → 32."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(hlo_type):
+    if dtype in _DTYPE_BYTES:
+      n = 1
+      for d in dims.split(","):
+        n *= int(d) if d else 1
+      total += n * _DTYPE_BYTES[dtype]
+  return total
+
+
+def kernel_traffic(hlo_text: str) -> dict:
+  """Kernels launched by one run of the module and the bytes they move, an estimate.
+
+  Every instruction of a computation that runs on its own (see ``summarize``) other than
+  bookkeeping (parameters, tuples, bitcasts, loops) is one kernel that reads each operand
+  and writes its result once: ``bytes`` is the sum over kernels of operand and result
+  sizes. That is the device-memory traffic of an update when nothing stays in cache between
+  kernels; a loop body counts once, whatever its trip count. For a memory-bound step
+  (an optimizer update) bytes over the device's bandwidth is the time to expect, and two
+  optimizers' bytes compare their passes over memory without running them.
+  """
+  comps = computations(hlo_text)
+  inner = _bodies(comps)
+  kernels, total = collections.Counter(), collections.Counter()
+  for name, comp in comps.items():
+    if name in inner:
+      continue
+    types = {}
+    for line in comp["lines"]:
+      m = _DEFINITION.match(line)
+      if m:
+        types[m.group(1)] = m.group(2)
+    for line in comp["lines"]:
+      m = _DEFINITION.match(line)
+      if not m or m.group(3) in _FREE:
+        continue
+      op = m.group(3)
+      if op == "fusion":
+        k = _FUSION_KIND.search(line)
+        op = f"fusion:{k.group(1) if k else '?'}"
+      args = m.group(4).split(")", 1)[0]
+      operands = re.findall(r"%([\w.\-]+)", args)
+      nbytes = type_bytes(m.group(2)) + sum(type_bytes(types.get(o, "")) for o in operands)
+      kernels[op] += 1
+      total[op] += nbytes
+  return dict(kernels=sum(kernels.values()), bytes=sum(total.values()),
+              by_kind={k: dict(kernels=kernels[k], bytes=total[k]) for k in sorted(kernels)})
+
+
 def _compile(lowered):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

@@ -1,0 +1,211 @@
+"""Compile for an H100 on a machine without one, and count what the GPU would run.
+
+XLA can compile for a GPU it is only told about (a target description: compute capability,
+multiprocessors, shared memory, cuDNN version) through ``jax.experimental.topologies``; it
+needs the jax CUDA plugin installed (``pip install "jax[cuda12]"``), not a GPU. The optimized
+HLO it returns is the one the GPU would run, with XLA:GPU's own fusion decisions, so before
+any device time is spent it tells:
+
+* how many kernels one optimizer update or one forward+backward launches, and the bytes they
+  move (``hlo_stats.kernel_traffic``: each kernel reads its operands and writes its result
+  once); for a memory-bound update, bytes over the bandwidth is the time to expect;
+* whether attention compiles to cuDNN's fused kernel (``__cudnn$fmha...``);
+* what the donated update aliases.
+
+  python -m experiments.benchmarks.aot_gpu --what optimizer --size 1b
+  python -m experiments.benchmarks.aot_gpu --what model --model llama_350m --quant bf16,int4
+  python -m experiments.benchmarks.aot_gpu --what optimizer --size 1b --dump /tmp/hlo
+
+Compilation runs on the host CPU and can take minutes at 1b (the sparse optimizer longest).
+Kernel counts and bytes are estimates from the HLO, not timings: launch latency, caches and
+how well each kernel reaches the bandwidth are only seen on the device
+(``experiments.benchmarks.accelerator``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# The host compiles; a GPU, if there is one, is not used.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import models  # noqa: E402
+from experiments.benchmarks import bench_optimizer, hlo_stats  # noqa: E402
+
+# NVIDIA H100 80GB HBM3 (SXM) as XLA's GpuTargetConfig describes a device: the figures of the
+# vendor's datasheet and the CUDA device properties of that part.
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {
+    major: 9
+  }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info {
+  major: 9
+  minor: 8
+}
+runtime_version {
+  major: 12
+  minor: 9
+}
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+TARGETS = {"h100": H100_TARGET}
+H100_BANDWIDTH_GBPS = 3352.32  # the datasheet's HBM3 bandwidth, the default for estimates
+
+
+def target_sharding(target: str = "h100") -> jax.sharding.NamedSharding:
+  """A replicated sharding on one device of ``target``, for abstract arguments."""
+  from jax.experimental import topologies
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
+                                            topology="1x1x1")
+  except Exception as e:  # the plugin is missing or refuses: say what is needed
+    raise SystemExit(f"error: compiling for {target} needs the jax CUDA plugin "
+                     f"(pip install \"jax[cuda12]\"; no GPU needed): {e}") from None
+  mesh = topologies.make_mesh(topology, (1,), ("x",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _on(tree, sharding):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _summary(label: str, compiled, compile_s: float, dump: str | None) -> dict:
+  text = compiled.as_text()
+  if dump:
+    os.makedirs(dump, exist_ok=True)
+    with open(os.path.join(dump, label + ".hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(text)
+  return dict(what=label, compile_s=compile_s, **hlo_stats.summarize(text),
+              traffic=hlo_stats.kernel_traffic(text))
+
+
+def optimizer_updates(size: str, names: list, sharding, dump=None) -> list:
+  """The donated update of each optimizer of ``bench_optimizer`` on the ``size`` layout."""
+  shapes = _on(bench_optimizer.param_shapes(bench_optimizer.SIZES[size], jnp.float32), sharding)
+  opts = {**bench_optimizer.optimizers(0.25), **bench_optimizer.block_optimizers()}
+  rows = []
+  for name in names:
+    if name not in opts:
+      raise SystemExit(f"error: unknown optimizer {name!r}; known: {', '.join(opts)}")
+    opt = opts[name]
+
+    def step(params, state, grads, opt=opt):
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    state = _on(jax.eval_shape(opt.init, shapes), sharding)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile()
+    label = f"optimizer-{size}-{name.replace(' ', '_')}"
+    rows.append(dict(name=name, params=bench_optimizer.tree_bytes(shapes) // 4,
+                     **_summary(label, compiled, time.perf_counter() - t0, dump)))
+  return rows
+
+
+def model_steps(model_name: str, quants: list, batch: int, length: int, sharding,
+                dump=None) -> list:
+  """Forward+backward of the token cross-entropy, as ``bench_model`` times it."""
+  rows = []
+  for quant_name in quants:
+    config = models.get_config(model_name, attention_implementation="cudnn")
+    model = models.Llama(config, quant=models.get_quant_config(quant_name))
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
+    params = _on(nn.meta.unbox(models.abstract_variables(config)["params"]), sharding)
+
+    def loss_fn(params, tokens, key, model=model):
+      logits = model.apply({"params": params}, tokens, rngs={"quant": key})
+      return models.cross_entropy_loss(logits[:, :-1], tokens[:, 1:])[0]
+
+    key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype,
+                               sharding=sharding)
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
+    label = f"model-{config.name}-{quant_name}-{batch}x{length}"
+    row = _summary(label, compiled, time.perf_counter() - t0, dump)
+    row.update(model=config.name, quant=quant_name, batch=batch, length=length,
+               flops=models.flops_per_token(config, length) * batch * length)
+    rows.append(row)
+  return rows
+
+
+def main(argv=None) -> list:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--what", choices=("optimizer", "model"), default="optimizer")
+  p.add_argument("--target", choices=sorted(TARGETS), default="h100")
+  p.add_argument("--size", default="1b", choices=sorted(bench_optimizer.SIZES),
+                 help="--what optimizer: the parameter layout")
+  p.add_argument("--optimizers", default="adamw,spam,stable_spam",
+                 help="--what optimizer: comma-separated names of bench_optimizer's "
+                      "optimizers or --blocks chains")
+  p.add_argument("--model", default="llama_350m", help="--what model: the config")
+  p.add_argument("--quant", default="bf16,int4", help="--what model: comma-separated")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--length", type=int, default=256)
+  p.add_argument("--bandwidth_GBps", type=float, default=H100_BANDWIDTH_GBPS,
+                 help="device-memory bandwidth for the time estimates (default: the H100 "
+                      "datasheet's 3352 GB/s; a measured copy rate is lower)")
+  p.add_argument("--dump", default=None, help="folder for the optimized HLO text")
+  p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+  args = p.parse_args(argv)
+  sharding = target_sharding(args.target)
+  if args.what == "optimizer":
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    rows = optimizer_updates(args.size, names, sharding, args.dump)
+    base = rows[0]["traffic"]
+    print(f"| {args.size} update ({args.target}) | kernels | GB moved | B per param | "
+          f"× {rows[0]['name']} bytes | ms at {args.bandwidth_GBps:,.0f} GB/s | compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+      t = r["traffic"]
+      print(f"| {r['name']} | {t['kernels']} | {t['bytes'] / 1e9:.2f} | "
+            f"{t['bytes'] / r['params']:.1f} | {t['bytes'] / base['bytes']:.3f} | "
+            f"{1e3 * t['bytes'] / (args.bandwidth_GBps * 1e9):.2f} | {r['compile_s']:.0f} |",
+            flush=True)
+  else:
+    rows = model_steps(args.model, [q.strip() for q in args.quant.split(",") if q.strip()],
+                       args.batch, args.length, sharding, args.dump)
+    print(f"| fwd+bwd ({args.target}) | kernels | GB moved | cuDNN attention | custom calls "
+          "| compile s |")
+    print("|---|---:|---:|---|---|---:|")
+    for r in rows:
+      calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
+      print(f"| {r['model']} {r['quant']} {r['batch']}×{r['length']} | "
+            f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
+            f"{'yes' if r['cudnn_attention'] else 'no'} | {calls} | {r['compile_s']:.0f} |",
+            flush=True)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  sys.exit(0 if main() is not None else 1)
