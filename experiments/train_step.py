@@ -21,8 +21,11 @@ from experiments import optimizers
 def lm_loss(model, params, tokens, pad_id: int, rng):
   """Next-token cross-entropy of one ``(rows, length)`` batch, padding ignored."""
   logits = model.apply({"params": params}, tokens, rngs={"quant": rng})
-  targets = tokens[:, 1:]
-  loss, _ = models.cross_entropy_loss(logits[:, :-1], targets, targets != pad_id)
+  # Each position's target is the next token; the last position has none (pad, not counted).
+  # The loss takes the logits whole: slicing off the last position would make the backward
+  # pass pad a full-vocabulary float32 gradient back to the sequence length.
+  targets = jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], pad_id)], axis=1)
+  loss, _ = models.cross_entropy_loss(logits, targets, targets != pad_id)
   return loss
 
 

@@ -145,8 +145,14 @@ def cross_entropy_loss(
   shape as `targets`, 0/1 or bool) selects the tokens counted; None counts all.
   """
   logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  # log p(target) = logit[target] - logsumexp(logits). The target's logit is picked by a
+  # comparison with the vocabulary index rather than a gather: its gradient is then one
+  # element-wise pass fused with the softmax's, not a scatter into a zeroed full-vocabulary
+  # buffer, and no log-softmax tensor is stored.
+  vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  picked = jnp.sum(jnp.where(targets[..., None].astype(jnp.int32) == vocab, logits, 0.0),
+                   axis=-1)
+  nll = jax.nn.logsumexp(logits, axis=-1) - picked
   mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
   n_tokens = jnp.sum(mask)
   loss = jnp.sum(nll * mask) / jnp.maximum(n_tokens, 1.0)

@@ -263,6 +263,20 @@ def test_cross_entropy_matches_numpy():
   assert float(n_all) == 10 and loss.dtype == jnp.float32
 
 
+def test_cross_entropy_gradient_is_softmax_minus_one_hot():
+  """d loss / d logits = mask · (softmax − one_hot(target)) / n_tokens, against NumPy."""
+  rng = np.random.default_rng(1)
+  logits = (rng.normal(size=(3, 4, 7)) * 4).astype(np.float32)
+  targets = rng.integers(0, 7, size=(3, 4))
+  mask = (rng.random((3, 4)) < 0.7).astype(np.float32)
+  grad = jax.grad(lambda x: models.cross_entropy_loss(x, jnp.asarray(targets),
+                                                      jnp.asarray(mask))[0])(jnp.asarray(logits))
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  ref = (p - np.eye(7, dtype=np.float32)[targets]) * mask[..., None] / mask.sum()
+  np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-5, atol=1e-7)
+
+
 def test_attention_asks_for_cudnn_on_a_gpu_and_falls_back_to_xla(monkeypatch):
   """`implementation=None`: cuDNN flash attention traced first on a GPU; a refusal → XLA."""
   from models import attention

@@ -141,3 +141,26 @@ def test_tensorboard_events_mirror_the_metrics(tiny_args, tmp_path):
   assert {"loss", "grad_norm", "eval_loss"} <= set(scalars)
   losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
   np.testing.assert_allclose(scalars["loss"], losses, rtol=1e-6)
+
+
+def test_lm_loss_is_the_shifted_token_mean_over_unpadded_targets(tiny_model_config):
+  """The loss over whole logits with a padded last target equals the sliced formulation."""
+  import jax.numpy as jnp
+
+  import models
+  from experiments import train_step
+
+  config = models.get_config(tiny_model_config)
+  model = models.Llama(config)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (3, 12)),
+                       jnp.int32)
+  tokens = tokens.at[2, 8:].set(0)  # a padded row
+  params = model.init(jax.random.key(0), tokens)["params"]
+  loss = train_step.lm_loss(model, params, tokens, 0, jax.random.key(1))
+  logits = np.asarray(model.apply({"params": params}, tokens), np.float64)[:, :-1]
+  targets = np.asarray(tokens)[:, 1:]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  mask = targets != 0
+  np.testing.assert_allclose(float(loss), nll[mask].mean(), rtol=1e-5)

@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import models  # noqa: E402
+from experiments import train_step  # noqa: E402
 from experiments.benchmarks import bench_optimizer, hlo_stats  # noqa: E402
 
 # NVIDIA H100 80GB HBM3 (SXM) as XLA's GpuTargetConfig describes a device: the figures of the
@@ -141,8 +142,7 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
     params = _on(nn.meta.unbox(models.abstract_variables(config)["params"]), sharding)
 
     def loss_fn(params, tokens, key, model=model):
-      logits = model.apply({"params": params}, tokens, rngs={"quant": key})
-      return models.cross_entropy_loss(logits[:, :-1], tokens[:, 1:])[0]
+      return train_step.lm_loss(model, params, tokens, -1, key)  # as the trainer; no padding
 
     key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype,
                                sharding=sharding)

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 
 import models
-from experiments import metrics, rundir
+from experiments import metrics, rundir, train_step
 from experiments.benchmarks import profile_summary
 
 
@@ -87,8 +87,7 @@ def bench_one(inputs, quant_name: str, args,
   model = models.Llama(config, quant=models.get_quant_config(quant_name))
 
   def loss_fn(params, tokens, key):
-    logits = model.apply({"params": params}, tokens, rngs={"quant": key})
-    return models.cross_entropy_loss(logits[:, :-1], tokens[:, 1:])[0]
+    return train_step.lm_loss(model, params, tokens, -1, key)  # as the trainer; no padding
 
   key = jax.random.key(2)
   t0 = time.perf_counter()
