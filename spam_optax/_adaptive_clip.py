@@ -90,11 +90,8 @@ def clip_by_running_max(
     def leaf(g, m):
       dtype = m.dtype
       gd = g.astype(dtype)
-      # max|g| as max(max g, -min g): the same value (negation is exact), but
-      # the reductions read g itself, so no full-size |g| is materialized for
-      # them; |g| below is recomputed inside the elementwise loops.
-      g_max = jnp.maximum(jnp.max(gd, initial=0.0), -jnp.min(gd, initial=0.0))
       abs_g = jnp.abs(gd)
+      g_max = jnp.max(abs_g, initial=0.0)
       m = gamma3 * m + (1 - gamma3) * g_max
       m_hat = m / correction.astype(dtype)
       over = abs_g > m_hat
