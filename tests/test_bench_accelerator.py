@@ -44,6 +44,7 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert hlo["what"] == "train-llama_9m-spam"
   assert hlo["donation_warnings"] == [] and hlo["aliased_outputs"] > 0
   assert hlo["ops"]["while"] >= 1 and not hlo["cudnn_attention"]  # accumulation scan; CPU
+  assert hlo["traffic"]["kernels"] > 0 and hlo["traffic"]["bytes"] > 0
   assert "| train-llama_9m-spam |" in md
   # Where the time went: a trace of the step, summarised.
   prof = train["profile"]

@@ -153,7 +153,8 @@ def _hlo(args, text: str, donation: list, label: str) -> dict:
   os.makedirs(args.hlo, exist_ok=True)
   path = os.path.join(args.hlo, f"train-{label}.hlo.txt")
   rundir.write_atomically(path, text)
-  return dict(hlo_stats.summarize(text), donation_warnings=donation, file=path)
+  return dict(hlo_stats.summarize(text), traffic=hlo_stats.kernel_traffic(text),
+              donation_warnings=donation, file=path)
 
 
 def bench_step(args, model_name: str, optimizer_name: str,

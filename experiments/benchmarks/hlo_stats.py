@@ -231,7 +231,8 @@ def main(argv=None) -> dict:
   label = (f"train-{args.model}-{args.optimizer}{'-scan' if args.scan_layers else ''}"
            if args.what == "train" else f"optimizer-{args.size}-{args.optimizer}")
   summary = dict(what=label, backend=jax.default_backend(),
-                 device=jax.devices()[0].device_kind, **summarize(text), **extra)
+                 device=jax.devices()[0].device_kind, **summarize(text),
+                 traffic=kernel_traffic(text), **extra)
   print(json.dumps(summary, indent=1), flush=True)
   if args.dump:
     os.makedirs(args.dump, exist_ok=True)
