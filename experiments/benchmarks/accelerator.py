@@ -193,7 +193,7 @@ def plan(args, work: str) -> list:
   parts = []
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--json", js("optimizer")] + opt_iters
-      + prof("optimizer"), 120, 40, js("optimizer")))
+      + prof("optimizer"), 150, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
   peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,
