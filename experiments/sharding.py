@@ -126,7 +126,8 @@ def train_state_shardings(model, init_fn, example_tokens, mesh: Mesh, rules):
   # The trainer seeds its state with a raw uint32 key (`jax.random.PRNGKey`), not a typed
   # one: the key is checkpointed, orbax-checkpoint 0.11 cannot save typed key arrays, and
   # existing checkpoints hold uint32[2]. The abstract state must hold the same kind of key.
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  # Its shape only: no array is made, so this also works for devices only described.
+  abstract = jax.eval_shape(init_fn, jax.eval_shape(lambda: jax.random.PRNGKey(0)))
   state = {
       "step": replicated, "params": params, "rng": replicated,
       "opt_state": follow_params(abstract["opt_state"], abstract["params"], params, mesh),

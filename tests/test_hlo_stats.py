@@ -125,6 +125,10 @@ def test_compiling_for_an_h100_without_one():
   params = row["params"]
   # XLA:GPU fuses Adam into one pass per leaf: the 28 B per parameter the math needs.
   assert 28 * params <= row["traffic"]["bytes"] <= 28.5 * params
+  # The trainer's whole step, with its mesh and donated state: cuDNN attention, no warning.
+  step = aot_gpu.trainer_step("llama_9m", "spam", 2, 64, aot_gpu.target_devices("h100"))
+  assert step["cudnn_attention"] and step["donation_warnings"] == []
+  assert 0 < step["aliased_outputs"] <= step["state_leaves"]
 
 
 def test_without_the_cuda_plugin_the_h100_target_is_one_error_line():

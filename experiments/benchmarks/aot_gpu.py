@@ -39,7 +39,7 @@ import optax  # noqa: E402
 
 import models  # noqa: E402
 from experiments import train_step  # noqa: E402
-from experiments.benchmarks import bench_optimizer, hlo_stats  # noqa: E402
+from experiments.benchmarks import bench_optimizer, bench_train, hlo_stats  # noqa: E402
 
 # NVIDIA H100 80GB HBM3 (SXM) as XLA's GpuTargetConfig describes a device: the figures of the
 # vendor's datasheet and the CUDA device properties of that part.
@@ -81,16 +81,22 @@ TARGETS = {"h100": H100_TARGET}
 H100_BANDWIDTH_GBPS = 3352.32  # the datasheet's HBM3 bandwidth, the default for estimates
 
 
-def target_sharding(target: str = "h100") -> jax.sharding.NamedSharding:
-  """A replicated sharding on one device of ``target``, for abstract arguments."""
+def target_devices(target: str = "h100") -> list:
+  """One device of ``target``, described, not present: compile for it, never run on it."""
   from jax.experimental import topologies
   try:
     topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
                                             topology="1x1x1")
   except Exception as e:  # the plugin is missing or refuses: say what is needed
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise SystemExit(f"error: compiling for {target} needs the jax CUDA plugin "
-                     f"(pip install \"jax[cuda12]\"; no GPU needed): {e}") from None
-  mesh = topologies.make_mesh(topology, (1,), ("x",))
+                     f"(pip install \"jax[cuda12]\"; no GPU needed): {message}") from None
+  return list(topology.devices)
+
+
+def target_sharding(target: str = "h100") -> jax.sharding.NamedSharding:
+  """A replicated sharding on one device of ``target``, for abstract arguments."""
+  mesh = jax.sharding.Mesh(target_devices(target), ("x",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
@@ -156,16 +162,37 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
   return rows
 
 
+def trainer_step(model_name: str, optimizer_name: str, batch: int, length: int, devices,
+               dump=None, scan_layers: bool = False) -> dict:
+  """The trainer's whole step (``bench_train.trainer_step``: mesh, shardings, donation), bf16."""
+  ns = bench_train.parse_args(["--models", model_name, "--optimizers", optimizer_name,
+                               "--batch", str(batch), "--length", str(length),
+                               "--dtype", "bfloat16"] + (["--scan_layers"] if scan_layers else []))
+  with bench_train.trainer_step(ns, model_name, optimizer_name,
+                                target_devices=devices) as (cfg, mcfg, init, step, tokens):
+    state = jax.eval_shape(init, jax.eval_shape(lambda: jax.random.PRNGKey(cfg.seed)))
+    t0 = time.perf_counter()
+    compiled, donation = hlo_stats._compile(step.lower(state, tokens))  # pylint: disable=protected-access
+    label = f"train-{mcfg.name}-{optimizer_name}-{batch}x{length}{'-scan' if scan_layers else ''}"
+    row = _summary(label, compiled, time.perf_counter() - t0, dump)
+  row.update(model=mcfg.name, optimizer=optimizer_name, batch=batch, length=length,
+             donation_warnings=donation, state_leaves=len(jax.tree.leaves(state)),
+             flops=models.flops_per_token(mcfg, length) * batch * length)
+  return row
+
+
 def main(argv=None) -> list:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--what", choices=("optimizer", "model"), default="optimizer")
+  p.add_argument("--what", choices=("optimizer", "model", "train"), default="optimizer")
   p.add_argument("--target", choices=sorted(TARGETS), default="h100")
   p.add_argument("--size", default="1b", choices=sorted(bench_optimizer.SIZES),
                  help="--what optimizer: the parameter layout")
   p.add_argument("--optimizers", default="adamw,spam,stable_spam",
                  help="--what optimizer: comma-separated names of bench_optimizer's "
                       "optimizers or --blocks chains")
-  p.add_argument("--model", default="llama_350m", help="--what model: the config")
+  p.add_argument("--model", default="llama_350m", help="--what model / train: the config")
+  p.add_argument("--optimizer", default="spam", help="--what train: the trainer's --optimizer")
+  p.add_argument("--scan_layers", action="store_true", help="--what train: scanned layers")
   p.add_argument("--quant", default="bf16,int4", help="--what model: comma-separated")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--length", type=int, default=256)
@@ -189,6 +216,19 @@ def main(argv=None) -> list:
             f"{t['bytes'] / r['params']:.1f} | {t['bytes'] / base['bytes']:.3f} | "
             f"{1e3 * t['bytes'] / (args.bandwidth_GBps * 1e9):.2f} | {r['compile_s']:.0f} |",
             flush=True)
+  elif args.what == "train":
+    r = trainer_step(args.model, args.optimizer, args.batch, args.length,
+                     target_devices(args.target), args.dump, args.scan_layers)
+    rows = [r]
+    calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
+    print(f"| train step ({args.target}) | kernels | GB moved | cuDNN attention | "
+          "outputs in donated buffers / state leaves | donation warnings | compile s |")
+    print("|---|---:|---:|---|---|---|---:|")
+    print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']} | "
+          f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
+          f"{'yes' if r['cudnn_attention'] else 'no'} ({calls}) | "
+          f"{r['aliased_outputs']} / {r['state_leaves']} | {len(r['donation_warnings'])} | "
+          f"{r['compile_s']:.0f} |", flush=True)
   else:
     rows = model_steps(args.model, [q.strip() for q in args.quant.split(",") if q.strip()],
                        args.batch, args.length, sharding, args.dump)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -91,7 +92,8 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def trainer_config(args, model: str, optimizer: str) -> config.TrainConfig:
+def trainer_config(args, model: str, optimizer: str, backend: str | None = None
+                   ) -> config.TrainConfig:
   argv = ["--model_config", model, "--optimizer", optimizer, "--batch_size", str(args.batch),
           "--max_length", str(args.length), "--dtype", args.dtype]
   if optimizer in config.OPTIMIZER_FLAGS["density"]:  # the others refuse --density
@@ -100,24 +102,31 @@ def trainer_config(args, model: str, optimizer: str) -> config.TrainConfig:
     argv.append("--activation_checkpointing")
   if args.scan_layers:
     argv.append("--scan_layers")
-  return config.for_backend(config.parse_args(argv), jax.default_backend())
+  return config.for_backend(config.parse_args(argv), backend or jax.default_backend())
 
 
 @contextlib.contextmanager
-def trainer_step(args, model_name: str, optimizer_name: str):
+def trainer_step(args, model_name: str, optimizer_name: str, target_devices=None):
   """The trainer's jitted init and step for one model and optimizer, with a batch.
 
   Yields ``(cfg, mcfg, init, step, batch)`` inside the trainer's mesh and logical-axis
   rules: ``init(key)`` makes the sharded train state, ``step(state, batch)`` donates it.
+  ``target_devices``: compile for these devices of a GPU described, not present
+  (``aot_gpu``): the mesh is theirs, attention asks for cuDNN, and the batch is abstract.
   """
-  cfg = trainer_config(args, model_name, optimizer_name)
+  backend = "gpu" if target_devices is not None else None
+  cfg = trainer_config(args, model_name, optimizer_name, backend)
   mcfg = pretrain.model_config(cfg)  # keeps the config's vocabulary (32000), as on C4
+  if target_devices is not None:
+    mcfg = dataclasses.replace(mcfg, attention_implementation="cudnn")
   schedule = optimizers.make_schedule(cfg)
   optimizer = optimizers.make_optimizer(cfg, schedule)
   model = models.Llama(mcfg)
-  sizes = sharding.parse_mesh(None, jax.device_count())
+  devices = jax.devices() if target_devices is None else list(target_devices)
+  sizes = sharding.parse_mesh(None, len(devices))
   pretrain.check_devices(cfg, sizes)
-  mesh = sharding.make_mesh(sizes)
+  mesh = (sharding.make_mesh(sizes) if target_devices is None else jax.sharding.Mesh(
+      np.asarray(devices).reshape([sizes[a] for a in sharding.MESH_AXES]), sharding.MESH_AXES))
   rules = models.DEFAULT_LOGICAL_AXIS_RULES
   replicated = NamedSharding(mesh, P())
   example = jnp.zeros((1, cfg.max_length), jnp.int32)
@@ -134,7 +143,10 @@ def trainer_step(args, model_name: str, optimizer_name: str):
     step = jax.jit(ts.make_train_step(model, optimizer, schedule, pad_id=0),
                    in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
-    batch = sharding.to_global(tokens, batch_sharding, tokens.shape)
+    if target_devices is None:
+      batch = sharding.to_global(tokens, batch_sharding, tokens.shape)
+    else:
+      batch = jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sharding)
     yield cfg, mcfg, init, step, batch
 
 
