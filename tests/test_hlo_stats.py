@@ -143,3 +143,32 @@ def test_without_the_cuda_plugin_the_h100_target_is_one_error_line():
     assert "\n" not in str(e)
   else:
     pytest.skip("the jax CUDA plugin is installed here")
+
+
+_COND_HLO = """HloModule c, entry_computation_layout={(pred[], f32[8]{0})->f32[8]{0}}
+
+%then (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %ca = f32[8]{0} copy(%a)
+}
+
+%else (b: f32[8]) -> f32[8] {
+  %b = f32[8]{0} parameter(0)
+  %cb = f32[8]{0} copy(%b)
+  ROOT %cc = f32[8]{0} copy(%cb)
+}
+
+ENTRY %main (p: pred[], x: f32[8]) -> f32[8] {
+  %p = pred[] parameter(0)
+  %x = f32[8]{0} parameter(1)
+  %y = f32[8]{0} copy(%x)
+  ROOT %r = f32[8]{0} conditional(%p, %y, %y), true_computation=%then, false_computation=%else
+}
+"""
+
+
+def test_conditional_branches_are_counted_apart():
+  t = hlo_stats.kernel_traffic(_COND_HLO)
+  assert (t["kernels"], t["bytes"]) == (1, 64)  # the entry's copy; one branch runs
+  assert sorted((b["computation"], b["kernels"], b["bytes"]) for b in t["branches"]) == [
+      ("else", 2, 128), ("then", 1, 64)]

@@ -216,6 +216,10 @@ def main(argv=None) -> list:
             f"{t['bytes'] / r['params']:.1f} | {t['bytes'] / base['bytes']:.3f} | "
             f"{1e3 * t['bytes'] / (args.bandwidth_GBps * 1e9):.2f} | {r['compile_s']:.0f} |",
             flush=True)
+    for r in rows:  # one branch of each conditional runs, besides the totals above
+      for b in r["traffic"]["branches"]:
+        print(f"{r['name']}: conditional branch {b['computation']}: {b['kernels']} kernels, "
+              f"{b['bytes'] / 1e9:.2f} GB", flush=True)
   elif args.what == "train":
     r = trainer_step(args.model, args.optimizer, args.batch, args.length,
                      target_devices(args.target), args.dump, args.scan_layers)

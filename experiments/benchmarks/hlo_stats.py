@@ -115,6 +115,9 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 # Instructions that launch nothing: they name, split or join buffers, or hold a computation
 # whose own instructions are counted.
+_CALLEE = re.compile(
+    r"(?:body|condition|true_computation|false_computation|to_apply|calls)=%?([\w.\-]+)")
+_BRANCH_LIST = re.compile(r"branch_computations=\{([^}]*)\}")
 _FREE = frozenset({"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
                    "conditional", "call", "after-all", "partition-id", "replica-id",
                    "opt-barrier", "add-dependency", "domain", "async-done", "copy-done",
@@ -133,6 +136,44 @@ def type_bytes(hlo_type: str) -> float:
   return total
 
 
+def _traffic_of(comp: dict) -> tuple:
+  """Kernels and bytes of one computation's own instructions, by kind."""
+  types = {}
+  for line in comp["lines"]:
+    m = _DEFINITION.match(line)
+    if m:
+      types[m.group(1)] = m.group(2)
+  kernels, total = collections.Counter(), collections.Counter()
+  for line in comp["lines"]:
+    m = _DEFINITION.match(line)
+    if not m or m.group(3) in _FREE:
+      continue
+    op = m.group(3)
+    if op == "fusion":
+      k = _FUSION_KIND.search(line)
+      op = f"fusion:{k.group(1) if k else '?'}"
+    args = m.group(4).split(")", 1)[0]
+    operands = re.findall(r"%([\w.\-]+)", args)
+    kernels[op] += 1
+    total[op] += type_bytes(m.group(2)) + sum(type_bytes(types.get(o, "")) for o in operands)
+  return kernels, total
+
+
+def _callees(comp: dict, inner: set) -> tuple:
+  """The computations ``comp`` runs on their own: always, and as conditional branches."""
+  always, branches = set(), []
+  for line in comp["lines"]:
+    names = {n for n in _CALLEE.findall(line) if n not in inner}
+    listed = _BRANCH_LIST.search(line)
+    if listed:
+      names |= set(re.findall(r"%?([\w.\-]+)", listed.group(1)))
+    if " conditional(" in line:
+      branches.append(sorted(names))
+    else:
+      always |= names
+  return always, branches
+
+
 def kernel_traffic(hlo_text: str) -> dict:
   """Kernels launched by one run of the module and the bytes they move, an estimate.
 
@@ -140,36 +181,48 @@ def kernel_traffic(hlo_text: str) -> dict:
   bookkeeping (parameters, tuples, bitcasts, loops) is one kernel that reads each operand
   and writes its result once: ``bytes`` is the sum over kernels of operand and result
   sizes. That is the device-memory traffic of an update when nothing stays in cache between
-  kernels; a loop body counts once, whatever its trip count. For a memory-bound step
-  (an optimizer update) bytes over the device's bandwidth is the time to expect, and two
-  optimizers' bytes compare their passes over memory without running them.
+  kernels; a loop body counts once, whatever its trip count. The branches of a conditional
+  are not in the totals (one of them runs); ``branches`` lists each branch's own kernels
+  and bytes. For a memory-bound step (an optimizer update) bytes over the device's bandwidth
+  is the time to expect, and two optimizers' bytes compare their passes over memory
+  without running them.
   """
   comps = computations(hlo_text)
   inner = _bodies(comps)
-  kernels, total = collections.Counter(), collections.Counter()
-  for name, comp in comps.items():
-    if name in inner:
-      continue
-    types = {}
-    for line in comp["lines"]:
-      m = _DEFINITION.match(line)
-      if m:
-        types[m.group(1)] = m.group(2)
-    for line in comp["lines"]:
-      m = _DEFINITION.match(line)
-      if not m or m.group(3) in _FREE:
+  graph = {name: _callees(comp, inner) for name, comp in comps.items() if name not in inner}
+
+  def reach(roots) -> set:
+    seen, todo = set(), list(roots)
+    while todo:
+      name = todo.pop()
+      if name in seen or name not in graph:
         continue
-      op = m.group(3)
-      if op == "fusion":
-        k = _FUSION_KIND.search(line)
-        op = f"fusion:{k.group(1) if k else '?'}"
-      args = m.group(4).split(")", 1)[0]
-      operands = re.findall(r"%([\w.\-]+)", args)
-      nbytes = type_bytes(m.group(2)) + sum(type_bytes(types.get(o, "")) for o in operands)
-      kernels[op] += 1
-      total[op] += nbytes
+      seen.add(name)
+      todo += list(graph[name][0])
+    return seen
+
+  entries = [n for n, c in comps.items() if c["entry"]] or list(graph)
+  always = reach(entries)
+
+  def tally(names) -> tuple:
+    kernels, total = collections.Counter(), collections.Counter()
+    for name in names:
+      k, b = _traffic_of(comps[name])
+      kernels.update(k)
+      total.update(b)
+    return kernels, total
+
+  kernels, total = tally(always)
+  branches = []
+  for name in sorted(always):
+    for group in graph[name][1]:
+      for root in group:
+        k, b = tally(reach([root]))
+        branches.append(dict(computation=root, kernels=sum(k.values()),
+                             bytes=sum(b.values())))
   return dict(kernels=sum(kernels.values()), bytes=sum(total.values()),
-              by_kind={k: dict(kernels=kernels[k], bytes=total[k]) for k in sorted(kernels)})
+              by_kind={k: dict(kernels=kernels[k], bytes=total[k]) for k in sorted(kernels)},
+              branches=branches)
 
 
 def _compile(lowered):
