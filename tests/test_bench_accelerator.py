@@ -4,6 +4,7 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pytest
 
 from experiments.benchmarks import accelerator
@@ -133,3 +134,25 @@ def test_memory_floor_and_profile_table():
          "fusion.1 6.00 (75%) |" in lines
   assert any(l.startswith("| train step llama_1b spam |") and "CUPTI \\| not found" in l
              for l in lines)
+
+
+def test_the_archive_drops_traces_then_hlo_to_stay_under_its_limit(tmp_path):
+  work = tmp_path / "work"
+  (work / "profiles").mkdir(parents=True)
+  (work / "hlo").mkdir()
+  (work / "parts").mkdir()
+  rng = np.random.default_rng(0)
+  (work / "profiles" / "a.xplane.pb").write_bytes(rng.bytes(300_000))  # incompressible
+  (work / "hlo" / "step.hlo.txt").write_bytes(rng.bytes(300_000))
+  (work / "parts" / "x.json").write_text("{}")
+
+  def names(limit):
+    path = tmp_path / f"a{limit}.tar.gz"
+    accelerator._bundle(str(work), str(path), max_bytes=limit)
+    with tarfile.open(path) as tar:
+      return {n.rsplit("/", 1)[-1] for n in tar.getnames()}
+
+  assert {"a.xplane.pb", "step.hlo.txt", "x.json"} <= names(10**6)
+  assert "a.xplane.pb" not in names(500_000) and "step.hlo.txt" in names(500_000)
+  small = names(100_000)
+  assert "step.hlo.txt" not in small and "x.json" in small

@@ -593,17 +593,28 @@ def write_report(args, argv, out: str, work: str, wall_s: float, probe: dict,
   return report
 
 
-def _bundle(work: str, path: str, max_trace_bytes: int = 10 * 2**20) -> None:
-  """``work`` as a gzipped tar at ``path``; raw traces only while they sum to the limit."""
+def _bundle(work: str, path: str, max_trace_bytes: int = 10 * 2**20,
+            max_bytes: int = 15 * 2**20) -> None:
+  """``work`` as a gzipped tar at ``path``, under ``max_bytes`` (what a device call returns).
+
+  Raw traces go in only while they sum to ``max_trace_bytes``; an archive still too large is
+  made again without them, then without the HLO text too.
+  """
   raw = lambda name: name.endswith((".xplane.pb", ".trace.json.gz"))
   traces = []
   for folder, _, files in os.walk(work):
     traces += [os.path.join(folder, f) for f in files if raw(f)]
   keep_traces = sum(os.path.getsize(t) for t in traces) <= max_trace_bytes
+  drops = [raw, lambda name: raw(name) or name.endswith(".hlo.txt")]
+  if keep_traces:
+    drops.insert(0, lambda name: False)
   tmp = path + ".tmp"
-  with tarfile.open(tmp, "w:gz") as tar:
-    tar.add(work, arcname="accelerator-parts",
-            filter=lambda info: None if (raw(info.name) and not keep_traces) else info)
+  for drop in drops:
+    with tarfile.open(tmp, "w:gz") as tar:
+      tar.add(work, arcname="accelerator-parts",
+              filter=lambda info, drop=drop: None if drop(info.name) else info)
+    if os.path.getsize(tmp) <= max_bytes:
+      break
   os.replace(tmp, path)
 
 
