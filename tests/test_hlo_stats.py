@@ -121,7 +121,10 @@ def test_compiling_for_an_h100_without_one():
     pytest.skip("the jax CUDA plugin is not installed")
   from experiments.benchmarks import aot_gpu
 
-  (row,) = aot_gpu.optimizer_updates("tiny", ["adamw"], aot_gpu.target_sharding("h100"))
+  sharding = aot_gpu.target_sharding("h100")
+  (model,) = aot_gpu.model_steps("llama_9m", ["bf16"], 2, 64, sharding)
+  assert model["cudnn_attention"] and model["traffic"]["kernels"] > 0
+  (row,) = aot_gpu.optimizer_updates("tiny", ["adamw"], sharding)
   params = row["params"]
   # XLA:GPU fuses Adam into one pass per leaf: the 28 B per parameter the math needs.
   assert 28 * params <= row["traffic"]["bytes"] <= 28.5 * params

@@ -150,8 +150,7 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
     def loss_fn(params, tokens, key, model=model):
       return train_step.lm_loss(model, params, tokens, -1, key)  # as the trainer; no padding
 
-    key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype,
-                               sharding=sharding)
+    key = _on(jax.eval_shape(lambda: jax.random.key(0)), sharding)
     t0 = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
     label = f"model-{config.name}-{quant_name}-{batch}x{length}"
@@ -163,7 +162,7 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
 
 
 def trainer_step(model_name: str, optimizer_name: str, batch: int, length: int, devices,
-               dump=None, scan_layers: bool = False) -> dict:
+                 dump=None, scan_layers: bool = False) -> dict:
   """The trainer's whole step (``bench_train.trainer_step``: mesh, shardings, donation), bf16."""
   ns = bench_train.parse_args(["--models", model_name, "--optimizers", optimizer_name,
                                "--batch", str(batch), "--length", str(length),
