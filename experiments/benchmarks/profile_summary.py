@@ -101,8 +101,13 @@ def capture(run_once: Callable[[], object], calls: int, log_dir: str) -> str:
   """
   os.makedirs(log_dir, exist_ok=True)
   options = jax.profiler.ProfileOptions()
-  options.python_tracer_level = 0
-  options.raise_error_on_start_failure = True  # say why, rather than trace nothing
+  # No Python tracer; and say why the start failed rather than trace nothing. Options this
+  # jax does not have are left at their defaults.
+  for name, value in (("python_tracer_level", 0), ("raise_error_on_start_failure", True)):
+    try:
+      setattr(options, name, value)
+    except AttributeError:
+      pass
   with jax.profiler.trace(log_dir, profiler_options=options):
     for _ in range(calls):
       run_once()
