@@ -24,30 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments.benchmarks import bench_optimizer, bench_train
+from experiments.benchmarks import bench_optimizer, bench_train, hlo_parse
 
-_OP = re.compile(r"=\s*[^=]*?\s([a-z][a-z0-9\-]*)\(")
-_FUSION_KIND = re.compile(r"\sfusion\(.*kind=(k[A-Za-z]+)")
-_TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_CALLS = re.compile(r"calls=%?([\w.\-]+)")
-_TO_APPLY = re.compile(r"to_apply=%?([\w.\-]+)")
 _ALIAS = re.compile(r"input_output_alias=\{(.*?)\}(?:,\s*[a-z_]+=|\n|$)")
 
 
-def computations(hlo_text: str) -> dict:
-  """The module's computations: name → its instruction lines (``ENTRY`` marked by ``entry``)."""
-  comps, name = {}, None
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header:
-      name = header.group(2)
-      comps[name] = dict(entry=bool(header.group(1)), lines=[])
-    elif line.startswith("}"):
-      name = None
-    elif name is not None and line.strip():
-      comps[name]["lines"].append(line)
-  return comps
+computations = hlo_parse.computations
 
 
 def _bodies(comps: dict) -> set:
@@ -61,12 +43,11 @@ def _bodies(comps: dict) -> set:
   inner = set()
   for comp in comps.values():
     for line in comp["lines"]:
-      m = _OP.search(line)
-      op = m.group(1) if m else None
+      op = hlo_parse.opcode(line)
       if op == "fusion":
-        inner.update(_CALLS.findall(line))
+        inner.update(hlo_parse.CALLS.findall(line))
       if op != "call":
-        inner.update(_TO_APPLY.findall(line))
+        inner.update(hlo_parse.TO_APPLY.findall(line))
   return inner
 
 
@@ -85,15 +66,15 @@ def summarize(hlo_text: str) -> dict:
     if name in inner:
       continue
     for line in comp["lines"]:
-      m = _OP.search(line)
-      if not m:
+      op = hlo_parse.opcode(line)
+      if not op:
         continue
-      ops[m.group(1)] += 1
-      if m.group(1) == "fusion":
-        k = _FUSION_KIND.search(line)
+      ops[op] += 1
+      if op == "fusion":
+        k = hlo_parse.FUSION_KIND.search(line)
         kinds[k.group(1) if k else "?"] += 1
-      if m.group(1) == "custom-call":
-        t = _TARGET.search(line)
+      if op == "custom-call":
+        t = hlo_parse.TARGET.search(line)
         targets[t.group(1) if t else "?"] += 1
   header = hlo_text.splitlines()[0] if hlo_text else ""
   alias = _ALIAS.search(header)
@@ -112,12 +93,8 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u1
                 "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
                 "f8e5m2fnuz": 1, "f8e4m3fnuz": 1, "f8e4m3b11fnuz": 1, "f4e2m1fn": 0.5}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 # Instructions that launch nothing: they name, split or join buffers, or hold a computation
 # whose own instructions are counted.
-_CALLEE = re.compile(
-    r"(?:body|condition|true_computation|false_computation|to_apply|calls)=%?([\w.\-]+)")
-_BRANCH_LIST = re.compile(r"branch_computations=\{([^}]*)\}")
 _FREE = frozenset({"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
                    "conditional", "call", "after-all", "partition-id", "replica-id",
                    "opt-barrier", "add-dependency", "domain", "async-done", "copy-done",
@@ -140,17 +117,17 @@ def _traffic_of(comp: dict) -> tuple:
   """Kernels and bytes of one computation's own instructions, by kind."""
   types = {}
   for line in comp["lines"]:
-    m = _DEFINITION.match(line)
+    m = hlo_parse.DEFINITION.match(line)
     if m:
       types[m.group(1)] = m.group(2)
   kernels, total = collections.Counter(), collections.Counter()
   for line in comp["lines"]:
-    m = _DEFINITION.match(line)
+    m = hlo_parse.DEFINITION.match(line)
     if not m or m.group(3) in _FREE:
       continue
     op = m.group(3)
     if op == "fusion":
-      k = _FUSION_KIND.search(line)
+      k = hlo_parse.FUSION_KIND.search(line)
       op = f"fusion:{k.group(1) if k else '?'}"
     args = m.group(4).split(")", 1)[0]
     operands = re.findall(r"%([\w.\-]+)", args)
@@ -163,8 +140,8 @@ def _callees(comp: dict, inner: set) -> tuple:
   """The computations ``comp`` runs on their own: always, and as conditional branches."""
   always, branches = set(), []
   for line in comp["lines"]:
-    names = {n for n in _CALLEE.findall(line) if n not in inner}
-    listed = _BRANCH_LIST.search(line)
+    names = {n for n in hlo_parse.CALLEE.findall(line) if n not in inner}
+    listed = hlo_parse.BRANCH_LIST.search(line)
     if listed:
       names |= set(re.findall(r"%?([\w.\-]+)", listed.group(1)))
     if " conditional(" in line:

@@ -39,10 +39,11 @@ from __future__ import annotations
 import collections
 import glob
 import os
-import re
 from typing import Callable, NamedTuple
 
 import jax
+
+from experiments.benchmarks import hlo_parse
 
 CATEGORIES = ("matmul", "attention", "reduction", "copy/transpose", "collective",
               "other elementwise/fusion")
@@ -76,11 +77,6 @@ _DERIVED_LINES = frozenset({
     "XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Ops", "Framework Name Scope",
     "TensorFlow Ops", "TensorFlow Name Scope", "Source code", "Launch Stats"})
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([a-z][a-z0-9\-]*)\(")
-_CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
-_TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)")
 
 
 class _Kernel(NamedTuple):
@@ -119,7 +115,7 @@ def capture(run_once: Callable[[], object], calls: int, log_dir: str) -> str:
 
 def module_name(hlo_text: str) -> str | None:
   """The module's name (``jit_step``...) from the first line of its HLO text."""
-  m = _MODULE.match(hlo_text or "")
+  m = hlo_parse.MODULE.match(hlo_text or "")
   return m.group(1) if m else None
 
 
@@ -150,18 +146,14 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
   aside) "copy/transpose"; anything else is "other elementwise/fusion".
   """
   computations: dict[str, list[tuple[str, str, str | None, list[str]]]] = {}
-  current = computations.setdefault("", [])
-  for line in (hlo_text or "").splitlines():
-    if line and not line[0].isspace():
-      m = _COMPUTATION.match(line)
+  for name, comp in hlo_parse.computations(hlo_text).items():
+    rows = computations.setdefault(name, [])
+    for line in comp["lines"]:
+      m = hlo_parse.DEFINITION.match(line)
       if m:
-        current = computations.setdefault(m.group(1), [])
-      continue
-    m = _INSTRUCTION.match(line)
-    if m:
-      target = _TARGET.search(line)
-      current.append((m.group(1), m.group(2), target.group(1) if target else None,
-                      _CALLS.findall(line)))
+        target = hlo_parse.TARGET.search(line)
+        rows.append((m.group(1), m.group(3), target.group(1) if target else None,
+                     hlo_parse.CALLS.findall(line)))
 
   def ops_of(calls: list[str], seen: set) -> set:
     found = set()
