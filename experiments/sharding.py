@@ -74,10 +74,14 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(sizes: dict[str, int]) -> Mesh:
-  """The mesh over the first data x fsdp x tensor devices (all of them, unless asked)."""
+def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+  """The mesh over the first data x fsdp x tensor devices (all of them, unless asked).
+
+  ``devices``: these instead of ``jax.devices()`` (e.g. a described GPU to compile for).
+  """
   n = int(np.prod([sizes[a] for a in MESH_AXES]))
-  devices = np.asarray(jax.devices()[:n]).reshape([sizes[a] for a in MESH_AXES])
+  devices = jax.devices() if devices is None else list(devices)
+  devices = np.asarray(devices[:n]).reshape([sizes[a] for a in MESH_AXES])
   return Mesh(devices, MESH_AXES)
 
 

@@ -125,8 +125,7 @@ def trainer_step(args, model_name: str, optimizer_name: str, target_devices=None
   devices = jax.devices() if target_devices is None else list(target_devices)
   sizes = sharding.parse_mesh(None, len(devices))
   pretrain.check_devices(cfg, sizes)
-  mesh = (sharding.make_mesh(sizes) if target_devices is None else jax.sharding.Mesh(
-      np.asarray(devices).reshape([sizes[a] for a in sharding.MESH_AXES]), sharding.MESH_AXES))
+  mesh = sharding.make_mesh(sizes, devices)
   rules = models.DEFAULT_LOGICAL_AXIS_RULES
   replicated = NamedSharding(mesh, P())
   example = jnp.zeros((1, cfg.max_length), jnp.int32)
