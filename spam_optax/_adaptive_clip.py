@@ -8,6 +8,7 @@ import optax
 from spam_optax import _count
 from spam_optax import _numerics
 from spam_optax import _periodic_reset
+from spam_optax import _stacked_axes
 from spam_optax import _tree_util
 from spam_optax import _validation
 
@@ -17,9 +18,11 @@ class ClipByRunningMaxState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    max_ema: per leaf, the EMA of :math:`\\max|g|` (float32 scalar, float64
-      for float64 leaves).
-    clipped: per leaf, the number of entries clipped at the last step (int32).
+    max_ema: per leaf, the EMA of :math:`\\max|g|` (float32, float64 for
+      float64 leaves): a scalar, or one per slice of shape ``leaf.shape[:n]``
+      for a leaf with ``n`` stacked axes.
+    clipped: per leaf, the number of entries clipped at the last step (int32
+      scalar, all slices together).
   """
   count: jax.Array
   max_ema: Any
@@ -27,7 +30,9 @@ class ClipByRunningMaxState(NamedTuple):
 
 
 def clip_by_running_max(
-    gamma3: float = 0.999, reset_interval: int = 0
+    gamma3: float = 0.999,
+    reset_interval: int = 0,
+    stacked_axes: _stacked_axes.StackedAxes = None,
 ) -> optax.GradientTransformation:
   r"""Clips each leaf to a running max of its largest entry (AdaClip).
 
@@ -48,10 +53,20 @@ def clip_by_running_max(
   resets. Right after a reset :math:`\hat m` is inflated and the clip barely
   acts. Pass ``reset_interval=0`` for the clean variant (:math:`k = t`).
 
+  The official code takes :math:`\max|g|` per tensor. When a leaf stacks
+  several tensors on leading axes (the layers of a scanned model, shape
+  ``(layers, ...)``), ``stacked_axes`` keeps one running max per slice, so the
+  result equals that of the tensors as separate leaves.
+
   Args:
     gamma3: :math:`\gamma_3`, decay of the running max.
     reset_interval: period after which :math:`k` restarts (official
       ``update_proj_gap``); 0 = never.
+    stacked_axes: the number of leading axes of each leaf that index separate
+      tensors: an int, a tree of ints with the structure of the params, a
+      callable of the params returning one, or None (each leaf is one tensor).
+      With ``optax.inject_hyperparams``, list an int or a callable in
+      ``static_args`` (a callable would be read as a schedule).
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -71,12 +86,18 @@ def clip_by_running_max(
   """
   _validation.check_unit_interval("gamma3", gamma3)
   _validation.check_non_negative_int("reset_interval", reset_interval)
+  _stacked_axes.check_stacked_axes(stacked_axes)
 
   def init_fn(params):
+    counts = _stacked_axes.stacked_counts(stacked_axes, params)
     return ClipByRunningMaxState(
         count=jnp.zeros([], jnp.int32),
         max_ema=jax.tree.map(
-            lambda p: jnp.zeros([], _numerics.stat_dtype(p.dtype)), params
+            lambda p, n: jnp.zeros(
+                jnp.shape(p)[:n], _numerics.stat_dtype(p.dtype)
+            ),
+            params,
+            counts,
         ),
         clipped=jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params),
     )
@@ -87,21 +108,22 @@ def clip_by_running_max(
     k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
     correction = _numerics.one_minus_power(gamma3, k)
 
-    def leaf(g, m):
+    def leaf(g, m, n):
       dtype = m.dtype
       gd = g.astype(dtype)
       abs_g = jnp.abs(gd)
-      g_max = jnp.max(abs_g, initial=0.0)
+      g_max = jnp.max(abs_g, axis=_stacked_axes.reduced_axes(g, n), initial=0.0)
       m = gamma3 * m + (1 - gamma3) * g_max
       m_hat = m / correction.astype(dtype)
-      over = abs_g > m_hat
       ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
-      clipped = jnp.where(over, gd * ratio, gd)
+      m_hat, ratio = (_stacked_axes.broadcastable(x, g) for x in (m_hat, ratio))
+      clipped = jnp.where(abs_g > m_hat, gd * ratio, gd)
       n_clipped = _count.count_changed(clipped, gd)
       return clipped.astype(g.dtype), m.astype(dtype), n_clipped
 
+    counts = _stacked_axes.stacked_counts(stacked_axes, updates)
     updates, max_ema, clipped = _tree_util.tree_map_unzip(
-        leaf, 3, updates, state.max_ema
+        leaf, 3, updates, state.max_ema, counts
     )
     return updates, ClipByRunningMaxState(
         count=step, max_ema=max_ema, clipped=clipped

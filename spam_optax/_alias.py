@@ -10,6 +10,7 @@ from spam_optax import _periodic_reset
 from spam_optax import _reset_warmup
 from spam_optax import _scale_by_spam
 from spam_optax import _sparse_moments
+from spam_optax import _stacked_axes
 from spam_optax import _stable_spam_adam
 from spam_optax import _tree_util
 from spam_optax import _validation
@@ -148,6 +149,7 @@ def stable_spam(
     total_steps: Optional[int] = None,
     eta_min: float = 0.5,
     mu_dtype: Optional[Any] = None,
+    stacked_axes: _stacked_axes.StackedAxes = None,
 ) -> optax.GradientTransformation:
   r"""Stable-SPAM: AdaClip, AdaGN and Adam with momentum reset.
 
@@ -185,6 +187,13 @@ def stable_spam(
       only :math:`m`). None keeps the parameters' dtype. The per-leaf scalar
       statistics of AdaClip and AdaGN are float32 (float64 for float64
       leaves) whatever this is.
+    stacked_axes: for leaves that stack several tensors on leading axes (the
+      layers of a scanned model, shape ``(layers, ...)``), how many such axes
+      each leaf has: an int, a tree of ints with the structure of the params,
+      or a callable of the params returning one. AdaClip and AdaGN then keep
+      their statistics per slice, as the official code does per tensor. None:
+      each leaf is one tensor. With ``optax.inject_hyperparams``, list an
+      int or a callable in ``static_args``.
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -204,7 +213,9 @@ def stable_spam(
   _validation.check_learning_rate(learning_rate)
   _validation.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
-      _adaptive_clip.clip_by_running_max(gamma3, reset_interval=reset_interval),
+      _adaptive_clip.clip_by_running_max(
+          gamma3, reset_interval=reset_interval, stacked_axes=stacked_axes
+      ),
       _grad_norm_history.scale_by_grad_norm_history(
           gamma1=gamma1,
           gamma2=gamma2,
@@ -212,6 +223,7 @@ def stable_spam(
           total_steps=total_steps,
           eta_min=eta_min,
           reset_interval=reset_interval,
+          stacked_axes=stacked_axes,
       ),
       _periodic_reset.periodic_reset(
           _stable_spam_adam.scale_by_stable_spam_adam(

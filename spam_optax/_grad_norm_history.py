@@ -8,6 +8,7 @@ import optax
 from spam_optax import _momentum_scale
 from spam_optax import _numerics
 from spam_optax import _periodic_reset
+from spam_optax import _stacked_axes
 from spam_optax import _tree_util
 from spam_optax import _validation
 
@@ -18,7 +19,8 @@ class ScaleByGradNormHistoryState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     mu_norm: EMA of the gradient norm (per leaf, or one scalar with
-      ``global_norm=True``), float32 (float64 for float64 leaves).
+      ``global_norm=True``), float32 (float64 for float64 leaves); per slice,
+      of shape ``leaf.shape[:n]``, for a leaf with ``n`` stacked axes.
     nu_norm: EMA of the squared gradient norm, same layout.
   """
   count: jax.Array
@@ -34,6 +36,7 @@ def scale_by_grad_norm_history(
     eta_min: float = 0.5,
     reset_interval: int = 0,
     global_norm: bool = False,
+    stacked_axes: _stacked_axes.StackedAxes = None,
 ) -> optax.GradientTransformation:
   r"""Rescales gradients by the history of their norm (AdaGN).
 
@@ -56,6 +59,11 @@ def scale_by_grad_norm_history(
   :math:`k = t` up to the first reset step included, then
   :math:`2, \dots, T+1`; 0 = never).
 
+  The official code takes the norm per tensor. When a leaf stacks several
+  tensors on leading axes (the layers of a scanned model), ``stacked_axes``
+  keeps the norm and its history per slice, so the result equals that of the
+  tensors as separate leaves.
+
   Args:
     gamma1: :math:`\gamma_1`, decay of the norm EMA.
     gamma2: :math:`\gamma_2`, decay of the squared-norm EMA.
@@ -66,6 +74,11 @@ def scale_by_grad_norm_history(
     reset_interval: period after which :math:`k` restarts; 0 = never.
     global_norm: use one norm over all leaves instead of one per leaf (the
       official code is per leaf).
+    stacked_axes: the number of leading axes of each leaf that index separate
+      tensors: an int, a tree of ints with the structure of the params, a
+      callable of the params returning one, or None (each leaf is one tensor).
+      With ``optax.inject_hyperparams``, list an int or a callable in
+      ``static_args``. It cannot be combined with ``global_norm``.
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -89,6 +102,12 @@ def scale_by_grad_norm_history(
   _validation.check_positive_int_or_none("total_steps", total_steps)
   _validation.check_closed_unit_interval("eta_min", eta_min)
   _validation.check_non_negative_int("reset_interval", reset_interval)
+  _stacked_axes.check_stacked_axes(stacked_axes)
+  if global_norm and stacked_axes is not None:
+    raise ValueError(
+        "`stacked_axes` splits per-leaf norms into slices; it cannot be combined"
+        " with `global_norm=True`."
+    )
 
   def init_fn(params):
     # One array per field and leaf: a state whose fields share a buffer
@@ -99,11 +118,14 @@ def scale_by_grad_norm_history(
       return ScaleByGradNormHistoryState(
           jnp.zeros([], jnp.int32), jnp.zeros([], dtype), jnp.zeros([], dtype)
       )
-    stats = lambda p: jnp.zeros([], _numerics.stat_dtype(p.dtype))
+    counts = _stacked_axes.stacked_counts(stacked_axes, params)
+    stats = lambda p, n: jnp.zeros(
+        jnp.shape(p)[:n], _numerics.stat_dtype(p.dtype)
+    )
     return ScaleByGradNormHistoryState(
         jnp.zeros([], jnp.int32),
-        jax.tree.map(stats, params),
-        jax.tree.map(stats, params),
+        jax.tree.map(stats, params, counts),
+        jax.tree.map(stats, params, counts),
     )
 
   def update_fn(updates, state, params=None):
@@ -128,6 +150,7 @@ def scale_by_grad_norm_history(
       return factor.astype(dtype), a, b
 
     def rescale(g, factor):
+      factor = _stacked_axes.broadcastable(factor, g)
       return (g.astype(factor.dtype) * factor).astype(g.dtype)
 
     if global_norm:
@@ -137,13 +160,15 @@ def scale_by_grad_norm_history(
       updates = jax.tree.map(lambda g: rescale(g, factor), updates)
       return updates, ScaleByGradNormHistoryState(step, a, b)
 
-    def leaf(g, a, b):
-      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(a.dtype))))
+    def leaf(g, a, b, n):
+      axes = _stacked_axes.reduced_axes(g, n)
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(a.dtype)), axis=axes))
       factor, a, b = statistics(norm, a, b)
       return rescale(g, factor), a, b
 
+    counts = _stacked_axes.stacked_counts(stacked_axes, updates)
     updates, a, b = _tree_util.tree_map_unzip(
-        leaf, 3, updates, state.mu_norm, state.nu_norm
+        leaf, 3, updates, state.mu_norm, state.nu_norm, counts
     )
     return updates, ScaleByGradNormHistoryState(step, a, b)
 
