@@ -31,7 +31,7 @@ DTYPES = ("auto", "bfloat16", "mixed", "float32")
 # Element-wise update rules (global counters at most): the same with the layers stacked by
 # --scan_layers. Stable-SPAM's AdaGN/AdaClip and Adafactor's factored moments take
 # statistics per tensor, which a stacked tensor would pool over all layers.
-SCAN_OPTIMIZERS = ("adamw", "adam", "spam", "lion", "sgd", "adam_mini")
+SCAN_OPTIMIZERS = ("adamw", "adam", "spam", "stable_spam", "lion", "sgd", "adam_mini")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,9 +474,6 @@ def resolve(cfg: TrainConfig, given: frozenset[str] | None = None) -> TrainConfi
   if ignored:
     fail(f"--optimizer {cfg.optimizer} does not use "
          + ", ".join(f"--{f} (only {', '.join(OPTIMIZER_FLAGS[f])})" for f in ignored))
-  if cfg.scan_layers and cfg.spike_guard == "stable_spam":
-    fail("--scan_layers stacks each weight of all layers into one tensor, and --spike_guard "
-         "stable_spam takes statistics per tensor; use it without --scan_layers")
   if cfg.scan_layers and cfg.optimizer not in SCAN_OPTIMIZERS:
     fail(f"--scan_layers stacks each weight of all layers into one tensor, and --optimizer "
          f"{cfg.optimizer} takes statistics per tensor; use it with {', '.join(SCAN_OPTIMIZERS)}")

@@ -82,6 +82,16 @@ def matrix_axes(path, leaf):
   return tuple(range(lead, lead + n_in)), tuple(range(lead + n_in, leaf.ndim))
 
 
+def stacked_layer_axes(params):
+  """1 for the leaves under ``layers`` (the ``scan_layers`` layout's stacked axis), else 0.
+
+  The ``stacked_axes`` of ``spam_optax.stable_spam``: AdaClip and AdaGN then keep one
+  statistic per layer, as they do for the separate ``layers_<i>`` tensors.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: int("layers" in path_names(path)), params)
+
+
 def _given(**kwargs) -> dict:
   """The keyword arguments whose flag was set (None leaves the optimizer's default)."""
   return {k: v for k, v in kwargs.items() if v is not None}
@@ -119,6 +129,7 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
     opt = spam_optax.stable_spam(
         schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
         total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min,
+        stacked_axes=stacked_layer_axes if cfg.scan_layers else None,
         **_given(eps=cfg.eps, gamma1=cfg.gamma1, gamma2=cfg.gamma2, gamma3=cfg.gamma3,
                  reset_interval=cfg.DeltaT))
   elif name == "adafactor":
@@ -294,11 +305,13 @@ def _stable_spam_guard(cfg, base):
   and bias corrections, as Stable-SPAM's own Adam does after a reset.
   """
   interval = 1000 if cfg.DeltaT is None else cfg.DeltaT
+  stacked = stacked_layer_axes if cfg.scan_layers else None
   return optax.chain(
-      spam_optax.clip_by_running_max(**_given(gamma3=cfg.gamma3), reset_interval=interval),
+      spam_optax.clip_by_running_max(**_given(gamma3=cfg.gamma3), reset_interval=interval,
+                                     stacked_axes=stacked),
       spam_optax.scale_by_grad_norm_history(
           total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min,
-          reset_interval=interval,
+          reset_interval=interval, stacked_axes=stacked,
           **_given(gamma1=cfg.gamma1, gamma2=cfg.gamma2, eps=cfg.eps)),
       restart_every(base, interval))
 

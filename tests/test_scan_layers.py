@@ -71,40 +71,66 @@ def test_scanned_forward_and_gradient_equal_the_unrolled_ones(remat):
                               rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("density", [None, 0.5])
-def test_trainer_steps_with_scanned_layers(density):
-  """The trainer's step on stacked parameters: dense SPAM matches the unrolled run step for
-  step; with sparse moments the projection mask covers the stacked kernels and training runs."""
+SPAM = lambda schedule, density: spam_optax.spam(
+    schedule, reset_interval=10, clip_delay=2, warmup_steps=1, spike_threshold=2.0,
+    density=density, sparse_mask=optimizers.projection_mask if density else None)
+
+
+@pytest.mark.parametrize("name, density", [("spam", None), ("spam", 0.5),
+                                           ("stable_spam", None), ("spike_guard", None)])
+def test_trainer_steps_with_scanned_layers(name, density):
+  """The trainer's step on stacked parameters: dense SPAM, and Stable-SPAM (as optimizer and
+  as the guard of Adam) with per-layer statistics, match the unrolled run step for step; with
+  sparse moments the projection mask covers the stacked kernels and training runs."""
   params, _ = _params_and_tokens(1)
   rng = np.random.default_rng(1)
   batches = [jnp.asarray(rng.integers(1, TINY.vocab_size, (1, 4, 16)), jnp.int32)] * 4
+  # A gradient spike at the third step, so that the clips act.
+  batches[2] = jnp.asarray(rng.integers(1, 4, (1, 4, 16)), jnp.int32)
   schedule = optax.constant_schedule(1e-2)
-  opt = spam_optax.spam(schedule, reset_interval=10, clip_delay=2, warmup_steps=1,
-                        spike_threshold=2.0, density=density,
-                        sparse_mask=optimizers.projection_mask if density else None)
+  flags = ["--optimizer", "adam", "--spike_guard", "stable_spam"] if name == "spike_guard" \
+      else ["--optimizer", "stable_spam"]
+  flags += ["--DeltaT", "3", "--gamma3", "0.5", "--num_training_steps", "4", "--lr", "1e-2",
+            "--scheduler", "constant"]
+
+  def make_opt(scan):
+    if name == "spam":
+      return SPAM(schedule, density)
+    return optimizers.make_optimizer(config.parse_args(
+        flags + (["--scan_layers"] if scan else [])), schedule)
 
   def run(cfg, p):
+    opt = make_opt(cfg.scan_layers)
     p = jax.tree.map(jnp.copy, p)  # the step donates the state
     step = jax.jit(ts.make_train_step(models.Llama(cfg), opt, schedule, pad_id=0),
                    donate_argnums=0)
     state = {"step": jnp.zeros((), jnp.int32), "params": p,
              "opt_state": jax.jit(opt.init)(p), "rng": jax.random.key(0)}
-    losses = []
+    losses, clipped = [], 0
     for batch in batches:
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
-    return state["params"], losses, metrics
+      clipped += int(metrics.get("spike/clipped_total", 0))
+    return state, losses, clipped
 
-  got, got_losses, got_metrics = run(SCANNED, models.stack_layers(params))
+  got, got_losses, got_clipped = run(SCANNED, models.stack_layers(params))
   assert all(np.isfinite(got_losses)) and got_losses[-1] < got_losses[0]
   mask = optimizers.projection_mask(models.stack_layers(params))
   assert mask["layers"]["self_attn"]["q_proj"]["kernel"]
   assert not mask["layers"]["input_layernorm"]["scale"]
   if density is None:
-    want, want_losses, want_metrics = run(TINY, params)
+    want, want_losses, want_clipped = run(TINY, params)
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
-    chex.assert_trees_all_close(models.unstack_layers(got), want, rtol=1e-4, atol=1e-6)
-    assert int(got_metrics["spike/clipped_total"]) == int(want_metrics["spike/clipped_total"])
+    # Adam behind the guard magnifies the scan's float32 rounding where v is tiny: 1e-5 is
+    # 0.1% of the four updates (lr 1e-2); statistics pooled over the layers miss by ~1e-3.
+    chex.assert_trees_all_close(models.unstack_layers(got["params"]), want["params"],
+                                rtol=1e-4, atol=2e-5 if name == "spike_guard" else 1e-6)
+    assert got_clipped == want_clipped and got_clipped > 0
+  if name != "spam":  # one AdaClip statistic per layer
+    max_ema = [s.max_ema for s in jax.tree.leaves(
+        got["opt_state"], is_leaf=lambda x: isinstance(x, spam_optax.ClipByRunningMaxState))
+               if isinstance(s, spam_optax.ClipByRunningMaxState)][0]
+    assert max_ema["layers"]["mlp"]["up_proj"]["kernel"].shape == (TINY.num_layers,)
 
 
 def test_scanned_run_resumes_exactly(tmp_path):
@@ -139,6 +165,9 @@ def test_scanned_run_resumes_exactly(tmp_path):
 
 def test_per_tensor_optimizers_refuse_scanned_layers():
   with pytest.raises(SystemExit, match="--scan_layers stacks") as e:
-    config.parse_args(["--scan_layers", "--optimizer", "stable_spam"])
+    config.parse_args(["--scan_layers", "--optimizer", "adafactor"])
   assert "\n" not in str(e.value)
-  assert config.parse_args(["--scan_layers", "--optimizer", "spam"]).scan_layers
+  for name in ("spam", "stable_spam"):
+    assert config.parse_args(["--scan_layers", "--optimizer", name]).scan_layers
+  assert config.parse_args(["--scan_layers", "--optimizer", "adam",
+                            "--spike_guard", "stable_spam"]).scan_layers
