@@ -25,14 +25,14 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "peer", "train_9m",
-                         "hlo_optimizer", "blocks"]
+                         "optimizer_scan", "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   assert report["environment"]["copy_GBps"] > 0 and report["environment"]["matmul_bf16_TFLOPs"] > 0
   no_torch = importlib.util.find_spec("torch") is None
   assert parts["peer"] == {"status": "skipped", "reason": "torch is not installed" if no_torch
                            else "no CUDA GPU (jax backend: cpu)"}
   assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
-  for name in ("optimizer", "model_9m", "hlo_optimizer", "blocks"):
+  for name in ("optimizer", "model_9m", "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
   (train,) = report["results"]["train"]
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
@@ -79,7 +79,8 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   accelerator.main(["--tiny", "--parts", "optimizer,model,train", "--out", str(tmp_path)])
   # Before each part, the report already holds every part before it.
   assert seen == [("optimizer", ["probe"]), ("model_9m", ["probe", "optimizer"]),
-                  ("train_9m", ["probe", "optimizer", "model_9m", "peer"])]
+                  ("train_9m", ["probe", "optimizer", "model_9m", "peer"]),
+                  ("optimizer_scan", ["probe", "optimizer", "model_9m", "peer", "train_9m"])]
 
 
 def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
@@ -87,7 +88,8 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   report, md = _report(tmp_path)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
-  for name in ("train_9m", "optimizer", "model_9m", "hlo_optimizer", "blocks"):
+  for name in ("train_9m", "optimizer", "model_9m", "optimizer_scan", "hlo_optimizer",
+               "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])
   assert "| blocks | skipped |" in md
@@ -114,6 +116,15 @@ def test_targets_from_part_results():
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["value"] == pytest.approx(2.25)
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["status"] == "met"
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_1b"]["status"] == "not measured"
+  assert not any("scanned" in name for name in rows)  # that part did not run
+  scan = {"size": "1b", "scan_layers": True, "optimizers": [
+      {"name": "adamw", "x_adamw": 1.0}, {"name": "spam", "x_adamw": 1.01},
+      {"name": "stable_spam", "x_adamw": 1.3}]}
+  rows = {t["target"]: t for t in accelerator.targets(
+      dict(optimizer=opt, optimizer_scan=scan, model=model, train=train, peer=peer))}
+  assert rows["stable_spam update ÷ optax.adamw (1b)"]["status"] == "missed"
+  assert rows["stable_spam update ÷ optax.adamw (1b, scanned layers)"]["status"] == "met"
+  assert rows["spam update ÷ optax.adamw (1b, scanned layers)"]["value"] == 1.01
 
 
 def test_memory_floor_and_profile_table():

@@ -35,6 +35,32 @@ def test_timed_tables_on_a_tiny_tree(capsys):
     assert float(row[1]) > 0 and float(row[3].replace(",", "")) >= 0
 
 
+def test_scanned_layout_and_a_subset_of_optimizers(tmp_path, capsys):
+  """--scan_layers: one leaf per weight of all layers, Stable-SPAM with a statistic per layer;
+  --optimizers keeps adamw as the baseline."""
+  out = tmp_path / "scan.json"
+  bench_optimizer.main(["--size", "tiny", "--scan_layers", "--optimizers", "stable_spam",
+                        "--warmup", "0", "--iters", "1", "--json", str(out)])
+  rows = table_rows(capsys.readouterr().out)
+  assert [r[0] for r in rows[1:]] == ["adamw", "stable_spam"]
+  result = json.loads(out.read_text())
+  assert result["scan_layers"] and result["params"] == sum(
+      x.size for x in jax.tree.leaves(bench_optimizer.param_shapes(
+          bench_optimizer.SIZES["tiny"], jnp.float32)))
+  shapes = bench_optimizer.param_shapes(
+      bench_optimizer.SIZES["tiny"].replace(scan_layers=True), jnp.float32)
+  layers = bench_optimizer.SIZES["tiny"].num_layers
+  state = jax.eval_shape(bench_optimizer.optimizers(0.25, scan_layers=True)["stable_spam"].init,
+                         shapes)
+  assert state[0].max_ema["layers"]["mlp"]["up_proj"]["kernel"].shape == (layers,)
+  try:
+    bench_optimizer.main(["--size", "tiny", "--optimizers", "adam", "--no-time"])
+  except SystemExit as e:
+    assert "unknown --optimizers adam" in str(e)
+  else:
+    raise AssertionError("an unknown optimizer name was accepted")
+
+
 def test_hand_fused_spam_matches_the_alias():
   kw = dict(interval=10, delay=2, warmup=4)
   shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
@@ -78,9 +104,9 @@ def test_hand_fused_spam_matches_the_alias():
       assert counts == want_counts, mode
 
 
-def _cheap_optimizers(density):
+def _cheap_optimizers(density, scan_layers=False):
   """Stand-ins under the real names: the flow of main() without SPAM's compile time."""
-  del density
+  del density, scan_layers
   return {"adamw": optax.adamw(1e-3), "spam": optax.adam(1e-3), "spam d=0.25": optax.sgd(1e-3)}
 
 

@@ -128,6 +128,12 @@ def test_compiling_for_an_h100_without_one():
   params = row["params"]
   # XLA:GPU fuses Adam into one pass per leaf: the 28 B per parameter the math needs.
   assert 28 * params <= row["traffic"]["bytes"] <= 28.5 * params
+  # Stable-SPAM on the scanned layout: per-layer statistics, far fewer kernels, no more bytes.
+  flat, scanned = (aot_gpu.optimizer_updates("tiny", ["stable_spam"], sharding,
+                                             scan_layers=scan)[0]["traffic"]
+                   for scan in (False, True))
+  assert scanned["kernels"] < flat["kernels"] / 1.5
+  assert scanned["bytes"] <= 1.01 * flat["bytes"]
   # The trainer's whole step, with its mesh and donated state: cuDNN attention, no warning.
   step = aot_gpu.trainer_step("llama_9m", "spam", 2, 64, aot_gpu.target_devices("h100"))
   assert step["cudnn_attention"] and step["donation_warnings"] == []

@@ -13,11 +13,15 @@ skipping what no longer fits in ``--budget_s``:
 4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
    each profiled (1b again with activation checkpointing if it runs out of memory); at 350m
    also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
-5. ``hlo_stats`` of the spam update at 1b;
-6. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
-7. ``bench_model`` at 1b (with ``--remat`` if it runs out of memory).
+5. ``bench_optimizer --size 1b --scan_layers``: spam and stable_spam beside adamw on the
+   scanned-layers layout (each weight of all layers in one leaf, Stable-SPAM with per-layer
+   statistics), profiled;
+6. ``hlo_stats`` of the spam update at 1b;
+7. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
+8. ``bench_model`` at 1b (with ``--remat`` if it runs out of memory).
 
-and checks the targets: SPAM ≤ 1.05× optax.adamw and Stable-SPAM ≤ 1.35× per update at 1b;
+and checks the targets: SPAM ≤ 1.05× optax.adamw and Stable-SPAM ≤ 1.35× per update at 1b
+(on both layouts);
 MFU ≥ 40% at 350m in bf16; the int4 step ≤ 1.3× the bf16 step; the trainer ≥ 2× the peer's
 tokens/s at every size (ratios only between measurements of this run). Compilation is timed
 apart from the steps. Each profile (``experiments.benchmarks.profile_summary``) says how long
@@ -213,6 +217,12 @@ def plan(args, work: str) -> list:
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
+  # The same updates on the scan_layers layout (one leaf per weight of all layers; Stable-SPAM
+  # with per-layer statistics): the per-leaf kernels of the 219-leaf layout become 12 leaves'.
+  parts.append(Part("optimizer_scan", _module("bench_optimizer") + [
+      "--size", opt_size, "--scan_layers", "--optimizers", "spam,stable_spam", "--sequential",
+      "--json", js("optimizer_scan")] + opt_iters + prof("optimizer_scan"), 100, 30,
+      js("optimizer_scan")))
   parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
       "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
       "--json", js("hlo_optimizer"), "--dump", os.path.join(work, "hlo")], 60, 20,
@@ -297,9 +307,11 @@ def _peer_rows(part: Part) -> list:
 
 def collect(parts: dict) -> dict:
   """Results of every part and the targets they decide."""
-  res = {"optimizer": None, "blocks": None, "model": [], "train": [], "peer": [], "hlo": []}
-  if "optimizer" in parts:
-    res["optimizer"] = _read_json(parts["optimizer"].json_file)
+  res = {"optimizer": None, "optimizer_scan": None, "blocks": None, "model": [], "train": [],
+         "peer": [], "hlo": []}
+  for name in ("optimizer", "optimizer_scan"):
+    if name in parts:
+      res[name] = _read_json(parts[name].json_file)
   if "blocks" in parts:
     res["blocks"] = _read_json(parts["blocks"].json_file)
   for name, part in parts.items():
@@ -332,11 +344,14 @@ def targets(res: dict) -> list:
     rows.append(dict(target=name, value=value, limit=limit, at_most=at_most,
                      status=_status(value, limit, at_most), note=note))
 
-  opt = {r["name"]: r for r in (res["optimizer"] or {}).get("optimizers", [])}
-  size = (res["optimizer"] or {}).get("size", "1b")
-  for key, name in (("spam", "spam_x_adamw"), ("stable_spam", "stable_spam_x_adamw")):
-    value = opt.get(key, {}).get("x_adamw")
-    add(f"{key} update ÷ optax.adamw ({size})", value, TARGETS[name], True)
+  for part, layout in (("optimizer", ""), ("optimizer_scan", ", scanned layers")):
+    if part == "optimizer_scan" and not res.get(part):
+      continue  # a supplement: no row unless it ran
+    opt = {r["name"]: r for r in (res[part] or {}).get("optimizers", [])}
+    size = (res[part] or {}).get("size", "1b")
+    for key, name in (("spam", "spam_x_adamw"), ("stable_spam", "stable_spam_x_adamw")):
+      value = opt.get(key, {}).get("x_adamw")
+      add(f"{key} update ÷ optax.adamw ({size}{layout})", value, TARGETS[name], True)
   bf16 = {r["model"]: r for r in res["model"] if r["quant"] == "bf16"}
   add("MFU, llama_350m bf16", bf16.get("llama_350m", {}).get("mfu"), TARGETS["mfu_350m_bf16"],
       False)
@@ -366,6 +381,8 @@ def profile_lines(res: dict) -> list:
   rows = []
   for r in (res["optimizer"] or {}).get("optimizers", []):
     rows.append((f"update {r['name']}", r.get("profile")))
+  for r in (res.get("optimizer_scan") or {}).get("optimizers", []):
+    rows.append((f"update {r['name']}, scanned layers", r.get("profile")))
   for r in res["model"]:
     rows.append((f"fwd+bwd {r['model']} {r['quant']}", r.get("profile")))
   for r in res["train"]:
@@ -427,9 +444,11 @@ def markdown(report: dict) -> str:
         f"{t['limit']:.0%}" if pct else f"{t['limit']:.2f}×")
     note = f" ({t['note']})" if t["note"] else ""
     lines.append(f"| {t['target']} | {value} | {limit} | {t['status']}{note} |")
-  opt = res["optimizer"]
-  if opt:
-    lines += ["", f"## Optimizer update, {opt['size']} ({opt['params']:,} params, "
+  for opt in (res["optimizer"], res.get("optimizer_scan")):
+    if not opt:
+      continue
+    layout = ", scanned layers" if opt.get("scan_layers") else ""
+    lines += ["", f"## Optimizer update, {opt['size']}{layout} ({opt['params']:,} params, "
               f"{opt['dtype']}, median of {opt['iters']})", "",
               "| optimizer | update ms | × adamw | memory floor ms | × floor | compile s "
               "| state MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -440,6 +459,7 @@ def markdown(report: dict) -> str:
                    f"{_f(r['x_adamw'], '{:.2f}')} | {_f(floor, '{:.2f}')} | "
                    f"{_f(over, '{:.2f}')} | {_f(r['compile_s'])} | "
                    f"{r['state_bytes'] / 2**20:,.1f} |")
+  if res["optimizer"] or res.get("optimizer_scan"):
     lines += ["", "The memory floor: the bytes an update must move at least (float32: "
               "p, g, m, v read and p, m, v written, 28 B per parameter; Stable-SPAM 36 B, as "
               "its max |g| and then the norm of the clipped g read g twice more) over the "

@@ -114,10 +114,12 @@ def _summary(label: str, compiled, compile_s: float, dump: str | None) -> dict:
               traffic=hlo_stats.kernel_traffic(text))
 
 
-def optimizer_updates(size: str, names: list, sharding, dump=None) -> list:
+def optimizer_updates(size: str, names: list, sharding, dump=None,
+                      scan_layers: bool = False) -> list:
   """The donated update of each optimizer of ``bench_optimizer`` on the ``size`` layout."""
-  shapes = _on(bench_optimizer.param_shapes(bench_optimizer.SIZES[size], jnp.float32), sharding)
-  opts = {**bench_optimizer.optimizers(0.25), **bench_optimizer.block_optimizers()}
+  config = bench_optimizer.SIZES[size].replace(scan_layers=scan_layers)
+  shapes = _on(bench_optimizer.param_shapes(config, jnp.float32), sharding)
+  opts = {**bench_optimizer.optimizers(0.25, scan_layers), **bench_optimizer.block_optimizers()}
   rows = []
   for name in names:
     if name not in opts:
@@ -131,7 +133,7 @@ def optimizer_updates(size: str, names: list, sharding, dump=None) -> list:
     state = _on(jax.eval_shape(opt.init, shapes), sharding)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile()
-    label = f"optimizer-{size}-{name.replace(' ', '_')}"
+    label = f"optimizer-{size}{'-scan' if scan_layers else ''}-{name.replace(' ', '_')}"
     rows.append(dict(name=name, params=bench_optimizer.tree_bytes(shapes) // 4,
                      **_summary(label, compiled, time.perf_counter() - t0, dump)))
   return rows
@@ -191,7 +193,8 @@ def main(argv=None) -> list:
                       "optimizers or --blocks chains")
   p.add_argument("--model", default="llama_350m", help="--what model / train: the config")
   p.add_argument("--optimizer", default="spam", help="--what train: the trainer's --optimizer")
-  p.add_argument("--scan_layers", action="store_true", help="--what train: scanned layers")
+  p.add_argument("--scan_layers", action="store_true",
+                 help="--what optimizer / train: the scanned-layers layout")
   p.add_argument("--quant", default="bf16,int4", help="--what model: comma-separated")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--length", type=int, default=256)
@@ -204,9 +207,10 @@ def main(argv=None) -> list:
   sharding = target_sharding(args.target)
   if args.what == "optimizer":
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    rows = optimizer_updates(args.size, names, sharding, args.dump)
+    rows = optimizer_updates(args.size, names, sharding, args.dump, args.scan_layers)
     base = rows[0]["traffic"]
-    print(f"| {args.size} update ({args.target}) | kernels | GB moved | B per param | "
+    layout = f"{args.size}{' scanned' if args.scan_layers else ''}"
+    print(f"| {layout} update ({args.target}) | kernels | GB moved | B per param | "
           f"× {rows[0]['name']} bytes | ms at {args.bandwidth_GBps:,.0f} GB/s | compile s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

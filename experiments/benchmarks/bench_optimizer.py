@@ -68,12 +68,14 @@ def param_shapes(config: models.LlamaConfig, dtype) -> dict:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
 
 
-def optimizers(density: float) -> dict:
+def optimizers(density: float, scan_layers: bool = False) -> dict:
+  """The four optimizers timed; on the scanned layout Stable-SPAM keeps per-layer statistics."""
   lr = 1e-3
+  stacked = train_optimizers.stacked_layer_axes if scan_layers else None
   return {
       "adamw": optax.adamw(lr, eps=1e-6, weight_decay=0.0),
       "spam": spam_optax.spam(lr),
-      "stable_spam": spam_optax.stable_spam(lr),
+      "stable_spam": spam_optax.stable_spam(lr, stacked_axes=stacked),
       f"spam d={density:g}": spam_optax.spam(
           lr, density=density, sparse_mask=train_optimizers.projection_mask),
   }
@@ -326,6 +328,12 @@ def main(argv=None):
   parser.add_argument("--size", choices=sorted(SIZES), default=None,
                       help="parameter layout (default: small on CPU, 1b otherwise)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--scan_layers", action="store_true",
+                      help="the scan_layers layout: each weight of all layers in one leaf "
+                      "(Stable-SPAM with per-layer statistics)")
+  parser.add_argument("--optimizers", default=None,
+                      help="comma-separated subset of adamw, spam, stable_spam, spam d=<density> "
+                      "(default: all four; adamw always runs, as the baseline)")
   parser.add_argument("--density", type=float, default=0.25)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=30)
@@ -347,18 +355,20 @@ def main(argv=None):
 
   device = jax.devices()[0]
   size = args.size or ("small" if device.platform == "cpu" else "1b")
-  shapes = param_shapes(SIZES[size], jnp.dtype(args.dtype))
+  shapes = param_shapes(SIZES[size].replace(scan_layers=args.scan_layers),
+                        jnp.dtype(args.dtype))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   print(f"# {datetime.date.today()}  device: {device.device_kind} ({device.platform}, "
         f"{jax.device_count()} device(s))  jax {jax.__version__}  optax {optax.__version__}")
   print(f"# size {size}: {n_params:,} params, {args.dtype}; "
         f"warm-up {args.warmup}, median of {args.iters}, "
-        f"{'sequential' if args.sequential else 'interleaved'}")
+        f"{'sequential' if args.sequential else 'interleaved'}"
+        f"{'; scan_layers layout' if args.scan_layers else ''}")
 
   header = dict(date=str(datetime.date.today()), device=device.device_kind,
                 platform=device.platform, jax=jax.__version__, optax=optax.__version__,
                 size=size, params=n_params, dtype=args.dtype, warmup=args.warmup,
-                iters=args.iters, sequential=args.sequential)
+                iters=args.iters, sequential=args.sequential, scan_layers=args.scan_layers)
   if args.blocks:
     _main_blocks(args, shapes, header)
   else:
@@ -418,12 +428,19 @@ def _time_group(args, shapes, opts: dict, group_index: int, header: dict,
 
 
 def _main_optimizers(args, shapes, header: dict) -> None:
-  opts = optimizers(args.density)
+  opts = optimizers(args.density, args.scan_layers)
+  if args.optimizers:
+    wanted = {n.strip() for n in args.optimizers.split(",") if n.strip()}
+    unknown = wanted - opts.keys()
+    if unknown:
+      raise SystemExit(f"error: unknown --optimizers {', '.join(sorted(unknown))}; "
+                       f"known: {', '.join(opts)}")
+    opts = {n: o for n, o in opts.items() if n == "adamw" or n in wanted}
   state_bytes = {name: tree_bytes(jax.eval_shape(opt.init, shapes))
                  for name, opt in opts.items()}
   rows = {name: dict(name=name, update_ms=None, page_faults=None, compile_s=None,
                      state_bytes=nbytes) for name, nbytes in state_bytes.items()}
-  base_bytes, dense_spam_bytes = state_bytes["adamw"], state_bytes["spam"]
+  base_bytes, dense_spam_bytes = state_bytes["adamw"], state_bytes.get("spam")
 
   def finished() -> list:
     """The rows measured so far (all of them with --no-time), with their ratios."""
@@ -435,7 +452,8 @@ def _main_optimizers(args, shapes, header: dict) -> None:
       ms = r["update_ms"]
       r["x_adamw"] = None if ms is None or base_ms is None else ms / base_ms
       r["state_x_adamw"] = r["state_bytes"] / base_bytes
-      r["state_x_dense_spam"] = r["state_bytes"] / dense_spam_bytes
+      r["state_x_dense_spam"] = (r["state_bytes"] / dense_spam_bytes if dense_spam_bytes
+                                 else None)
       done.append(r)
     return done
 
@@ -456,11 +474,13 @@ def _main_optimizers(args, shapes, header: dict) -> None:
   print("|---|---:|---:|---:|---:|---:|---:|")
   for r in results:
     ms, faults, nbytes = r["update_ms"], r["page_faults"], r["state_bytes"]
+    dense_x = r["state_x_dense_spam"]
     t = "—" if ms is None else f"{ms:.1f}"
     x = "—" if ms is None else f"{r['x_adamw']:.2f}"
     f = "—" if faults is None else f"{faults:,.0f}"
     print(f"| {r['name']} | {t} | {x} | {f} | {nbytes / 2**20:,.1f} | "
-          f"{r['state_x_adamw']:.3f} | {r['state_x_dense_spam']:.3f} |")
+          f"{r['state_x_adamw']:.3f} | "
+          f"{'—' if dense_x is None else f'{dense_x:.3f}'} |")
   if not args.no_time:
     print("compile (s): " + ", ".join(f"{r['name']} {r['compile_s']:.1f}" for r in results))
   _write_json(args.json, dict(header, optimizers=results))
