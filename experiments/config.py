@@ -43,6 +43,7 @@ class TrainConfig:
   dtype: str = "auto"  # bfloat16 on accelerators, float32 on CPU (see for_backend)
   activation_checkpointing: bool = False
   scan_layers: bool = False
+  logits_dtype: str = "float32"
   # optimizer
   optimizer: str = "spam"
   lr: float = 3e-3
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "mixed: float32 params and moments, bf16 compute; float32: all float32; "
                       "auto: bfloat16 on GPU/TPU, float32 on CPU")
   _bool_flag(g, "activation_checkpointing", "rematerialise decoder blocks")
+  g.add_argument("--logits_dtype", default=d.logits_dtype, choices=("float32", "bfloat16"),
+                 help="the output head's logits: float32, or bfloat16 as HF LLaMA in bf16 "
+                      "(the loss is float32 either way; bfloat16 halves the head's traffic)")
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")

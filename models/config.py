@@ -34,10 +34,13 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-6
   init_std: float = 0.02
   rope_theta: float = 10000.0
-  # Numerics: float32 master parameters, bfloat16 compute. Logits and loss are
-  # always float32.
+  # Numerics: float32 master parameters, bfloat16 compute. The loss is always float32.
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
+  # The head's output: "float32" (float32 accumulation kept), or "bfloat16" as HF LLaMA in
+  # bf16 (the official runs) returns them, the loss upcasting them; this halves the bytes of
+  # the largest activation and of its gradient.
+  logits_dtype: str = "float32"
   # Rematerialise every decoder block in the backward pass.
   remat: bool = False
   # Name of a `jax.checkpoint_policies` entry, used when `remat` is on.
@@ -55,6 +58,8 @@ class LlamaConfig:
     if self.attention_implementation not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_implementation {self.attention_implementation!r} is not "
                        "None, 'xla' or 'cudnn'")
+    if self.logits_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"logits_dtype {self.logits_dtype!r} is not 'float32' or 'bfloat16'")
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"

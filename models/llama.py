@@ -71,7 +71,8 @@ class DecoderBlock(nn.Module):
 
 
 class Llama(nn.Module):
-  """LLaMA causal LM: tokens int32 (batch, length) → logits float32 (batch, length, vocab).
+  """LLaMA causal LM: tokens int32 (batch, length) → logits (batch, length, vocab), float32
+  unless `config.logits_dtype` is "bfloat16".
 
   Usage:
     model = Llama(get_config("llama_60m"), quant=None)   # or QuantConfig(...)
@@ -122,14 +123,14 @@ class Llama(nn.Module):
       for i in range(cfg.num_layers):
         x = block(cfg, self.quant, name=f"layers_{i}")(x, positions)
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
-    # The head runs in the compute dtype but accumulates and returns float32.
+    # The head runs in the compute dtype, accumulates in float32 and returns logits_dtype.
     logits = DenseGeneral(
         cfg.vocab_size,
         kernel_axes=("embed", "vocab"),
         init_std=cfg.init_std,
         dtype=dtype,
         param_dtype=param_dtype,
-        out_dtype=jnp.float32,
+        out_dtype=jnp.dtype(cfg.logits_dtype),
         name="lm_head",
     )(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

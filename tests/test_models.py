@@ -180,6 +180,32 @@ def test_remat_matches():
   chex.assert_trees_all_close(grads(model), grads(remat), rtol=1e-5, atol=1e-7)
 
 
+def test_bf16_logits_are_the_float32_logits_rounded():
+  """`logits_dtype="bfloat16"` (HF LLaMA in bf16): the head's float32-accumulated output,
+  rounded once; the loss stays float32 and the gradient follows the float32 head's."""
+  model, params, tokens = _init(TINY)
+  bf16 = models.Llama(TINY.replace(logits_dtype="bfloat16"))
+  want = jax.jit(model.apply)({"params": params}, tokens)
+  got = jax.jit(bf16.apply)({"params": params}, tokens)
+  assert want.dtype == jnp.float32 and got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want.astype(jnp.bfloat16), np.float32),
+                             rtol=2**-8, atol=1e-6)
+
+  def loss_and_grads(m):
+    f = lambda p: models.cross_entropy_loss(m.apply({"params": p}, tokens), tokens)[0]
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  (want_loss, want_g), (got_loss, got_g) = loss_and_grads(model), loss_and_grads(bf16)
+  assert got_loss.dtype == jnp.float32
+  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-3)
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+  cos = flat(got_g) @ flat(want_g) / np.linalg.norm(flat(got_g)) / np.linalg.norm(flat(want_g))
+  assert cos > 0.999, cos
+  with pytest.raises(ValueError, match="logits_dtype"):
+    TINY.replace(logits_dtype="float16")
+
+
 def test_int4_initial_loss_close_to_bf16():
   config = TINY.replace(hidden_size=256, intermediate_size=688, vocab_size=1024, num_layers=1)
   losses = {}

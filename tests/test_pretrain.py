@@ -164,3 +164,14 @@ def test_lm_loss_is_the_shifted_token_mean_over_unpadded_targets(tiny_model_conf
   nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   mask = targets != 0
   np.testing.assert_allclose(float(loss), nll[mask].mean(), rtol=1e-5)
+
+
+def test_bf16_logits_flag_reaches_the_model_and_trains(tiny_args, tmp_path):
+  argv = tiny_args(logits_dtype="bfloat16", dtype="bfloat16", num_training_steps=4)
+  assert pretrain.model_config(config.parse_args(argv)).logits_dtype == "bfloat16"
+  assert pretrain.model_config(config.parse_args(tiny_args())).logits_dtype == "float32"
+  pretrain.main(argv)
+  losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+  assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+  with pytest.raises(SystemExit):
+    config.parse_args(tiny_args(logits_dtype="float16"))

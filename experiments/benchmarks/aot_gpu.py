@@ -140,11 +140,12 @@ def optimizer_updates(size: str, names: list, sharding, dump=None,
 
 
 def model_steps(model_name: str, quants: list, batch: int, length: int, sharding,
-                dump=None) -> list:
+                dump=None, logits_dtype: str = "float32") -> list:
   """Forward+backward of the token cross-entropy, as ``bench_model`` times it."""
   rows = []
   for quant_name in quants:
-    config = models.get_config(model_name, attention_implementation="cudnn")
+    config = models.get_config(model_name, attention_implementation="cudnn",
+                               logits_dtype=logits_dtype)
     model = models.Llama(config, quant=models.get_quant_config(quant_name))
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
     params = _on(nn.meta.unbox(models.abstract_variables(config)["params"]), sharding)
@@ -155,7 +156,8 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
     key = _on(jax.eval_shape(lambda: jax.random.key(0)), sharding)
     t0 = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
-    label = f"model-{config.name}-{quant_name}-{batch}x{length}"
+    label = (f"model-{config.name}-{quant_name}-{batch}x{length}"
+             f"{'-bf16logits' if logits_dtype == 'bfloat16' else ''}")
     row = _summary(label, compiled, time.perf_counter() - t0, dump)
     row.update(model=config.name, quant=quant_name, batch=batch, length=length,
                flops=models.flops_per_token(config, length) * batch * length)
@@ -164,17 +166,19 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
 
 
 def trainer_step(model_name: str, optimizer_name: str, batch: int, length: int, devices,
-                 dump=None, scan_layers: bool = False) -> dict:
+                 dump=None, scan_layers: bool = False, logits_dtype: str = "float32") -> dict:
   """The trainer's whole step (``bench_train.trainer_step``: mesh, shardings, donation), bf16."""
   ns = bench_train.parse_args(["--models", model_name, "--optimizers", optimizer_name,
                                "--batch", str(batch), "--length", str(length),
-                               "--dtype", "bfloat16"] + (["--scan_layers"] if scan_layers else []))
+                               "--dtype", "bfloat16", "--logits_dtype", logits_dtype]
+                              + (["--scan_layers"] if scan_layers else []))
   with bench_train.trainer_step(ns, model_name, optimizer_name,
                                 target_devices=devices) as (cfg, mcfg, init, step, tokens):
     state = jax.eval_shape(init, jax.eval_shape(lambda: jax.random.PRNGKey(cfg.seed)))
     t0 = time.perf_counter()
     compiled, donation = hlo_stats._compile(step.lower(state, tokens))  # pylint: disable=protected-access
-    label = f"train-{mcfg.name}-{optimizer_name}-{batch}x{length}{'-scan' if scan_layers else ''}"
+    label = (f"train-{mcfg.name}-{optimizer_name}-{batch}x{length}"
+             f"{'-scan' if scan_layers else ''}{'-bf16logits' if logits_dtype == 'bfloat16' else ''}")
     row = _summary(label, compiled, time.perf_counter() - t0, dump)
   row.update(model=mcfg.name, optimizer=optimizer_name, batch=batch, length=length,
              donation_warnings=donation, state_leaves=len(jax.tree.leaves(state)),
@@ -196,6 +200,8 @@ def main(argv=None) -> list:
   p.add_argument("--scan_layers", action="store_true",
                  help="--what optimizer / train: the scanned-layers layout")
   p.add_argument("--quant", default="bf16,int4", help="--what model: comma-separated")
+  p.add_argument("--logits_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="--what model / train: LlamaConfig.logits_dtype")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--length", type=int, default=256)
   p.add_argument("--bandwidth_GBps", type=float, default=H100_BANDWIDTH_GBPS,
@@ -225,20 +231,22 @@ def main(argv=None) -> list:
               f"{b['bytes'] / 1e9:.2f} GB", flush=True)
   elif args.what == "train":
     r = trainer_step(args.model, args.optimizer, args.batch, args.length,
-                     target_devices(args.target), args.dump, args.scan_layers)
+                     target_devices(args.target), args.dump, args.scan_layers,
+                     args.logits_dtype)
     rows = [r]
     calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
     print(f"| train step ({args.target}) | kernels | GB moved | cuDNN attention | "
           "outputs in donated buffers / state leaves | donation warnings | compile s |")
     print("|---|---:|---:|---|---|---|---:|")
-    print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']} | "
+    logits = ", bf16 logits" if args.logits_dtype == "bfloat16" else ""
+    print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']}{logits} | "
           f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
           f"{'yes' if r['cudnn_attention'] else 'no'} ({calls}) | "
           f"{r['aliased_outputs']} / {r['state_leaves']} | {len(r['donation_warnings'])} | "
           f"{r['compile_s']:.0f} |", flush=True)
   else:
     rows = model_steps(args.model, [q.strip() for q in args.quant.split(",") if q.strip()],
-                       args.batch, args.length, sharding, args.dump)
+                       args.batch, args.length, sharding, args.dump, args.logits_dtype)
     print(f"| fwd+bwd ({args.target}) | kernels | GB moved | cuDNN attention | custom calls "
           "| compile s |")
     print("|---|---:|---:|---|---|---:|")

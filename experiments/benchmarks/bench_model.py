@@ -53,6 +53,8 @@ def parse_args(argv=None):
                  help="compile on abstract parameters (nothing allocated) and report the time")
   p.add_argument("--scan_layers", action="store_true",
                  help="one decoder block scanned over the layers (LlamaConfig.scan_layers)")
+  p.add_argument("--logits_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="LlamaConfig.logits_dtype: the head's output dtype")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -66,7 +68,8 @@ def parse_args(argv=None):
 def model_inputs(name: str, args):
   """The model's config, a batch of tokens and its parameters (shapes only with
   ``--compile_only``), made once and shared by every quantization variant."""
-  config = models.get_config(name, remat=args.remat, scan_layers=args.scan_layers)
+  config = models.get_config(name, remat=args.remat, scan_layers=args.scan_layers,
+                             logits_dtype=args.logits_dtype)
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
   model = models.Llama(config)  # the quantized variants have the same parameters
   if args.compile_only:  # shapes only: nothing allocated
@@ -95,7 +98,8 @@ def bench_one(inputs, quant_name: str, args,
   compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
   if args.compile_only:
     return dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
-                scan_layers=config.scan_layers, remat=config.remat, compile_s=compile_s)
+                scan_layers=config.scan_layers, remat=config.remat,
+                logits_dtype=config.logits_dtype, compile_s=compile_s)
   t0 = time.perf_counter()
   jax.block_until_ready(step(params, tokens, key))
   first_step_s = time.perf_counter() - t0
@@ -113,7 +117,7 @@ def bench_one(inputs, quant_name: str, args,
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak) if peak else None
   r = dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
-           scan_layers=config.scan_layers, remat=config.remat,
+           scan_layers=config.scan_layers, remat=config.remat, logits_dtype=config.logits_dtype,
            params=models.count_params(config), step_s=step_s,
            compile_s=compile_s, first_step_s=first_step_s,
            tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,

@@ -73,6 +73,8 @@ def parse_args(argv=None):
                  help="as the trainer's --dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--activation_checkpointing", action="store_true")
   p.add_argument("--scan_layers", action="store_true", help="as the trainer's --scan_layers")
+  p.add_argument("--logits_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="as the trainer's --logits_dtype")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -102,6 +104,7 @@ def trainer_config(args, model: str, optimizer: str, backend: str | None = None
     argv.append("--activation_checkpointing")
   if args.scan_layers:
     argv.append("--scan_layers")
+  argv += ["--logits_dtype", getattr(args, "logits_dtype", "float32")]
   return config.for_backend(config.parse_args(argv), backend or jax.default_backend())
 
 
@@ -234,7 +237,7 @@ def _result(args, cfg, mcfg, optimizer_name, sizes, times, compile_s, first_step
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak * jax.device_count()) if peak else None
   return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
-              scan_layers=mcfg.scan_layers, remat=mcfg.remat,
+              scan_layers=mcfg.scan_layers, remat=mcfg.remat, logits_dtype=mcfg.logits_dtype,
               batch=cfg.batch_size, length=cfg.max_length, params=n_params,
               step_s=step_s, step_s_min=min(times), compile_s=compile_s,
               first_step_s=first_step_s,
