@@ -13,6 +13,7 @@ skipping what no longer fits in ``--budget_s``:
 4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
    each profiled (1b again with activation checkpointing if it runs out of memory); at 350m
    also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
+   then the 60m step again with ``--logits_dtype bfloat16`` (bf16 logits, as HF LLaMA);
 5. ``bench_optimizer --size 1b --scan_layers``: spam and stable_spam beside adamw on the
    scanned-layers layout (each weight of all layers in one leaf, Stable-SPAM with per-layer
    statistics), profiled;
@@ -217,6 +218,15 @@ def plan(args, work: str) -> list:
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
+  # The smallest trainer step again with bf16 logits (--logits_dtype): at 60m the head's
+  # float32 logits and their gradient are 21% of the step's bytes.
+  size = train_sizes[0]
+  parts.append(Part(f"train_{size}_bf16_logits", _module("bench_train") + [
+      "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
+      str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
+      "--no_loader", "--logits_dtype", "bfloat16", "--json", js(f"train_{size}_bf16_logits")]
+      + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(size, (60, 10)),
+      js(f"train_{size}_bf16_logits")))
   # The same updates on the scan_layers layout (one leaf per weight of all layers; Stable-SPAM
   # with per-layer statistics): the per-leaf kernels of the 219-leaf layout become 12 leaves'.
   parts.append(Part("optimizer_scan", _module("bench_optimizer") + [
@@ -362,10 +372,17 @@ def targets(res: dict) -> list:
   peer = {"llama_" + p["size"]: p for p in res["peer"] if "tokens_per_s" in p}
   for r in res["train"]:
     p = peer.get(r["model"])
-    add(f"trainer tokens/s ÷ PyTorch peer, {r['model']}",
+    add(f"trainer tokens/s ÷ PyTorch peer, {train_label(r)}",
         r["tokens_per_s"] / p["tokens_per_s"] if p else None, TARGETS["ours_x_peer"], False,
         "" if p else "no peer measurement in this run")
   return rows
+
+
+def train_label(row: dict) -> str:
+  """The model of a trainer row and what sets it apart: remat, scanned layers, bf16 logits."""
+  return row["model"] + "".join(f" ({tag})" for key, tag in (
+      ("remat", "remat"), ("scan_layers", "scan"), ("logits_dtype", "bf16 logits"))
+      if row.get(key) and (key != "logits_dtype" or row[key] == "bfloat16"))
 
 
 def floor_ms(name: str, params: int, dtype: str | None, copy_gbps: float | None):
@@ -386,7 +403,7 @@ def profile_lines(res: dict) -> list:
   for r in res["model"]:
     rows.append((f"fwd+bwd {r['model']} {r['quant']}", r.get("profile")))
   for r in res["train"]:
-    rows.append((f"train step {r['model']} {r['optimizer']}", r.get("profile")))
+    rows.append((f"train step {train_label(r)} {r['optimizer']}", r.get("profile")))
   rows = [(n, p) for n, p in rows if p]
   if not rows:
     return []
@@ -470,17 +487,15 @@ def markdown(report: dict) -> str:
               "| peer step ms | peer tokens/s | peer MFU | ours ÷ peer |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     peer = {"llama_" + p["size"]: p for p in res["peer"]}
-    names = [r["model"] for r in res["train"]] + [m for m in peer if m not in
-                                                   {r["model"] for r in res["train"]}]
-    ours = {r["model"]: r for r in res["train"]}
-    for m in names:
-      o, p = ours.get(m, {}), peer.get(m, {})
+    ours = {r["model"] for r in res["train"]}
+    pairs = [(r, peer.get(r["model"], {})) for r in res["train"]] + [
+        ({"model": m}, p) for m, p in peer.items() if m not in ours]
+    for o, p in pairs:
       ratio = (o["tokens_per_s"] / p["tokens_per_s"]
                if o.get("tokens_per_s") and p.get("tokens_per_s") else None)
-      remat = (" (remat)" if o.get("remat") else "") + (" (scan)" if o.get("scan_layers") else "")
       shape = f"{o.get('batch', p.get('batch'))}×{o.get('length', p.get('length'))}"
       lines.append(
-          f"| {m}{remat} | {shape} | {_f(o.get('step_s') and 1e3 * o['step_s'])} | "
+          f"| {train_label(o)} | {shape} | {_f(o.get('step_s') and 1e3 * o['step_s'])} | "
           f"{_f(o.get('tokens_per_s'), '{:,.0f}')} | {_f(o.get('mfu'), '{:.1%}')} | "
           f"{_f(o.get('compile_s'))} | {_f(p.get('step_ms'))} | "
           f"{_f(p.get('tokens_per_s'), '{:,.0f}')} | {_f(p.get('mfu'), '{:.1%}')} | "
