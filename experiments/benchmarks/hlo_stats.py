@@ -113,32 +113,87 @@ def type_bytes(hlo_type: str) -> float:
   return total
 
 
-def _traffic_of(comp: dict) -> tuple:
-  """Kernels and bytes of one computation's own instructions, by kind."""
-  types = {}
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_LOOP_PARTS = re.compile(r"\b(body|condition)=%?([\w.\-]+)")
+
+
+def _definitions(comp: dict) -> list:
+  """``(name, type, opcode, operand names, line)`` of each instruction of ``comp``."""
+  out = []
   for line in comp["lines"]:
     m = hlo_parse.DEFINITION.match(line)
     if m:
-      types[m.group(1)] = m.group(2)
+      args = m.group(4).split(")", 1)[0]
+      out.append((m.group(1), m.group(2), m.group(3), re.findall(r"%([\w.\-]+)", args), line))
+  return out
+
+
+def _sliced_io(fused: dict) -> tuple:
+  """What a fusion really reads of each operand and writes, where it slices a buffer.
+
+  Returns ``(reads, written)``: ``reads[i]`` is the bytes read of operand ``i`` when the
+  fused computation only takes dynamic slices of that parameter (a scanned layer's weights
+  out of the stacked array), or when it only updates a slice of it in place (the stacked
+  gradient); ``written`` is the bytes of those in-place updates, None when the root is not
+  one. Operands not listed are read whole.
+  """
+  defs = _definitions(fused)
+  types = {name: typ for name, typ, *_ in defs}
+  params = {}
+  for name, _, op, _, line in defs:
+    if op == "parameter":
+      params[name] = int(re.search(r"parameter\((\d+)\)", line).group(1))
+  users = collections.defaultdict(list)
+  for name, _, op, operands, _ in defs:
+    for i, o in enumerate(operands):
+      users[o].append((name, op, i, operands))
+  root = next((d for d in defs if d[4].lstrip().startswith("ROOT")), None)
+  roots = [root] if root else []
+  if root and root[2] == "tuple":
+    roots = [d for d in defs if d[0] in root[3]]
+  reads, written = {}, None
+  in_place = {d[0]: d for d in roots if d[2] == "dynamic-update-slice"}
+  for name, index in params.items():
+    uses = users.get(name, [])
+    if uses and all(op == "dynamic-slice" and i == 0 for _, op, i, _ in uses):
+      reads[index] = sum(type_bytes(types[user]) for user, *_ in uses)
+    elif uses and all(user in in_place and i == 0 for user, _, i, _ in uses):
+      reads[index] = 0.0
+  if in_place and len(in_place) == len(roots):
+    written = sum(type_bytes(types.get(d[3][1], "")) for d in in_place.values())
+  return reads, written
+
+
+def _traffic_of(comp: dict, comps: dict | None = None) -> tuple:
+  """Kernels and bytes of one computation's own instructions, by kind."""
+  defs = _definitions(comp)
+  types = {name: typ for name, typ, *_ in defs}
   kernels, total = collections.Counter(), collections.Counter()
-  for line in comp["lines"]:
-    m = hlo_parse.DEFINITION.match(line)
-    if not m or m.group(3) in _FREE:
+  for _, typ, op, operands, line in defs:
+    if op in _FREE:
       continue
-    op = m.group(3)
+    reads, written = {}, None
     if op == "fusion":
       k = hlo_parse.FUSION_KIND.search(line)
+      fused = hlo_parse.CALLS.search(line)
+      if comps and fused and fused.group(1) in comps:
+        reads, written = _sliced_io(comps[fused.group(1)])
       op = f"fusion:{k.group(1) if k else '?'}"
-    args = m.group(4).split(")", 1)[0]
-    operands = re.findall(r"%([\w.\-]+)", args)
+    elif op == "dynamic-slice":  # reads the slice it returns
+      reads = {0: type_bytes(typ)}
+    elif op == "dynamic-update-slice":  # in place: reads and writes the update
+      reads, written = {0: 0.0}, type_bytes(types.get(operands[1], "")) if len(operands) > 1 else None
     kernels[op] += 1
-    total[op] += type_bytes(m.group(2)) + sum(type_bytes(types.get(o, "")) for o in operands)
+    total[op] += (type_bytes(typ) if written is None else written) + sum(
+        reads.get(i, type_bytes(types.get(o, ""))) for i, o in enumerate(operands))
   return kernels, total
 
 
 def _callees(comp: dict, inner: set) -> tuple:
-  """The computations ``comp`` runs on their own: always, and as conditional branches."""
-  always, branches = set(), []
+  """The computations ``comp`` runs on their own, with how many times per run of ``comp``:
+  ``(always: {name: times}, branches: [[names of one conditional's branches], ...])``.
+  A while loop's body and condition run its known trip count (1 when XLA does not know it)."""
+  always, branches = collections.Counter(), []
   for line in comp["lines"]:
     names = {n for n in hlo_parse.CALLEE.findall(line) if n not in inner}
     listed = hlo_parse.BRANCH_LIST.search(line)
@@ -146,8 +201,11 @@ def _callees(comp: dict, inner: set) -> tuple:
       names |= set(re.findall(r"%?([\w.\-]+)", listed.group(1)))
     if " conditional(" in line:
       branches.append(sorted(names))
-    else:
-      always |= names
+      continue
+    trips = _TRIP_COUNT.search(line) if " while(" in line else None
+    loop = {n for _, n in _LOOP_PARTS.findall(line)} if trips else set()
+    for name in names:
+      always[name] += int(trips.group(1)) if name in loop else 1
   return always, branches
 
 
@@ -157,10 +215,13 @@ def kernel_traffic(hlo_text: str) -> dict:
   Every instruction of a computation that runs on its own (see ``summarize``) other than
   bookkeeping (parameters, tuples, bitcasts, loops) is one kernel that reads each operand
   and writes its result once: ``bytes`` is the sum over kernels of operand and result
-  sizes. That is the device-memory traffic of an update when nothing stays in cache between
-  kernels; a loop body counts once, whatever its trip count. The branches of a conditional
-  are not in the totals (one of them runs); ``branches`` lists each branch's own kernels
-  and bytes. For a memory-bound step (an optimizer update) bytes over the device's bandwidth
+  sizes, except that a kernel which only takes dynamic slices of an operand reads those
+  slices, and one that updates a slice of a buffer in place writes (and reads) the update.
+  That is the device-memory traffic of an update when nothing stays in cache between
+  kernels. A loop body counts as many times as its known trip count (a scan over layers
+  runs its body once per layer). The branches of a conditional are not in the totals (one
+  of them runs); ``branches`` lists each branch's own kernels and bytes, per run of the
+  branch. For a memory-bound step (an optimizer update) bytes over the device's bandwidth
   is the time to expect, and two optimizers' bytes compare their passes over memory
   without running them.
   """
@@ -168,25 +229,30 @@ def kernel_traffic(hlo_text: str) -> dict:
   inner = _bodies(comps)
   graph = {name: _callees(comp, inner) for name, comp in comps.items() if name not in inner}
 
-  def reach(roots) -> set:
-    seen, todo = set(), list(roots)
-    while todo:
-      name = todo.pop()
-      if name in seen or name not in graph:
-        continue
-      seen.add(name)
-      todo += list(graph[name][0])
-    return seen
+  def runs(roots) -> collections.Counter:
+    """How many times each computation reachable from ``roots`` runs per run of the roots."""
+    times = collections.Counter()
+
+    def visit(name, n):
+      if name not in graph:
+        return
+      times[name] += n
+      for child, k in graph[name][0].items():
+        visit(child, n * k)
+
+    for root in roots:
+      visit(root, 1)
+    return times
 
   entries = [n for n, c in comps.items() if c["entry"]] or list(graph)
-  always = reach(entries)
+  always = runs(entries)
 
-  def tally(names) -> tuple:
+  def tally(times) -> tuple:
     kernels, total = collections.Counter(), collections.Counter()
-    for name in names:
-      k, b = _traffic_of(comps[name])
-      kernels.update(k)
-      total.update(b)
+    for name, n in times.items():
+      k, b = _traffic_of(comps[name], comps)
+      kernels.update({key: v * n for key, v in k.items()})
+      total.update({key: v * n for key, v in b.items()})
     return kernels, total
 
   kernels, total = tally(always)
@@ -194,7 +260,7 @@ def kernel_traffic(hlo_text: str) -> dict:
   for name in sorted(always):
     for group in graph[name][1]:
       for root in group:
-        k, b = tally(reach([root]))
+        k, b = tally(runs([root]))
         branches.append(dict(computation=root, kernels=sum(k.values()),
                              bytes=sum(b.values())))
   return dict(kernels=sum(kernels.values()), bytes=sum(total.values()),
