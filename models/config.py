@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any
 
+import jax
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -58,6 +60,9 @@ class LlamaConfig:
     if self.attention_implementation not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_implementation {self.attention_implementation!r} is not "
                        "None, 'xla' or 'cudnn'")
+    if not callable(getattr(jax.checkpoint_policies, self.remat_policy, None)):
+      raise ValueError(f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies "
+                       "entry (e.g. 'nothing_saveable', 'dots_saveable')")
     if self.logits_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"logits_dtype {self.logits_dtype!r} is not 'float32' or 'bfloat16'")
     if self.hidden_size % self.num_heads:

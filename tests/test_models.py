@@ -204,6 +204,8 @@ def test_bf16_logits_are_the_float32_logits_rounded():
   assert cos > 0.999, cos
   with pytest.raises(ValueError, match="logits_dtype"):
     TINY.replace(logits_dtype="float16")
+  with pytest.raises(ValueError, match="remat_policy 'dots' is not"):
+    TINY.replace(remat_policy="dots")
 
 
 def test_int4_initial_loss_close_to_bf16():

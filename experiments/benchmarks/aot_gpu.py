@@ -140,12 +140,15 @@ def optimizer_updates(size: str, names: list, sharding, dump=None,
 
 
 def model_steps(model_name: str, quants: list, batch: int, length: int, sharding,
-                dump=None, logits_dtype: str = "float32") -> list:
+                dump=None, logits_dtype: str = "float32", scan_layers: bool = False,
+                remat_policy: str | None = None) -> list:
   """Forward+backward of the token cross-entropy, as ``bench_model`` times it."""
   rows = []
   for quant_name in quants:
     config = models.get_config(model_name, attention_implementation="cudnn",
-                               logits_dtype=logits_dtype)
+                               logits_dtype=logits_dtype, scan_layers=scan_layers,
+                               remat=remat_policy is not None,
+                               **({"remat_policy": remat_policy} if remat_policy else {}))
     model = models.Llama(config, quant=models.get_quant_config(quant_name))
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
     params = _on(nn.meta.unbox(models.abstract_variables(config)["params"]), sharding)
@@ -157,6 +160,7 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
     t0 = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
     label = (f"model-{config.name}-{quant_name}-{batch}x{length}"
+             f"{'-scan' if scan_layers else ''}{f'-remat_{remat_policy}' if remat_policy else ''}"
              f"{'-bf16logits' if logits_dtype == 'bfloat16' else ''}")
     row = _summary(label, compiled, time.perf_counter() - t0, dump)
     row.update(model=config.name, quant=quant_name, batch=batch, length=length,
@@ -198,7 +202,10 @@ def main(argv=None) -> list:
   p.add_argument("--model", default="llama_350m", help="--what model / train: the config")
   p.add_argument("--optimizer", default="spam", help="--what train: the trainer's --optimizer")
   p.add_argument("--scan_layers", action="store_true",
-                 help="--what optimizer / train: the scanned-layers layout")
+                 help="the scanned-layers layout (all three --what)")
+  p.add_argument("--remat_policy", default=None,
+                 help="--what model: rematerialise each block with this jax.checkpoint_policies "
+                      "entry (default: no remat)")
   p.add_argument("--quant", default="bf16,int4", help="--what model: comma-separated")
   p.add_argument("--logits_dtype", default="float32", choices=("float32", "bfloat16"),
                  help="--what model / train: LlamaConfig.logits_dtype")
@@ -246,7 +253,8 @@ def main(argv=None) -> list:
           f"{r['compile_s']:.0f} |", flush=True)
   else:
     rows = model_steps(args.model, [q.strip() for q in args.quant.split(",") if q.strip()],
-                       args.batch, args.length, sharding, args.dump, args.logits_dtype)
+                       args.batch, args.length, sharding, args.dump, args.logits_dtype,
+                       args.scan_layers, args.remat_policy)
     print(f"| fwd+bwd ({args.target}) | kernels | GB moved | cuDNN attention | custom calls "
           "| compile s |")
     print("|---|---:|---:|---|---|---:|")
