@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from models.linears import DenseGeneral
 from models.quantization import QuantConfig
@@ -100,9 +101,12 @@ class Attention(nn.Module):
     q = dense(heads, -1, ("embed", "heads", "kv"), "q_proj")(x)
     k = dense(heads, -1, ("embed", "heads", "kv"), "k_proj")(x)
     v = dense(heads, -1, ("embed", "heads", "kv"), "v_proj")(x)
-    q = nn.with_logical_constraint(apply_rope(q, positions, self.rope_theta), qkv_axes)
-    k = nn.with_logical_constraint(apply_rope(k, positions, self.rope_theta), qkv_axes)
-    v = nn.with_logical_constraint(v, qkv_axes)
+    # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
+    q = checkpoint_name(apply_rope(q, positions, self.rope_theta), "query")
+    k = checkpoint_name(apply_rope(k, positions, self.rope_theta), "key")
+    q = nn.with_logical_constraint(q, qkv_axes)
+    k = nn.with_logical_constraint(k, qkv_axes)
+    v = nn.with_logical_constraint(checkpoint_name(v, "value"), qkv_axes)
     out = causal_attention(q, k, v, self.implementation)
-    out = nn.with_logical_constraint(out, qkv_axes)
+    out = nn.with_logical_constraint(checkpoint_name(out, "attention_out"), qkv_axes)
     return dense(x.shape[-1], (-2, -1), ("heads", "kv", "embed"), "o_proj")(out)

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-import jax
+from models import remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +43,12 @@ class LlamaConfig:
   # bf16 (the official runs) returns them, the loss upcasting them; this halves the bytes of
   # the largest activation and of its gradient.
   logits_dtype: str = "float32"
-  # Rematerialise every decoder block in the backward pass.
+  # Rematerialise every decoder block in the backward pass with `remat_policy`. (A scanned
+  # block is always rematerialised: with `remat_policy` when this is on, else with
+  # "block_residuals", which recomputes only element-wise work.)
   remat: bool = False
-  # Name of a `jax.checkpoint_policies` entry, used when `remat` is on.
+  # Used when `remat` is on: "block_residuals" (`models.remat`) or the name of a
+  # `jax.checkpoint_policies` entry.
   remat_policy: str = "nothing_saveable"
   # One decoder block scanned over the layers (`flax.linen.scan`, as MaxText does): the
   # block is traced and compiled once, and the decoder parameters live in one subtree
@@ -60,9 +63,7 @@ class LlamaConfig:
     if self.attention_implementation not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_implementation {self.attention_implementation!r} is not "
                        "None, 'xla' or 'cudnn'")
-    if not callable(getattr(jax.checkpoint_policies, self.remat_policy, None)):
-      raise ValueError(f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies "
-                       "entry (e.g. 'nothing_saveable', 'dots_saveable')")
+    remat.policy(self.remat_policy)  # a clear error for an unknown name
     if self.logits_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"logits_dtype {self.logits_dtype!r} is not 'float32' or 'bfloat16'")
     if self.hidden_size % self.num_heads:

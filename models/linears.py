@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from models import quantization
 from models.quantization import QuantConfig
@@ -105,8 +106,10 @@ class MLP(nn.Module):
         param_dtype=self.param_dtype,
         name=name,
     )
-    gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
+    gate = checkpoint_name(dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x),
+                           "mlp_gate")
+    up = checkpoint_name(dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x), "mlp_up")
     h = nn.silu(gate) * up
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(h)

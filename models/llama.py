@@ -19,12 +19,14 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from models.attention import Attention
 from models.config import LlamaConfig, get_config
 from models.linears import MLP, DenseGeneral
 from models.normalization import RMSNorm
 from models.quantization import QuantConfig
+from models import remat
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
@@ -56,7 +58,7 @@ class DecoderBlock(nn.Module):
         implementation=cfg.attention_implementation,
         name="self_attn",
     )(h, positions)
-    x = nn.with_logical_constraint(x + h, ACTIVATION_AXES)
+    x = checkpoint_name(nn.with_logical_constraint(x + h, ACTIVATION_AXES), "residual_mid")
     h = norm("post_attention_layernorm")(x)
     h = MLP(
         cfg.intermediate_size,
@@ -106,9 +108,12 @@ class Llama(nn.Module):
     )(tokens)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     block = DecoderBlock
-    if cfg.remat:
-      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
-                       prevent_cse=not cfg.scan_layers)
+    if cfg.remat or cfg.scan_layers:
+      # A scanned block without remat would store every intermediate of its backward pass
+      # in stacked buffers (XLA cannot recompute cheap ones across the loop); with
+      # `block_residuals` it keeps the matrix-product and attention outputs only.
+      policy = cfg.remat_policy if cfg.remat else "block_residuals"
+      block = nn.remat(block, policy=remat.policy(policy), prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       block = nn.scan(
           block,
