@@ -133,7 +133,8 @@ def test_trainer_steps_with_scanned_layers(name, density):
     assert max_ema["layers"]["mlp"]["up_proj"]["kernel"].shape == (TINY.num_layers,)
 
 
-def test_scanned_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["spam", "stable_spam"])
+def test_scanned_run_resumes_exactly(tmp_path, optimizer):
   model = tmp_path / "tiny.json"
   model.write_text(json.dumps({"hidden_size": 32, "intermediate_size": 64,
                                "num_attention_heads": 2, "num_hidden_layers": 2,
@@ -141,10 +142,12 @@ def test_scanned_run_resumes_exactly(tmp_path):
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("\n".join(f"scan {i} layers once, stack {i % 7} weights" for i in range(200)))
 
+  flags = (["--density", "0.5", "--warmup_epoch", "1", "--threshold", "2",
+            "--grad_accu_steps", "1"] if optimizer == "spam" else ["--gamma3", "0.5"])
+
   def args(run, *extra):
     return ["--model_config", str(model), "--dataset", str(corpus), "--scan_layers",
-            "--optimizer", "spam", "--density", "0.5", "--DeltaT", "2", "--warmup_epoch", "1",
-            "--threshold", "2", "--grad_accu_steps", "1", "--batch_size", "4",
+            "--optimizer", optimizer, "--DeltaT", "2", *flags, "--batch_size", "4",
             "--max_length", "24", "--num_training_steps", "4", "--warmup_steps", "1",
             "--lr", "1e-2", "--eval_every", "2", "--eval_batches", "1", "--save_every", "2",
             "--dtype", "float32", "--no-progress", "--save_dir", str(tmp_path / run), *extra]
