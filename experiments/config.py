@@ -42,6 +42,7 @@ class TrainConfig:
   model_config: str = "llama_9m"
   dtype: str = "auto"  # bfloat16 on accelerators, float32 on CPU (see for_backend)
   activation_checkpointing: bool = False
+  remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
   logits_dtype: str = "float32"
   # optimizer
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "mixed: float32 params and moments, bf16 compute; float32: all float32; "
                       "auto: bfloat16 on GPU/TPU, float32 on CPU")
   _bool_flag(g, "activation_checkpointing", "rematerialise decoder blocks")
+  g.add_argument("--remat_policy", default=d.remat_policy,
+                 help="what --activation_checkpointing keeps: block_residuals (matrix-product "
+                      "and attention outputs; recompute the element-wise rest) or a "
+                      "jax.checkpoint_policies name (default: nothing_saveable, recompute all)")
   g.add_argument("--logits_dtype", default=d.logits_dtype, choices=("float32", "bfloat16"),
                  help="the output head's logits: float32, or bfloat16 as HF LLaMA in bf16 "
                       "(the loss is float32 either way; bfloat16 halves the head's traffic)")
@@ -484,6 +489,13 @@ def resolve(cfg: TrainConfig, given: frozenset[str] | None = None) -> TrainConfi
   total = cfg.total_batch_size or cfg.batch_size
   if total % cfg.batch_size:
     fail(f"--total_batch_size {total} is not a multiple of --batch_size {cfg.batch_size}")
+  if "remat_policy" in given and not cfg.activation_checkpointing:
+    fail("--remat_policy says what --activation_checkpointing keeps; give both")
+  from models import remat  # pylint: disable=import-outside-toplevel
+  try:
+    remat.policy(cfg.remat_policy)
+  except ValueError as e:
+    fail(f"--{e}")
   if cfg.inject_signal is not None and not re.fullmatch(r"\d+:(TERM|INT|KILL)(,(TERM|INT))?",
                                                          cfg.inject_signal):
     fail(f"--inject_signal {cfg.inject_signal!r}: expected STEP:TERM, STEP:TERM,TERM or STEP:KILL")

@@ -49,6 +49,7 @@ def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
   dtypes = {"bfloat16": ("bfloat16", "bfloat16"), "mixed": ("bfloat16", "float32"),
             "float32": ("float32", "float32")}[cfg.dtype]
   changes = dict(dtype=dtypes[0], param_dtype=dtypes[1], remat=cfg.activation_checkpointing,
+                 remat_policy=cfg.remat_policy,
                  scan_layers=cfg.scan_layers, logits_dtype=cfg.logits_dtype,
                  max_seq_len=max(mcfg.max_seq_len, cfg.max_length))
   return dataclasses.replace(mcfg, **changes)

@@ -29,7 +29,7 @@ RESUMABLE = frozenset({
     "progress", "peak_tflops",  # reporting only
     # layout / memory, same numbers (the number of processes must stay the same: each one's
     # loader position is saved apart, and a checkpoint restores only into as many)
-    "mesh", "distributed", "activation_checkpointing",
+    "mesh", "distributed", "activation_checkpointing", "remat_policy",
     "resume", "name", "save_dir",  # where the run lives, not what it is
     "inject_nan_at_step", "inject_signal",  # debugging
 })

@@ -59,6 +59,10 @@ CASES = [
     (["--model_config", "llama_nope"], "unknown model"),
     (["--mesh", "data=64"], "needs 64 devices"),
     (["--mesh", "model=2"], "bad --mesh"),
+    (["--remat_policy", "block_residuals"], "--remat_policy says what --activation_checkpointing"),
+    (["--activation_checkpointing", "--remat_policy", "dots"],
+     "--remat_policy 'dots' is not block_residuals or a jax.checkpoint_policies entry"),
+    (["--logits_dtype", "float16"], "--logits_dtype 'float16' is not a choice"),
 ]
 
 

@@ -170,6 +170,9 @@ def test_bf16_logits_flag_reaches_the_model_and_trains(tiny_args, tmp_path):
   argv = tiny_args(logits_dtype="bfloat16", dtype="bfloat16", num_training_steps=4)
   assert pretrain.model_config(config.parse_args(argv)).logits_dtype == "bfloat16"
   assert pretrain.model_config(config.parse_args(tiny_args())).logits_dtype == "float32"
+  remat = pretrain.model_config(config.parse_args(tiny_args(
+      activation_checkpointing=True, remat_policy="block_residuals")))
+  assert remat.remat and remat.remat_policy == "block_residuals"
   pretrain.main(argv)
   losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
   assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
