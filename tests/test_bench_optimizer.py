@@ -3,6 +3,7 @@ profiles, and its hand-fused SPAM equals spam()."""
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,12 +54,56 @@ def test_scanned_layout_and_a_subset_of_optimizers(tmp_path, capsys):
   state = jax.eval_shape(bench_optimizer.optimizers(0.25, scan_layers=True)["stable_spam"].init,
                          shapes)
   assert state[0].max_ema["layers"]["mlp"]["up_proj"]["kernel"].shape == (layers,)
+  bench_optimizer.main(["--size", "tiny", "--optimizers",
+                        "hand-fused stable_spam (vector statistics),stable_spam", "--no-time"])
+  rows = table_rows(capsys.readouterr().out)
+  assert [r[0] for r in rows[1:]] == ["adamw", "hand-fused stable_spam (vector statistics)",
+                                      "stable_spam"]
   try:
     bench_optimizer.main(["--size", "tiny", "--optimizers", "adam", "--no-time"])
   except SystemExit as e:
     assert "unknown --optimizers adam" in str(e)
   else:
     raise AssertionError("an unknown optimizer name was accepted")
+
+
+def test_hand_fused_stable_spam_with_vector_statistics_matches_the_alias():
+  """The reference keeps AdaClip's and AdaGN's per-leaf statistics as vectors: same updates
+  and clipped counts as spam_optax.stable_spam (no decay, no cosine), resets included."""
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
+  (params,) = bench_optimizer.random_trees(shapes, 1, seed=1)
+  rng = np.random.default_rng(0)
+
+  def gradient(t):
+    def leaf(s):
+      g = 0.02 * rng.normal(size=s.shape).astype(np.float32)
+      if t % 5 == 4:
+        g[..., :3] *= 1000.0
+      return jnp.asarray(g)
+    return jax.tree.map(leaf, shapes)
+
+  grads = [gradient(t) for t in range(12)]
+
+  def run(opt, clipped):
+    @jax.jit
+    def step(p, s, g):
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), s, clipped(s)
+
+    p, state, counts = params, opt.init(params), []
+    for g in grads:
+      p, state, n = step(p, state, g)
+      counts.append(int(n))
+    return p, counts
+
+  want, want_counts = run(spam_optax.stable_spam(1e-3, reset_interval=4),
+                          lambda s: spam_optax.spike_stats(s)["spike/clipped_total"])
+  assert sum(want_counts) > 0
+  for count in (True, False):
+    got, counts = run(bench_optimizer._fused_stable_spam_vector(1e-3, interval=4, count=count),
+                      lambda s: jnp.sum(s.clipped))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+    assert counts == (want_counts if count else [0] * len(grads))
 
 
 def test_hand_fused_spam_matches_the_alias():

@@ -5,8 +5,9 @@ First a probe records the device and the library versions and measures the two c
 with its own time limit (so a slow or out-of-memory part loses only itself), in this order,
 skipping what no longer fits in ``--budget_s``:
 
-1. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, spam d=0.25, one resident at
-   a time, each profiled;
+1. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, the hand-fused Stable-SPAM with
+   its per-leaf statistics held as vectors (a reference), spam d=0.25, one resident at a
+   time, each profiled;
 2. ``bench_model`` bf16 and int4 (W4A4) at 350m (profiled) and 60m, 64×256;
 3. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
    60m, 130m, 350m and 1b, batch 64×256;
@@ -112,6 +113,8 @@ print("PROBE " + json.dumps(info), flush=True)
 # more before its element-wise pass: for max |g| (AdaClip), then for the norm of the clipped
 # leaf (AdaGN), which needs that max first.
 FLOOR_BYTES_PER_PARAM = {"adamw": 28, "spam": 28, "stable_spam": 36}
+VECTOR_REFERENCE = "hand-fused stable_spam (vector statistics)"
+FLOOR_BYTES_PER_PARAM[VECTOR_REFERENCE] = 36
 
 
 @dataclasses.dataclass
@@ -196,9 +199,12 @@ def plan(args, work: str) -> list:
   # The parts that decide the optimizer and MFU targets first, then the trainer beside its
   # peer, then the breakdowns; what the budget no longer fits is recorded as skipped.
   parts = []
+  # Beside Stable-SPAM, the same update with its per-leaf statistics held as vectors (a
+  # hand-fused reference, 809 kernels at 1b against 1953): whether the launches are the gap.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
-      "--size", opt_size, "--sequential", "--json", js("optimizer")] + opt_iters
-      + prof("optimizer"), 150, 40, js("optimizer")))
+      "--size", opt_size, "--sequential", "--optimizers",
+      f"spam,stable_spam,{VECTOR_REFERENCE},spam d=0.25", "--json", js("optimizer")]
+      + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
   peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,

@@ -45,6 +45,8 @@ import spam_optax
 from experiments import rundir
 from experiments import optimizers as train_optimizers
 from experiments.benchmarks import profile_summary
+from spam_optax import _count
+from spam_optax import _periodic_reset
 from spam_optax._tree_util import tree_map_unzip
 
 
@@ -172,6 +174,71 @@ def _fused_adam_reset_after(lr: float, b1=0.9, b2=0.999, eps=1e-8, interval=1000
   return optax.GradientTransformation(init, update)
 
 
+class _VectorStatsState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+  max_ema: jax.Array  # one entry per leaf
+  mu_norm: jax.Array
+  nu_norm: jax.Array
+  clipped: jax.Array
+
+
+def _fused_stable_spam_vector(lr: float, b1=0.9, b2=0.999, eps=1e-8, gamma1=0.7, gamma2=0.9,
+                              gamma3=0.999, interval=1000, count=True):
+  """Stable-SPAM (no decay, no cosine) with its per-leaf statistics held as vectors.
+
+  Reference for ``--blocks``: the same arithmetic as ``spam_optax.stable_spam``, but AdaClip's
+  running max, AdaGN's two EMAs and the clipped counts are one vector each, one entry per
+  leaf, instead of one scalar per leaf. The per-leaf reductions are stacked and the scalar
+  statistics of every leaf computed together, so no small kernel per leaf remains between the
+  reductions and the update pass: what the library would gain from that state layout.
+  """
+  def init(params) -> _VectorStatsState:
+    n = len(jax.tree.leaves(params))
+    zeros = jnp.zeros([n], jnp.float32)
+    base = _fused_init(params)
+    return _VectorStatsState(base.count, base.mu, base.nu, zeros, zeros, zeros,
+                             jnp.zeros([n], jnp.int32))
+
+  def update(grads, state, params=None):
+    del params
+    t = state.count + 1
+    k_stat = _periodic_reset.restarted_count_before_reset(t, interval)
+    k = _periodic_reset.restarted_count(t, interval)
+    leaves, treedef = jax.tree.flatten(grads)
+    gmax = jnp.stack([jnp.max(jnp.abs(g)) for g in leaves])
+    max_ema = gamma3 * state.max_ema + (1 - gamma3) * gmax
+    m_hat = max_ema / -jnp.expm1(k_stat * math.log(gamma3))
+    ratio = m_hat / jnp.where(gmax > 0, gmax, 1)
+    clipped = [jnp.where(jnp.abs(g) > m_hat[i], g * ratio[i], g) for i, g in enumerate(leaves)]
+    # The clipped count as a float sum beside the norm's (one reduction pass over the leaf).
+    over = [jnp.where(jnp.abs(g) > m_hat[i], 1.0, 0.0) for i, g in enumerate(leaves)]
+    n_clipped = (jnp.stack([jnp.sum(o) for o in over]).astype(jnp.int32) if count
+                 else jnp.zeros([len(leaves)], jnp.int32))
+    norm = jnp.sqrt(jnp.stack([jnp.sum(c * c) for c in clipped]))
+    mu_norm = gamma1 * state.mu_norm + (1 - gamma1) * norm
+    nu_norm = gamma2 * state.nu_norm + (1 - gamma2) * norm * norm
+    target = (mu_norm / -jnp.expm1(k_stat * math.log(gamma1))) / (
+        jnp.sqrt(nu_norm / -jnp.expm1(k_stat * math.log(gamma2))) + eps)
+    factor = jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1), 1)
+    reset = (t % interval) == 0
+    bc1 = -jnp.expm1(k * math.log(b1))
+    sqrt_bc2 = jnp.sqrt(-jnp.expm1(k * math.log(b2)))
+    out = []
+    for i, (g, m, v) in enumerate(zip(clipped, treedef.flatten_up_to(state.mu),
+                                      treedef.flatten_up_to(state.nu))):
+      g = g * factor[i]
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      u = -lr * (m / bc1) / (jnp.sqrt(v) / sqrt_bc2 + eps)
+      out.append((u, jnp.where(reset, 0, m), jnp.where(reset, 0, v)))
+    u, mu, nu = (treedef.unflatten([o[j] for o in out]) for j in range(3))
+    return u, _VectorStatsState(t, mu, nu, max_ema, mu_norm, nu_norm, n_clipped)
+
+  return optax.GradientTransformation(init, update)
+
+
 def block_optimizers() -> dict:
   """Chains adding one block at a time, and hand-fused references."""
   lr = 1e-3
@@ -201,6 +268,9 @@ def block_optimizers() -> dict:
           spam_optax.scale_by_grad_norm_history(reset_interval=1000),
           optax.scale_by_adam(), scale_lr),
       "stable_spam": spam_optax.stable_spam(lr),
+      "hand-fused stable_spam (vector statistics)": _fused_stable_spam_vector(lr),
+      "hand-fused stable_spam (vector statistics; no count)": _fused_stable_spam_vector(
+          lr, count=False),
   }
 
 
@@ -332,8 +402,9 @@ def main(argv=None):
                       help="the scan_layers layout: each weight of all layers in one leaf "
                       "(Stable-SPAM with per-layer statistics)")
   parser.add_argument("--optimizers", default=None,
-                      help="comma-separated subset of adamw, spam, stable_spam, spam d=<density> "
-                      "(default: all four; adamw always runs, as the baseline)")
+                      help="comma-separated names, timed in this order after adamw (always "
+                      "run, the baseline): adamw, spam, stable_spam, spam d=<density>, or a "
+                      "--blocks chain (default: the first four)")
   parser.add_argument("--density", type=float, default=0.25)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=30)
@@ -430,12 +501,13 @@ def _time_group(args, shapes, opts: dict, group_index: int, header: dict,
 def _main_optimizers(args, shapes, header: dict) -> None:
   opts = optimizers(args.density, args.scan_layers)
   if args.optimizers:
-    wanted = {n.strip() for n in args.optimizers.split(",") if n.strip()}
-    unknown = wanted - opts.keys()
+    known = {**block_optimizers(), **opts}
+    wanted = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
     if unknown:
-      raise SystemExit(f"error: unknown --optimizers {', '.join(sorted(unknown))}; "
-                       f"known: {', '.join(opts)}")
-    opts = {n: o for n, o in opts.items() if n == "adamw" or n in wanted}
+      raise SystemExit(f"error: unknown --optimizers {', '.join(unknown)}; "
+                       f"known: {', '.join(known)}")
+    opts = {"adamw": opts["adamw"], **{n: known[n] for n in wanted if n != "adamw"}}
   state_bytes = {name: tree_bytes(jax.eval_shape(opt.init, shapes))
                  for name, opt in opts.items()}
   rows = {name: dict(name=name, update_ms=None, page_faults=None, compile_s=None,
