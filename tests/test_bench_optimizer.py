@@ -67,47 +67,10 @@ def test_scanned_layout_and_a_subset_of_optimizers(tmp_path, capsys):
     raise AssertionError("an unknown optimizer name was accepted")
 
 
-def test_hand_fused_stable_spam_with_vector_statistics_matches_the_alias():
-  """The reference keeps AdaClip's and AdaGN's per-leaf statistics as vectors: same updates
-  and clipped counts as spam_optax.stable_spam (no decay, no cosine), resets included."""
-  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
-  (params,) = bench_optimizer.random_trees(shapes, 1, seed=1)
-  rng = np.random.default_rng(0)
-
-  def gradient(t):
-    def leaf(s):
-      g = 0.02 * rng.normal(size=s.shape).astype(np.float32)
-      if t % 5 == 4:
-        g[..., :3] *= 1000.0
-      return jnp.asarray(g)
-    return jax.tree.map(leaf, shapes)
-
-  grads = [gradient(t) for t in range(12)]
-
-  def run(opt, clipped):
-    @jax.jit
-    def step(p, s, g):
-      u, s = opt.update(g, s, p)
-      return optax.apply_updates(p, u), s, clipped(s)
-
-    p, state, counts = params, opt.init(params), []
-    for g in grads:
-      p, state, n = step(p, state, g)
-      counts.append(int(n))
-    return p, counts
-
-  want, want_counts = run(spam_optax.stable_spam(1e-3, reset_interval=4),
-                          lambda s: spam_optax.spike_stats(s)["spike/clipped_total"])
-  assert sum(want_counts) > 0
-  for count in (True, False):
-    got, counts = run(bench_optimizer._fused_stable_spam_vector(1e-3, interval=4, count=count),
-                      lambda s: jnp.sum(s.clipped))
-    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
-    assert counts == (want_counts if count else [0] * len(grads))
-
-
-def test_hand_fused_spam_matches_the_alias():
-  kw = dict(interval=10, delay=2, warmup=4)
+def _spiky_run(steps):
+  """Tiny-layout params, ``steps`` gradients with a spike every fifth step, and a runner:
+  ``run(opt, clipped)`` applies them all and returns the params and ``clipped(state)`` per
+  step."""
   shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
   (params,) = bench_optimizer.random_trees(shapes, 1, seed=1)
   rng = np.random.default_rng(0)
@@ -120,10 +83,7 @@ def test_hand_fused_spam_matches_the_alias():
       return jnp.asarray(g)
     return jax.tree.map(leaf, shapes)
 
-  grads = [gradient(t) for t in range(24)]
-  alias = spam_optax.spam(1e-3, reset_interval=10, clip_delay=2, warmup_steps=4)
-  fused = {mode: bench_optimizer._fused_spam(1e-3, count=mode, **kw)
-           for mode in ("changed", "mask", "none")}
+  grads = [gradient(t) for t in range(steps)]
 
   def run(opt, clipped):
     @jax.jit
@@ -137,6 +97,29 @@ def test_hand_fused_spam_matches_the_alias():
       counts.append(int(n))
     return p, counts
 
+  return run
+
+
+def test_hand_fused_stable_spam_with_vector_statistics_matches_the_alias():
+  """The reference keeps AdaClip's and AdaGN's per-leaf statistics as vectors: same updates
+  and clipped counts as spam_optax.stable_spam (no decay, no cosine), resets included."""
+  run = _spiky_run(12)
+  want, want_counts = run(spam_optax.stable_spam(1e-3, reset_interval=4),
+                          lambda s: spam_optax.spike_stats(s)["spike/clipped_total"])
+  assert sum(want_counts) > 0
+  for count in (True, False):
+    got, counts = run(bench_optimizer._fused_stable_spam_vector(1e-3, interval=4, count=count),
+                      lambda s: jnp.sum(s.clipped))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+    assert counts == (want_counts if count else [0] * 12)
+
+
+def test_hand_fused_spam_matches_the_alias():
+  kw = dict(interval=10, delay=2, warmup=4)
+  run = _spiky_run(24)
+  alias = spam_optax.spam(1e-3, reset_interval=10, clip_delay=2, warmup_steps=4)
+  fused = {mode: bench_optimizer._fused_spam(1e-3, count=mode, **kw)
+           for mode in ("changed", "mask", "none")}
   want, want_counts = run(
       alias, lambda s: spam_optax.spike_stats(s)["spike/clipped_total"])
   assert sum(want_counts) > 0
