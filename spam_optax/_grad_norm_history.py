@@ -103,7 +103,8 @@ def scale_by_grad_norm_history(
   _validation.check_closed_unit_interval("eta_min", eta_min)
   _validation.check_non_negative_int("reset_interval", reset_interval)
   _stacked_axes.check_stacked_axes(stacked_axes)
-  if global_norm and stacked_axes is not None:
+  if global_norm and not (stacked_axes is None or isinstance(stacked_axes, int)
+                          and stacked_axes == 0):
     raise ValueError(
         "`stacked_axes` splits per-leaf norms into slices; it cannot be combined"
         " with `global_norm=True`."

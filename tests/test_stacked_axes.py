@@ -192,6 +192,7 @@ def test_too_many_stacked_axes_fail_at_init():
 def test_global_norm_refuses_stacked_axes():
   with pytest.raises(ValueError, match="global_norm"):
     spam_optax.scale_by_grad_norm_history(global_norm=True, stacked_axes=1)
+  spam_optax.scale_by_grad_norm_history(global_norm=True, stacked_axes=0)  # nothing stacked
 
 
 def test_no_stacked_axes_keeps_scalar_state():
