@@ -77,9 +77,14 @@ def matrix_axes(path, leaf):
   if not _is_projection(path):
     return None
   names = path_names(path)
-  lead = 1 if "layers" in names else 0
+  lead = _layer_axes(names)
   n_in = 2 if "o_proj" in names else 1
   return tuple(range(lead, lead + n_in)), tuple(range(lead + n_in, leaf.ndim))
+
+
+def _layer_axes(names) -> int:
+  """1 for a leaf under ``layers`` (the ``scan_layers`` layout's stacked layer axis), else 0."""
+  return int("layers" in names)
 
 
 def stacked_layer_axes(params):
@@ -89,7 +94,7 @@ def stacked_layer_axes(params):
   statistic per layer, as they do for the separate ``layers_<i>`` tensors.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: int("layers" in path_names(path)), params)
+      lambda path, _: _layer_axes(path_names(path)), params)
 
 
 def _given(**kwargs) -> dict:

@@ -112,9 +112,8 @@ print("PROBE " + json.dumps(info), flush=True)
 # (Adam, and SPAM, whose clip reads the v that Adam reads anyway); Stable-SPAM reads g twice
 # more before its element-wise pass: for max |g| (AdaClip), then for the norm of the clipped
 # leaf (AdaGN), which needs that max first.
-FLOOR_BYTES_PER_PARAM = {"adamw": 28, "spam": 28, "stable_spam": 36}
 VECTOR_REFERENCE = "hand-fused stable_spam (vector statistics)"
-FLOOR_BYTES_PER_PARAM[VECTOR_REFERENCE] = 36
+FLOOR_BYTES_PER_PARAM = {"adamw": 28, "spam": 28, "stable_spam": 36, VECTOR_REFERENCE: 36}
 
 
 @dataclasses.dataclass

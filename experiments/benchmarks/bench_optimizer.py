@@ -45,7 +45,6 @@ import spam_optax
 from experiments import rundir
 from experiments import optimizers as train_optimizers
 from experiments.benchmarks import profile_summary
-from spam_optax import _count
 from spam_optax import _periodic_reset
 from spam_optax._tree_util import tree_map_unzip
 

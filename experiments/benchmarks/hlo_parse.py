@@ -37,6 +37,17 @@ def computations(hlo_text: str) -> dict:
   return comps
 
 
+def instructions(comp: dict) -> list:
+  """``(name, type, opcode, operand names, line)`` of each instruction line of ``comp``."""
+  out = []
+  for line in comp["lines"]:
+    m = DEFINITION.match(line)
+    if m:
+      args = m.group(4).split(")", 1)[0]
+      out.append((m.group(1), m.group(2), m.group(3), re.findall(r"%([\w.\-]+)", args), line))
+  return out
+
+
 def opcode(line: str) -> str | None:
   """The opcode of an instruction line (``fusion``, ``copy``...), None for other lines."""
   m = DEFINITION.match(line)

@@ -117,17 +117,6 @@ _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _LOOP_PARTS = re.compile(r"\b(body|condition)=%?([\w.\-]+)")
 
 
-def _definitions(comp: dict) -> list:
-  """``(name, type, opcode, operand names, line)`` of each instruction of ``comp``."""
-  out = []
-  for line in comp["lines"]:
-    m = hlo_parse.DEFINITION.match(line)
-    if m:
-      args = m.group(4).split(")", 1)[0]
-      out.append((m.group(1), m.group(2), m.group(3), re.findall(r"%([\w.\-]+)", args), line))
-  return out
-
-
 def _sliced_io(fused: dict) -> tuple:
   """What a fusion really reads of each operand and writes, where it slices a buffer.
 
@@ -137,7 +126,7 @@ def _sliced_io(fused: dict) -> tuple:
   gradient); ``written`` is the bytes of those in-place updates, None when the root is not
   one. Operands not listed are read whole.
   """
-  defs = _definitions(fused)
+  defs = hlo_parse.instructions(fused)
   types = {name: typ for name, typ, *_ in defs}
   params = {}
   for name, _, op, _, line in defs:
@@ -166,7 +155,7 @@ def _sliced_io(fused: dict) -> tuple:
 
 def _traffic_of(comp: dict, comps: dict | None = None) -> tuple:
   """Kernels and bytes of one computation's own instructions, by kind."""
-  defs = _definitions(comp)
+  defs = hlo_parse.instructions(comp)
   types = {name: typ for name, typ, *_ in defs}
   kernels, total = collections.Counter(), collections.Counter()
   for _, typ, op, operands, line in defs:

@@ -148,12 +148,9 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
   computations: dict[str, list[tuple[str, str, str | None, list[str]]]] = {}
   for name, comp in hlo_parse.computations(hlo_text).items():
     rows = computations.setdefault(name, [])
-    for line in comp["lines"]:
-      m = hlo_parse.DEFINITION.match(line)
-      if m:
-        target = hlo_parse.TARGET.search(line)
-        rows.append((m.group(1), m.group(3), target.group(1) if target else None,
-                     hlo_parse.CALLS.findall(line)))
+    for inst, _, op, _, line in hlo_parse.instructions(comp):
+      target = hlo_parse.TARGET.search(line)
+      rows.append((inst, op, target.group(1) if target else None, hlo_parse.CALLS.findall(line)))
 
   def ops_of(calls: list[str], seen: set) -> set:
     found = set()
