@@ -1,8 +1,10 @@
 """Projection layers and the SiLU-gated MLP.
 
-`DenseGeneral` is the one layer through which every projection runs; quantization
-reaches it as an injected `dot_general` (see `models.quantization`), chosen by a
-single `QuantConfig` (None: the plain bfloat16 matmul).
+Every projection runs through `project` (the product of an activation and a kernel);
+quantization reaches it as an injected `dot_general` (see `models.quantization`), chosen
+by a single `QuantConfig` (None: the plain bfloat16 matmul). `DenseGeneral` is one
+projection; the MLP holds its gate and up kernels as two (`ProjectionWeights`) and
+multiplies them in one product.
 """
 
 from __future__ import annotations
@@ -56,38 +58,72 @@ class DenseGeneral(nn.Module):
     kernel_shape = tuple(x.shape[a] for a in axis) + features
     if len(self.kernel_axes) != len(kernel_shape):
       raise ValueError(f"kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}")
-    kernel = self.param(
-        "kernel",
-        nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=self.init_std), tuple(self.kernel_axes)
-        ),
-        kernel_shape,
-        self.param_dtype,
-    )
-    x = x.astype(self.dtype)
+    kernel = _kernel_param(self, kernel_shape, self.kernel_axes, self.init_std, self.param_dtype)
+    quant, noise_key = _quant_and_key(self, self.quant)
     dims = ((axis, tuple(range(len(axis)))), ((), ()))
-    out_dtype = self.out_dtype or self.dtype
-    if self.quant is None:
-      return lax.dot_general(
-          x, kernel.astype(self.dtype), dims, preferred_element_type=out_dtype
-      )
-    quant, noise_key = self.quant, None
-    if quant.needs_rng:
-      if self.is_initializing():
-        # Shape-only pass: the noise would not change any parameter.
-        quant = dataclasses.replace(quant, stochastic=False)
-      elif not self.has_rng("quant"):
-        raise ValueError(
-            "QuantConfig(stochastic=True) needs rngs={'quant': key} in model.apply"
-        )
-      else:
-        noise_key = self.make_rng("quant")
-    dot_general = quantization.fake_quant_dot_general(quant, noise_key)
-    return dot_general(x, kernel, dims, preferred_element_type=out_dtype)
+    return project(x.astype(self.dtype), kernel, dims, quant, noise_key,
+                   self.out_dtype or self.dtype)
+
+
+def _kernel_param(module: nn.Module, shape, axes, init_std: float, param_dtype) -> jax.Array:
+  """`module`'s "kernel" parameter: normal(init_std), logically partitioned as `axes`."""
+  return module.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=init_std), tuple(axes)),
+      tuple(shape),
+      param_dtype,
+  )
+
+
+def _quant_and_key(module: nn.Module, quant: QuantConfig | None):
+  """The quantization `module` runs and its rounding-noise key (None unless stochastic)."""
+  if quant is None or not quant.needs_rng:
+    return quant, None
+  if module.is_initializing():
+    # Shape-only pass: the noise would not change any parameter.
+    return dataclasses.replace(quant, stochastic=False), None
+  if not module.has_rng("quant"):
+    raise ValueError("QuantConfig(stochastic=True) needs rngs={'quant': key} in model.apply")
+  return quant, module.make_rng("quant")
+
+
+def project(x: jax.Array, kernel: jax.Array, dims, quant: QuantConfig | None,
+            noise_key: jax.Array | None, out_dtype) -> jax.Array:
+  """`x · kernel` over `dims` in `x`'s dtype, fake-quantized when `quant` is set; the kernel
+  arrives in its parameter dtype (quantized from the master copy)."""
+  if quant is None:
+    return lax.dot_general(x, kernel.astype(x.dtype), dims, preferred_element_type=out_dtype)
+  dot_general = quantization.fake_quant_dot_general(quant, noise_key)
+  return dot_general(x, kernel, dims, preferred_element_type=out_dtype)
+
+
+class ProjectionWeights(nn.Module):
+  """The parameters of one projection (what `DenseGeneral` holds) without its product:
+  returns `(kernel, quant, noise_key)` for a caller that multiplies several at once."""
+
+  features: int
+  kernel_axes: Sequence[str | None]
+  quant: QuantConfig | None = None
+  init_std: float = 0.02
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel = _kernel_param(self, (in_features, self.features), self.kernel_axes, self.init_std,
+                           self.param_dtype)
+    return (kernel,) + _quant_and_key(self, self.quant)
 
 
 class MLP(nn.Module):
-  """LLaMA's SiLU-gated MLP: `down(silu(gate(x)) · up(x))`."""
+  """LLaMA's SiLU-gated MLP: `down(silu(gate(x)) · up(x))`.
+
+  The parameters are HF's (`gate_proj`, `up_proj`, `down_proj`, each a `kernel`), but gate
+  and up run as one product against the two kernels stacked as (2, embed, mlp), whose
+  output `gate_up` is what the backward pass keeps; `swiglu` then reads it once forward
+  and once backward. With quantization each kernel is quantized on its own, as the
+  official code's two `nn.Linear`s are, and the activation once (stochastic rounding
+  draws its noise per projection, so there the two products stay apart).
+  """
 
   intermediate_size: int
   quant: QuantConfig | None = None
@@ -97,19 +133,65 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = lambda features, axes, name: DenseGeneral(
-        features=features,
-        kernel_axes=axes,
+    weights = lambda name: ProjectionWeights(
+        self.intermediate_size, ("embed", "mlp"), self.quant, self.init_std, self.param_dtype,
+        name=name)(x.shape[-1])
+    (w_gate, quant, key_gate), (w_up, _, key_up) = weights("gate_proj"), weights("up_proj")
+    x = x.astype(self.dtype)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    if quant is not None and quant.needs_rng:
+      # Each projection draws its own rounding noise for the activation: two products.
+      gate_up = jnp.stack([project(x, w, dims, quant, key, self.dtype)
+                           for w, key in ((w_gate, key_gate), (w_up, key_up))], axis=-2)
+    else:
+      # gate and up in one product against the kernels stacked as (2, embed, mlp).
+      if quant is not None:
+        x = quantization.fake_quant_activation(quant, x, (), (x.ndim - 1,))
+        w_gate, w_up = (quantization.fake_quant_weight(quant, w, (0,)) for w in (w_gate, w_up))
+      w = jnp.stack([w_gate.astype(self.dtype), w_up.astype(self.dtype)])
+      gate_up = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=self.dtype)
+    gate_up = nn.with_logical_constraint(gate_up, ("batch", "length", None, "mlp"))
+    # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
+    h = swiglu(checkpoint_name(gate_up, "mlp_gate_up"))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return DenseGeneral(
+        features=x.shape[-1],
+        kernel_axes=("mlp", "embed"),
         quant=self.quant,
         init_std=self.init_std,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        name=name,
-    )
-    # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
-    gate = checkpoint_name(dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x),
-                           "mlp_gate")
-    up = checkpoint_name(dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x), "mlp_up")
-    h = nn.silu(gate) * up
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(h)
+        name="down_proj",
+    )(h)
+
+
+@jax.custom_vjp
+def swiglu(gate_up: jax.Array) -> jax.Array:
+  """`silu(gate) · up` for `gate_up = stack([gate, up], axis=-2)`, in its dtype.
+
+  The backward pass is written out so that it is one element-wise pass that reads
+  `gate_up` and the output gradient and writes the gradient of `gate_up` in its stacked
+  layout, the operand of the one backward product of the stacked kernel; its factors are
+  computed in float32. (Differentiated automatically, XLA computes the sigmoid into a
+  separate buffer, writes the two halves of the gradient apart and concatenates them.)
+  """
+  return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
+def _swiglu_fwd(gate_up):
+  return swiglu(gate_up), gate_up
+
+
+def _swiglu_bwd(gate_up, dh):
+  gate = gate_up[..., 0:1, :].astype(jnp.float32)
+  up = gate_up[..., 1:2, :].astype(jnp.float32)
+  sig = jax.nn.sigmoid(gate)
+  # d/dgate silu(gate)·up = up·σ·(1 + gate·(1 − σ));  d/dup = silu(gate) = gate·σ.
+  # Both halves in one expression of the stacked shape: one kernel, nothing concatenated.
+  first = (jnp.arange(2) == 0)[:, None]
+  factor = jnp.where(first, up * sig * (1.0 + gate * (1.0 - sig)), gate * sig)
+  return ((dh.astype(jnp.float32)[..., None, :] * factor).astype(gate_up.dtype),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

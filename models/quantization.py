@@ -285,13 +285,33 @@ def _moved(x: jax.Array, front: Sequence[int], back: Sequence[int]):
   return jnp.transpose(x, perm), inv
 
 
+def fake_quant_activation(
+    cfg: QuantConfig, x: jax.Array, batch_axes: Sequence[int], contracting_axes: Sequence[int],
+    noise_key: jax.Array | None = None,
+) -> jax.Array:
+  """The activation operand of a projection, fake-quantized with a straight-through
+  estimator: grouped in (batch…, free…, contracting…) order, i.e. feature axes last."""
+  if not cfg.quantize_acts:
+    return x
+  moved, inv = _moved(x, batch_axes, contracting_axes)
+  quant = functools.partial(quantize_act, cfg, noise_key=noise_key)
+  return jnp.transpose(straight_through(moved, quant), inv)
+
+
+def fake_quant_weight(cfg: QuantConfig, w: jax.Array, contracting_axes: Sequence[int]) -> jax.Array:
+  """The weight operand of a projection, fake-quantized with a straight-through estimator:
+  grouped in PyTorch's (out, in) order — non-contracting axes first, contracting axes last."""
+  if not cfg.quantize_weights:
+    return w
+  moved, inv = _moved(w, (), contracting_axes)
+  return jnp.transpose(straight_through(moved, functools.partial(quantize_weight, cfg)), inv)
+
+
 def fake_quant_dot_general(cfg: QuantConfig, noise_key: jax.Array | None = None) -> Callable:
   """A `lax.dot_general` replacement whose lhs is the activation and rhs the weight.
 
-  The weight is regrouped in PyTorch's (out, in) order — its non-contracting axes
-  first, its contracting axes last — and the activation in (batch…, free…,
-  contracting…) order, i.e. feature axes last. Both are fake-quantized with a
-  straight-through estimator, then multiplied with the ordinary `lax.dot_general`.
+  Both operands are fake-quantized (`fake_quant_activation`, `fake_quant_weight`), then
+  multiplied with the ordinary `lax.dot_general`.
   """
   if cfg.needs_rng and noise_key is None:
     raise ValueError("stochastic rounding needs a PRNG key (a 'quant' rng stream in apply)")
@@ -300,13 +320,8 @@ def fake_quant_dot_general(cfg: QuantConfig, noise_key: jax.Array | None = None)
     (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
     if rhs_b:
       raise ValueError("fake-quantized dot_general expects a weight without batch axes")
-    if cfg.quantize_acts:
-      moved, inv = _moved(lhs, lhs_b, lhs_c)
-      quant = functools.partial(quantize_act, cfg, noise_key=noise_key)
-      lhs = jnp.transpose(straight_through(moved, quant), inv)
-    if cfg.quantize_weights:
-      moved, inv = _moved(rhs, (), rhs_c)  # (out…, in…): nn.Linear's layout
-      rhs = jnp.transpose(straight_through(moved, functools.partial(quantize_weight, cfg)), inv)
+    lhs = fake_quant_activation(cfg, lhs, lhs_b, lhs_c, noise_key)
+    rhs = fake_quant_weight(cfg, rhs, rhs_c)
     # The weight arrives in the parameter dtype (float32) so that it is grouped and
     # quantized from the master copy; the matmul itself runs in the compute dtype.
     rhs = rhs.astype(lhs.dtype)

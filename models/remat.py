@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 
 # The tensors of a block that `block_residuals` keeps.
-SAVED_NAMES = ("query", "key", "value", "attention_out", "residual_mid", "mlp_gate", "mlp_up")
+SAVED_NAMES = ("query", "key", "value", "attention_out", "residual_mid", "mlp_gate_up")
 _ATTENTION_FORWARD = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
 
 

@@ -239,7 +239,8 @@ def test_quant_changes_only_the_projections():
   seen = []
 
   def spy(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and isinstance(context.module, models.linears.DenseGeneral):
+    projection = (models.linears.DenseGeneral, models.linears.ProjectionWeights)
+    if context.method_name == "__call__" and isinstance(context.module, projection):
       seen.append(("/".join(context.module.path), context.module.quant is not None))
     return next_fun(*args, **kwargs)
 

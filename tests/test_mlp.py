@@ -1,0 +1,104 @@
+"""The SiLU-gated MLP's one stacked gate/up product and `swiglu`'s written-out backward pass
+equal the two projections differentiated automatically (the layer as the official code
+writes it: `down(silu(gate(x)) · up(x))`), in every quantization, stochastic rounding
+included."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import models
+from models.linears import MLP, DenseGeneral, swiglu
+
+
+class TwoProjectionMLP(nn.Module):
+  """The reference: gate and up as two `DenseGeneral`s, SiLU differentiated by jax."""
+
+  intermediate_size: int
+  quant: models.QuantConfig | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda features, axes, name: DenseGeneral(
+        features, axes, quant=self.quant, dtype=self.dtype, name=name)
+    gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+    up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+
+
+QUANTS = {
+    "bf16": None,
+    "int4": models.QuantConfig(),
+    "int8_group_straddles_rows": models.QuantConfig(weight_bits=8, weight_group=48),
+    "int4_stochastic": models.QuantConfig(stochastic=True),
+    "fp4": models.QuantConfig(fp4=True),
+}
+
+
+@pytest.mark.parametrize("quant", sorted(QUANTS))
+def test_mlp_equals_two_projections(quant):
+  """Same parameters (names, shapes, initial values), forward and gradients, float32."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32)
+  ours = MLP(40, quant=QUANTS[quant], dtype=jnp.float32)
+  ref = TwoProjectionMLP(40, quant=QUANTS[quant])
+  params = nn.meta.unbox(ours.init(jax.random.key(0), x)["params"])
+  chex.assert_trees_all_equal(params, nn.meta.unbox(ref.init(jax.random.key(0), x)["params"]))
+  # Weights far from their initial scale, so that the quantizers' groups matter.
+  params = jax.tree.map(lambda p: p * 30.0, params)
+  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def run(module):
+    def f(p, x):
+      y = module.apply({"params": p}, x, rngs={"quant": jax.random.key(7)})
+      return jnp.sum(y * cot), y
+    (_, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+    return y, grads
+
+  got_y, got_grads = run(ours)
+  want_y, want_grads = run(ref)
+  chex.assert_trees_all_close(got_y, want_y, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-4)
+  if QUANTS[quant] is not None and QUANTS[quant].stochastic:  # the noise reaches the product
+    other = ours.apply({"params": params}, x, rngs={"quant": jax.random.key(8)})
+    assert not np.allclose(np.asarray(other), np.asarray(got_y))
+
+
+def _reference(gate_up):
+  gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+  return gate / (1.0 + np.exp(-gate)) * up
+
+
+class SwigluTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((3, 2, 5), (4, 2, 1), (2, 3, 2, 6))
+  def test_value_and_gradient_match_numpy(self, *shape):
+    rng = np.random.default_rng(sum(shape))
+    gate_up = rng.normal(size=shape) * 3.0
+    dh = rng.normal(size=shape[:-2] + shape[-1:])
+    y, vjp = self.variant(lambda a: jax.vjp(swiglu, a))(jnp.asarray(gate_up, jnp.float32))
+    (grad,) = vjp(jnp.asarray(dh, jnp.float32))
+    np.testing.assert_allclose(y, _reference(gate_up), rtol=1e-5, atol=1e-6)
+    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+    sig = 1.0 / (1.0 + np.exp(-gate))
+    want = np.stack([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], axis=-2)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_gradient_is_the_float32_one_rounded(self):
+    rng = np.random.default_rng(3)
+    gate_up = jnp.asarray(rng.normal(size=(4, 2, 16)) * 3.0, jnp.bfloat16)
+    dh = jnp.asarray(rng.normal(size=(4, 16)), jnp.bfloat16)
+    grad = self.variant(lambda a, d: jax.vjp(swiglu, a)[1](d)[0])(gate_up, dh)
+    want = jax.vjp(swiglu, gate_up.astype(jnp.float32))[1](dh.astype(jnp.float32))[0]
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(want.astype(jnp.bfloat16)))
+    y = self.variant(swiglu)(gate_up)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(nn.silu(gate_up[:, 0]) * gate_up[:, 1]))
