@@ -12,11 +12,11 @@ from models.llama import (
     Llama,
     abstract_variables,
     count_params,
-    cross_entropy_loss,
     flops_per_token,
     stack_layers,
     unstack_layers,
 )
+from models.loss import cross_entropy_loss, token_nll
 from models.quantization import QuantConfig, get_quant_config
 from models.sharding import DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXIS_NAMES, MESH_AXES
 
@@ -42,5 +42,6 @@ __all__ = [
     "save_pretrained",
     "stack_layers",
     "to_hf_state_dict",
+    "token_nll",
     "unstack_layers",
 ]

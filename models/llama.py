@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 from models.attention import Attention
 from models.config import LlamaConfig, get_config
 from models.linears import MLP, DenseGeneral
+from models.loss import cross_entropy_loss  # noqa: F401  (models.llama.cross_entropy_loss)
 from models.normalization import RMSNorm
 from models.quantization import QuantConfig
 from models import remat
@@ -139,30 +140,6 @@ class Llama(nn.Module):
         name="lm_head",
     )(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-
-
-def cross_entropy_loss(
-    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-  """Mean token cross-entropy in float32 and the number of tokens it averages over.
-
-  `targets[b, t]` is the label for `logits[b, t]` (shift before calling: for a
-  language model, logits of tokens[:, :-1] against tokens[:, 1:]). `mask` (same
-  shape as `targets`, 0/1 or bool) selects the tokens counted; None counts all.
-  """
-  logits = logits.astype(jnp.float32)
-  # log p(target) = logit[target] - logsumexp(logits). The target's logit is picked by a
-  # comparison with the vocabulary index rather than a gather: its gradient is then one
-  # element-wise pass fused with the softmax's, not a scatter into a zeroed full-vocabulary
-  # buffer, and no log-softmax tensor is stored.
-  vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-  picked = jnp.sum(jnp.where(targets[..., None].astype(jnp.int32) == vocab, logits, 0.0),
-                   axis=-1)
-  nll = jax.nn.logsumexp(logits, axis=-1) - picked
-  mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
-  n_tokens = jnp.sum(mask)
-  loss = jnp.sum(nll * mask) / jnp.maximum(n_tokens, 1.0)
-  return loss, n_tokens
 
 
 def abstract_variables(

@@ -1,0 +1,83 @@
+"""The language-model loss: token cross-entropy from logits, one pass over the vocabulary.
+
+`token_nll` is −log softmax(logits)[target] per token. Its forward pass is one variadic
+reduction over the vocabulary that carries, per token, the running maximum, the sum of
+exponentials relative to it and the target's logit (the streaming log-sum-exp of flash
+attention); its backward pass is one element-wise pass, `softmax − one_hot`.
+Written with `jnp.max`, `logsumexp` and a pick of the target, XLA reads the
+full-vocabulary logits three times in the forward pass (the maximum, the exponentials,
+the pick); at 60M parameters and 64×256 tokens that is 2.1 GB of a 31 GB training step
+with bf16 logits, twice that with float32 ones.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _combine(a, b):
+  """Merge two partial (max, sum of exp(x − max), picked) triples."""
+  (m_a, s_a, p_a), (m_b, s_b, p_b) = a, b
+  m = jnp.maximum(m_a, m_b)
+  # exp(m_x − m) with the equal case (both −inf included) exactly 1, never exp(nan).
+  scale = lambda m_x: jnp.exp(jnp.where(m_x == m, 0.0, m_x - m))
+  return m, s_a * scale(m_a) + s_b * scale(m_b), p_a + p_b
+
+
+def _reduce(logits: jax.Array, targets: jax.Array):
+  """Per token: the maximum logit, the sum of exp(logit − maximum), the target's logit."""
+  x = logits.astype(jnp.float32)
+  vocab = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  picked = jnp.where(vocab == targets[..., None].astype(jnp.int32), x, 0.0)
+  zero, neg_inf = jnp.zeros((), jnp.float32), jnp.full((), -jnp.inf, jnp.float32)
+  return lax.reduce((x, jnp.ones_like(x), picked), (neg_inf, zero, zero), _combine,
+                    (x.ndim - 1,))
+
+
+@jax.custom_vjp
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """−log softmax(logits)[..., target] in float32, shape `targets.shape`.
+
+  `logits` (…, vocab) in any float dtype (computed in float32); `targets` (…) integer. The
+  gradient with respect to `logits` is `softmax − one_hot(target)` in the logits' dtype;
+  `targets` get none.
+  """
+  m, s, picked = _reduce(logits, targets)
+  return m + jnp.log(s) - picked
+
+
+def _token_nll_fwd(logits, targets):
+  m, s, picked = _reduce(logits, targets)
+  return m + jnp.log(s) - picked, (logits, targets, m, s)
+
+
+def _token_nll_bwd(res, g):
+  logits, targets, m, s = res
+  x = logits.astype(jnp.float32)
+  vocab = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  one_hot = vocab == targets[..., None].astype(jnp.int32)
+  softmax = jnp.exp(x - m[..., None]) / s[..., None]
+  grad = g[..., None] * (softmax - one_hot.astype(jnp.float32))
+  zero_targets = jnp.zeros(targets.shape, jax.dtypes.float0) \
+      if jnp.issubdtype(targets.dtype, jnp.integer) else jnp.zeros_like(targets)
+  return grad.astype(logits.dtype), zero_targets
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def cross_entropy_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """Mean token cross-entropy in float32 and the number of tokens it averages over.
+
+  `targets[b, t]` is the label for `logits[b, t]` (shift before calling: for a
+  language model, logits of tokens[:, :-1] against tokens[:, 1:]). `mask` (same
+  shape as `targets`, 0/1 or bool) selects the tokens counted; None counts all.
+  """
+  nll = token_nll(logits, targets)
+  mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+  n_tokens = jnp.sum(mask)
+  loss = jnp.sum(nll * mask) / jnp.maximum(n_tokens, 1.0)
+  return loss, n_tokens

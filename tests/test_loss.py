@@ -1,0 +1,72 @@
+"""`models.token_nll`: the one-pass cross-entropy against NumPy in float64, its gradient,
+its dtypes and its edge cases (huge, −inf and tied logits)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+import models
+
+
+def _nll(logits, targets):
+  x = np.asarray(logits, np.float64)
+  m = x.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
+  return lse - np.take_along_axis(x, np.asarray(targets)[..., None], -1)[..., 0]
+
+
+def _grad(logits, targets, g):
+  x = np.asarray(logits, np.float64)
+  p = np.exp(x - x.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.asarray(g, np.float64)[..., None] * (p - np.eye(x.shape[-1])[np.asarray(targets)])
+
+
+class TokenNllTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(((7,), 1.0), ((3, 11), 4.0), ((2, 3, 300), 10.0), ((2, 5, 1), 1.0))
+  def test_value_and_gradient_match_numpy(self, shape, scale):
+    rng = np.random.default_rng(len(shape))
+    logits = (rng.normal(size=shape) * scale).astype(np.float32)
+    targets = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int32)
+    g = rng.normal(size=shape[:-1]).astype(np.float32)
+    nll, vjp = self.variant(lambda x, t: jax.vjp(lambda y: models.token_nll(y, t), x))(
+        jnp.asarray(logits), jnp.asarray(targets))
+    assert nll.dtype == jnp.float32 and nll.shape == shape[:-1]
+    np.testing.assert_allclose(nll, _nll(logits, targets), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[0], _grad(logits, targets, g),
+                               rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_extreme_logits(self):
+    # Huge values (no overflow), −inf entries (probability 0), all-equal rows.
+    logits = np.array([[1e4, -1e4, 3e3, 1e4],
+                       [-np.inf, 0.0, -np.inf, 1.0],
+                       [2.5, 2.5, 2.5, 2.5]], np.float32)
+    targets = np.array([0, 3, 2], np.int32)
+    nll, vjp = self.variant(lambda x, t: jax.vjp(lambda y: models.token_nll(y, t), x))(
+        jnp.asarray(logits), jnp.asarray(targets))
+    # Row 0 is lse − picked at 1e4, where a float32 step is 1e-3.
+    np.testing.assert_allclose(nll, [np.log(2.0), np.log1p(np.exp(-1.0)), np.log(4.0)],
+                               rtol=1e-6, atol=1e-3)
+    grad = np.asarray(vjp(jnp.ones(3))[0])
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, _grad(np.nan_to_num(logits, neginf=-1e30), targets,
+                                           np.ones(3)), atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_logits(self):
+    """Computed in float32 from bf16 logits; the gradient is the float32 one, rounded."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(4, 6, 50)) * 3, jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 50, (4, 6)), jnp.int32)
+    f = lambda x: jnp.sum(models.token_nll(x, targets))
+    nll = self.variant(models.token_nll)(logits, targets)
+    np.testing.assert_allclose(nll, _nll(np.asarray(logits.astype(jnp.float32)), targets),
+                               rtol=2e-6, atol=2e-6)
+    grad = self.variant(jax.grad(f))(logits)
+    want = jax.grad(f)(logits.astype(jnp.float32)).astype(jnp.bfloat16)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(want))
