@@ -24,7 +24,6 @@ from jax.ad_checkpoint import checkpoint_name
 from models.attention import Attention
 from models.config import LlamaConfig, get_config
 from models.linears import MLP, DenseGeneral
-from models.loss import cross_entropy_loss  # noqa: F401  (models.llama.cross_entropy_loss)
 from models.normalization import RMSNorm
 from models.quantization import QuantConfig
 from models import remat
