@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from models.linears import DenseGeneral
+from models.linears import DenseGeneral, ProjectionWeights, fused_projections
 from models.quantization import QuantConfig
 
 
@@ -69,7 +69,9 @@ class Attention(nn.Module):
   """Causal self-attention: q/k/v/o projections, RoPE, `causal_attention`.
 
   The q, k, v kernels are (embed, heads, kv) and the o kernel (heads, kv, embed);
-  all four may be fake-quantized. Scores, softmax and the AV product stay in the
+  all four may be fake-quantized. q, k and v run as one product against their kernels
+  stacked as (3, embed, heads, kv) (`fused_projections`): the input is read once and
+  the backward pass makes one input gradient instead of three to be summed. Scores, softmax and the AV product stay in the
   compute dtype (the softmax itself runs in float32 inside JAX).
   """
 
@@ -84,23 +86,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    def dense(features, axis, axes, name):
-      return DenseGeneral(
-          features=features,
-          axis=axis,
-          kernel_axes=axes,
-          quant=self.quant,
-          init_std=self.init_std,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          name=name,
-      )
-
     heads = (self.num_heads, self.head_dim)
     qkv_axes = ("batch", "length", "heads", "kv")
-    q = dense(heads, -1, ("embed", "heads", "kv"), "q_proj")(x)
-    k = dense(heads, -1, ("embed", "heads", "kv"), "k_proj")(x)
-    v = dense(heads, -1, ("embed", "heads", "kv"), "v_proj")(x)
+    weights = lambda name: ProjectionWeights(heads, ("embed", "heads", "kv"), self.quant,
+                                             self.init_std, self.param_dtype,
+                                             name=name)(x.shape[-1])
+    qkv = fused_projections(x, [weights("q_proj"), weights("k_proj"), weights("v_proj")],
+                            self.dtype)
+    qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
+    q, k, v = (qkv[..., i, :, :] for i in range(3))
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
     q = checkpoint_name(apply_rope(q, positions, self.rope_theta), "query")
     k = checkpoint_name(apply_rope(k, positions, self.rope_theta), "key")
@@ -109,4 +103,13 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(checkpoint_name(v, "value"), qkv_axes)
     out = causal_attention(q, k, v, self.implementation)
     out = nn.with_logical_constraint(checkpoint_name(out, "attention_out"), qkv_axes)
-    return dense(x.shape[-1], (-2, -1), ("heads", "kv", "embed"), "o_proj")(out)
+    return DenseGeneral(
+        features=x.shape[-1],
+        axis=(-2, -1),
+        kernel_axes=("heads", "kv", "embed"),
+        quant=self.quant,
+        init_std=self.init_std,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="o_proj",
+    )(out)

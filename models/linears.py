@@ -101,7 +101,7 @@ class ProjectionWeights(nn.Module):
   """The parameters of one projection (what `DenseGeneral` holds) without its product:
   returns `(kernel, quant, noise_key)` for a caller that multiplies several at once."""
 
-  features: int
+  features: int | Sequence[int]
   kernel_axes: Sequence[str | None]
   quant: QuantConfig | None = None
   init_std: float = 0.02
@@ -109,9 +109,34 @@ class ProjectionWeights(nn.Module):
 
   @nn.compact
   def __call__(self, in_features: int):
-    kernel = _kernel_param(self, (in_features, self.features), self.kernel_axes, self.init_std,
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    kernel = _kernel_param(self, (in_features,) + features, self.kernel_axes, self.init_std,
                            self.param_dtype)
     return (kernel,) + _quant_and_key(self, self.quant)
+
+
+def fused_projections(x: jax.Array, weights: Sequence[tuple], dtype) -> jax.Array:
+  """Several projections of the same `x` (last axis contracted) as one product.
+
+  `weights` are `ProjectionWeights` results `(kernel, quant, noise_key)` whose kernels
+  share their shape `(in, *features)`; the result is `(…, n, *features)` in `dtype`, from
+  the kernels stacked as `(n, in, *features)`. With quantization each kernel is quantized
+  on its own (as separate `nn.Linear`s are) and `x` once; stochastic rounding draws its
+  noise per projection, so there the products stay apart and their results are stacked.
+  """
+  x = x.astype(dtype)
+  axis = x.ndim - 1
+  quant = weights[0][1]
+  if quant is not None and quant.needs_rng:
+    dims = (((axis,), (0,)), ((), ()))
+    return jnp.stack([project(x, w, dims, quant, key, dtype) for w, _, key in weights],
+                     axis=axis)
+  kernels = [w for w, *_ in weights]
+  if quant is not None:
+    x = quantization.fake_quant_activation(quant, x, (), (axis,))
+    kernels = [quantization.fake_quant_weight(quant, w, (0,)) for w in kernels]
+  w = jnp.stack([k.astype(dtype) for k in kernels])
+  return lax.dot_general(x, w, (((axis,), (1,)), ((), ())), preferred_element_type=dtype)
 
 
 class MLP(nn.Module):
@@ -136,21 +161,7 @@ class MLP(nn.Module):
     weights = lambda name: ProjectionWeights(
         self.intermediate_size, ("embed", "mlp"), self.quant, self.init_std, self.param_dtype,
         name=name)(x.shape[-1])
-    (w_gate, quant, key_gate), (w_up, _, key_up) = weights("gate_proj"), weights("up_proj")
-    x = x.astype(self.dtype)
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    if quant is not None and quant.needs_rng:
-      # Each projection draws its own rounding noise for the activation: two products.
-      gate_up = jnp.stack([project(x, w, dims, quant, key, self.dtype)
-                           for w, key in ((w_gate, key_gate), (w_up, key_up))], axis=-2)
-    else:
-      # gate and up in one product against the kernels stacked as (2, embed, mlp).
-      if quant is not None:
-        x = quantization.fake_quant_activation(quant, x, (), (x.ndim - 1,))
-        w_gate, w_up = (quantization.fake_quant_weight(quant, w, (0,)) for w in (w_gate, w_up))
-      w = jnp.stack([w_gate.astype(self.dtype), w_up.astype(self.dtype)])
-      gate_up = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
-                                preferred_element_type=self.dtype)
+    gate_up = fused_projections(x, [weights("gate_proj"), weights("up_proj")], self.dtype)
     gate_up = nn.with_logical_constraint(gate_up, ("batch", "length", None, "mlp"))
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
     h = swiglu(checkpoint_name(gate_up, "mlp_gate_up"))

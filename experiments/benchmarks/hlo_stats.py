@@ -121,7 +121,8 @@ def _sliced_io(fused: dict) -> tuple:
   """What a fusion really reads of each operand and writes, where it slices a buffer.
 
   Returns ``(reads, written)``: ``reads[i]`` is the bytes read of operand ``i`` when the
-  fused computation only takes dynamic slices of that parameter (a scanned layer's weights
+  fused computation only takes slices of that parameter, static or dynamic, through
+  bitcasts or not (one of q, k, v out of their stacked product; a scanned layer's weights
   out of the stacked array), or when it only updates a slice of it in place (the stacked
   gradient); ``written`` is the bytes of those in-place updates, None when the root is not
   one. Operands not listed are read whole.
@@ -140,12 +141,20 @@ def _sliced_io(fused: dict) -> tuple:
   roots = [root] if root else []
   if root and root[2] == "tuple":
     roots = [d for d in defs if d[0] in root[3]]
+  def through_bitcasts(name):
+    """The uses of ``name``, looking through bitcasts (free views of the same buffer)."""
+    found = []
+    for use in users.get(name, []):
+      found.extend(through_bitcasts(use[0]) if use[1] == "bitcast" else [use])
+    return found
+
   reads, written = {}, None
   in_place = {d[0]: d for d in roots if d[2] == "dynamic-update-slice"}
   for name, index in params.items():
-    uses = users.get(name, [])
-    if uses and all(op == "dynamic-slice" and i == 0 for _, op, i, _ in uses):
-      reads[index] = sum(type_bytes(types[user]) for user, *_ in uses)
+    uses = through_bitcasts(name)
+    if uses and all(op in ("slice", "dynamic-slice") and i == 0 for _, op, i, _ in uses):
+      reads[index] = min(sum(type_bytes(types[user]) for user, *_ in uses),
+                         type_bytes(types[name]))
     elif uses and all(user in in_place and i == 0 for user, _, i, _ in uses):
       reads[index] = 0.0
   if in_place and len(in_place) == len(roots):

@@ -1,7 +1,8 @@
-"""The SiLU-gated MLP's one stacked gate/up product and `swiglu`'s written-out backward pass
-equal the two projections differentiated automatically (the layer as the official code
-writes it: `down(silu(gate(x)) · up(x))`), in every quantization, stochastic rounding
-included."""
+"""Projections run as one product (`models.linears.fused_projections`) equal the separate
+projections of the official code, in every quantization, stochastic rounding included:
+the MLP's gate/up with `swiglu`'s written-out backward pass against
+`down(silu(gate(x)) · up(x))` differentiated automatically, and attention's q/k/v against
+three `DenseGeneral`s."""
 import chex
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import pytest
 from absl.testing import parameterized
 
 import models
+from models.attention import Attention, apply_rope, causal_attention
 from models.linears import MLP, DenseGeneral, swiglu
 
 
@@ -66,6 +68,50 @@ def test_mlp_equals_two_projections(quant):
   if QUANTS[quant] is not None and QUANTS[quant].stochastic:  # the noise reaches the product
     other = ours.apply({"params": params}, x, rngs={"quant": jax.random.key(8)})
     assert not np.allclose(np.asarray(other), np.asarray(got_y))
+
+
+class ThreeProjectionAttention(nn.Module):
+  """The reference: q, k, v and o as four `DenseGeneral`s."""
+
+  num_heads: int
+  head_dim: int
+  quant: models.QuantConfig | None = None
+
+  @nn.compact
+  def __call__(self, x, positions):
+    heads = (self.num_heads, self.head_dim)
+    dense = lambda features, axis, axes, name: DenseGeneral(
+        features, axes, axis=axis, quant=self.quant, dtype=jnp.float32, name=name)
+    q, k, v = (dense(heads, -1, ("embed", "heads", "kv"), name)(x)
+               for name in ("q_proj", "k_proj", "v_proj"))
+    out = causal_attention(apply_rope(q, positions), apply_rope(k, positions), v, "xla")
+    return dense(x.shape[-1], (-2, -1), ("heads", "kv", "embed"), "o_proj")(out)
+
+
+@pytest.mark.parametrize("quant", sorted(QUANTS))
+def test_attention_equals_three_projections(quant):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  ours = Attention(4, 8, quant=QUANTS[quant], dtype=jnp.float32, implementation="xla")
+  ref = ThreeProjectionAttention(4, 8, quant=QUANTS[quant])
+  params = nn.meta.unbox(ours.init(jax.random.key(0), x, positions)["params"])
+  chex.assert_trees_all_equal(
+      params, nn.meta.unbox(ref.init(jax.random.key(0), x, positions)["params"]))
+  params = jax.tree.map(lambda p: p * 30.0, params)
+  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def run(module):
+    def f(p, x):
+      y = module.apply({"params": p}, x, positions, rngs={"quant": jax.random.key(7)})
+      return jnp.sum(y * cot), y
+    (_, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+    return y, grads
+
+  got_y, got_grads = run(ours)
+  want_y, want_grads = run(ref)
+  chex.assert_trees_all_close(got_y, want_y, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-4)
 
 
 def _reference(gate_up):
