@@ -80,6 +80,7 @@ def test_kernel_traffic_reads_operands_and_writes_results_once():
   assert t["by_kind"] == {"fusion:kInput": dict(kernels=1, bytes=36),
                           "custom-call": dict(kernels=1, bytes=64),
                           "copy": dict(kernels=1, bytes=64)}
+  assert t["by_category"] == {"attention": 64, "reduction": 36, "copy/transpose": 64}
 
 
 def test_type_bytes():
@@ -124,6 +125,9 @@ def test_compiling_for_an_h100_without_one():
   sharding = aot_gpu.target_sharding("h100")
   (model,) = aot_gpu.model_steps("llama_9m", ["bf16"], 2, 64, sharding)
   assert model["cudnn_attention"] and model["traffic"]["kernels"] > 0
+  split = model["traffic"]["by_category"]
+  assert split["matmul"] > 0 and split["attention"] > 0
+  assert abs(sum(split.values()) - model["traffic"]["bytes"]) < 1e-6 * model["traffic"]["bytes"]
   (row,) = aot_gpu.optimizer_updates("tiny", ["adamw"], sharding)
   params = row["params"]
   # XLA:GPU fuses Adam into one pass per leaf: the 28 B per parameter the math needs.
@@ -297,3 +301,4 @@ def test_static_slices_through_bitcasts_read_only_the_slices():
   second = 16 * 24 * 2 + 16 * 8 * 2  # the whole operand, the result
   third = 16 * 8 * 4 + 16 * 8 * 2 + 16 * 8 * 4
   assert t["bytes"] == first + second + third
+  assert t["by_category"] == {"reduction": second, "other elementwise/fusion": first + third}

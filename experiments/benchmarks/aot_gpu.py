@@ -104,6 +104,15 @@ def _on(tree, sharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _split(traffic: dict) -> str:
+  """GB moved by matrix products / attention / everything else (element-wise, reductions,
+  copies), from ``hlo_stats.kernel_traffic``'s ``by_category``."""
+  c = traffic["by_category"]
+  matmul, attention = c.get("matmul", 0.0), c.get("attention", 0.0)
+  rest = traffic["bytes"] - matmul - attention
+  return f"{matmul / 1e9:.2f} / {attention / 1e9:.2f} / {rest / 1e9:.2f}"
+
+
 def _summary(label: str, compiled, compile_s: float, dump: str | None) -> dict:
   text = compiled.as_text()
   if dump:
@@ -242,12 +251,14 @@ def main(argv=None) -> list:
                      args.logits_dtype)
     rows = [r]
     calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
-    print(f"| train step ({args.target}) | kernels | GB moved | cuDNN attention | "
-          "outputs in donated buffers / state leaves | donation warnings | compile s |")
-    print("|---|---:|---:|---|---|---|---:|")
+    print(f"| train step ({args.target}) | kernels | GB moved | GB matmul / attention / rest "
+          "| cuDNN attention | outputs in donated buffers / state leaves | donation warnings "
+          "| compile s |")
+    print("|---|---:|---:|---|---|---|---|---:|")
     logits = ", bf16 logits" if args.logits_dtype == "bfloat16" else ""
     print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']}{logits} | "
           f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
+          f"{_split(r['traffic'])} | "
           f"{'yes' if r['cudnn_attention'] else 'no'} ({calls}) | "
           f"{r['aliased_outputs']} / {r['state_leaves']} | {len(r['donation_warnings'])} | "
           f"{r['compile_s']:.0f} |", flush=True)
@@ -255,13 +266,14 @@ def main(argv=None) -> list:
     rows = model_steps(args.model, [q.strip() for q in args.quant.split(",") if q.strip()],
                        args.batch, args.length, sharding, args.dump, args.logits_dtype,
                        args.scan_layers, args.remat_policy)
-    print(f"| fwd+bwd ({args.target}) | kernels | GB moved | cuDNN attention | custom calls "
-          "| compile s |")
-    print("|---|---:|---:|---|---|---:|")
+    print(f"| fwd+bwd ({args.target}) | kernels | GB moved | GB matmul / attention / rest "
+          "| cuDNN attention | custom calls | compile s |")
+    print("|---|---:|---:|---|---|---|---:|")
     for r in rows:
       calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
       print(f"| {r['model']} {r['quant']} {r['batch']}×{r['length']} | "
             f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
+            f"{_split(r['traffic'])} | "
             f"{'yes' if r['cudnn_attention'] else 'no'} | {calls} | {r['compile_s']:.0f} |",
             flush=True)
   if args.json:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments.benchmarks import bench_optimizer, bench_train, hlo_parse
+from experiments.benchmarks import bench_optimizer, bench_train, hlo_parse, profile_summary
 
 _ALIAS = re.compile(r"input_output_alias=\{(.*?)\}(?:,\s*[a-z_]+=|\n|$)")
 
@@ -162,12 +162,13 @@ def _sliced_io(fused: dict) -> tuple:
   return reads, written
 
 
-def _traffic_of(comp: dict, comps: dict | None = None) -> tuple:
-  """Kernels and bytes of one computation's own instructions, by kind."""
+def _traffic_of(comp: dict, comps: dict | None = None, categories: dict | None = None) -> tuple:
+  """Kernels and bytes of one computation's own instructions, by kind, and the bytes by
+  category (``profile_summary.CATEGORIES``, from ``categories``: instruction → category)."""
   defs = hlo_parse.instructions(comp)
   types = {name: typ for name, typ, *_ in defs}
-  kernels, total = collections.Counter(), collections.Counter()
-  for _, typ, op, operands, line in defs:
+  kernels, total, by_category = (collections.Counter() for _ in range(3))
+  for name, typ, op, operands, line in defs:
     if op in _FREE:
       continue
     reads, written = {}, None
@@ -181,10 +182,12 @@ def _traffic_of(comp: dict, comps: dict | None = None) -> tuple:
       reads = {0: type_bytes(typ)}
     elif op == "dynamic-update-slice":  # in place: reads and writes the update
       reads, written = {0: 0.0}, type_bytes(types.get(operands[1], "")) if len(operands) > 1 else None
-    kernels[op] += 1
-    total[op] += (type_bytes(typ) if written is None else written) + sum(
+    moved = (type_bytes(typ) if written is None else written) + sum(
         reads.get(i, type_bytes(types.get(o, ""))) for i, o in enumerate(operands))
-  return kernels, total
+    kernels[op] += 1
+    total[op] += moved
+    by_category[(categories or {}).get(name, profile_summary.OTHER)] += moved
+  return kernels, total, by_category
 
 
 def _callees(comp: dict, inner: set) -> tuple:
@@ -219,11 +222,14 @@ def kernel_traffic(hlo_text: str) -> dict:
   kernels. A loop body counts as many times as its known trip count (a scan over layers
   runs its body once per layer). The branches of a conditional are not in the totals (one
   of them runs); ``branches`` lists each branch's own kernels and bytes, per run of the
-  branch. For a memory-bound step (an optimizer update) bytes over the device's bandwidth
+  branch. ``by_category`` splits ``bytes`` by what each kernel computes
+  (``profile_summary.hlo_categories``: matrix products, attention, reductions, data movement,
+  other element-wise work). For a memory-bound step (an optimizer update) bytes over the device's bandwidth
   is the time to expect, and two optimizers' bytes compare their passes over memory
   without running them.
   """
   comps = computations(hlo_text)
+  categories = profile_summary.hlo_categories(hlo_text)
   inner = _bodies(comps)
   graph = {name: _callees(comp, inner) for name, comp in comps.items() if name not in inner}
 
@@ -246,23 +252,26 @@ def kernel_traffic(hlo_text: str) -> dict:
   always = runs(entries)
 
   def tally(times) -> tuple:
-    kernels, total = collections.Counter(), collections.Counter()
+    kernels, total, by_category = (collections.Counter() for _ in range(3))
     for name, n in times.items():
-      k, b = _traffic_of(comps[name], comps)
+      k, b, c = _traffic_of(comps[name], comps, categories)
       kernels.update({key: v * n for key, v in k.items()})
       total.update({key: v * n for key, v in b.items()})
-    return kernels, total
+      by_category.update({key: v * n for key, v in c.items()})
+    return kernels, total, by_category
 
-  kernels, total = tally(always)
+  kernels, total, by_category = tally(always)
   branches = []
   for name in sorted(always):
     for group in graph[name][1]:
       for root in group:
-        k, b = tally(runs([root]))
+        k, b, _ = tally(runs([root]))
         branches.append(dict(computation=root, kernels=sum(k.values()),
                              bytes=sum(b.values())))
   return dict(kernels=sum(kernels.values()), bytes=sum(total.values()),
               by_kind={k: dict(kernels=kernels[k], bytes=total[k]) for k in sorted(kernels)},
+              by_category={c: by_category[c] for c in profile_summary.CATEGORIES
+                           if by_category[c]},
               branches=branches)
 
 
