@@ -122,7 +122,10 @@ def check_inputs(argv=None) -> Inputs:
     tok = tokenizer.get_tokenizer(cfg.tokenizer, vocab_limit=mcfg.vocab_size)
   if cfg.tokenizer == "bytes":  # the T5 tokenizer keeps the papers' 32000
     mcfg = dataclasses.replace(mcfg, vocab_size=tok.vocab_size)
-  init_params = warm_start.read_init_params(cfg, mcfg)  # --init_from_hf, or None
+  # --init_from_hf's parameters (None without it), read now so that a bad directory fails
+  # before anything is written or compiled; not on a resume, where the checkpoint wins.
+  init_params = None if rundir.holds_checkpoints(cfg.save_dir) and not cfg.eval_only \
+      else warm_start.read_init_params(cfg, mcfg)
   schedule = optimizers.make_schedule(cfg)
   try:
     optimizer = optimizers.make_optimizer(cfg, schedule)
@@ -256,10 +259,13 @@ def restore_or_init(run: Run, steps: Steps):
   --init_from_hf's parameters and a fresh optimizer state when given)."""
   if run.resume_step is None:
     key = jax.random.PRNGKey(run.cfg.seed)  # raw uint32: checkpointed (see sharding.py)
-    if run.inputs.init_params is None:
+    init_params = run.inputs.init_params
+    if init_params is None and run.cfg.init_from_hf:  # skipped at the start: a bucket
+      init_params = warm_start.read_init_params(run.cfg, run.inputs.mcfg)
+    if init_params is None:
       return 0, steps.init(key)
     log(f"parameters from {run.cfg.init_from_hf}")
-    return 0, steps.init(key, warm_start.place(run.inputs.init_params, steps.param_shardings))
+    return 0, steps.init(key, warm_start.place(init_params, steps.param_shardings))
   start, state, data_state = run.ckpt.restore(steps.restore_target, run.resume_step)
   run.train_loader.load_state_dict(data_state)
   log(f"resumed from {run.ckpt.directory} at step {start}")

@@ -56,7 +56,7 @@ def changed_fields(saved: dict, cfg: config.TrainConfig) -> dict[str, list]:
           if saved.get(k, default.get(k)) != v}
 
 
-def _holds_checkpoints(save_dir: str) -> bool:
+def holds_checkpoints(save_dir: str) -> bool:
   """Whether ``<save_dir>/checkpoints`` holds a finished checkpoint (orbax names each one by
   its step; unfinished ones carry a temporary suffix). A bucket counts as holding one."""
   if "://" in save_dir:
@@ -84,7 +84,7 @@ def check(cfg: config.TrainConfig) -> dict[str, list] | None:
     config.fail(f"{saved_path} is unreadable ({e}); pick another --save_dir")
   changes = changed_fields(saved, cfg)
   refused = sorted(k for k in changes if k not in RESUMABLE)
-  if refused and not _holds_checkpoints(cfg.save_dir):
+  if refused and not holds_checkpoints(cfg.save_dir):
     return None  # an attempt that never saved (a crash, Ctrl-C while compiling): start anew
   if refused:
     shown = ", ".join(f"--{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)

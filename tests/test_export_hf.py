@@ -113,6 +113,25 @@ def test_init_from_hf_starts_from_the_export_and_trains(run):
   assert not (root / "never").exists()
 
 
+def test_a_resumed_init_from_hf_run_reads_its_checkpoint_not_the_export(run, monkeypatch,
+                                                                          tmp_path):
+  """Resuming a run started with --init_from_hf restores the checkpoint and never reads the
+  Hugging Face directory again (a 1b export is gigabytes); the run goes on where it was."""
+  root, args = run
+  export_hf.main([str(root / "run"), str(tmp_path / "export")])
+  warm = ["--init_from_hf", str(tmp_path / "export")]
+  pretrain.main(args(tmp_path / "warm", *warm, "--num_training_steps", "2", model=False))
+  reads = []
+  real = models.load_pretrained
+  monkeypatch.setattr(models, "load_pretrained", lambda *a, **k: reads.append(a) or real(*a, **k))
+  summary = pretrain.main(args(tmp_path / "warm", *warm, model=False))
+  assert reads == [] and summary["latest_checkpoint"] == 4
+  assert sorted(evals(tmp_path / "warm")) == [0, 2, 4]
+  # A new run with the same flags still starts from the export.
+  pretrain.main(args(tmp_path / "fresh", *warm, "--num_training_steps", "2", model=False))
+  assert len(reads) == 1
+
+
 def test_init_from_hf_errors_are_one_line_before_compiling(run, monkeypatch, tmp_path):
   root, args = run
   export_hf.main([str(root / "run"), str(tmp_path / "export")])
