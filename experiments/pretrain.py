@@ -177,19 +177,26 @@ class Run:
       yield
 
 
+def make_loaders(cfg: config.TrainConfig, tok):
+  """This host's training loader and validation batches (``data.make_loaders``), the
+  validation batches cut to the fewest any host has: every host runs the same evaluation."""
+  train_loader, val_batches = data.make_loaders(cfg, tok, host=jax.process_index(),
+                                                num_hosts=jax.process_count())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    n_val = int(np.min(multihost_utils.process_allgather(np.int32(len(val_batches)))))
+    val_batches = val_batches[:n_val]
+  return train_loader, val_batches
+
+
 def open_run(inputs: Inputs) -> Run:
   """Reads the data, then writes the run directory (config.json, resumes.jsonl), and opens the
   checkpointer (``<save_dir>/checkpoints``, possibly a gs:// bucket every host sees) and the
   metrics (process 0, local)."""
   cfg, mcfg = inputs.cfg, inputs.mcfg
-  host, num_hosts = jax.process_index(), jax.process_count()
+  host = jax.process_index()
   with config.one_line_errors():  # an empty or unreadable dataset writes nothing
-    train_loader, val_batches = data.make_loaders(cfg, inputs.tok, host=host,
-                                                  num_hosts=num_hosts)
-  if num_hosts > 1:  # every host must run the same number of evaluation batches
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    n_val = int(np.min(multihost_utils.process_allgather(np.int32(len(val_batches)))))
-    val_batches = val_batches[:n_val]
+    train_loader, val_batches = make_loaders(cfg, inputs.tok)
   # ---- the first writes into the run directory
   ckpt = checkpointing.Checkpointer(cfg.save_dir, keep=cfg.keep_checkpoints)
   resume_step = ckpt.latest_step()

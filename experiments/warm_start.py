@@ -12,11 +12,10 @@ import os
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from experiments import checkpointing, config, data, sharding
+from experiments import checkpointing, config, sharding
 from experiments import train_step as ts
 from spam_optax._tree_util import path_names
 
@@ -83,18 +82,14 @@ def shape_mismatch(params: dict, mcfg: models.LlamaConfig) -> str | None:
 def eval_only(cfg: config.TrainConfig, mcfg: models.LlamaConfig, quant, tok,
               sizes: dict[str, int], init_params: dict | None) -> dict:
   """Evaluates once and prints ``validation loss L, perplexity P``; no directory is written."""
-  from experiments import pretrain  # pylint: disable=import-outside-toplevel  (its evaluate)
+  from experiments import pretrain  # pylint: disable=import-outside-toplevel  (a cycle)
   if init_params is None:
     step, params = _checkpoint_params(cfg, mcfg)
     source = f"{cfg.save_dir} at step {step}"
   else:
     step, params, source = None, init_params, cfg.init_from_hf
-  host, num_hosts = jax.process_index(), jax.process_count()
-  _, val_batches = data.make_loaders(cfg, tok, host=host, num_hosts=num_hosts)
-  if num_hosts > 1:  # every host must run the same number of evaluation batches
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    val_batches = val_batches[:int(np.min(multihost_utils.process_allgather(
-        np.int32(len(val_batches)))))]
+  with config.one_line_errors():  # an empty or unreadable dataset
+    _, val_batches = pretrain.make_loaders(cfg, tok)
   if not val_batches:
     config.fail("--eval_only: the validation set is empty")
   mesh = sharding.make_mesh(sizes)
@@ -108,7 +103,7 @@ def eval_only(cfg: config.TrainConfig, mcfg: models.LlamaConfig, quant, tok,
                         in_shardings=(shardings, sharding.eval_batch_sharding(mesh), replicated),
                         out_shardings=replicated)
     result = pretrain.evaluate(eval_step, place(params, shardings), val_batches, mesh, cfg)
-  if host == 0:
+  if jax.process_index() == 0:
     print(f"{source}: validation loss {result['eval_loss']:.4f}, perplexity "
           f"{result['eval_perplexity']:.2f} ({len(val_batches)} batches of "
           f"{cfg.batch_size}x{cfg.max_length})", flush=True)
