@@ -41,22 +41,19 @@ QUANTS = {
 }
 
 
-@pytest.mark.parametrize("quant", sorted(QUANTS))
-def test_mlp_equals_two_projections(quant):
-  """Same parameters (names, shapes, initial values), forward and gradients, float32."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32)
-  ours = MLP(40, quant=QUANTS[quant], dtype=jnp.float32)
-  ref = TwoProjectionMLP(40, quant=QUANTS[quant])
-  params = nn.meta.unbox(ours.init(jax.random.key(0), x)["params"])
-  chex.assert_trees_all_equal(params, nn.meta.unbox(ref.init(jax.random.key(0), x)["params"]))
+def _assert_same_layer(ours, ref, x, *rest):
+  """Same parameters (names, shapes, initial values), outputs and gradients (of the
+  parameters and of `x`), float32; returns our output and the parameters it used."""
+  params = nn.meta.unbox(ours.init(jax.random.key(0), x, *rest)["params"])
+  chex.assert_trees_all_equal(params,
+                              nn.meta.unbox(ref.init(jax.random.key(0), x, *rest)["params"]))
   # Weights far from their initial scale, so that the quantizers' groups matter.
   params = jax.tree.map(lambda p: p * 30.0, params)
-  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
 
   def run(module):
     def f(p, x):
-      y = module.apply({"params": p}, x, rngs={"quant": jax.random.key(7)})
+      y = module.apply({"params": p}, x, *rest, rngs={"quant": jax.random.key(7)})
       return jnp.sum(y * cot), y
     (_, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
     return y, grads
@@ -65,6 +62,17 @@ def test_mlp_equals_two_projections(quant):
   want_y, want_grads = run(ref)
   chex.assert_trees_all_close(got_y, want_y, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-4)
+  return got_y, params
+
+
+@pytest.mark.parametrize("quant", sorted(QUANTS))
+def test_mlp_equals_two_projections(quant):
+  """Same parameters (names, shapes, initial values), forward and gradients, float32."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32)
+  ours = MLP(40, quant=QUANTS[quant], dtype=jnp.float32)
+  ref = TwoProjectionMLP(40, quant=QUANTS[quant])
+  got_y, params = _assert_same_layer(ours, ref, x)
   if QUANTS[quant] is not None and QUANTS[quant].stochastic:  # the noise reaches the product
     other = ours.apply({"params": params}, x, rngs={"quant": jax.random.key(8)})
     assert not np.allclose(np.asarray(other), np.asarray(got_y))
@@ -95,23 +103,7 @@ def test_attention_equals_three_projections(quant):
   positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
   ours = Attention(4, 8, quant=QUANTS[quant], dtype=jnp.float32, implementation="xla")
   ref = ThreeProjectionAttention(4, 8, quant=QUANTS[quant])
-  params = nn.meta.unbox(ours.init(jax.random.key(0), x, positions)["params"])
-  chex.assert_trees_all_equal(
-      params, nn.meta.unbox(ref.init(jax.random.key(0), x, positions)["params"]))
-  params = jax.tree.map(lambda p: p * 30.0, params)
-  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-
-  def run(module):
-    def f(p, x):
-      y = module.apply({"params": p}, x, positions, rngs={"quant": jax.random.key(7)})
-      return jnp.sum(y * cot), y
-    (_, y), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
-    return y, grads
-
-  got_y, got_grads = run(ours)
-  want_y, want_grads = run(ref)
-  chex.assert_trees_all_close(got_y, want_y, rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-4, atol=1e-4)
+  _assert_same_layer(ours, ref, x, positions)
 
 
 def _reference(gate_up):
