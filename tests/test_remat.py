@@ -1,4 +1,6 @@
 """models/remat.py: what the backward pass keeps of a decoder block."""
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -29,12 +31,17 @@ def _saved(policy, capsys):
 
 def test_block_residuals_keeps_the_named_products_only(capsys):
   kept = _saved(remat.block_residuals, capsys)
-  # One saved value per name, nothing else (no norm, cast or SiLU output): bf16 only. (Older
-  # jax prints some of them as the output of the cast that precedes the name.)
+  # One saved value per name, nothing else (no norm, cast or SiLU output): bf16 only, each
+  # made where the model names it. (Older jax prints them as the output of the cast that
+  # precedes the name, at the same source line.)
   assert len(kept) == len(remat.SAVED_NAMES), kept
   assert all(l.startswith("bf16[") for l in kept), kept
   names = {l.split("named '")[1].split("'")[0] for l in kept if "named '" in l}
-  assert names and names <= set(remat.SAVED_NAMES)
+  assert names <= set(remat.SAVED_NAMES)
+  for line in kept:
+    path, number = re.search(r"from (\S+\.py):(\d+):", line).groups()
+    with open(path, encoding="utf-8") as f:
+      assert "checkpoint_name(" in f.read().splitlines()[int(number) - 1], line
   # Without remat, the same block keeps more, float32 norm inputs among them.
   everything = _saved(jax.checkpoint_policies.everything_saveable, capsys)
   assert len(everything) > len(kept) and any(l.startswith("f32[") for l in everything)
