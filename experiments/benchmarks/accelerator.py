@@ -224,7 +224,7 @@ def plan(args, work: str) -> list:
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
   # The smallest trainer step again with bf16 logits (--logits_dtype): at 60m the head's
-  # float32 logits and their gradient are 21% of the step's bytes.
+  # float32 logits and their gradient are 20% of the step's bytes.
   size = train_sizes[0]
   parts.append(Part(f"train_{size}_bf16_logits", _module("bench_train") + [
       "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
