@@ -142,6 +142,7 @@ def test_compiling_for_an_h100_without_one():
   step = aot_gpu.trainer_step("llama_9m", "spam", 2, 64, aot_gpu.target_devices("h100"))
   assert step["cudnn_attention"] and step["donation_warnings"] == []
   assert 0 < step["aliased_outputs"] <= step["state_leaves"]
+  assert step["peak_memory_bytes"] > 0  # XLA's buffer assignment for the described device
 
 
 def test_without_the_cuda_plugin_the_h100_target_is_one_error_line():

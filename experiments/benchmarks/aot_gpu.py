@@ -119,8 +119,16 @@ def _summary(label: str, compiled, compile_s: float, dump: str | None) -> dict:
     os.makedirs(dump, exist_ok=True)
     with open(os.path.join(dump, label + ".hlo.txt"), "w", encoding="utf-8") as f:
       f.write(text)
+  memory = compiled.memory_analysis()
+  peak = getattr(memory, "peak_memory_in_bytes", None) if memory is not None else None
   return dict(what=label, compile_s=compile_s, **hlo_stats.summarize(text),
-              traffic=hlo_stats.kernel_traffic(text))
+              traffic=hlo_stats.kernel_traffic(text), peak_memory_bytes=peak)
+
+
+def _gib(row: dict) -> str:
+  """The compiled program's peak device memory (XLA's buffer assignment), GiB."""
+  peak = row.get("peak_memory_bytes")
+  return "–" if peak is None else f"{peak / 2**30:.1f}"
 
 
 def optimizer_updates(size: str, names: list, sharding, dump=None,
@@ -252,13 +260,13 @@ def main(argv=None) -> list:
     rows = [r]
     calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
     print(f"| train step ({args.target}) | kernels | GB moved | GB matmul / attention / rest "
-          "| cuDNN attention | outputs in donated buffers / state leaves | donation warnings "
-          "| compile s |")
-    print("|---|---:|---:|---|---|---|---|---:|")
+          "| peak GiB | cuDNN attention | outputs in donated buffers / state leaves "
+          "| donation warnings | compile s |")
+    print("|---|---:|---:|---|---:|---|---|---|---:|")
     logits = ", bf16 logits" if args.logits_dtype == "bfloat16" else ""
     print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']}{logits} | "
           f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
-          f"{_split(r['traffic'])} | "
+          f"{_split(r['traffic'])} | {_gib(r)} | "
           f"{'yes' if r['cudnn_attention'] else 'no'} ({calls}) | "
           f"{r['aliased_outputs']} / {r['state_leaves']} | {len(r['donation_warnings'])} | "
           f"{r['compile_s']:.0f} |", flush=True)
@@ -267,13 +275,13 @@ def main(argv=None) -> list:
                        args.batch, args.length, sharding, args.dump, args.logits_dtype,
                        args.scan_layers, args.remat_policy)
     print(f"| fwd+bwd ({args.target}) | kernels | GB moved | GB matmul / attention / rest "
-          "| cuDNN attention | custom calls | compile s |")
-    print("|---|---:|---:|---|---|---|---:|")
+          "| peak GiB | cuDNN attention | custom calls | compile s |")
+    print("|---|---:|---:|---|---:|---|---|---:|")
     for r in rows:
       calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
       print(f"| {r['model']} {r['quant']} {r['batch']}×{r['length']} | "
             f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
-            f"{_split(r['traffic'])} | "
+            f"{_split(r['traffic'])} | {_gib(r)} | "
             f"{'yes' if r['cudnn_attention'] else 'no'} | {calls} | {r['compile_s']:.0f} |",
             flush=True)
   if args.json:
