@@ -223,21 +223,27 @@ def plan(args, work: str) -> list:
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
-  # The smallest trainer step again with bf16 logits (--logits_dtype): at 60m the head's
-  # float32 logits and their gradient are 20% of the step's bytes.
-  size = train_sizes[0]
-  parts.append(Part(f"train_{size}_bf16_logits", _module("bench_train") + [
-      "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
-      str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
-      "--no_loader", "--logits_dtype", "bfloat16", "--json", js(f"train_{size}_bf16_logits")]
-      + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(size, (60, 10)),
-      js(f"train_{size}_bf16_logits")))
+  def bf16_logits_part(size):
+    return Part(f"train_{size}_bf16_logits", _module("bench_train") + [
+        "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
+        str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
+        "--no_loader", "--logits_dtype", "bfloat16", "--json", js(f"train_{size}_bf16_logits")]
+        + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(size, (60, 10)),
+        js(f"train_{size}_bf16_logits"))
+
+  # The smallest trainer step again with bf16 logits (--logits_dtype), as HF LLaMA in bf16
+  # (the peer) computes them: at 60m the head's float32 logits and their gradient are 20% of
+  # the step's bytes. The next size follows the scanned optimizer below.
+  parts.append(bf16_logits_part(train_sizes[0]))
   # The same updates on the scan_layers layout (one leaf per weight of all layers; Stable-SPAM
   # with per-layer statistics): the per-leaf kernels of the 219-leaf layout become 12 leaves'.
   parts.append(Part("optimizer_scan", _module("bench_optimizer") + [
       "--size", opt_size, "--scan_layers", "--optimizers", "spam,stable_spam", "--sequential",
       "--json", js("optimizer_scan")] + opt_iters + prof("optimizer_scan"), 100, 30,
       js("optimizer_scan")))
+  # 130m: with 350m the size whose compiled step leaves the least margin under half the
+  # peer's reference time, and the one where bf16 logits save more (12% of its bytes).
+  parts += [bf16_logits_part(size) for size in train_sizes[1:2]]
   parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
       "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
       "--json", js("hlo_optimizer"), "--dump", os.path.join(work, "hlo")], 60, 20,
