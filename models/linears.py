@@ -3,8 +3,9 @@
 Every projection runs through `project` (the product of an activation and a kernel);
 quantization reaches it as an injected `dot_general` (see `models.quantization`), chosen
 by a single `QuantConfig` (None: the plain bfloat16 matmul). `DenseGeneral` is one
-projection; the MLP holds its gate and up kernels as two (`ProjectionWeights`) and
-multiplies them in one product.
+projection; the MLP (gate, up) and attention (q, k, v) hold their kernels as
+`ProjectionWeights` and multiply those that read the same input in one product
+(`fused_projections`).
 """
 
 from __future__ import annotations
