@@ -121,9 +121,11 @@ def fused_projections(x: jax.Array, weights: Sequence[tuple], dtype) -> jax.Arra
 
   `weights` are `ProjectionWeights` results `(kernel, quant, noise_key)` whose kernels
   share their shape `(in, *features)`; the result is `(…, n, *features)` in `dtype`, from
-  the kernels stacked as `(n, in, *features)`. With quantization each kernel is quantized
-  on its own (as separate `nn.Linear`s are) and `x` once; stochastic rounding draws its
-  noise per projection, so there the products stay apart and their results are stacked.
+  the kernels stacked as `(in, n, *features)`: the forward product contracts its first
+  axis and the backward one (the input gradient) its trailing ones, so both read that one
+  buffer. With quantization each kernel is quantized on its own (as separate `nn.Linear`s
+  are) and `x` once; stochastic rounding draws its noise per projection, so there the
+  products stay apart and their results are stacked.
   """
   x = x.astype(dtype)
   axis = x.ndim - 1
@@ -136,15 +138,15 @@ def fused_projections(x: jax.Array, weights: Sequence[tuple], dtype) -> jax.Arra
   if quant is not None:
     x = quantization.fake_quant_activation(quant, x, (), (axis,))
     kernels = [quantization.fake_quant_weight(quant, w, (0,)) for w in kernels]
-  w = jnp.stack([k.astype(dtype) for k in kernels])
-  return lax.dot_general(x, w, (((axis,), (1,)), ((), ())), preferred_element_type=dtype)
+  w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
+  return lax.dot_general(x, w, (((axis,), (0,)), ((), ())), preferred_element_type=dtype)
 
 
 class MLP(nn.Module):
   """LLaMA's SiLU-gated MLP: `down(silu(gate(x)) · up(x))`.
 
   The parameters are HF's (`gate_proj`, `up_proj`, `down_proj`, each a `kernel`), but gate
-  and up run as one product against the two kernels stacked as (2, embed, mlp), whose
+  and up run as one product against the two kernels stacked as (embed, 2, mlp), whose
   output `gate_up` is what the backward pass keeps; `swiglu` then reads it once forward
   and once backward. With quantization each kernel is quantized on its own, as the
   official code's two `nn.Linear`s are, and the activation once (stochastic rounding
