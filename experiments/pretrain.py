@@ -267,7 +267,7 @@ def restore_or_init(run: Run, steps: Steps):
   if run.resume_step is None:
     key = jax.random.PRNGKey(run.cfg.seed)  # raw uint32: checkpointed (see sharding.py)
     init_params = run.inputs.init_params
-    if init_params is None and run.cfg.init_from_hf:  # skipped at the start: a bucket
+    if init_params is None and run.cfg.init_from_hf:  # not read at the start (a gs:// dir)
       init_params = warm_start.read_init_params(run.cfg, run.inputs.mcfg)
     if init_params is None:
       return 0, steps.init(key)

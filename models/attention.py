@@ -71,8 +71,9 @@ class Attention(nn.Module):
   The q, k, v kernels are (embed, heads, kv) and the o kernel (heads, kv, embed);
   all four may be fake-quantized. q, k and v run as one product against their kernels
   stacked as (embed, 3, heads, kv) (`fused_projections`): the input is read once and
-  the backward pass makes one input gradient instead of three to be summed. Scores, softmax and the AV product stay in the
-  compute dtype (the softmax itself runs in float32 inside JAX).
+  the backward pass makes one input gradient instead of three to be summed. Scores,
+  softmax and the AV product stay in the compute dtype (the softmax itself runs in
+  float32 inside JAX).
   """
 
   num_heads: int
