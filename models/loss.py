@@ -43,8 +43,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   gradient with respect to `logits` is `softmax − one_hot(target)` in the logits' dtype;
   `targets` get none.
   """
-  m, s, picked = _reduce(logits, targets)
-  return m + jnp.log(s) - picked
+  return _token_nll_fwd(logits, targets)[0]
 
 
 def _token_nll_fwd(logits, targets):
