@@ -216,17 +216,17 @@ def kernel_traffic(hlo_text: str) -> dict:
   Every instruction of a computation that runs on its own (see ``summarize``) other than
   bookkeeping (parameters, tuples, bitcasts, loops) is one kernel that reads each operand
   and writes its result once: ``bytes`` is the sum over kernels of operand and result
-  sizes, except that a kernel which only takes dynamic slices of an operand reads those
-  slices, and one that updates a slice of a buffer in place writes (and reads) the update.
-  That is the device-memory traffic of an update when nothing stays in cache between
-  kernels. A loop body counts as many times as its known trip count (a scan over layers
-  runs its body once per layer). The branches of a conditional are not in the totals (one
-  of them runs); ``branches`` lists each branch's own kernels and bytes, per run of the
-  branch. ``by_category`` splits ``bytes`` by what each kernel computes
-  (``profile_summary.hlo_categories``: matrix products, attention, reductions, data movement,
-  other element-wise work). For a memory-bound step (an optimizer update) bytes over the device's bandwidth
-  is the time to expect, and two optimizers' bytes compare their passes over memory
-  without running them.
+  sizes, except that a kernel which only takes slices (static or dynamic) of an operand
+  reads those slices, and one that updates a slice of a buffer in place writes (and reads)
+  the update. That is the device-memory traffic of an update when nothing stays in cache
+  between kernels. A loop body counts as many times as its known trip count (a scan over
+  layers runs its body once per layer). The branches of a conditional are not in the
+  totals (one of them runs); ``branches`` lists each branch's own kernels and bytes, per
+  run of the branch. ``by_category`` splits ``bytes`` by what each kernel computes
+  (``profile_summary.hlo_categories``: matrix products, attention, reductions, data
+  movement, other element-wise work). For a memory-bound step (an optimizer update) bytes
+  over the device's bandwidth is the time to expect, and two optimizers' bytes compare
+  their passes over memory without running them.
   """
   comps = computations(hlo_text)
   categories = profile_summary.hlo_categories(hlo_text)
