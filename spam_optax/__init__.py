@@ -5,6 +5,8 @@ from spam_optax._alias import spam
 from spam_optax._alias import stable_spam
 from spam_optax._grad_norm_history import scale_by_grad_norm_history
 from spam_optax._grad_norm_history import ScaleByGradNormHistoryState
+from spam_optax._leaf_stats import LeafLayout
+from spam_optax._leaf_stats import LeafStats
 from spam_optax._momentum_scale import cosine_momentum_scale
 from spam_optax._periodic_reset import periodic_reset
 from spam_optax._periodic_reset import PeriodicResetState
@@ -31,6 +33,8 @@ __all__ = (
     "clip_by_running_max",
     "ClipByRunningMaxState",
     "cosine_momentum_scale",
+    "LeafLayout",
+    "LeafStats",
     "periodic_reset",
     "PeriodicResetState",
     "replace_masks",

@@ -6,23 +6,27 @@ import jax.numpy as jnp
 import optax
 
 from spam_optax import _count
+from spam_optax import _leaf_stats
 from spam_optax import _numerics
 from spam_optax import _periodic_reset
 from spam_optax import _stacked_axes
-from spam_optax import _tree_util
 from spam_optax import _validation
 
 
 class ClipByRunningMaxState(NamedTuple):
   """State of :func:`clip_by_running_max`.
 
+  Both statistics are :class:`spam_optax.LeafStats`: one vector each, its
+  entries named by leaf path (``as_dict()``), so that an update adds a few
+  small kernels on a GPU rather than a few per leaf.
+
   Attributes:
     count: number of updates so far (int32).
-    max_ema: per leaf, the EMA of :math:`\\max|g|` (float32, float64 for
-      float64 leaves): a scalar, or one per slice of shape ``leaf.shape[:n]``
-      for a leaf with ``n`` stacked axes.
-    clipped: per leaf, the number of entries clipped at the last step (int32
-      scalar, all slices together).
+    max_ema: the EMA of :math:`\\max|g|`, one entry per leaf, or one per slice
+      (shape ``leaf.shape[:n]``) of a leaf with ``n`` stacked axes; float32,
+      float64 when a leaf is float64.
+    clipped: the number of entries clipped at the last step, one int32 per
+      leaf (all its slices together).
   """
   count: jax.Array
   max_ema: Any
@@ -89,17 +93,15 @@ def clip_by_running_max(
   _stacked_axes.check_stacked_axes(stacked_axes)
 
   def init_fn(params):
-    counts = _stacked_axes.stacked_counts(stacked_axes, params)
+    leaves, treedef = jax.tree.flatten(params)
+    ns = treedef.flatten_up_to(_stacked_axes.stacked_counts(stacked_axes, params))
     return ClipByRunningMaxState(
         count=jnp.zeros([], jnp.int32),
-        max_ema=jax.tree.map(
-            lambda p, n: jnp.zeros(
-                jnp.shape(p)[:n], _numerics.stat_dtype(p.dtype)
-            ),
-            params,
-            counts,
+        max_ema=_leaf_stats.zeros(
+            params, _numerics.tree_stat_dtype(params),
+            [jnp.shape(p)[:n] for p, n in zip(leaves, ns)],
         ),
-        clipped=jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params),
+        clipped=_leaf_stats.zeros(params, jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
@@ -108,25 +110,34 @@ def clip_by_running_max(
     k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
     correction = _numerics.one_minus_power(gamma3, k)
 
-    def leaf(g, m, n):
-      dtype = m.dtype
-      gd = g.astype(dtype)
-      abs_g = jnp.abs(gd)
-      g_max = jnp.max(abs_g, axis=_stacked_axes.reduced_axes(g, n), initial=0.0)
-      m = gamma3 * m + (1 - gamma3) * g_max
-      m_hat = m / correction.astype(dtype)
-      ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
-      m_hat, ratio = (_stacked_axes.broadcastable(x, g) for x in (m_hat, ratio))
-      clipped = jnp.where(abs_g > m_hat, gd * ratio, gd)
-      n_clipped = _count.count_changed(clipped, gd)
-      return clipped.astype(g.dtype), m.astype(dtype), n_clipped
-
-    counts = _stacked_axes.stacked_counts(stacked_axes, updates)
-    updates, max_ema, clipped = _tree_util.tree_map_unzip(
-        leaf, 3, updates, state.max_ema, counts
+    leaves, treedef = jax.tree.flatten(updates)
+    ns = treedef.flatten_up_to(
+        _stacked_axes.stacked_counts(stacked_axes, updates)
     )
-    return updates, ClipByRunningMaxState(
-        count=step, max_ema=max_ema, clipped=clipped
+    dtype = state.max_ema.values.dtype
+    max_of = lambda x, axis: jnp.max(x, axis=axis, initial=0.0)
+    g_max = _leaf_stats.combine_rows(
+        [max_of(jnp.abs(_leaf_stats.rows_view(g.astype(dtype), n)), 2)
+         for g, n in zip(leaves, ns)],
+        max_of,
+    ).astype(dtype)
+    m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
+    m_hat = m / correction.astype(dtype)
+    ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
+
+    def leaf(g, m_hat, ratio):
+      gd = g.astype(dtype)
+      m_hat, ratio = (_stacked_axes.broadcastable(x, g) for x in (m_hat, ratio))
+      clipped = jnp.where(jnp.abs(gd) > m_hat, gd * ratio, gd)
+      return clipped.astype(g.dtype), _count.changed_per_row(clipped, gd)
+
+    lay = state.max_ema.layout
+    out = [leaf(g, mh, r) for g, mh, r in zip(
+        leaves, _leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay))]
+    return treedef.unflatten([o[0] for o in out]), ClipByRunningMaxState(
+        count=step,
+        max_ema=_leaf_stats.LeafStats(m.astype(dtype), lay),
+        clipped=_count.leaf_counts([o[1] for o in out], state.clipped),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,45 +1,61 @@
-"""Counting the entries a clip changed, as one fused float reduction."""
+"""Counting the entries a clip changed, as one fused float reduction per row."""
 import jax
 import jax.numpy as jnp
+
+from spam_optax import _leaf_stats
 
 # Float32 holds every integer up to 2**24 exactly, so a float32 sum of 0/1
 # values is exact for rows up to this length.
 _MAX_EXACT_ROW = 2**24
 
 
-def count_changed(new: jax.Array, old: jax.Array) -> jax.Array:
-  r"""Returns the number of entries where ``new`` differs from ``old`` (int32).
+def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
+  r"""The number of entries where ``new`` differs from ``old``, per row.
 
-  Used for the clipped-entry counts of :func:`spam_optax.scale_by_spam`,
-  :func:`spam_optax.spam_clip` and :func:`spam_optax.clip_by_running_max`:
-  a clip changes exactly the entries it clips (up to a rounding tie, where the
-  clipped value rounds back to the original one and nothing changed).
+  Rows as in :func:`spam_optax._leaf_stats.rows_view`: the first axis of the
+  leaf, the other axes the columns. Returns shape ``(1, rows)``, the form
+  :func:`leaf_counts` sums over all leaves at once: float (at least float32,
+  exact) with NaN for a row that holds a NaN, or int32 for float32 rows longer
+  than :math:`2^{24}`. :func:`row_totals` turns it into int32.
 
-  Computed as :math:`\sum_i \lceil\min(|\mathrm{new}_i - \mathrm{old}_i|,
-  1)\rceil` (1 where the entries differ, 0 where they are equal) per row (last
-  axis) in at least float32, exact because a row has fewer than :math:`2^{24}`
-  entries (longer float32 rows are counted by comparison); the row counts are
-  then summed as int32. It reads only the values before and after the clip,
-  never the statistic the clip compared against. Why this form rather than
-  ``jnp.sum(new != old)``: see BENCHMARKS.md, "Optimizer update".
+  A clip changes exactly the entries it clips (up to a rounding tie, where the
+  clipped value rounds back to the original one and nothing changed). Each row
+  is counted as :math:`\sum_i \lceil\min(|\mathrm{new}_i - \mathrm{old}_i|,
+  1)\rceil` (1 where the entries differ, 0 where they are equal) in at least
+  float32, exact because a row has fewer than :math:`2^{24}` entries (longer
+  float32 rows are counted by comparison). It reads only the values before
+  and after the clip, never the statistic the clip compared against, so XLA
+  fuses it into the pass that writes the clipped values. Why this form rather
+  than ``jnp.sum(new != old)``: see BENCHMARKS.md, "Optimizer update".
 
   Entries where either side is NaN are not counted; a row that holds one
   counts 0 (such a step has NaN moments anyway; see ``docs/optimizers.md``).
-
-  Args:
-    new: the values after the clip.
-    old: the values before it (same shape).
-
-  Returns:
-    An int32 scalar.
   """
   dtype = jnp.promote_types(jnp.promote_types(new.dtype, old.dtype), jnp.float32)
   diff = jnp.abs(new.astype(dtype) - old.astype(dtype))
-  changed = jnp.ceil(jnp.minimum(diff, 1))  # NaN stays NaN
-  if changed.ndim == 0:
-    changed = changed.reshape(1, 1)
-  elif changed.shape[-1] > _MAX_EXACT_ROW and dtype == jnp.float32:
-    return jnp.sum(changed == 1, dtype=jnp.int32)  # NaN entries not counted
-  rows = jnp.sum(changed, axis=-1)
-  rows = jnp.where(jnp.isnan(rows), 0, rows)
-  return jnp.sum(rows.astype(jnp.int32), dtype=jnp.int32)
+  changed = _leaf_stats.rows_view(jnp.ceil(jnp.minimum(diff, 1)))  # NaN stays NaN
+  if changed.shape[-1] > _MAX_EXACT_ROW and dtype == jnp.float32:
+    return jnp.sum(changed == 1, axis=-1, dtype=jnp.int32)  # NaN entries not counted
+  return jnp.sum(changed, axis=-1)
+
+
+def row_totals(rows: jax.Array, axis: int = -1) -> jax.Array:
+  """Sums :func:`changed_per_row`'s counts over ``axis`` as int32 (a row that
+  holds a NaN counts 0)."""
+  if jnp.issubdtype(rows.dtype, jnp.floating):
+    rows = jnp.where(jnp.isnan(rows), 0, rows).astype(jnp.int32)
+  return jnp.sum(rows, axis=axis, dtype=jnp.int32)
+
+
+def count_changed(new: jax.Array, old: jax.Array) -> jax.Array:
+  """The number of entries where ``new`` differs from ``old`` (int32 scalar):
+  :func:`changed_per_row` summed."""
+  return row_totals(changed_per_row(new, old), axis=None)
+
+
+def leaf_counts(rows: list, like) -> _leaf_stats.LeafStats:
+  """One int32 count per leaf from each leaf's :func:`changed_per_row`, in a
+  :class:`~spam_optax._leaf_stats.LeafStats` laid out as ``like``: the row
+  counts of all leaves are converted and summed together."""
+  values = _leaf_stats.combine_rows(rows, row_totals)
+  return _leaf_stats.LeafStats(values.astype(jnp.int32), like.layout)

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spam_optax import _leaf_stats
 from spam_optax import _momentum_scale
 from spam_optax import _numerics
 from spam_optax import _periodic_reset
 from spam_optax import _stacked_axes
-from spam_optax import _tree_util
 from spam_optax import _validation
 
 
@@ -18,9 +18,11 @@ class ScaleByGradNormHistoryState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    mu_norm: EMA of the gradient norm (per leaf, or one scalar with
-      ``global_norm=True``), float32 (float64 for float64 leaves); per slice,
-      of shape ``leaf.shape[:n]``, for a leaf with ``n`` stacked axes.
+    mu_norm: EMA of the gradient norm: a :class:`spam_optax.LeafStats`, one
+      vector with an entry per leaf, or per slice (shape ``leaf.shape[:n]``)
+      of a leaf with ``n`` stacked axes, named by leaf path (``as_dict()``);
+      one scalar with ``global_norm=True``. Float32, float64 when a leaf is
+      float64.
     nu_norm: EMA of the squared gradient norm, same layout.
   """
   count: jax.Array
@@ -119,14 +121,14 @@ def scale_by_grad_norm_history(
       return ScaleByGradNormHistoryState(
           jnp.zeros([], jnp.int32), jnp.zeros([], dtype), jnp.zeros([], dtype)
       )
-    counts = _stacked_axes.stacked_counts(stacked_axes, params)
-    stats = lambda p, n: jnp.zeros(
-        jnp.shape(p)[:n], _numerics.stat_dtype(p.dtype)
-    )
+    leaves, treedef = jax.tree.flatten(params)
+    ns = treedef.flatten_up_to(_stacked_axes.stacked_counts(stacked_axes, params))
+    shapes = [jnp.shape(p)[:n] for p, n in zip(leaves, ns)]
+    dtype = _numerics.tree_stat_dtype(params)
     return ScaleByGradNormHistoryState(
         jnp.zeros([], jnp.int32),
-        jax.tree.map(stats, params, counts),
-        jax.tree.map(stats, params, counts),
+        _leaf_stats.zeros(params, dtype, shapes),
+        _leaf_stats.zeros(params, dtype, shapes),
     )
 
   def update_fn(updates, state, params=None):
@@ -161,16 +163,24 @@ def scale_by_grad_norm_history(
       updates = jax.tree.map(lambda g: rescale(g, factor), updates)
       return updates, ScaleByGradNormHistoryState(step, a, b)
 
-    def leaf(g, a, b, n):
-      axes = _stacked_axes.reduced_axes(g, n)
-      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(a.dtype)), axis=axes))
-      factor, a, b = statistics(norm, a, b)
-      return rescale(g, factor), a, b
-
-    counts = _stacked_axes.stacked_counts(stacked_axes, updates)
-    updates, a, b = _tree_util.tree_map_unzip(
-        leaf, 3, updates, state.mu_norm, state.nu_norm, counts
+    leaves, treedef = jax.tree.flatten(updates)
+    ns = treedef.flatten_up_to(
+        _stacked_axes.stacked_counts(stacked_axes, updates)
     )
-    return updates, ScaleByGradNormHistoryState(step, a, b)
+    dtype = state.mu_norm.values.dtype
+    sum_of = lambda x, axis: jnp.sum(x, axis=axis)
+    norm = jnp.sqrt(_leaf_stats.combine_rows(
+        [sum_of(jnp.square(_leaf_stats.rows_view(g.astype(dtype), n)), 2)
+         for g, n in zip(leaves, ns)],
+        sum_of,
+    ).astype(dtype))
+    factor, a, b = statistics(norm, state.mu_norm.values, state.nu_norm.values)
+    lay = state.mu_norm.layout
+    updates = treedef.unflatten([
+        rescale(g, f) for g, f in zip(leaves, _leaf_stats.split(factor, lay))
+    ])
+    return updates, ScaleByGradNormHistoryState(
+        step, _leaf_stats.LeafStats(a, lay), _leaf_stats.LeafStats(b, lay)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -35,3 +35,9 @@ def one_minus_power(decay: Any, count: jax.Array) -> jax.Array:
 def stat_dtype(dtype: Any) -> Any:
   """Dtype of scalar statistics: at least float32, float64 for float64 leaves."""
   return jnp.promote_types(jnp.float32, dtype)
+
+
+def tree_stat_dtype(tree: Any) -> Any:
+  """:func:`stat_dtype` of all of ``tree``'s leaves together (float32 for none)."""
+  dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)] or [jnp.float32]
+  return stat_dtype(jnp.result_type(*dtypes))

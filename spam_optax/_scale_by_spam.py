@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spam_optax import _count
+from spam_optax import _leaf_stats
 from spam_optax import _numerics
 from spam_optax import _spike_clip
 from spam_optax import _tree_util
@@ -18,8 +20,9 @@ class ScaleBySpamState(NamedTuple):
     count: Adam's step count (int32); never reset, it drives bias correction.
     mu: first moment, one per leaf.
     nu: second moment, one per leaf.
-    clipped: per leaf, the number of entries the spike clip changed at the last
-      step (int32 scalar).
+    clipped: the number of entries the spike clip changed at the last step,
+      one int32 per leaf, in one vector (a :class:`spam_optax.LeafStats`;
+      ``as_dict()`` names them by leaf path).
   """
   count: jax.Array
   mu: Any
@@ -104,7 +107,7 @@ def scale_by_spam(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(zeros, params),
         nu=jax.tree.map(zeros, params),
-        clipped=jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params),
+        clipped=_leaf_stats.zeros(params, jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
@@ -115,7 +118,7 @@ def scale_by_spam(
     )
 
     def leaf(g, m, v):
-      g, n_clipped = _spike_clip.clip_leaf_against_second_moment(
+      g, rows_clipped = _spike_clip.clip_leaf_against_second_moment(
           g, v, spike_threshold, active, clip_unseen
       )
       dtype = jnp.promote_types(g.dtype, m.dtype)
@@ -128,12 +131,13 @@ def scale_by_spam(
       u = m_new / (jnp.sqrt(v_new) + eps) * correction.astype(dtype)
       return (
           u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype),
-          n_clipped,
+          rows_clipped,
       )
 
-    u, mu, nu, clipped = _tree_util.tree_map_unzip(
+    u, mu, nu, rows = _tree_util.tree_map_unzip(
         leaf, 4, updates, state.mu, state.nu
     )
+    clipped = _count.leaf_counts(jax.tree.leaves(rows), state.clipped)
     return u, ScaleBySpamState(count=step, mu=mu, nu=nu, clipped=clipped)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from spam_optax import _count
+from spam_optax import _leaf_stats
 from spam_optax import _periodic_reset
 from spam_optax import _tree_util
 from spam_optax import _validation
@@ -54,10 +55,13 @@ def clip_leaf_against_second_moment(
     clip_unseen: whether entries with ``nu == 0`` are clipped (to 0).
 
   Returns:
-    ``(clipped_g, n_clipped)`` with ``n_clipped`` an int32 scalar.
+    ``(clipped_g, rows_clipped)``: ``rows_clipped`` is the number of entries
+    clipped per row of the leaf, int32 of shape ``(1, rows)``
+    (:func:`spam_optax._count.changed_per_row`); with the clip disabled
+    statically, ``(1, 1)`` zeros.
   """
   if isinstance(spike_threshold, (int, float)) and spike_threshold == 0:
-    return g, jnp.zeros([], jnp.int32)  # clip disabled: nothing to compute
+    return g, jnp.zeros([1, 1], jnp.int32)  # clip disabled: nothing to compute
   compute_dtype = jnp.promote_types(g.dtype, nu.dtype)
   gc = g.astype(compute_dtype)
   threshold = jnp.asarray(spike_threshold, compute_dtype)
@@ -66,7 +70,7 @@ def clip_leaf_against_second_moment(
   if not clip_unseen:
     spike = spike & (bound_sq > 0)
   clipped = jnp.where(spike, jnp.sign(gc) * jnp.sqrt(bound_sq), gc)
-  return clipped.astype(g.dtype), _count.count_changed(clipped, gc)
+  return clipped.astype(g.dtype), _count.changed_per_row(clipped, gc)
 
 
 class SpamClipState(NamedTuple):
@@ -75,7 +79,9 @@ class SpamClipState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     nu: EMA of squared (clipped) gradients, one per leaf.
-    clipped: per leaf, the number of entries clipped at the last step (int32).
+    clipped: the number of entries clipped at the last step, one int32 per
+      leaf, in one vector (a :class:`spam_optax.LeafStats`; ``as_dict()``
+      names them by leaf path).
   """
   count: jax.Array
   nu: Any
@@ -160,7 +166,7 @@ def spam_clip(
 
   def init_fn(params):
     nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=nu_dtype), params)
-    clipped = jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params)
+    clipped = _leaf_stats.zeros(params, jnp.int32)
     return SpamClipState(
         count=jnp.zeros([], jnp.int32), nu=nu, clipped=clipped
     )
@@ -175,7 +181,7 @@ def spam_clip(
     nu = jax.tree.map(
         lambda v: jnp.where(reset, jnp.zeros_like(v), v), state.nu
     )
-    new_updates, counts = _tree_util.tree_map_unzip(
+    new_updates, rows = _tree_util.tree_map_unzip(
         lambda g, v: clip_leaf_against_second_moment(
             g, v, spike_threshold, active, clip_unseen
         ),
@@ -183,6 +189,7 @@ def spam_clip(
         updates,
         nu,
     )
+    counts = _count.leaf_counts(jax.tree.leaves(rows), state.clipped)
     nu = jax.tree.map(
         lambda g, v: (b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype))).astype(
             v.dtype

@@ -8,7 +8,6 @@ from spam_optax import _adaptive_clip
 from spam_optax import _periodic_reset
 from spam_optax import _scale_by_spam
 from spam_optax import _spike_clip
-from spam_optax import _tree_util
 
 _CLIP_STATES = (
     _scale_by_spam.ScaleBySpamState,
@@ -76,9 +75,11 @@ def spike_stats(opt_state: Any) -> dict[str, jax.Array]:
   total = None
   for node in found:
     if isinstance(node, _CLIP_STATES):
-      for path, count in jax.tree_util.tree_flatten_with_path(node.clipped)[0]:
-        name = "spike/clipped/" + "/".join(_tree_util.path_names(path))
+      for leaf, count in node.clipped.as_dict().items():
+        name = "spike/clipped/" + leaf
         stats[name] = stats[name] + count if name in stats else count
+      if node.clipped.layout.names:
+        count = jnp.sum(node.clipped.values, dtype=jnp.int32)
         total = count if total is None else total + count
     elif isinstance(node, _periodic_reset.PeriodicResetState):
       stats.setdefault("reset/steps_since_reset", node.steps_since_reset)

@@ -92,7 +92,7 @@ class ScaleByGradNormHistoryTest(chex.TestCase):
   def test_low_precision_leaves_keep_float32_stats(self):
     state = spam_optax.scale_by_grad_norm_history().init(
         {"w": jnp.ones(3, jnp.bfloat16)})
-    assert state.mu_norm["w"].dtype == jnp.float32
+    assert state.mu_norm.tree()["w"].dtype == jnp.float32
 
   @parameterized.parameters("gamma1", "gamma2")
   def test_rejects_gammas_outside_unit_interval(self, name):

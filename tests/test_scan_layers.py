@@ -127,7 +127,7 @@ def test_trainer_steps_with_scanned_layers(name, density):
                                 rtol=1e-4, atol=1e-4 if name == "spike_guard" else 1e-6)
     assert got_clipped == want_clipped and got_clipped > 0
   if name != "spam":  # one AdaClip statistic per layer
-    max_ema = [s.max_ema for s in jax.tree.leaves(
+    max_ema = [s.max_ema.tree() for s in jax.tree.leaves(
         got["opt_state"], is_leaf=lambda x: isinstance(x, spam_optax.ClipByRunningMaxState))
                if isinstance(s, spam_optax.ClipByRunningMaxState)][0]
     assert max_ema["layers"]["mlp"]["up_proj"]["kernel"].shape == (TINY.num_layers,)

@@ -118,11 +118,11 @@ def test_state_holds_one_statistic_per_slice():
   params = stack(jax.tree.map(jnp.asarray, _unstacked_params()))
   clip_state, norm_state = spam_optax.stable_spam(1e-3, stacked_axes=layer_axes).init(
       params)[:2]
-  assert clip_state.max_ema["layers"]["w"].shape == (LAYERS,)
-  assert clip_state.max_ema["embed"].shape == ()
-  assert clip_state.clipped["layers"]["w"].shape == ()  # all slices together
-  assert norm_state.nu_norm["layers"]["s"].shape == (LAYERS,)
-  assert norm_state.mu_norm["none"] is None
+  assert clip_state.max_ema.tree()["layers"]["w"].shape == (LAYERS,)
+  assert clip_state.max_ema.tree()["embed"].shape == ()
+  assert clip_state.clipped.tree()["layers"]["w"].shape == ()  # all slices together
+  assert norm_state.nu_norm.tree()["layers"]["s"].shape == (LAYERS,)
+  assert norm_state.mu_norm.tree()["none"] is None
 
 
 @pytest.mark.parametrize("stacked", [1, 2, 3])
@@ -166,7 +166,7 @@ def test_inject_hyperparams_with_stacked_axes():
                                   static_args=("stacked_axes",))(0.9, stacked_axes=1)
   layers = params["layers"]
   u, state = jax.jit(clip.update)(grads["layers"], clip.init(layers), layers)
-  assert state.inner_state.max_ema["w"].shape == (LAYERS,)
+  assert state.inner_state.max_ema.tree()["w"].shape == (LAYERS,)
   with pytest.raises(ValueError, match="static_args"):
     bad = optax.inject_hyperparams(spam_optax.clip_by_running_max)(0.9, stacked_axes=1)
     jax.jit(bad.update)(grads["layers"], bad.init(layers), layers)
@@ -196,7 +196,7 @@ def test_global_norm_refuses_stacked_axes():
 
 
 def test_no_stacked_axes_keeps_scalar_state():
-  """The default layout is unchanged: one scalar per leaf."""
+  """Without stacked axes each leaf has one statistic (one entry of the vector)."""
   state = spam_optax.clip_by_running_max(stacked_axes=0).init({"w": jnp.zeros((2, 3))})
-  assert state.max_ema["w"].shape == ()
-  assert math.isclose(float(state.max_ema["w"]), 0.0)
+  assert state.max_ema.tree()["w"].shape == ()
+  assert math.isclose(float(state.max_ema.tree()["w"]), 0.0)

@@ -1,0 +1,164 @@
+"""Per-leaf statistics of a parameter tree held in one vector, and their reductions.
+
+SPAM's clipped-entry counts and Stable-SPAM's running max and norm history are a
+few numbers per parameter tensor. Held as one scalar per leaf, every leaf adds
+its own small kernels to an update on a GPU (the second stage of each reduction,
+the scalar arithmetic, one output buffer per statistic): about nine per leaf
+for Stable-SPAM, for a few bytes each. Here they live in one vector per
+statistic, and each reduction runs in two stages: a pass over each leaf that
+reduces its rows (the part that reads the gradient, fused by XLA into the
+leaf's other passes), then one small reduction of the row results of all leaves
+together.
+"""
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from spam_optax import _tree_util
+
+
+class LeafLayout(NamedTuple):
+  """Which entries of a :class:`LeafStats` vector belong to which leaf.
+
+  Attributes:
+    names: each leaf's key path joined with ``/`` (e.g. ``layers/0/w``), in
+      the order of ``jax.tree.leaves`` of the parameters (``None`` leaves have
+      no entry).
+    shapes: the shape of each leaf's statistic: ``()`` for one number per
+      leaf, ``leaf.shape[:n]`` for one per slice of a leaf with ``n`` stacked
+      axes. The vector holds them flattened, one leaf after the other.
+    treedef: the structure of the parameters, to give the statistics back as
+      a tree of the same structure.
+  """
+  names: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  treedef: Any
+
+  @property
+  def sizes(self) -> tuple[int, ...]:
+    return tuple(math.prod(s) for s in self.shapes)
+
+  @property
+  def size(self) -> int:
+    return sum(self.sizes)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LeafStats:
+  """A statistic of each leaf of a parameter tree, held in one vector.
+
+  ``values`` is the only array (a pytree child: it is what jit, donation,
+  sharding and checkpoints see); ``layout`` is static and names the leaf each
+  entry belongs to. ``tree()`` gives the statistics back in the structure of
+  the parameters, ``as_dict()`` by leaf path, each shaped as the leaf's
+  statistic:
+
+  >>> import jax.numpy as jnp, spam_optax
+  >>> opt = spam_optax.clip_by_running_max()
+  >>> state = opt.init({'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)})
+  >>> state.clipped.values
+  Array([0, 0], dtype=int32)
+  >>> state.clipped.as_dict()
+  {'b': Array(0, dtype=int32), 'w': Array(0, dtype=int32)}
+  >>> state.max_ema.tree()['w']
+  Array(0., dtype=float32)
+
+  Attributes:
+    values: the 1-D vector of all entries.
+    layout: a :class:`LeafLayout`.
+  """
+
+  def __init__(self, values: Any, layout: LeafLayout):
+    self.values = values
+    self.layout = layout
+
+  def tree_flatten_with_keys(self):
+    return ((jax.tree_util.GetAttrKey("values"), self.values),), self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, children):
+    return cls(children[0], layout)
+
+  def leaves(self) -> list[jax.Array]:
+    """Each leaf's statistic, in the layout's order and shapes (for an
+    abstract state, from ``jax.eval_shape``, their ``ShapeDtypeStruct``)."""
+    if isinstance(self.values, jax.ShapeDtypeStruct):
+      return [jax.ShapeDtypeStruct(s, self.values.dtype) for s in self.layout.shapes]
+    return split(self.values, self.layout)
+
+  def tree(self) -> Any:
+    """The statistics in the structure of the parameters (``None`` leaves kept)."""
+    return self.layout.treedef.unflatten(self.leaves())
+
+  def as_dict(self) -> dict[str, jax.Array]:
+    """``{leaf path: statistic}``, e.g. ``{'layers/0/w': Array(3, dtype=int32)}``."""
+    return dict(zip(self.layout.names, self.leaves()))
+
+  def __repr__(self) -> str:
+    return f"LeafStats({self.values!r}, names={self.layout.names!r})"
+
+
+def layout(tree: Any, shapes: Sequence[tuple[int, ...]] | None = None) -> LeafLayout:
+  """The layout of one statistic per non-``None`` leaf of ``tree``.
+
+  ``shapes`` gives each leaf's statistic shape (default ``()``), in the order
+  of ``jax.tree.leaves(tree)``.
+  """
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  names = tuple("/".join(_tree_util.path_names(p)) for p, _ in with_paths)
+  if shapes is None:
+    shapes = [()] * len(names)
+  return LeafLayout(names, tuple(tuple(int(d) for d in s) for s in shapes), treedef)
+
+
+def zeros(tree: Any, dtype: Any, shapes=None) -> LeafStats:
+  """A :class:`LeafStats` of zeros for ``tree`` (see :func:`layout`)."""
+  lay = layout(tree, shapes)
+  return LeafStats(jnp.zeros([lay.size], dtype), lay)
+
+
+def split(values: jax.Array, lay: LeafLayout) -> list[jax.Array]:
+  """The pieces of a vector laid out as ``lay``, one per leaf, in their shapes."""
+  out, start = [], 0
+  for shape, size in zip(lay.shapes, lay.sizes):
+    out.append(jnp.reshape(values[start:start + size], shape))
+    start += size
+  return out
+
+
+def rows_view(x: jax.Array, n: int = 0) -> jax.Array:
+  """``x`` as ``(slices, rows, columns)``: its ``n`` stacked axes merged into
+  slices, its first other axis the rows, the remaining axes the columns (a
+  vector is one row; a scalar one row of one column)."""
+  shape = jnp.shape(x)
+  rest = shape[n:]
+  rows, columns = (rest[0], math.prod(rest[1:])) if len(rest) >= 2 else (1, math.prod(rest))
+  return jnp.reshape(x, (math.prod(shape[:n]), rows, columns))
+
+
+def combine_rows(partials: Sequence[jax.Array],
+                 reduce: Callable[..., jax.Array]) -> jax.Array:
+  """Reduces each ``(slices, rows)`` array of ``partials`` over its rows, all
+  leaves at once: arrays with the same number of rows and dtype are stacked
+  and reduced together (``reduce(stacked, axis=1)``), and the results put back
+  in order, one entry per slice.
+
+  Deterministic: a fixed tree of reductions, no atomics.
+  """
+  if not partials:
+    return jnp.zeros([0], jnp.float32)
+  groups: dict[tuple, list[int]] = {}
+  for i, p in enumerate(partials):
+    groups.setdefault((p.shape[1], jnp.dtype(p.dtype)), []).append(i)
+  pieces: list[Any] = [None] * len(partials)
+  for rows, members in groups.items():
+    stacked = jnp.concatenate([partials[i] for i in members], axis=0)
+    reduced = reduce(stacked, axis=1)
+    start = 0
+    for i in members:
+      size = partials[i].shape[0]
+      pieces[i] = reduced[start:start + size]
+      start += size
+  return jnp.concatenate(pieces)

@@ -1,0 +1,149 @@
+"""Tests of `LeafStats` (per-leaf statistics in one vector) and its two-stage reductions."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import absltest
+
+import spam_optax
+from spam_optax import _count
+from spam_optax import _leaf_stats
+
+# (shape, stacked axes): scalars, vectors, matrices, rank 3, stacked and empty leaves.
+LEAVES = [((), 0), ((5,), 0), ((3, 4), 0), ((2, 3, 4), 0), ((3, 4), 1), ((2, 3, 4), 1),
+          ((2, 3, 4), 2), ((4,), 1), ((0, 4), 0), ((3, 7), 0), ((6, 4), 1)]
+
+
+def _arrays(seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal(shape).astype(np.float32) for shape, _ in LEAVES]
+
+
+def _numpy_per_slice(x, n, op):
+  """``op`` of each slice over the axes after the first ``n``, flattened."""
+  if x.size == 0:
+    return np.zeros(int(np.prod(x.shape[:n])), x.dtype)
+  return np.asarray(op(x, axis=tuple(range(n, x.ndim)))).reshape(-1)
+
+
+class CombineRowsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_max_and_sum_per_slice_match_numpy(self):
+    xs = _arrays()
+    ns = [n for _, n in LEAVES]
+    max_of = lambda x, axis: jnp.max(x, axis=axis, initial=0.0)
+    sum_of = lambda x, axis: jnp.sum(x, axis=axis)
+
+    def stats(xs):
+      rows = [_leaf_stats.rows_view(jnp.abs(x), n) for x, n in zip(xs, ns)]
+      return (_leaf_stats.combine_rows([max_of(r, 2) for r in rows], max_of),
+              _leaf_stats.combine_rows([sum_of(r * r, 2) for r in rows], sum_of))
+
+    got_max, got_sum = self.variant(stats)([jnp.asarray(x) for x in xs])
+    want_max = np.concatenate([_numpy_per_slice(np.abs(x), n, np.max)
+                               for x, n in zip(xs, ns)])
+    want_sum = np.concatenate([_numpy_per_slice(x * x, n, np.sum) for x, n in zip(xs, ns)])
+    chex.assert_shape(got_max, (sum(int(np.prod(s[:n])) for s, n in LEAVES),))
+    np.testing.assert_array_equal(got_max, want_max)
+    np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
+
+  def test_rows_view_shapes(self):
+    view = lambda shape, n: _leaf_stats.rows_view(jnp.zeros(shape), n).shape
+    assert view((), 0) == (1, 1, 1)
+    assert view((5,), 0) == (1, 1, 5)
+    assert view((2, 3, 4), 0) == (1, 2, 12)
+    assert view((2, 3, 4), 1) == (2, 3, 4)
+    assert view((2, 3, 4), 2) == (6, 1, 4)
+    assert view((2, 3, 4), 3) == (24, 1, 1)
+    assert view((0, 4), 0) == (1, 0, 4)
+
+  def test_deterministic(self):
+    xs = [jnp.asarray(x) for x in _arrays(1)]
+    f = jax.jit(lambda xs: _leaf_stats.combine_rows(
+        [jnp.sum(_leaf_stats.rows_view(x), axis=2) for x in xs],
+        lambda x, axis: jnp.sum(x, axis=axis)))
+    np.testing.assert_array_equal(f(xs), f(xs))
+
+
+class LeafCountsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_counts_per_leaf_and_nan_rows(self):
+    old = {"a": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(5), "c": None,
+           "d": jnp.zeros((2, 2, 2))}
+    new = {"a": old["a"].at[0, 1].set(-1.0).at[2, :].set(0.5),
+           "b": old["b"].at[3].set(jnp.nan).at[0].set(2.0),  # one row, with a NaN: 0
+           "c": None, "d": old["d"].at[1, 0, 1].set(3.0)}
+    like = _leaf_stats.zeros(old, jnp.int32)
+
+    def counts(new, old):
+      rows = [_count.changed_per_row(n, o)
+              for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old))]
+      return _count.leaf_counts(rows, like)
+
+    got = self.variant(counts)(new, old)
+    assert got.layout.names == ("a", "b", "d")
+    assert {k: int(v) for k, v in got.as_dict().items()} == {"a": 5, "b": 0, "d": 1}
+    assert got.values.dtype == jnp.int32
+
+
+def _params():
+  return {"dense": {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, "skip": None,
+          "stack": jnp.ones((2, 5)), "layers": [jnp.ones(()), jnp.ones((2, 2))]}
+
+
+class LeafStatsTest(chex.TestCase):
+
+  def test_one_array_child_and_views(self):
+    params = _params()
+    stats = _leaf_stats.zeros(params, jnp.float32, [(), (), (), (), (2,)])
+    assert len(jax.tree.leaves(stats)) == 1
+    assert stats.values.shape == (6,)
+    assert stats.layout.names == ("dense/b", "dense/w", "layers/0", "layers/1", "stack")
+    stats = jax.tree.map(lambda v: v + jnp.arange(6.0), stats)
+    tree = stats.tree()
+    assert tree["skip"] is None
+    assert float(tree["dense"]["w"]) == 1.0 and float(tree["layers"][1]) == 3.0
+    np.testing.assert_array_equal(tree["stack"], [4.0, 5.0])
+    assert list(stats.as_dict()) == list(stats.layout.names)
+
+  def test_through_jit_and_eval_shape(self):
+    state = spam_optax.stable_spam(1e-3).init(_params())
+    out = jax.jit(lambda s: s)(state)
+    chex.assert_trees_all_equal(out, state)
+    assert out[0].max_ema.layout == state[0].max_ema.layout
+    abstract = jax.eval_shape(spam_optax.stable_spam(1e-3).init, _params())
+    leaf = abstract[0].max_ema.tree()["dense"]["w"]
+    assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == ()
+
+  def test_state_arrays_do_not_grow_with_leaves(self):
+    """Two statistics arrays per transformation, whatever the number of leaves."""
+    def n_state_arrays(n_leaves):
+      params = {f"w{i}": jnp.ones((2, 3)) for i in range(n_leaves)}
+      return len(jax.tree.leaves(spam_optax.stable_spam(1e-3).init(params)))
+    moments = 2  # Stable-SPAM's mu and nu: one per leaf
+    assert n_state_arrays(30) - n_state_arrays(3) == moments * 27
+    spam_arrays = lambda n: len(jax.tree.leaves(spam_optax.spam(1e-3).init(
+        {f"w{i}": jnp.ones((2, 3)) for i in range(n)})))
+    assert spam_arrays(30) - spam_arrays(3) == 2 * 27
+
+
+def test_checkpoint_round_trip(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  opt = spam_optax.stable_spam(1e-3)
+  params = _params()
+  state = opt.init(params)
+  grads = jax.tree.map(lambda p: 0.1 * p, params)
+  _, state = opt.update(grads, state, params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "ckpt", state)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(tmp_path / "ckpt", jax.eval_shape(opt.init, params))
+  chex.assert_trees_all_equal(restored, state)
+  assert restored[0].clipped.layout == state[0].clipped.layout
+
+if __name__ == "__main__":
+  absltest.main()
