@@ -128,14 +128,28 @@ def split(values: jax.Array, lay: LeafLayout) -> list[jax.Array]:
   return out
 
 
+# The longest row of `rows_view`, and the shortest a power of two may give before the
+# leaf's own last axis is used instead.
+_MAX_COLUMNS = 2048
+_MIN_COLUMNS = 128
+
+
 def rows_view(x: jax.Array, n: int = 0) -> jax.Array:
   """``x`` as ``(slices, rows, columns)``: its ``n`` stacked axes merged into
-  slices, its first other axis the rows, the remaining axes the columns (a
-  vector is one row; a scalar one row of one column)."""
+  slices, each slice's entries in rows of ``columns`` consecutive entries.
+
+  ``columns`` is the largest power of two up to 2048 that divides a slice's
+  size (or, when that is below 128, the slice's last axis), so it depends on
+  the size alone: two leaves of the same size, e.g. a ``(d, f)`` and an
+  ``(f, d)`` kernel, give the same view, and XLA can fuse their reductions
+  with each other's element-wise passes.
+  """
   shape = jnp.shape(x)
-  rest = shape[n:]
-  rows, columns = (rest[0], math.prod(rest[1:])) if len(rest) >= 2 else (1, math.prod(rest))
-  return jnp.reshape(x, (math.prod(shape[:n]), rows, columns))
+  size = math.prod(shape[n:])
+  columns = math.gcd(size, _MAX_COLUMNS) if size else 1
+  if columns < _MIN_COLUMNS and columns < size:
+    columns = shape[-1] if len(shape) > n and shape[-1] else 1
+  return jnp.reshape(x, (math.prod(shape[:n]), size // columns, columns))
 
 
 def combine_rows(partials: Sequence[jax.Array],

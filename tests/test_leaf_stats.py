@@ -54,11 +54,16 @@ class CombineRowsTest(chex.TestCase):
     view = lambda shape, n: _leaf_stats.rows_view(jnp.zeros(shape), n).shape
     assert view((), 0) == (1, 1, 1)
     assert view((5,), 0) == (1, 1, 5)
-    assert view((2, 3, 4), 0) == (1, 2, 12)
+    assert view((2, 3, 4), 0) == (1, 6, 4)
     assert view((2, 3, 4), 1) == (2, 3, 4)
-    assert view((2, 3, 4), 2) == (6, 1, 4)
     assert view((2, 3, 4), 3) == (24, 1, 1)
-    assert view((0, 4), 0) == (1, 0, 4)
+    assert view((0, 4), 0) == (1, 0, 1)
+    # Rows of a power of two (up to 2048) that depends on the size alone, so that
+    # (d, f) and (f, d) kernels reduce alike; else the last axis.
+    assert view((512, 1376), 0) == view((1376, 512), 0) == (1, 344, 2048)
+    assert view((3, 4096), 0) == (1, 6, 2048)
+    assert view((7, 96), 0) == (1, 7, 96)  # 32 would be too short a row
+    assert view((4, 3, 5), 1) == (4, 3, 5)
 
   def test_deterministic(self):
     xs = [jnp.asarray(x) for x in _arrays(1)]
