@@ -117,7 +117,7 @@ def clip_by_running_max(
     dtype = state.max_ema.values.dtype
     max_of = lambda x, axis: jnp.max(x, axis=axis, initial=0.0)
     g_max = _leaf_stats.combine_rows(
-        [max_of(jnp.abs(_leaf_stats.rows_view(g.astype(dtype), n)), 2)
+        [_leaf_stats.reduce_rows(jnp.abs(g.astype(dtype)), n, max_of)
          for g, n in zip(leaves, ns)],
         max_of,
     ).astype(dtype)

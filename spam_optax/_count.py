@@ -1,4 +1,6 @@
 """Counting the entries a clip changed, as one fused float reduction per row."""
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -12,8 +14,8 @@ _MAX_EXACT_ROW = 2**24
 def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   r"""The number of entries where ``new`` differs from ``old``, per row.
 
-  Rows as in :func:`spam_optax._leaf_stats.rows_view`: the first axis of the
-  leaf, the other axes the columns. Returns shape ``(1, rows)``, the form
+  Rows as in :func:`spam_optax._leaf_stats.reduce_rows`: one index of the
+  leaf's first axis each (a vector or a scalar is one row). Returns shape ``(1, rows)``, the form
   :func:`leaf_counts` sums over all leaves at once: float (at least float32,
   exact) with NaN for a row that holds a NaN, or int32 for float32 rows longer
   than :math:`2^{24}`. :func:`row_totals` turns it into int32.
@@ -33,10 +35,12 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   """
   dtype = jnp.promote_types(jnp.promote_types(new.dtype, old.dtype), jnp.float32)
   diff = jnp.abs(new.astype(dtype) - old.astype(dtype))
-  changed = _leaf_stats.rows_view(jnp.ceil(jnp.minimum(diff, 1)))  # NaN stays NaN
-  if changed.shape[-1] > _MAX_EXACT_ROW and dtype == jnp.float32:
-    return jnp.sum(changed == 1, axis=-1, dtype=jnp.int32)  # NaN entries not counted
-  return jnp.sum(changed, axis=-1)
+  changed = jnp.ceil(jnp.minimum(diff, 1))  # NaN stays NaN
+  row_length = math.prod(changed.shape[1:]) if changed.ndim >= 2 else changed.size
+  if row_length > _MAX_EXACT_ROW and dtype == jnp.float32:
+    count = lambda x, axis: jnp.sum(x == 1, axis=axis, dtype=jnp.int32)  # NaN: not counted
+    return _leaf_stats.reduce_rows(changed, 0, count)
+  return _leaf_stats.reduce_rows(changed, 0, lambda x, axis: jnp.sum(x, axis=axis))
 
 
 def row_totals(rows: jax.Array, axis: int = -1) -> jax.Array:

@@ -170,7 +170,7 @@ def scale_by_grad_norm_history(
     dtype = state.mu_norm.values.dtype
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)
     norm = jnp.sqrt(_leaf_stats.combine_rows(
-        [sum_of(jnp.square(_leaf_stats.rows_view(g.astype(dtype), n)), 2)
+        [_leaf_stats.reduce_rows(jnp.square(g.astype(dtype)), n, sum_of)
          for g, n in zip(leaves, ns)],
         sum_of,
     ).astype(dtype))

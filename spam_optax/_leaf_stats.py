@@ -128,28 +128,21 @@ def split(values: jax.Array, lay: LeafLayout) -> list[jax.Array]:
   return out
 
 
-# The longest row of `rows_view`, and the shortest a power of two may give before the
-# leaf's own last axis is used instead.
-_MAX_COLUMNS = 2048
-_MIN_COLUMNS = 128
+def reduce_rows(x: jax.Array, n: int, reduce: Callable[..., jax.Array]) -> jax.Array:
+  """The first stage of a per-slice reduction: ``reduce`` over the rows of each
+  slice, returned as ``(slices, rows)``.
 
-
-def rows_view(x: jax.Array, n: int = 0) -> jax.Array:
-  """``x`` as ``(slices, rows, columns)``: its ``n`` stacked axes merged into
-  slices, each slice's entries in rows of ``columns`` consecutive entries.
-
-  ``columns`` is the largest power of two up to 2048 that divides a slice's
-  size (or, when that is below 128, the slice's last axis), so it depends on
-  the size alone: two leaves of the same size, e.g. a ``(d, f)`` and an
-  ``(f, d)`` kernel, give the same view, and XLA can fuse their reductions
-  with each other's element-wise passes.
+  The ``n`` stacked axes of ``x`` index the slices. A row is one index of the
+  slice's first axis and everything after it (a slice of rank 0 or 1 is one
+  row). ``reduce(x, axis=...)`` runs over whole axes of ``x`` and never
+  reshapes it, so a sharded leaf is reduced where it lies: only the small
+  result moves between devices.
   """
   shape = jnp.shape(x)
-  size = math.prod(shape[n:])
-  columns = math.gcd(size, _MAX_COLUMNS) if size else 1
-  if columns < _MIN_COLUMNS and columns < size:
-    columns = shape[-1] if len(shape) > n and shape[-1] else 1
-  return jnp.reshape(x, (math.prod(shape[:n]), size // columns, columns))
+  keep = n + 1 if len(shape) >= n + 2 else n
+  rows = shape[n] if keep > n else 1
+  part = reduce(x, axis=tuple(range(keep, len(shape))))
+  return jnp.reshape(part, (math.prod(shape[:n]), rows))
 
 
 def combine_rows(partials: Sequence[jax.Array],

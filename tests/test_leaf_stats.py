@@ -38,9 +38,13 @@ class CombineRowsTest(chex.TestCase):
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)
 
     def stats(xs):
-      rows = [_leaf_stats.rows_view(jnp.abs(x), n) for x, n in zip(xs, ns)]
-      return (_leaf_stats.combine_rows([max_of(r, 2) for r in rows], max_of),
-              _leaf_stats.combine_rows([sum_of(r * r, 2) for r in rows], sum_of))
+      return (
+          _leaf_stats.combine_rows(
+              [_leaf_stats.reduce_rows(jnp.abs(x), n, max_of) for x, n in zip(xs, ns)],
+              max_of),
+          _leaf_stats.combine_rows(
+              [_leaf_stats.reduce_rows(x * x, n, sum_of) for x, n in zip(xs, ns)],
+              sum_of))
 
     got_max, got_sum = self.variant(stats)([jnp.asarray(x) for x in xs])
     want_max = np.concatenate([_numpy_per_slice(np.abs(x), n, np.max)
@@ -50,25 +54,21 @@ class CombineRowsTest(chex.TestCase):
     np.testing.assert_array_equal(got_max, want_max)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
 
-  def test_rows_view_shapes(self):
-    view = lambda shape, n: _leaf_stats.rows_view(jnp.zeros(shape), n).shape
-    assert view((), 0) == (1, 1, 1)
-    assert view((5,), 0) == (1, 1, 5)
-    assert view((2, 3, 4), 0) == (1, 6, 4)
-    assert view((2, 3, 4), 1) == (2, 3, 4)
-    assert view((2, 3, 4), 3) == (24, 1, 1)
-    assert view((0, 4), 0) == (1, 0, 1)
-    # Rows of a power of two (up to 2048) that depends on the size alone, so that
-    # (d, f) and (f, d) kernels reduce alike; else the last axis.
-    assert view((512, 1376), 0) == view((1376, 512), 0) == (1, 344, 2048)
-    assert view((3, 4096), 0) == (1, 6, 2048)
-    assert view((7, 96), 0) == (1, 7, 96)  # 32 would be too short a row
-    assert view((4, 3, 5), 1) == (4, 3, 5)
+  def test_reduce_rows_shapes(self):
+    rows = lambda shape, n: _leaf_stats.reduce_rows(
+        jnp.zeros(shape), n, lambda x, axis: jnp.sum(x, axis=axis)).shape
+    assert rows((), 0) == (1, 1)
+    assert rows((5,), 0) == (1, 1)  # a vector is one row
+    assert rows((2, 3, 4), 0) == (1, 2)
+    assert rows((2, 3, 4), 1) == (2, 3)
+    assert rows((2, 3, 4), 2) == (6, 1)
+    assert rows((2, 3, 4), 3) == (24, 1)
+    assert rows((0, 4), 0) == (1, 0)
 
   def test_deterministic(self):
     xs = [jnp.asarray(x) for x in _arrays(1)]
     f = jax.jit(lambda xs: _leaf_stats.combine_rows(
-        [jnp.sum(_leaf_stats.rows_view(x), axis=2) for x in xs],
+        [_leaf_stats.reduce_rows(x, 0, lambda x, axis: jnp.sum(x, axis=axis)) for x in xs],
         lambda x, axis: jnp.sum(x, axis=axis)))
     np.testing.assert_array_equal(f(xs), f(xs))
 

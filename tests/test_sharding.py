@@ -63,12 +63,25 @@ SCRIPT = textwrap.dedent("""
         "stable_spam": lambda: spam_optax.stable_spam(1e-2, reset_interval=8,
                                                       total_steps=24),
     }
+    def gathered(tx):
+      # Sizes of what the compiled sharded update all-gathers (or all-to-alls).
+      params = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, specs[k]))
+                for k, s in shapes.items()}
+      hlo = jax.jit(lambda p, s, g: tx.update(g, s, p)).lower(
+          params, jax.eval_shape(tx.init, params), params).compile().as_text()
+      sizes = []
+      for line in hlo.splitlines():
+        if any(f" {op}(" in line or f" {op}-start(" in line for op in ("all-gather", "all-to-all")):
+          dims = line.split("=", 1)[1].split("[", 1)[1].split("]", 1)[0]
+          sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+      return sizes
+
     out = {}
     for name, make in optimizers.items():
       single, clipped_single, _ = run(make(), shard=False)
       sharded, clipped_sharded, kept = run(make(), shard=True)
       out[name] = {"single": single, "sharded": sharded, "kept": kept,
-                   "clipped": [clipped_single, clipped_sharded]}
+                   "clipped": [clipped_single, clipped_sharded], "gathered": gathered(make())}
     print("RESULT" + json.dumps(out))
 """)
 
@@ -89,3 +102,9 @@ def test_sharded_updates_match_single_device():
                                  atol=1e-6, err_msg=f"{name}/{leaf}")
   # The spikes were there to be clipped: the test exercises the clip, not a no-op.
   assert results["spam"]["clipped"][0] > 0
+  # The per-leaf statistics reduce each sharded leaf where it lies: the dense updates
+  # gather no gradient or moment, only row results smaller than any leaf (the smallest
+  # here has 24 entries).
+  for name in ("spam", "stable_spam"):
+    assert all(size < 24 for size in results[name]["gathered"]), (
+        name, results[name]["gathered"])
