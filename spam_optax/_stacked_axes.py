@@ -49,11 +49,6 @@ def stacked_counts(stacked_axes: StackedAxes, tree: Any) -> Any:
   return treedef.unflatten(out)
 
 
-def reduced_axes(x: Any, n: int) -> tuple[int, ...]:
-  """The axes of ``x`` that a statistic reduces: all but the ``n`` stacked ones."""
-  return tuple(range(n, jnp.ndim(x)))
-
-
 def broadcastable(stat: jax.Array, x: Any) -> jax.Array:
   """``stat`` (shape ``x.shape[:n]``) with trailing unit axes to broadcast on ``x``."""
   return jnp.reshape(stat, stat.shape + (1,) * (jnp.ndim(x) - stat.ndim))
