@@ -13,6 +13,19 @@ from spam_optax import _stacked_axes
 from spam_optax import _validation
 
 
+def _abs_max(x: jax.Array, axis) -> jax.Array:
+  """The max of non-negative ``x`` over ``axis``: 0 over an empty axis.
+
+  Without ``initial``, which would add a constant of the result's shape; XLA
+  merges equal constants, and the sharding of one leaf's partial result could
+  then spread to an unrelated leaf's moments through it.
+  """
+  axes = tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+  if any(x.shape[a] == 0 for a in axes):
+    return jnp.zeros([d for i, d in enumerate(x.shape) if i not in axes], x.dtype)
+  return jnp.max(x, axis=axes)
+
+
 class ClipByRunningMaxState(NamedTuple):
   """State of :func:`clip_by_running_max`.
 
@@ -115,11 +128,10 @@ def clip_by_running_max(
         _stacked_axes.stacked_counts(stacked_axes, updates)
     )
     dtype = state.max_ema.values.dtype
-    max_of = lambda x, axis: jnp.max(x, axis=axis, initial=0.0)
     g_max = _leaf_stats.combine_rows(
-        [_leaf_stats.reduce_rows(jnp.abs(g.astype(dtype)), n, max_of)
+        [_leaf_stats.reduce_rows(jnp.abs(g.astype(dtype)), n, _abs_max)
          for g, n in zip(leaves, ns)],
-        max_of,
+        _abs_max,
     ).astype(dtype)
     m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
     m_hat = m / correction.astype(dtype)

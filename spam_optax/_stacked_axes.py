@@ -50,7 +50,13 @@ def stacked_counts(stacked_axes: StackedAxes, tree: Any) -> Any:
 
 
 def broadcastable(stat: jax.Array, x: Any) -> jax.Array:
-  """``stat`` (shape ``x.shape[:n]``) with trailing unit axes to broadcast on ``x``."""
+  """``stat`` (shape ``x.shape[:n]``) with trailing unit axes to broadcast on ``x``.
+
+  A scalar stays a scalar: broadcast from rank 0, it gives the sharding
+  propagation nothing to carry onto ``x`` (a ``(1, ...)`` piece of a sharded
+  statistics vector would)."""
+  if not jnp.ndim(stat):
+    return stat
   return jnp.reshape(stat, stat.shape + (1,) * (jnp.ndim(x) - stat.ndim))
 
 
