@@ -15,10 +15,11 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   r"""The number of entries where ``new`` differs from ``old``, per row.
 
   Rows as in :func:`spam_optax._leaf_stats.reduce_rows`: one index of the
-  leaf's first axis each (a vector or a scalar is one row). Returns shape ``(1, rows)``, the form
-  :func:`leaf_counts` sums over all leaves at once: float (at least float32,
-  exact) with NaN for a row that holds a NaN, or int32 for float32 rows longer
-  than :math:`2^{24}`. :func:`row_totals` turns it into int32.
+  leaf's first axis each (a vector or a scalar is one row). Returns shape
+  ``(1, rows)``, the form :func:`leaf_counts` sums over all leaves at once:
+  float (at least float32, exact) with NaN for a row that holds a NaN, or
+  int32 for float32 rows longer than :math:`2^{24}`. :func:`row_totals` turns
+  it into int32.
 
   A clip changes exactly the entries it clips (up to a rounding tie, where the
   clipped value rounds back to the original one and nothing changed). Each row

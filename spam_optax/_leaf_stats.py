@@ -160,7 +160,7 @@ def combine_rows(partials: Sequence[jax.Array],
   for i, p in enumerate(partials):
     groups.setdefault((p.shape[1], jnp.dtype(p.dtype)), []).append(i)
   pieces: list[Any] = [None] * len(partials)
-  for rows, members in groups.items():
+  for members in groups.values():
     stacked = jnp.concatenate([partials[i] for i in members], axis=0)
     reduced = reduce(stacked, axis=1)
     start = 0
