@@ -106,8 +106,7 @@ def clip_by_running_max(
   _stacked_axes.check_stacked_axes(stacked_axes)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    ns = treedef.flatten_up_to(_stacked_axes.stacked_counts(stacked_axes, params))
+    leaves, _, ns = _stacked_axes.flatten_with_counts(stacked_axes, params)
     return ClipByRunningMaxState(
         count=jnp.zeros([], jnp.int32),
         max_ema=_leaf_stats.zeros(
@@ -123,10 +122,7 @@ def clip_by_running_max(
     k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
     correction = _numerics.one_minus_power(gamma3, k)
 
-    leaves, treedef = jax.tree.flatten(updates)
-    ns = treedef.flatten_up_to(
-        _stacked_axes.stacked_counts(stacked_axes, updates)
-    )
+    leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
     dtype = state.max_ema.values.dtype
     g_max = _leaf_stats.combine_rows(
         [_leaf_stats.reduce_rows(jnp.abs(g.astype(dtype)), n, _abs_max)

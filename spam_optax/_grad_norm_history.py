@@ -121,8 +121,7 @@ def scale_by_grad_norm_history(
       return ScaleByGradNormHistoryState(
           jnp.zeros([], jnp.int32), jnp.zeros([], dtype), jnp.zeros([], dtype)
       )
-    leaves, treedef = jax.tree.flatten(params)
-    ns = treedef.flatten_up_to(_stacked_axes.stacked_counts(stacked_axes, params))
+    leaves, _, ns = _stacked_axes.flatten_with_counts(stacked_axes, params)
     shapes = [jnp.shape(p)[:n] for p, n in zip(leaves, ns)]
     dtype = _numerics.tree_stat_dtype(params)
     return ScaleByGradNormHistoryState(
@@ -163,10 +162,7 @@ def scale_by_grad_norm_history(
       updates = jax.tree.map(lambda g: rescale(g, factor), updates)
       return updates, ScaleByGradNormHistoryState(step, a, b)
 
-    leaves, treedef = jax.tree.flatten(updates)
-    ns = treedef.flatten_up_to(
-        _stacked_axes.stacked_counts(stacked_axes, updates)
-    )
+    leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
     dtype = state.mu_norm.values.dtype
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)
     norm = jnp.sqrt(_leaf_stats.combine_rows(

@@ -56,7 +56,7 @@ def clip_leaf_against_second_moment(
 
   Returns:
     ``(clipped_g, rows_clipped)``: ``rows_clipped`` is the number of entries
-    clipped per row of the leaf, int32 of shape ``(1, rows)``
+    clipped per row of the leaf, shape ``(1, rows)``
     (:func:`spam_optax._count.changed_per_row`); with the clip disabled
     statically, ``(1, 1)`` zeros.
   """

@@ -49,6 +49,13 @@ def stacked_counts(stacked_axes: StackedAxes, tree: Any) -> Any:
   return treedef.unflatten(out)
 
 
+def flatten_with_counts(stacked_axes: StackedAxes, tree: Any) -> tuple:
+  """``(leaves, treedef, counts)``: ``tree``'s leaves, its structure and the
+  number of stacked axes of each leaf (:func:`stacked_counts`), as lists."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return leaves, treedef, treedef.flatten_up_to(stacked_counts(stacked_axes, tree))
+
+
 def broadcastable(stat: jax.Array, x: Any) -> jax.Array:
   """``stat`` (shape ``x.shape[:n]``) with trailing unit axes to broadcast on ``x``.
 
