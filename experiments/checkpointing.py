@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import config
+from spam_optax._tree_util import path_names
 
 
 class Checkpointer:
@@ -44,10 +45,20 @@ class Checkpointer:
   def restore(self, abstract_state, step: int | None = None):
     """Restores into the shardings of ``abstract_state`` (a tree of ShapeDtypeStruct)."""
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
-    ))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+      ))
+    except ValueError as e:
+      differs = self._structure_difference(step, abstract_state)
+      if differs is None:
+        raise
+      raise config.UsageError(
+          f"error: {self.directory} step {step} holds a train state of another structure "
+          f"than this run's ({differs}): the optimizer state's layout changed since it was "
+          "written. Start a new --save_dir, or continue from its parameters: "
+          "python -m experiments.export_hf RUN OUT, then --init_from_hf OUT") from e
     hosts = restored["data"]["hosts"]
     if len(hosts) != jax.process_count():  # each host's loader position is its own
       raise config.UsageError(
@@ -55,15 +66,36 @@ class Checkpointer:
           f"run has {jax.process_count()}; resume it with {len(hosts)}")
     return step, restored["state"], hosts[str(jax.process_index())]
 
+  def _state_metadata(self, step: int):
+    """The saved train state's tree of array metadata (its structure, not its values)."""
+    meta = ocp.PyTreeCheckpointer().metadata(f"{self.directory}/{step}/state")
+    meta = getattr(meta, "item_metadata", meta)  # StepMetadata in newer orbax
+    return getattr(meta, "tree", meta)
+
+  def _structure_difference(self, step: int, abstract_state) -> str | None:
+    """A leaf path the saved state and ``abstract_state`` do not share, or None."""
+    def paths(tree):
+      return {"/".join(path_names(p))
+              for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    try:
+      saved = paths(self._state_metadata(step))
+    except Exception:  # pylint: disable=broad-except
+      return None  # no readable metadata: leave orbax's own error
+    wanted = paths(abstract_state)
+    if saved == wanted:
+      return None
+    only_wanted, only_saved = sorted(wanted - saved), sorted(saved - wanted)
+    if only_wanted:
+      return f"this run has {only_wanted[0]}, the checkpoint does not"
+    return f"the checkpoint has {only_saved[0]}, this run does not"
+
   def restore_params(self, step: int | None = None) -> dict:
     """Only the parameters of checkpoint ``step`` (default: the latest) as host NumPy arrays,
     in their saved dtypes; the optimizer state is not read (orbax partial restore)."""
     step = self.latest_step() if step is None else step
     path = f"{self.directory}/{step}/state"
     reader = ocp.PyTreeCheckpointer()
-    meta = reader.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)  # StepMetadata in newer orbax
-    meta = getattr(meta, "tree", meta)
+    meta = self._state_metadata(step)
     target = {"params": jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta["params"])}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:

@@ -207,3 +207,26 @@ def test_resuming_with_another_number_of_processes_is_one_error_line(tmp_path):
   with pytest.raises(SystemExit, match=r"^error: .* saved by 2 process\(es\), this run has 1"):
     ckpt.restore(checkpointing.abstract_like(state))
   ckpt.close()
+
+
+def test_a_checkpoint_of_another_state_structure_is_one_error_line(tmp_path):
+  # E.g. written before the optimizer's per-leaf statistics became one vector.
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1)
+  saved = {"params": {"w": jax.numpy.ones(3)},
+           "opt": {"max_ema": {"w": jax.numpy.zeros(())}}}
+  ckpt.manager.save(1, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(saved),
+      data=ocp.args.JsonSave({"hosts": {"0": {"position": 7}}})))
+  ckpt.wait()
+  wanted = {"params": {"w": jax.numpy.ones(3)},
+            "opt": {"max_ema": {"values": jax.numpy.zeros(1)}}}
+  with pytest.raises(SystemExit, match=r"^error: .* step 1 holds a train state of another "
+                     r"structure than this run's \(this run has opt/max_ema/values, the "
+                     r"checkpoint does not\).*export_hf"):
+    ckpt.restore(checkpointing.abstract_like(wanted))
+  # The same structure restores as before.
+  step, state, host = ckpt.restore(checkpointing.abstract_like(saved))
+  assert step == 1 and host == {"position": 7}
+  np.testing.assert_array_equal(state["params"]["w"], np.ones(3))
+  ckpt.close()
