@@ -113,17 +113,15 @@ def scale_by_grad_norm_history(
     )
 
   def init_fn(params):
-    # One array per field and leaf: a state whose fields share a buffer
+    # Each field its own array: a state whose fields share a buffer
     # cannot be donated to a jitted update.
+    dtype = _numerics.tree_stat_dtype(params)
     if global_norm:
-      dtypes = [l.dtype for l in jax.tree.leaves(params)] or [jnp.float32]
-      dtype = _numerics.stat_dtype(jnp.result_type(*dtypes))
       return ScaleByGradNormHistoryState(
           jnp.zeros([], jnp.int32), jnp.zeros([], dtype), jnp.zeros([], dtype)
       )
     leaves, _, ns = _stacked_axes.flatten_with_counts(stacked_axes, params)
     shapes = [jnp.shape(p)[:n] for p, n in zip(leaves, ns)]
-    dtype = _numerics.tree_stat_dtype(params)
     return ScaleByGradNormHistoryState(
         jnp.zeros([], jnp.int32),
         _leaf_stats.zeros(params, dtype, shapes),
