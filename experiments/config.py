@@ -28,6 +28,7 @@ SPIKE_GUARDS = ("none", "stable_spam", "spam_clip")
 GUARDED = ("adam", "lion", "adam_mini", "muon", "adafactor")  # --spike_guard's bases
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
+LOGITS_DTYPES = ("auto", "bfloat16", "float32")
 # Element-wise update rules (global counters at most): the same with the layers stacked by
 # --scan_layers. Stable-SPAM's AdaGN/AdaClip and Adafactor's factored moments take
 # statistics per tensor, which a stacked tensor would pool over all layers.
@@ -44,7 +45,7 @@ class TrainConfig:
   activation_checkpointing: bool = False
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
-  logits_dtype: str = "float32"
+  logits_dtype: str = "auto"  # the compute dtype: bfloat16 unless --dtype float32
   # optimizer
   optimizer: str = "spam"
   lr: float = 3e-3
@@ -226,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="what --activation_checkpointing keeps: block_residuals (matrix-product "
                       "and attention outputs; recompute the element-wise rest) or a "
                       "jax.checkpoint_policies name (default: nothing_saveable, recompute all)")
-  g.add_argument("--logits_dtype", default=d.logits_dtype, choices=("float32", "bfloat16"),
-                 help="the output head's logits: float32, or bfloat16 as HF LLaMA in bf16 "
-                      "(the loss is float32 either way; bfloat16 halves the head's traffic)")
+  g.add_argument("--logits_dtype", default=d.logits_dtype, choices=LOGITS_DTYPES,
+                 help="the output head's logits: bfloat16 as HF LLaMA in bf16 (the official "
+                      "runs; half the head's traffic) or float32 (the head's float32 "
+                      "accumulation kept); the loss is float32 either way. auto: bfloat16 "
+                      "when the compute dtype is (--dtype bfloat16 or mixed), else float32")
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")
@@ -534,17 +537,28 @@ def parse_grad_spikes(values) -> tuple[tuple[int, float], ...]:
   return tuple(spikes)
 
 
+def resolve_logits_dtype(logits_dtype: str, dtype: str) -> str:
+  """``--logits_dtype auto``: the compute dtype's, float32 for ``--dtype float32`` only."""
+  if logits_dtype != "auto":
+    return logits_dtype
+  return "float32" if dtype == "float32" else "bfloat16"
+
+
 def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
-  """Resolves ``--dtype auto`` and the run name once the JAX backend is known.
+  """Resolves ``--dtype auto``, ``--logits_dtype auto`` and the run name once the JAX backend
+  is known.
 
   On CPU, XLA emulates bf16 matrix products at about half the float32 speed, so the CPU demo
-  trains in float32; on GPU/TPU ``auto`` means the official pure-bf16 setting.
+  trains in float32; on GPU/TPU ``auto`` means the official pure-bf16 setting. The logits
+  follow the compute dtype, as HF LLaMA's head returns them in bf16 (weights in bf16 or under
+  autocast) before its float32 loss.
   """
   dtype = cfg.dtype
   if dtype == "auto":
     dtype = "float32" if backend == "cpu" else "bfloat16"
+  logits_dtype = resolve_logits_dtype(cfg.logits_dtype, dtype)
   name = cfg.name or (
       f"{os.path.basename(os.path.normpath(cfg.model_config)).removesuffix('.json')}-"
       f"{cfg.optimizer}-{dtype}")
-  return dataclasses.replace(cfg, dtype=dtype, name=name,
+  return dataclasses.replace(cfg, dtype=dtype, logits_dtype=logits_dtype, name=name,
                              save_dir=cfg.save_dir or f"runs/{name}")

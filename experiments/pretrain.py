@@ -50,7 +50,8 @@ def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
             "float32": ("float32", "float32")}[cfg.dtype]
   changes = dict(dtype=dtypes[0], param_dtype=dtypes[1], remat=cfg.activation_checkpointing,
                  remat_policy=cfg.remat_policy,
-                 scan_layers=cfg.scan_layers, logits_dtype=cfg.logits_dtype,
+                 scan_layers=cfg.scan_layers,
+                 logits_dtype=config.resolve_logits_dtype(cfg.logits_dtype, cfg.dtype),
                  max_seq_len=max(mcfg.max_seq_len, cfg.max_length))
   return dataclasses.replace(mcfg, **changes)
 

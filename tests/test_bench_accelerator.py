@@ -25,23 +25,24 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "peer", "train_9m",
-                         "train_9m_bf16_logits", "optimizer_scan", "hlo_optimizer", "blocks"]
+                         "train_9m_f32_logits", "optimizer_scan", "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   assert report["environment"]["copy_GBps"] > 0 and report["environment"]["matmul_bf16_TFLOPs"] > 0
   no_torch = importlib.util.find_spec("torch") is None
   assert parts["peer"] == {"status": "skipped", "reason": "torch is not installed" if no_torch
                            else "no CUDA GPU (jax backend: cpu)"}
   assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
-  assert parts["train_9m_bf16_logits"]["status"] == "ok", parts["train_9m_bf16_logits"]
+  assert parts["train_9m_f32_logits"]["status"] == "ok", parts["train_9m_f32_logits"]
   for name in ("optimizer", "model_9m", "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
-  train, bf16_logits = report["results"]["train"]
-  assert train["logits_dtype"] == "float32" and bf16_logits["logits_dtype"] == "bfloat16"
+  train, f32_logits = report["results"]["train"]
+  assert train["logits_dtype"] == "bfloat16" and f32_logits["logits_dtype"] == "float32"
+  assert train["dtype"] == f32_logits["dtype"] == "bfloat16"
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
   assert train["tokens_per_s"] > 0 and train["compile_s"] > 0 and (train["batch"], train["length"]) == (2, 16)
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
   assert [t["status"] for t in peer_row] == ["not measured", "not measured"]
-  assert "| llama_9m (bf16 logits) | 2×16 |" in md
+  assert "| llama_9m (float32 logits) | 2×16 |" in md
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
   # The compiled trainer step, from the same process: the donated state is reused in place.
   (hlo,) = report["results"]["hlo"]
@@ -83,9 +84,9 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   # Before each part, the report already holds every part before it.
   assert seen == [("optimizer", ["probe"]), ("model_9m", ["probe", "optimizer"]),
                   ("train_9m", ["probe", "optimizer", "model_9m", "peer"]),
-                  ("train_9m_bf16_logits", ["probe", "optimizer", "model_9m", "peer", "train_9m"]),
+                  ("train_9m_f32_logits", ["probe", "optimizer", "model_9m", "peer", "train_9m"]),
                   ("optimizer_scan", ["probe", "optimizer", "model_9m", "peer", "train_9m",
-                                      "train_9m_bf16_logits"])]
+                                      "train_9m_f32_logits"])]
 
 
 def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
@@ -93,7 +94,7 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   report, md = _report(tmp_path)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
-  for name in ("train_9m", "train_9m_bf16_logits", "optimizer", "model_9m", "optimizer_scan",
+  for name in ("train_9m", "train_9m_f32_logits", "optimizer", "model_9m", "optimizer_scan",
                "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])

@@ -170,6 +170,15 @@ def test_bf16_logits_flag_reaches_the_model_and_trains(tiny_args, tmp_path):
   argv = tiny_args(logits_dtype="bfloat16", dtype="bfloat16", num_training_steps=4)
   assert pretrain.model_config(config.parse_args(argv)).logits_dtype == "bfloat16"
   assert pretrain.model_config(config.parse_args(tiny_args())).logits_dtype == "float32"
+  # auto (the default) follows the compute dtype, as HF LLaMA's head in bf16 or autocast;
+  # for_backend writes the resolved value into the run's config.
+  for dtype, backend, want in (("bfloat16", "cpu", "bfloat16"), ("mixed", "cpu", "bfloat16"),
+                               ("float32", "gpu", "float32"), ("auto", "gpu", "bfloat16"),
+                               ("auto", "cpu", "float32")):
+    cfg = config.for_backend(config.parse_args(tiny_args(dtype=dtype)), backend)
+    assert cfg.logits_dtype == want and pretrain.model_config(cfg).logits_dtype == want, dtype
+  cfg = config.parse_args(tiny_args(dtype="bfloat16", logits_dtype="float32"))
+  assert config.for_backend(cfg, "gpu").logits_dtype == "float32"
   remat = pretrain.model_config(config.parse_args(tiny_args(
       activation_checkpointing=True, remat_policy="block_residuals")))
   assert remat.remat and remat.remat_policy == "block_residuals"

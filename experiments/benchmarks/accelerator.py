@@ -14,7 +14,8 @@ skipping what no longer fits in ``--budget_s``:
 4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
    each profiled (1b again with activation checkpointing if it runs out of memory); at 350m
    also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
-   then the 60m step again with ``--logits_dtype bfloat16`` (bf16 logits, as HF LLaMA);
+   then the 60m step again with ``--logits_dtype float32`` (the default, as HF LLaMA in
+   bf16, is bf16 logits);
 5. ``bench_optimizer --size 1b --scan_layers``: spam and stable_spam beside adamw on the
    scanned-layers layout (each weight of all layers in one leaf, Stable-SPAM with per-layer
    statistics), profiled;
@@ -173,7 +174,7 @@ def plan(args, work: str) -> list:
     batch, length, steps, warmup = 2, 16, 2, 1
     opt_size, opt_iters, block_iters = "tiny", ["--warmup", "1", "--iters", "2"], [
         "--warmup", "0", "--iters", "1"]
-    dtype = "auto"
+    dtype = "bfloat16"  # as on the device: bf16 logits by default, float32 in one part
     profiled_model, hlo_size = "9m", "9m"
   else:
     train_sizes, model_sizes, model_late = sizes, ["350m", "60m"], ["1b"]
@@ -223,27 +224,26 @@ def plan(args, work: str) -> list:
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
-  def bf16_logits_part(size):
-    return Part(f"train_{size}_bf16_logits", _module("bench_train") + [
+  def f32_logits_part(size):
+    return Part(f"train_{size}_f32_logits", _module("bench_train") + [
         "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
         str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
-        "--no_loader", "--logits_dtype", "bfloat16", "--json", js(f"train_{size}_bf16_logits")]
+        "--no_loader", "--logits_dtype", "float32", "--json", js(f"train_{size}_f32_logits")]
         + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(size, (60, 10)),
-        js(f"train_{size}_bf16_logits"))
+        js(f"train_{size}_f32_logits"))
 
-  # The smallest trainer step again with bf16 logits (--logits_dtype), as HF LLaMA in bf16
-  # (the peer) computes them: at 60m the head's float32 logits and their gradient are 20% of
-  # the step's bytes. The next size follows the scanned optimizer below.
-  parts.append(bf16_logits_part(train_sizes[0]))
-  # The same updates on the scan_layers layout (one leaf per weight of all layers; Stable-SPAM
-  # with per-layer statistics): the per-leaf kernels of the 219-leaf layout become 12 leaves'.
+  # The smallest trainer step again with float32 logits (--logits_dtype float32; the default
+  # follows the compute dtype, bf16 as HF LLaMA in bf16 computes them): at 60m the head's
+  # float32 logits and their gradient add a fifth to the step's bytes, so the two rows say
+  # what the head's traffic costs. The next size follows the scanned optimizer below.
+  parts.append(f32_logits_part(train_sizes[0]))
   parts.append(Part("optimizer_scan", _module("bench_optimizer") + [
       "--size", opt_size, "--scan_layers", "--optimizers", "spam,stable_spam", "--sequential",
       "--json", js("optimizer_scan")] + opt_iters + prof("optimizer_scan"), 100, 30,
       js("optimizer_scan")))
   # 130m: with 350m the size whose compiled step leaves the least margin under half the
-  # peer's reference time, and the one where bf16 logits save more (12% of its bytes).
-  parts += [bf16_logits_part(size) for size in train_sizes[1:2]]
+  # peer's reference time, and the one where the logits' dtype weighs most after 60m.
+  parts += [f32_logits_part(size) for size in train_sizes[1:2]]
   parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
       "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
       "--json", js("hlo_optimizer"), "--dump", os.path.join(work, "hlo")], 60, 20,
@@ -390,10 +390,12 @@ def targets(res: dict) -> list:
 
 
 def train_label(row: dict) -> str:
-  """The model of a trainer row and what sets it apart: remat, scanned layers, bf16 logits."""
-  return row["model"] + "".join(f" ({tag})" for key, tag in (
-      ("remat", "remat"), ("scan_layers", "scan"), ("logits_dtype", "bf16 logits"))
-      if row.get(key) and (key != "logits_dtype" or row[key] == "bfloat16"))
+  """The model of a trainer row and what sets it apart: remat, scanned layers, float32 logits
+  in a bf16 run (the default logits follow the compute dtype)."""
+  f32_logits = row.get("logits_dtype") == "float32" and row.get("dtype") != "float32"
+  return row["model"] + "".join(f" ({tag})" for tag, on in (
+      ("remat", row.get("remat")), ("scan", row.get("scan_layers")),
+      ("float32 logits", f32_logits)) if on)
 
 
 def floor_ms(name: str, params: int, dtype: str | None, copy_gbps: float | None):

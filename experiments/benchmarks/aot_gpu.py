@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import models  # noqa: E402
+from experiments import config as config_lib  # noqa: E402
 from experiments import train_step  # noqa: E402
 from experiments.benchmarks import bench_optimizer, bench_train, hlo_stats  # noqa: E402
 
@@ -157,15 +158,16 @@ def optimizer_updates(size: str, names: list, sharding, dump=None,
 
 
 def model_steps(model_name: str, quants: list, batch: int, length: int, sharding,
-                dump=None, logits_dtype: str = "float32", scan_layers: bool = False,
+                dump=None, logits_dtype: str = "auto", scan_layers: bool = False,
                 remat_policy: str | None = None) -> list:
   """Forward+backward of the token cross-entropy, as ``bench_model`` times it."""
   rows = []
   for quant_name in quants:
     config = models.get_config(model_name, attention_implementation="cudnn",
-                               logits_dtype=logits_dtype, scan_layers=scan_layers,
-                               remat=remat_policy is not None,
+                               scan_layers=scan_layers, remat=remat_policy is not None,
                                **({"remat_policy": remat_policy} if remat_policy else {}))
+    config = config.replace(
+        logits_dtype=config_lib.resolve_logits_dtype(logits_dtype, config.dtype))
     model = models.Llama(config, quant=models.get_quant_config(quant_name))
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
     params = _on(nn.meta.unbox(models.abstract_variables(config)["params"]), sharding)
@@ -178,16 +180,17 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
     compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
     label = (f"model-{config.name}-{quant_name}-{batch}x{length}"
              f"{'-scan' if scan_layers else ''}{f'-remat_{remat_policy}' if remat_policy else ''}"
-             f"{'-bf16logits' if logits_dtype == 'bfloat16' else ''}")
+             f"{'-f32logits' if config.logits_dtype == 'float32' else ''}")
     row = _summary(label, compiled, time.perf_counter() - t0, dump)
     row.update(model=config.name, quant=quant_name, batch=batch, length=length,
+               logits_dtype=config.logits_dtype,
                flops=models.flops_per_token(config, length) * batch * length)
     rows.append(row)
   return rows
 
 
 def trainer_step(model_name: str, optimizer_name: str, batch: int, length: int, devices,
-                 dump=None, scan_layers: bool = False, logits_dtype: str = "float32") -> dict:
+                 dump=None, scan_layers: bool = False, logits_dtype: str = "auto") -> dict:
   """The trainer's whole step (``bench_train.trainer_step``: mesh, shardings, donation), bf16."""
   ns = bench_train.parse_args(["--models", model_name, "--optimizers", optimizer_name,
                                "--batch", str(batch), "--length", str(length),
@@ -199,9 +202,11 @@ def trainer_step(model_name: str, optimizer_name: str, batch: int, length: int, 
     t0 = time.perf_counter()
     compiled, donation = hlo_stats._compile(step.lower(state, tokens))  # pylint: disable=protected-access
     label = (f"train-{mcfg.name}-{optimizer_name}-{batch}x{length}"
-             f"{'-scan' if scan_layers else ''}{'-bf16logits' if logits_dtype == 'bfloat16' else ''}")
+             f"{'-scan' if scan_layers else ''}"
+             f"{'-f32logits' if mcfg.logits_dtype == 'float32' else ''}")
     row = _summary(label, compiled, time.perf_counter() - t0, dump)
   row.update(model=mcfg.name, optimizer=optimizer_name, batch=batch, length=length,
+             logits_dtype=mcfg.logits_dtype,
              donation_warnings=donation, state_leaves=len(jax.tree.leaves(state)),
              flops=models.flops_per_token(mcfg, length) * batch * length)
   return row
@@ -224,8 +229,9 @@ def main(argv=None) -> list:
                  help="--what model: rematerialise each block with this jax.checkpoint_policies "
                       "entry (default: no remat)")
   p.add_argument("--quant", default="bf16,int4", help="--what model: comma-separated")
-  p.add_argument("--logits_dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="--what model / train: LlamaConfig.logits_dtype")
+  p.add_argument("--logits_dtype", default="auto", choices=config_lib.LOGITS_DTYPES,
+                 help="--what model / train: LlamaConfig.logits_dtype (auto: as the trainer, "
+                      "the compute dtype's: bfloat16)")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--length", type=int, default=256)
   p.add_argument("--bandwidth_GBps", type=float, default=H100_BANDWIDTH_GBPS,
@@ -263,8 +269,8 @@ def main(argv=None) -> list:
           "| peak GiB | cuDNN attention | outputs in donated buffers / state leaves "
           "| donation warnings | compile s |")
     print("|---|---:|---:|---|---:|---|---|---|---:|")
-    logits = ", bf16 logits" if args.logits_dtype == "bfloat16" else ""
-    print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']}{logits} | "
+    print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']}, "
+          f"{'bf16' if r['logits_dtype'] == 'bfloat16' else 'float32'} logits | "
           f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
           f"{_split(r['traffic'])} | {_gib(r)} | "
           f"{'yes' if r['cudnn_attention'] else 'no'} ({calls}) | "
@@ -279,7 +285,8 @@ def main(argv=None) -> list:
     print("|---|---:|---:|---|---:|---|---|---:|")
     for r in rows:
       calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
-      print(f"| {r['model']} {r['quant']} {r['batch']}×{r['length']} | "
+      print(f"| {r['model']} {r['quant']} {r['batch']}×{r['length']}, "
+            f"{'bf16' if r['logits_dtype'] == 'bfloat16' else 'float32'} logits | "
             f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
             f"{_split(r['traffic'])} | {_gib(r)} | "
             f"{'yes' if r['cudnn_attention'] else 'no'} | {calls} | {r['compile_s']:.0f} |",

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 
 import models
+from experiments import config as config_lib
 from experiments import metrics, rundir, train_step
 from experiments.benchmarks import profile_summary
 
@@ -53,8 +54,9 @@ def parse_args(argv=None):
                  help="compile on abstract parameters (nothing allocated) and report the time")
   p.add_argument("--scan_layers", action="store_true",
                  help="one decoder block scanned over the layers (LlamaConfig.scan_layers)")
-  p.add_argument("--logits_dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="LlamaConfig.logits_dtype: the head's output dtype")
+  p.add_argument("--logits_dtype", default="auto", choices=config_lib.LOGITS_DTYPES,
+                 help="LlamaConfig.logits_dtype: the head's output dtype (auto: as the "
+                      "trainer, the compute dtype)")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -68,8 +70,9 @@ def parse_args(argv=None):
 def model_inputs(name: str, args):
   """The model's config, a batch of tokens and its parameters (shapes only with
   ``--compile_only``), made once and shared by every quantization variant."""
-  config = models.get_config(name, remat=args.remat, scan_layers=args.scan_layers,
-                             logits_dtype=args.logits_dtype)
+  config = models.get_config(name, remat=args.remat, scan_layers=args.scan_layers)
+  config = config.replace(
+      logits_dtype=config_lib.resolve_logits_dtype(args.logits_dtype, config.dtype))
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
   model = models.Llama(config)  # the quantized variants have the same parameters
   if args.compile_only:  # shapes only: nothing allocated

@@ -73,8 +73,8 @@ def parse_args(argv=None):
                  help="as the trainer's --dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
   p.add_argument("--activation_checkpointing", action="store_true")
   p.add_argument("--scan_layers", action="store_true", help="as the trainer's --scan_layers")
-  p.add_argument("--logits_dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="as the trainer's --logits_dtype")
+  p.add_argument("--logits_dtype", default="auto", choices=config.LOGITS_DTYPES,
+                 help="as the trainer's --logits_dtype (auto: the compute dtype)")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -104,7 +104,7 @@ def trainer_config(args, model: str, optimizer: str, backend: str | None = None
     argv.append("--activation_checkpointing")
   if args.scan_layers:
     argv.append("--scan_layers")
-  argv += ["--logits_dtype", getattr(args, "logits_dtype", "float32")]
+  argv += ["--logits_dtype", getattr(args, "logits_dtype", "auto")]
   return config.for_backend(config.parse_args(argv), backend or jax.default_backend())
 
 
