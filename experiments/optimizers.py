@@ -312,12 +312,10 @@ def _stable_spam_guard(cfg, base):
   interval = 1000 if cfg.DeltaT is None else cfg.DeltaT
   stacked = stacked_layer_axes if cfg.scan_layers else None
   return optax.chain(
-      spam_optax.clip_by_running_max(**_given(gamma3=cfg.gamma3), reset_interval=interval,
-                                     stacked_axes=stacked),
-      spam_optax.scale_by_grad_norm_history(
+      spam_optax.clip_by_running_max_and_grad_norm_history(
           total_steps=cfg.total_T or cfg.num_training_steps, eta_min=cfg.eta_min,
           reset_interval=interval, stacked_axes=stacked,
-          **_given(gamma1=cfg.gamma1, gamma2=cfg.gamma2, eps=cfg.eps)),
+          **_given(gamma3=cfg.gamma3, gamma1=cfg.gamma1, gamma2=cfg.gamma2, eps=cfg.eps)),
       restart_every(base, interval))
 
 

@@ -3,6 +3,7 @@ from spam_optax._adaptive_clip import clip_by_running_max
 from spam_optax._adaptive_clip import ClipByRunningMaxState
 from spam_optax._alias import spam
 from spam_optax._alias import stable_spam
+from spam_optax._clip_and_norm_history import clip_by_running_max_and_grad_norm_history
 from spam_optax._grad_norm_history import scale_by_grad_norm_history
 from spam_optax._grad_norm_history import ScaleByGradNormHistoryState
 from spam_optax._leaf_stats import LeafLayout
@@ -31,6 +32,7 @@ __all__ = (
     "add_decayed_weights_after_update",
     "AddDecayedWeightsAfterUpdateState",
     "clip_by_running_max",
+    "clip_by_running_max_and_grad_norm_history",
     "ClipByRunningMaxState",
     "cosine_momentum_scale",
     "LeafLayout",

@@ -26,6 +26,39 @@ def _abs_max(x: jax.Array, axis) -> jax.Array:
   return jnp.max(x, axis=axes)
 
 
+def running_max(state, leaves, ns, gamma3, reset_interval):
+  """One AdaClip step's statistics: ``(step, max_ema, thresholds)``.
+
+  ``leaves`` and ``ns`` are the gradient's leaves and stacked-axis counts;
+  ``thresholds`` holds, per leaf, the bias-corrected running max and the
+  ratio that scales the entries above it, each shaped like the leaf's
+  statistic.
+  """
+  step = optax.safe_increment(state.count)
+  k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
+  correction = _numerics.one_minus_power(gamma3, k)
+  dtype = state.max_ema.values.dtype
+  g_max = _leaf_stats.combine_rows(
+      [_leaf_stats.reduce_rows(jnp.abs(g.astype(dtype)), n, _abs_max)
+       for g, n in zip(leaves, ns)],
+      _abs_max,
+  ).astype(dtype)
+  m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
+  m_hat = m / correction.astype(dtype)
+  ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
+  lay = state.max_ema.layout
+  thresholds = list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
+  return step, m.astype(dtype), thresholds
+
+
+def clip_leaf(g: jax.Array, threshold, dtype) -> jax.Array:
+  """``g`` in ``dtype`` with its entries above the running max scaled down
+  (``threshold``: one leaf's pair from :func:`running_max`)."""
+  gd = g.astype(dtype)
+  m_hat, ratio = (_stacked_axes.broadcastable(x, g) for x in threshold)
+  return jnp.where(jnp.abs(gd) > m_hat, gd * ratio, gd)
+
+
 class ClipByRunningMaxState(NamedTuple):
   """State of :func:`clip_by_running_max`.
 
@@ -118,34 +151,17 @@ def clip_by_running_max(
 
   def update_fn(updates, state, params=None):
     del params
-    step = optax.safe_increment(state.count)
-    k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
-    correction = _numerics.one_minus_power(gamma3, k)
-
     leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
+    step, m, thresholds = running_max(state, leaves, ns, gamma3, reset_interval)
     dtype = state.max_ema.values.dtype
-    g_max = _leaf_stats.combine_rows(
-        [_leaf_stats.reduce_rows(jnp.abs(g.astype(dtype)), n, _abs_max)
-         for g, n in zip(leaves, ns)],
-        _abs_max,
-    ).astype(dtype)
-    m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
-    m_hat = m / correction.astype(dtype)
-    ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
-
-    def leaf(g, m_hat, ratio):
-      gd = g.astype(dtype)
-      m_hat, ratio = (_stacked_axes.broadcastable(x, g) for x in (m_hat, ratio))
-      clipped = jnp.where(jnp.abs(gd) > m_hat, gd * ratio, gd)
-      return clipped.astype(g.dtype), _count.changed_per_row(clipped, gd)
-
-    lay = state.max_ema.layout
-    out = [leaf(g, mh, r) for g, mh, r in zip(
-        leaves, _leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay))]
-    return treedef.unflatten([o[0] for o in out]), ClipByRunningMaxState(
+    clipped = [clip_leaf(g, t, dtype) for g, t in zip(leaves, thresholds)]
+    rows = [_count.changed_per_row(c, g.astype(dtype)) for c, g in zip(clipped, leaves)]
+    return treedef.unflatten(
+        [c.astype(g.dtype) for c, g in zip(clipped, leaves)]
+    ), ClipByRunningMaxState(
         count=step,
-        max_ema=_leaf_stats.LeafStats(m.astype(dtype), lay),
-        clipped=_count.leaf_counts([o[1] for o in out], state.clipped),
+        max_ema=_leaf_stats.LeafStats(m, state.max_ema.layout),
+        clipped=_count.leaf_counts(rows, state.clipped),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -4,8 +4,7 @@ from typing import Any, Optional
 import jax
 import optax
 
-from spam_optax import _adaptive_clip
-from spam_optax import _grad_norm_history
+from spam_optax import _clip_and_norm_history
 from spam_optax import _periodic_reset
 from spam_optax import _reset_warmup
 from spam_optax import _scale_by_spam
@@ -164,9 +163,11 @@ def stable_spam(
   .. math::
     p \leftarrow p(1 - \eta\lambda) - \eta\, u_t.
 
-  It is the chain ``clip_by_running_max``, ``scale_by_grad_norm_history``,
-  ``periodic_reset(scale_by_stable_spam_adam, after_update=True)``,
-  ``add_decayed_weights``, ``scale_by_learning_rate``.
+  It is the chain ``clip_by_running_max_and_grad_norm_history`` (AdaClip and
+  AdaGN, the chain of ``clip_by_running_max`` and
+  ``scale_by_grad_norm_history`` with the same state, in fewer passes over
+  the gradient), ``periodic_reset(scale_by_stable_spam_adam,
+  after_update=True)``, ``add_decayed_weights``, ``scale_by_learning_rate``.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
@@ -213,10 +214,8 @@ def stable_spam(
   _validation.check_learning_rate(learning_rate)
   _validation.check_non_negative("weight_decay", weight_decay)
   return optax.chain(
-      _adaptive_clip.clip_by_running_max(
-          gamma3, reset_interval=reset_interval, stacked_axes=stacked_axes
-      ),
-      _grad_norm_history.scale_by_grad_norm_history(
+      _clip_and_norm_history.clip_by_running_max_and_grad_norm_history(
+          gamma3=gamma3,
           gamma1=gamma1,
           gamma2=gamma2,
           eps=eps,

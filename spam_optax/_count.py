@@ -1,5 +1,4 @@
 """Counting the entries a clip changed, as one fused float reduction per row."""
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,14 +33,27 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   Entries where either side is NaN are not counted; a row that holds one
   counts 0 (such a step has NaN moments anyway; see ``docs/optimizers.md``).
   """
+  return _leaf_stats.reduce_rows(
+      changed_terms(new, old, 0), 0, lambda x, axis: jnp.sum(x, axis=axis)
+  )
+
+
+def changed_terms(new: jax.Array, old: jax.Array, n: int) -> jax.Array:
+  """Per entry, 1 where ``new`` differs from ``old``, else 0: the terms whose
+  row sums (rows of a leaf with ``n`` stacked axes, as in
+  :func:`spam_optax._leaf_stats.reduce_rows`) are :func:`changed_per_row`'s
+  counts.
+
+  At least float32 and NaN where either side is NaN; int32 (NaN: 0) where a
+  float32 row is longer than :math:`2^{24}`, so that every row sum is exact.
+  """
   dtype = jnp.promote_types(jnp.promote_types(new.dtype, old.dtype), jnp.float32)
   diff = jnp.abs(new.astype(dtype) - old.astype(dtype))
   changed = jnp.ceil(jnp.minimum(diff, 1))  # NaN stays NaN
-  row_length = math.prod(changed.shape[1:]) if changed.ndim >= 2 else changed.size
-  if row_length > _MAX_EXACT_ROW and dtype == jnp.float32:
-    count = lambda x, axis: jnp.sum(x == 1, axis=axis, dtype=jnp.int32)  # NaN: not counted
-    return _leaf_stats.reduce_rows(changed, 0, count)
-  return _leaf_stats.reduce_rows(changed, 0, lambda x, axis: jnp.sum(x, axis=axis))
+  if (_leaf_stats.row_length(jnp.shape(changed), n) > _MAX_EXACT_ROW
+      and dtype == jnp.float32):
+    return (changed == 1).astype(jnp.int32)  # NaN: not counted
+  return changed
 
 
 def row_totals(rows: jax.Array, axis: int = -1) -> jax.Array:

@@ -30,6 +30,48 @@ class ScaleByGradNormHistoryState(NamedTuple):
   nu_norm: Any
 
 
+def norm_history(state, norm, a, b, *, gamma1, gamma2, eps, total_steps,
+                 eta_min, reset_interval):
+  """One AdaGN step from this step's ``norm`` (a scalar or one per leaf) and
+  the EMAs ``a``, ``b``: ``(step, factor, a, b)``, ``factor`` the scale that
+  takes each norm to its target."""
+  step = optax.safe_increment(state.count)
+  k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
+  g1 = gamma1 * _momentum_scale.cosine_momentum_scale(step, total_steps, eta_min)
+  correction1 = _numerics.one_minus_power(g1, k)
+  correction2 = _numerics.one_minus_power(gamma2, k)
+  dtype = a.dtype
+  norm = norm.astype(dtype)
+  a = (g1 * a + (1 - g1) * norm).astype(dtype)
+  b = (gamma2 * b + (1 - gamma2) * norm * norm).astype(dtype)
+  target = (a / correction1.astype(dtype)) / (
+      jnp.sqrt(b / correction2.astype(dtype)) + eps
+  )
+  factor = jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1), 1)
+  return step, factor.astype(dtype), a, b
+
+
+def rescale(g: jax.Array, factor: jax.Array) -> jax.Array:
+  """``g`` times its leaf's (or slice's) AdaGN factor, in ``g``'s dtype."""
+  factor = _stacked_axes.broadcastable(factor, g)
+  return (g.astype(factor.dtype) * factor).astype(g.dtype)
+
+
+def per_leaf_update(state, norm, leaves, treedef, **hyper):
+  """The per-leaf AdaGN update from the leaves' norms (a vector laid out as
+  the state's statistics): ``(updates, state)``."""
+  step, factor, a, b = norm_history(
+      state, norm, state.mu_norm.values, state.nu_norm.values, **hyper
+  )
+  lay = state.mu_norm.layout
+  updates = treedef.unflatten([
+      rescale(g, f) for g, f in zip(leaves, _leaf_stats.split(factor, lay))
+  ])
+  return updates, ScaleByGradNormHistoryState(
+      step, _leaf_stats.LeafStats(a, lay), _leaf_stats.LeafStats(b, lay)
+  )
+
+
 def scale_by_grad_norm_history(
     gamma1: float = 0.7,
     gamma2: float = 0.9,
@@ -128,35 +170,15 @@ def scale_by_grad_norm_history(
         _leaf_stats.zeros(params, dtype, shapes),
     )
 
+  hyper = dict(gamma1=gamma1, gamma2=gamma2, eps=eps, total_steps=total_steps,
+               eta_min=eta_min, reset_interval=reset_interval)
+
   def update_fn(updates, state, params=None):
     del params
-    step = optax.safe_increment(state.count)
-    k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
-    g1 = gamma1 * _momentum_scale.cosine_momentum_scale(
-        step, total_steps, eta_min
-    )
-    correction1 = _numerics.one_minus_power(g1, k)
-    correction2 = _numerics.one_minus_power(gamma2, k)
-
-    def statistics(norm, a, b):
-      dtype = a.dtype
-      norm = norm.astype(dtype)
-      a = (g1 * a + (1 - g1) * norm).astype(dtype)
-      b = (gamma2 * b + (1 - gamma2) * norm * norm).astype(dtype)
-      target = (a / correction1.astype(dtype)) / (
-          jnp.sqrt(b / correction2.astype(dtype)) + eps
-      )
-      factor = jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1), 1)
-      return factor.astype(dtype), a, b
-
-    def rescale(g, factor):
-      factor = _stacked_axes.broadcastable(factor, g)
-      return (g.astype(factor.dtype) * factor).astype(g.dtype)
-
     if global_norm:
       dtype = state.mu_norm.dtype
       norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(dtype), updates))
-      factor, a, b = statistics(norm, state.mu_norm, state.nu_norm)
+      step, factor, a, b = norm_history(state, norm, state.mu_norm, state.nu_norm, **hyper)
       updates = jax.tree.map(lambda g: rescale(g, factor), updates)
       return updates, ScaleByGradNormHistoryState(step, a, b)
 
@@ -168,13 +190,6 @@ def scale_by_grad_norm_history(
          for g, n in zip(leaves, ns)],
         sum_of,
     ).astype(dtype))
-    factor, a, b = statistics(norm, state.mu_norm.values, state.nu_norm.values)
-    lay = state.mu_norm.layout
-    updates = treedef.unflatten([
-        rescale(g, f) for g, f in zip(leaves, _leaf_stats.split(factor, lay))
-    ])
-    return updates, ScaleByGradNormHistoryState(
-        step, _leaf_stats.LeafStats(a, lay), _leaf_stats.LeafStats(b, lay)
-    )
+    return per_leaf_update(state, norm, leaves, treedef, **hyper)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -128,6 +128,19 @@ def split(values: jax.Array, lay: LeafLayout) -> list[jax.Array]:
   return out
 
 
+def _row_axes(shape: Sequence[int], n: int) -> tuple[int, int]:
+  """How many leading axes a row reduction keeps, and the number of rows."""
+  keep = n + 1 if len(shape) >= n + 2 else n
+  return keep, (shape[n] if keep > n else 1)
+
+
+def row_length(shape: Sequence[int], n: int) -> int:
+  """The number of entries in one row of a leaf of ``shape`` with ``n``
+  stacked axes (see :func:`reduce_rows`)."""
+  keep, _ = _row_axes(shape, n)
+  return math.prod(shape[keep:])
+
+
 def reduce_rows(x: jax.Array, n: int, reduce: Callable[..., jax.Array]) -> jax.Array:
   """The first stage of a per-slice reduction: ``reduce`` over the rows of each
   slice, returned as ``(slices, rows)``.
@@ -139,10 +152,28 @@ def reduce_rows(x: jax.Array, n: int, reduce: Callable[..., jax.Array]) -> jax.A
   result moves between devices.
   """
   shape = jnp.shape(x)
-  keep = n + 1 if len(shape) >= n + 2 else n
-  rows = shape[n] if keep > n else 1
+  keep, rows = _row_axes(shape, n)
   part = reduce(x, axis=tuple(range(keep, len(shape))))
   return jnp.reshape(part, (math.prod(shape[:n]), rows))
+
+
+def sum_rows(xs: Sequence[jax.Array], n: int) -> tuple[jax.Array, ...]:
+  """:func:`reduce_rows` with a sum, for several arrays of one shape at once.
+
+  The sums are one variadic reduction, so XLA computes them in one pass over
+  the rows, whatever it makes of the arrays' other readers; as separate
+  reductions, XLA may put one of them in a kernel of its own that reads the
+  leaf again. Each array is summed in its own dtype (an int32 count beside a
+  float32 sum of squares).
+  """
+  shape = jnp.shape(xs[0])
+  keep, rows = _row_axes(shape, n)
+  zero = tuple(jnp.zeros([], jnp.result_type(x)) for x in xs)
+  sums = jax.lax.reduce(
+      tuple(xs), zero, lambda a, b: tuple(p + q for p, q in zip(a, b)),
+      tuple(range(keep, len(shape))),
+  )
+  return tuple(jnp.reshape(t, (math.prod(shape[:n]), rows)) for t in sums)
 
 
 def combine_rows(partials: Sequence[jax.Array],

@@ -53,7 +53,7 @@ def test_scanned_layout_and_a_subset_of_optimizers(tmp_path, capsys):
   layers = bench_optimizer.SIZES["tiny"].num_layers
   state = jax.eval_shape(bench_optimizer.optimizers(0.25, scan_layers=True)["stable_spam"].init,
                          shapes)
-  assert state[0].max_ema.tree()["layers"]["mlp"]["up_proj"]["kernel"].shape == (layers,)
+  assert state[0][0].max_ema.tree()["layers"]["mlp"]["up_proj"]["kernel"].shape == (layers,)
   bench_optimizer.main(["--size", "tiny", "--optimizers",
                         "hand-fused stable_spam (vector statistics),stable_spam", "--no-time"])
   rows = table_rows(capsys.readouterr().out)

@@ -54,6 +54,23 @@ class CombineRowsTest(chex.TestCase):
     np.testing.assert_array_equal(got_max, want_max)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sum_rows_is_reduce_rows_for_several_arrays(self):
+    """Two sums in one reduction, of different dtypes, equal each sum on its own."""
+    xs = _arrays(2)
+    sum_of = lambda x, axis: jnp.sum(x, axis=axis)
+    for x, (shape, n) in zip(xs, LEAVES):
+      ints = (np.abs(x) > 1).astype(np.int32)
+      squares, counts = self.variant(
+          lambda a, b, n=n: _leaf_stats.sum_rows((a * a, b), n))(jnp.asarray(x), ints)
+      assert counts.dtype == jnp.int32 and squares.dtype == jnp.float32
+      want = _leaf_stats.reduce_rows(jnp.asarray(x * x), n, sum_of)
+      chex.assert_equal_shape((squares, counts, want))
+      np.testing.assert_allclose(squares, want, rtol=1e-6, err_msg=str(shape))
+      np.testing.assert_array_equal(
+          counts, _leaf_stats.reduce_rows(jnp.asarray(ints), n, sum_of), err_msg=str(shape))
+      assert _leaf_stats.row_length(shape, n) * counts.size == x.size
+
   def test_reduce_rows_shapes(self):
     rows = lambda shape, n: _leaf_stats.reduce_rows(
         jnp.zeros(shape), n, lambda x, axis: jnp.sum(x, axis=axis)).shape
@@ -119,9 +136,9 @@ class LeafStatsTest(chex.TestCase):
     state = spam_optax.stable_spam(1e-3).init(_params())
     out = jax.jit(lambda s: s)(state)
     chex.assert_trees_all_equal(out, state)
-    assert out[0].max_ema.layout == state[0].max_ema.layout
+    assert out[0][0].max_ema.layout == state[0][0].max_ema.layout
     abstract = jax.eval_shape(spam_optax.stable_spam(1e-3).init, _params())
-    leaf = abstract[0].max_ema.tree()["dense"]["w"]
+    leaf = abstract[0][0].max_ema.tree()["dense"]["w"]
     assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == ()
 
   def test_state_arrays_do_not_grow_with_leaves(self):
@@ -148,7 +165,7 @@ def test_checkpoint_round_trip(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(tmp_path / "ckpt", jax.eval_shape(opt.init, params))
   chex.assert_trees_all_equal(restored, state)
-  assert restored[0].clipped.layout == state[0].clipped.layout
+  assert restored[0][0].clipped.layout == state[0][0].clipped.layout
 
 if __name__ == "__main__":
   absltest.main()

@@ -117,7 +117,7 @@ class StackedEqualsSeparateTest(chex.TestCase):
 def test_state_holds_one_statistic_per_slice():
   params = stack(jax.tree.map(jnp.asarray, _unstacked_params()))
   clip_state, norm_state = spam_optax.stable_spam(1e-3, stacked_axes=layer_axes).init(
-      params)[:2]
+      params)[0]
   assert clip_state.max_ema.tree()["layers"]["w"].shape == (LAYERS,)
   assert clip_state.max_ema.tree()["embed"].shape == ()
   assert clip_state.clipped.tree()["layers"]["w"].shape == ()  # all slices together
