@@ -199,7 +199,7 @@ def plan(args, work: str) -> list:
   # The parts that decide the optimizer and MFU targets first, then the trainer beside its
   # peer, then the breakdowns; what the budget no longer fits is recorded as skipped.
   parts = []
-  # Beside Stable-SPAM (393 kernels at 1b), a hand-fused reference of the same update
+  # Beside Stable-SPAM (348 kernels at 1b), a hand-fused reference of the same update
   # (809 kernels): whether the library's update is as fast as one written by hand.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
