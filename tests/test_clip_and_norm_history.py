@@ -146,3 +146,21 @@ def test_bad_hyperparameters_fail_before_tracing():
     spam_optax.clip_by_running_max_and_grad_norm_history(gamma1=-0.1)
   with pytest.raises(ValueError, match="reset_interval"):
     spam_optax.clip_by_running_max_and_grad_norm_history(reset_interval=-1)
+
+
+def test_under_inject_hyperparams_and_apply_if_finite():
+  """The hyperparameters as injected arrays, and the piece behind apply_if_finite (a NaN
+  step is skipped, the state kept), give the plain piece's updates."""
+  params = to_jnp(nested_params())
+  grads = [to_jnp(g) for g in gradient_sequence(8)]
+  plain = spam_optax.clip_by_running_max_and_grad_norm_history(**HYPER)
+  injected = optax.inject_hyperparams(
+      spam_optax.clip_by_running_max_and_grad_norm_history,
+      static_args=("total_steps", "reset_interval", "stacked_axes"))(**HYPER)
+  want, _ = run(plain, grads, params)
+  got, _ = run(injected, grads, params, jax.jit(injected.update))
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  guarded = optax.apply_if_finite(plain, max_consecutive_errors=2)
+  bad = jax.tree.map(lambda g: g * np.nan, grads[3])
+  got, _ = run(guarded, grads[:3] + [bad] + grads[3:], params, jax.jit(guarded.update))
+  chex.assert_trees_all_close(got[:3] + got[4:], want, rtol=1e-6, atol=1e-7)

@@ -28,6 +28,8 @@ TRANSFORMATIONS = {
         spam_optax.add_decayed_weights_after_update(1e-2, 0.1)),
     "clip_by_running_max": spam_optax.clip_by_running_max,
     "scale_by_grad_norm_history": spam_optax.scale_by_grad_norm_history,
+    "clip_by_running_max_and_grad_norm_history": (
+        spam_optax.clip_by_running_max_and_grad_norm_history),
     "scale_by_grad_norm_history_global": lambda: (
         spam_optax.scale_by_grad_norm_history(global_norm=True)),
     "scale_by_stable_spam_adam": spam_optax.scale_by_stable_spam_adam,
