@@ -29,6 +29,7 @@ GUARDED = ("adam", "lion", "adam_mini", "muon", "adafactor")  # --spike_guard's 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
 LOGITS_DTYPES = ("auto", "bfloat16", "float32")
+ATTENTIONS = ("auto", "cudnn", "xla")
 # Element-wise update rules (global counters at most): the same with the layers stacked by
 # --scan_layers. Stable-SPAM's AdaGN/AdaClip and Adafactor's factored moments take
 # statistics per tensor, which a stacked tensor would pool over all layers.
@@ -46,6 +47,7 @@ class TrainConfig:
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
   logits_dtype: str = "auto"  # the compute dtype: bfloat16 unless --dtype float32
+  attention: str = "auto"  # cuDNN's flash attention on a GPU where it applies, else XLA's
   # optimizer
   optimizer: str = "spam"
   lr: float = 3e-3
@@ -232,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "runs; half the head's traffic) or float32 (the head's float32 "
                       "accumulation kept); the loss is float32 either way. auto: bfloat16 "
                       "when the compute dtype is (--dtype bfloat16 or mixed), else float32")
+  g.add_argument("--attention", default=d.attention, choices=ATTENTIONS,
+                 help="the attention kernel: cudnn (cuDNN's fused flash attention, GPU only), "
+                      "xla, or auto: cudnn on a GPU where cuDNN accepts the shapes and dtypes "
+                      "while tracing, xla otherwise; pass xla if cuDNN fails when the step "
+                      "compiles")
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")
@@ -557,6 +564,8 @@ def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
   if dtype == "auto":
     dtype = "float32" if backend == "cpu" else "bfloat16"
   logits_dtype = resolve_logits_dtype(cfg.logits_dtype, dtype)
+  if cfg.attention == "cudnn" and backend != "gpu":
+    fail(f"--attention cudnn needs a GPU (this JAX backend: {backend}); use auto or xla")
   name = cfg.name or (
       f"{os.path.basename(os.path.normpath(cfg.model_config)).removesuffix('.json')}-"
       f"{cfg.optimizer}-{dtype}")

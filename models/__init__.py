@@ -5,6 +5,7 @@
     model = models.Llama(config, quant=models.QuantConfig(weight_bits=4))
 """
 
+from models.attention import is_cudnn_attention_failure
 from models.config import CONFIG_NAMES, CONFIGS, LlamaConfig, from_hf_json, get_config
 from models.hf import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
 from models.llama import (
@@ -38,6 +39,7 @@ __all__ = [
     "from_hf_state_dict",
     "get_config",
     "get_quant_config",
+    "is_cudnn_attention_failure",
     "load_pretrained",
     "save_pretrained",
     "stack_layers",

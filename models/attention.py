@@ -44,6 +44,17 @@ def _compute_capability() -> float:
     return 0.0
 
 
+_CUDNN_MARKERS = ("cudnn", "fmha", "dot_product_attention", "flash attention")
+
+
+def is_cudnn_attention_failure(error: BaseException) -> bool:
+  """Whether ``error``, raised tracing, compiling or running a step, comes from cuDNN's
+  attention (the refusals cuDNN reports only when XLA compiles the step, e.g. a cuDNN build
+  without the kernel for this GPU), so that ``attention_implementation="xla"`` avoids it."""
+  text = f"{type(error).__name__}: {error}".lower()
+  return any(marker in text for marker in _CUDNN_MARKERS)
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      implementation: str | None = None) -> jax.Array:
   """Causal `jax.nn.dot_product_attention` over (batch, length, heads, head_dim).

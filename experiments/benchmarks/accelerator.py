@@ -391,11 +391,13 @@ def targets(res: dict) -> list:
 
 def train_label(row: dict) -> str:
   """The model of a trainer row and what sets it apart: remat, scanned layers, float32 logits
-  in a bf16 run (the default logits follow the compute dtype)."""
+  in a bf16 run (the default logits follow the compute dtype), XLA's attention (asked for,
+  or after cuDNN's failed: ``attention_fallback``)."""
   f32_logits = row.get("logits_dtype") == "float32" and row.get("dtype") != "float32"
   return row["model"] + "".join(f" ({tag})" for tag, on in (
       ("remat", row.get("remat")), ("scan", row.get("scan_layers")),
-      ("float32 logits", f32_logits)) if on)
+      ("float32 logits", f32_logits), ("XLA attention", row.get("attention") == "xla"))
+      if on)
 
 
 def floor_ms(name: str, params: int, dtype: str | None, copy_gbps: float | None):
@@ -521,9 +523,15 @@ def markdown(report: dict) -> str:
     for r in res["model"]:
       vs = r["step_s"] / bf16[r["model"]] if r["model"] in bf16 else None
       remat = (" (remat)" if r.get("remat") else "") + (" (scan)" if r.get("scan_layers") else "")
+      remat += " (XLA attention)" if r.get("attention") == "xla" else ""
       lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
                    f"{1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
                    f"{_f(r['mfu'], '{:.1%}')} | {_f(vs, '{:.2f}×')} | {r['compile_s']:.1f} |")
+  fallbacks = [r for r in res["train"] + res["model"] if r.get("attention_fallback")]
+  if fallbacks:
+    lines += ["", "**cuDNN attention failed, measured again with XLA's:** " + "; ".join(
+        f"{r['model']} {r.get('quant') or r.get('optimizer')}: {_cell(r['attention_fallback'])}"
+        for r in fallbacks)]
   if res["hlo"]:
     lines += ["", "## Compiled HLO (hlo_stats)", "",
               "| step | kernels | GB moved | fusions | while loops | scatters | copies "

@@ -36,7 +36,7 @@ import jax
 import models
 from experiments import config as config_lib
 from experiments import metrics, rundir, train_step
-from experiments.benchmarks import profile_summary
+from experiments.benchmarks import attention_fallback, profile_summary
 
 
 def parse_args(argv=None):
@@ -57,6 +57,9 @@ def parse_args(argv=None):
   p.add_argument("--logits_dtype", default="auto", choices=config_lib.LOGITS_DTYPES,
                  help="LlamaConfig.logits_dtype: the head's output dtype (auto: as the "
                       "trainer, the compute dtype)")
+  p.add_argument("--attention", default="auto", choices=config_lib.ATTENTIONS,
+                 help="as the trainer's --attention; with auto, a model whose cuDNN attention "
+                      "fails to compile is measured again with xla (attention_fallback)")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -74,7 +77,9 @@ def model_inputs(name: str, args):
   config = config.replace(
       logits_dtype=config_lib.resolve_logits_dtype(args.logits_dtype, config.dtype))
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
-  model = models.Llama(config)  # the quantized variants have the same parameters
+  # The quantized variants have the same parameters, and so has any attention kernel: XLA's
+  # here, so that a cuDNN failure is met (and retried) where the step compiles.
+  model = models.Llama(config.replace(attention_implementation="xla"))
   if args.compile_only:  # shapes only: nothing allocated
     variables = jax.eval_shape(model.init, jax.random.key(1), tokens)
   else:
@@ -90,6 +95,8 @@ def bench_one(inputs, quant_name: str, args,
   profiled calls run.
   """
   config, tokens, params = inputs
+  config = config.replace(  # the parameters do not depend on it
+      attention_implementation=None if args.attention == "auto" else args.attention)
   model = models.Llama(config, quant=models.get_quant_config(quant_name))
 
   def loss_fn(params, tokens, key):
@@ -121,7 +128,7 @@ def bench_one(inputs, quant_name: str, args,
   mfu = flops / step_s / (peak) if peak else None
   r = dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
            scan_layers=config.scan_layers, remat=config.remat, logits_dtype=config.logits_dtype,
-           params=models.count_params(config), step_s=step_s,
+           attention=args.attention, params=models.count_params(config), step_s=step_s,
            compile_s=compile_s, first_step_s=first_step_s,
            tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
            mfu=mfu, loss=float(loss))
@@ -148,8 +155,8 @@ def main(argv=None):
     base = None
     inputs = model_inputs(name.strip(), args)
     for quant_name in args.quant.split(","):
-      r = bench_one(inputs, quant_name.strip(), args,
-                    checkpoint=lambda r: _write_json(args.json, results + [r]))
+      r = attention_fallback.run(lambda a, q=quant_name.strip(): bench_one(
+          inputs, q, a, checkpoint=lambda r: _write_json(args.json, results + [r])), args)
       results.append(r)
       _write_json(args.json, results)  # after each result: a part stopped later keeps it
       if args.compile_only:

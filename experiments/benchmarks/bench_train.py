@@ -54,7 +54,7 @@ import models
 from experiments import (config, data, metrics, optimizers, pretrain, rundir, sharding,
                          tokenizer)
 from experiments import train_step as ts
-from experiments.benchmarks import profile_summary
+from experiments.benchmarks import attention_fallback, profile_summary
 
 # HF LLaMA + official SPAM, one H100, batch 64×256, tokens/s.
 PEER_TOKENS_PER_S = {"llama_60m": 417e3, "llama_130m": 226e3, "llama_350m": 95e3,
@@ -75,6 +75,9 @@ def parse_args(argv=None):
   p.add_argument("--scan_layers", action="store_true", help="as the trainer's --scan_layers")
   p.add_argument("--logits_dtype", default="auto", choices=config.LOGITS_DTYPES,
                  help="as the trainer's --logits_dtype (auto: the compute dtype)")
+  p.add_argument("--attention", default="auto", choices=config.ATTENTIONS,
+                 help="as the trainer's --attention; with auto, a step whose cuDNN attention "
+                      "fails to compile is measured again with xla (attention_fallback)")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -104,7 +107,8 @@ def trainer_config(args, model: str, optimizer: str, backend: str | None = None
     argv.append("--activation_checkpointing")
   if args.scan_layers:
     argv.append("--scan_layers")
-  argv += ["--logits_dtype", getattr(args, "logits_dtype", "auto")]
+  argv += ["--logits_dtype", getattr(args, "logits_dtype", "auto"),
+           "--attention", getattr(args, "attention", "auto")]
   return config.for_backend(config.parse_args(argv), backend or jax.default_backend())
 
 
@@ -120,7 +124,7 @@ def trainer_step(args, model_name: str, optimizer_name: str, target_devices=None
   backend = "gpu" if target_devices is not None else None
   cfg = trainer_config(args, model_name, optimizer_name, backend)
   mcfg = pretrain.model_config(cfg)  # keeps the config's vocabulary (32000), as on C4
-  if target_devices is not None:
+  if target_devices is not None and cfg.attention == "auto":
     mcfg = dataclasses.replace(mcfg, attention_implementation="cudnn")
   schedule = optimizers.make_schedule(cfg)
   optimizer = optimizers.make_optimizer(cfg, schedule)
@@ -176,8 +180,15 @@ def bench_step(args, model_name: str, optimizer_name: str,
   """Compiles and times the trainer's step for one model and optimizer.
 
   With ``--profile`` the result is handed to ``checkpoint`` (which saves it) before the
-  profiled steps run, so a profiler that fails or hangs cannot lose the timing.
+  profiled steps run, so a profiler that fails or hangs cannot lose the timing. A step
+  whose cuDNN attention fails is measured again with XLA's (``attention_fallback``).
   """
+  return attention_fallback.run(
+      lambda a: _bench_step(a, model_name, optimizer_name, checkpoint), args)
+
+
+def _bench_step(args, model_name: str, optimizer_name: str,
+                checkpoint: Callable[[dict], None] | None) -> dict:
   label = f"{model_name}-{optimizer_name}"
   sizes = _sizes(args, model_name, optimizer_name)  # outside the mesh: unboxes the parameters
   with trainer_step(args, model_name, optimizer_name) as (cfg, mcfg, init, step, batch):
@@ -238,7 +249,7 @@ def _result(args, cfg, mcfg, optimizer_name, sizes, times, compile_s, first_step
   mfu = flops / step_s / (peak * jax.device_count()) if peak else None
   return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
               scan_layers=mcfg.scan_layers, remat=mcfg.remat, logits_dtype=mcfg.logits_dtype,
-              batch=cfg.batch_size, length=cfg.max_length, params=n_params,
+              attention=cfg.attention, batch=cfg.batch_size, length=cfg.max_length, params=n_params,
               step_s=step_s, step_s_min=min(times), compile_s=compile_s,
               first_step_s=first_step_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,

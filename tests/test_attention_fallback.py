@@ -1,0 +1,138 @@
+"""The benchmarks measure again with XLA's attention when cuDNN's fails; the trainer's
+--attention flag."""
+import argparse
+import json
+
+import pytest
+
+import models
+from experiments import config, pretrain, rundir
+from experiments.benchmarks import attention_fallback, bench_model, bench_train
+
+CUDNN_ERROR = ("INTERNAL: cuDNN graph for __cudnn$fmhaSoftmax failed: "
+               "CUDNN_STATUS_NOT_SUPPORTED\nmore lines")
+
+
+def test_run_retries_once_with_xla_on_a_cudnn_failure():
+  calls = []
+
+  def measure(args):
+    calls.append(args.attention)
+    if args.attention != "xla":
+      raise RuntimeError(CUDNN_ERROR)
+    return {"step_s": 1.0}
+
+  args = argparse.Namespace(attention="auto", other=3)
+  result = attention_fallback.run(measure, args)
+  assert calls == ["auto", "xla"] and args.attention == "auto"  # the caller's args untouched
+  assert result == {"step_s": 1.0, "attention_fallback": CUDNN_ERROR.splitlines()[0]}
+
+
+@pytest.mark.parametrize("attention, error", [
+    ("cudnn", RuntimeError(CUDNN_ERROR)),           # asked for cuDNN: its failure is the result
+    ("auto", RuntimeError("RESOURCE_EXHAUSTED: out of memory")),  # not cuDNN's
+])
+def test_other_failures_are_not_retried(attention, error):
+  calls = []
+
+  def measure(args):
+    calls.append(args.attention)
+    raise error
+
+  with pytest.raises(RuntimeError):
+    attention_fallback.run(measure, argparse.Namespace(attention=attention))
+  assert calls == [attention]
+
+
+def test_is_cudnn_attention_failure():
+  assert models.is_cudnn_attention_failure(RuntimeError(CUDNN_ERROR))
+  assert models.is_cudnn_attention_failure(
+      ValueError("dot_product_attention: head_dim 72 is not supported"))
+  assert not models.is_cudnn_attention_failure(MemoryError("out of memory"))
+
+
+@pytest.fixture
+def cudnn_fails(monkeypatch):
+  """Attention that fails unless XLA's is asked for, as a cuDNN refusal would on a GPU."""
+  real = models.attention.causal_attention
+  asked = []
+
+  def failing(q, k, v, implementation=None):
+    asked.append(implementation)
+    if implementation != "xla":
+      raise RuntimeError(CUDNN_ERROR)
+    return real(q, k, v, implementation)
+
+  monkeypatch.setattr(models.attention, "causal_attention", failing)
+  return asked
+
+
+def test_bench_model_falls_back_to_xla(tmp_path, cudnn_fails):
+  out = tmp_path / "model.json"
+  bench_model.main(["--models", "llama_9m", "--quant", "bf16", "--batch", "2", "--seq_len",
+                    "16", "--steps", "1", "--warmup", "0", "--json", str(out)])
+  (row,) = json.loads(out.read_text())
+  assert row["attention"] == "xla" and row["step_s"] > 0
+  assert row["attention_fallback"] == CUDNN_ERROR.splitlines()[0]
+  assert None in cudnn_fails and "xla" in cudnn_fails
+
+
+def test_bench_train_falls_back_to_xla(tmp_path, cudnn_fails):
+  out = tmp_path / "bench.json"
+  bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
+                    "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
+                    "--json", str(out)])
+  (row,) = json.loads(out.read_text())["steps"]
+  assert row["attention"] == "xla" and row["tokens_per_s"] > 0
+  assert row["attention_fallback"] == CUDNN_ERROR.splitlines()[0]
+
+
+def test_bench_train_asked_for_xla_does_not_retry(tmp_path, cudnn_fails):
+  out = tmp_path / "bench.json"
+  bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
+                    "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
+                    "--attention", "xla", "--json", str(out)])
+  (row,) = json.loads(out.read_text())["steps"]
+  assert row["attention"] == "xla" and "attention_fallback" not in row
+  assert set(cudnn_fails) == {"xla"}
+
+
+def test_trainer_attention_flag(tiny_args):
+  assert pretrain.model_config(config.parse_args(tiny_args())).attention_implementation is None
+  cfg = config.parse_args(tiny_args(attention="xla"))
+  assert pretrain.model_config(cfg).attention_implementation == "xla"
+  assert config.for_backend(config.parse_args(tiny_args(attention="cudnn")), "gpu").attention \
+      == "cudnn"
+  with pytest.raises(config.UsageError, match="--attention cudnn needs a GPU"):
+    config.for_backend(config.parse_args(tiny_args(attention="cudnn")), "cpu")
+  with pytest.raises(SystemExit):
+    config.parse_args(tiny_args(attention="flash"))
+  assert "attention" in rundir.RESUMABLE  # the same attention by another kernel: resumable
+
+
+def test_trainer_names_the_flag_when_cudnn_attention_fails(tiny_args, cudnn_fails):
+  """With --attention auto a cuDNN failure is one error line naming --attention xla; the
+  same run with --attention xla trains."""
+  with pytest.raises(config.UsageError, match=r"cuDNN attention failed on this GPU \(INTERNAL"
+                     r".*rerun with --attention xla"):
+    pretrain.main(tiny_args(num_training_steps=2))
+  result = pretrain.main(tiny_args(run="xla", attention="xla", num_training_steps=2))
+  assert result is not None
+
+
+def test_the_accelerator_report_shows_the_fallback():
+  from experiments.benchmarks import accelerator  # pylint: disable=import-outside-toplevel
+  fell_back = dict(model="llama_350m", optimizer="spam", dtype="bfloat16", batch=64,
+                   length=256, step_s=0.1, tokens_per_s=163840.0, mfu=0.4, compile_s=30.0,
+                   attention="xla", attention_fallback=CUDNN_ERROR.splitlines()[0])
+  model = dict(model="llama_350m", quant="bf16", batch=64, seq_len=256, step_s=0.08,
+               tokens_per_s=2e5, mfu=0.45, compile_s=20.0, attention="auto")
+  report = dict(date="d", command="c", budget_s=1.0, wall_s=1.0, tiny=False, parts=[],
+                environment={}, results=dict(optimizer=None, optimizer_scan=None, blocks=None,
+                                             model=[model], train=[fell_back], peer=[], hlo=[],
+                                             targets=[]))
+  md = accelerator.markdown(report)
+  assert "| llama_350m (XLA attention) | 64×256 |" in md
+  assert "| llama_350m | bf16 | 64×256 |" in md  # cuDNN (auto): no tag
+  assert ("**cuDNN attention failed, measured again with XLA's:** llama_350m spam: INTERNAL: "
+          "cuDNN graph") in md
