@@ -4,7 +4,7 @@ jax (with the jaxlib of the same version), optax and numpy for the library, flax
 orbax-checkpoint for models/, safetensors for models.hf, and chex for the tests are pinned
 to their floors; pytest and pytest-xdist are taken as allowed. Where the core dependencies and an extra
 both name a package, the core floor is the one pinned: the extra's is for code these
-tests do not import (the train extra's newer optax is for experiments/).
+tests do not import (the train extra's newer jax and optax are for experiments/).
 """
 import re
 import tomllib
