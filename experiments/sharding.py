@@ -9,6 +9,7 @@ split over ``data`` and ``fsdp`` together.
 from __future__ import annotations
 
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,22 @@ from models.sharding import MESH_AXES
 from spam_optax._tree_util import path_names
 
 BATCH_AXES = ("data", "fsdp")
+# jax.set_mesh (the mesh context of the trainer and the benchmarks) is in jax 0.7.1 and later;
+# pyproject.toml's `train` extra asks for it. Checked when this module is imported, so the
+# parts of experiments/ that need no mesh (bench_optimizer, bench_model) are not refused.
+MIN_JAX = (0, 7, 1)
+
+
+def check_jax_version(version: str) -> None:
+  """Raises ImportError, one line, for a jax older than :data:`MIN_JAX`."""
+  parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+  if parts < MIN_JAX:
+    need = ".".join(map(str, MIN_JAX))
+    raise ImportError(f"the trainer needs jax>={need} (jax.set_mesh); installed jax "
+                      f"{version}: pip install -U 'jax>={need}' (or the project's [train] extra)")
+
+
+check_jax_version(jax.__version__)
 
 
 def _launched_multi_host(env) -> bool:

@@ -172,9 +172,9 @@ def test_run_directory_that_never_saved_a_checkpoint_takes_new_settings(tmp_path
 
 
 def test_an_old_jax_is_one_import_error_line():
-  import experiments  # pylint: disable=import-outside-toplevel
-  experiments.check_jax_version("0.7.1")
-  experiments.check_jax_version("0.10.2.dev20260101")
-  with pytest.raises(ImportError, match=r"^experiments/ needs jax>=0\.7\.1 \(jax\.set_mesh\); "
+  from experiments import sharding  # pylint: disable=import-outside-toplevel
+  sharding.check_jax_version("0.7.1")
+  sharding.check_jax_version("0.10.2.dev20260101")
+  with pytest.raises(ImportError, match=r"^the trainer needs jax>=0\.7\.1 \(jax\.set_mesh\); "
                      r"installed jax 0\.4\.35: pip install"):
-    experiments.check_jax_version("0.4.35")
+    sharding.check_jax_version("0.4.35")
