@@ -544,6 +544,12 @@ def parse_grad_spikes(values) -> tuple[tuple[int, float], ...]:
   return tuple(spikes)
 
 
+def attention_implementation(attention: str) -> str | None:
+  """``--attention`` as ``LlamaConfig.attention_implementation`` (auto: None, the model's
+  own choice)."""
+  return None if attention == "auto" else attention
+
+
 def resolve_logits_dtype(logits_dtype: str, dtype: str) -> str:
   """``--logits_dtype auto``: the compute dtype's, float32 for ``--dtype float32`` only."""
   if logits_dtype != "auto":

@@ -52,7 +52,7 @@ def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
                  remat_policy=cfg.remat_policy,
                  scan_layers=cfg.scan_layers,
                  logits_dtype=config.resolve_logits_dtype(cfg.logits_dtype, cfg.dtype),
-                 attention_implementation=None if cfg.attention == "auto" else cfg.attention,
+                 attention_implementation=config.attention_implementation(cfg.attention),
                  max_seq_len=max(mcfg.max_seq_len, cfg.max_length))
   return dataclasses.replace(mcfg, **changes)
 
@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
         return train(run, steps, start, state, stop)
     except Exception as error:  # pylint: disable=broad-except
       if inputs.cfg.attention == "auto" and models.is_cudnn_attention_failure(error):
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = models.attention.failure_line(error, 200)
         config.fail(f"cuDNN attention failed on this GPU ({first}); "
                     "rerun with --attention xla")
       raise

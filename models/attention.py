@@ -55,6 +55,12 @@ def is_cudnn_attention_failure(error: BaseException) -> bool:
   return any(marker in text for marker in _CUDNN_MARKERS)
 
 
+def failure_line(error: BaseException, limit: int = 300) -> str:
+  """The first line of ``error``'s message (its type's name if it has none), cut at
+  ``limit`` characters: what a one-line report of the failure quotes."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      implementation: str | None = None) -> jax.Array:
   """Causal `jax.nn.dot_product_attention` over (batch, length, heads, head_dim).

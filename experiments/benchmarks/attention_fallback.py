@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from models.attention import is_cudnn_attention_failure
+from models.attention import failure_line, is_cudnn_attention_failure
 
 
 def run(measure: Callable[[Any], dict], args) -> dict:
@@ -23,7 +23,7 @@ def run(measure: Callable[[Any], dict], args) -> dict:
   except Exception as error:  # pylint: disable=broad-except
     if getattr(args, "attention", "auto") != "auto" or not is_cudnn_attention_failure(error):
       raise
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    first_line = failure_line(error)
     print(f"cuDNN attention failed ({first_line}); measuring again with --attention xla",
           flush=True)
     retry = copy.copy(args)

@@ -96,7 +96,7 @@ def bench_one(inputs, quant_name: str, args,
   """
   config, tokens, params = inputs
   config = config.replace(  # the parameters do not depend on it
-      attention_implementation=None if args.attention == "auto" else args.attention)
+      attention_implementation=config_lib.attention_implementation(args.attention))
   model = models.Llama(config, quant=models.get_quant_config(quant_name))
 
   def loss_fn(params, tokens, key):
