@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from experiments import (checkpointing, config, data, metrics, optimizers, plot, preemption,
-                         rundir, sharding, tokenizer, warm_start)
+                         jax_settings, rundir, sharding, tokenizer, warm_start)
 from experiments import summary as run_summary
 from experiments import train_step as ts
 
@@ -363,6 +363,7 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
 
 
 def main(argv=None) -> dict:
+  jax_settings.apply()  # before anything is compiled
   inputs = check_inputs(argv)  # (initializes jax.distributed, which the handlers ask about)
   with preemption.Preemption() as stop:
     if inputs.cfg.eval_only:

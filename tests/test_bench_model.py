@@ -33,9 +33,11 @@ def test_parameters_made_once_per_model(tmp_path, monkeypatch, capsys):
   assert [(r["model"], r["quant"]) for r in rows] == [("llama_9m", "bf16"), ("llama_9m", "int4")]
   assert list(rows[0]) == ["model", "quant", "batch", "seq_len", "scan_layers", "remat",
                            "logits_dtype", "attention", "params",
-                           "step_s", "compile_s", "first_step_s", "tokens_per_s",
+                           "step_s", "step_s_synced", "compile_s", "first_step_s", "tokens_per_s",
                            "model_tflops_per_s", "mfu", "loss"]
   assert rows[0]["params"] == rows[1]["params"] and rows[1]["step_s"] > 0
+  assert all(r["step_s_synced"] > 0 for r in rows)
+  assert rows[0]["tokens_per_s"] == 2 * 16 / rows[0]["step_s"]  # rates: as a loop runs
   assert abs(rows[0]["loss"] - rows[1]["loss"]) < 0.05  # same parameters, int4 noise aside
   assert "| llama_9m | int4 | 2×16 |" in capsys.readouterr().out
 

@@ -16,6 +16,8 @@ def test_bench_train_smoke(tmp_path, capsys):
   result = json.loads(out.read_text())
   step, loader = result["steps"][0], result["loader"]
   assert step["tokens_per_s"] > 0 and step["mfu"] is None  # no peak on CPU
+  assert step["tokens_per_s"] == 2 * 16 / step["step_s"]  # as the trainer runs
+  assert 0 < step["step_s_synced_min"] <= step["step_s_synced"]
   assert loader["tokens_per_s"] > 0 and loader["batch"] == 2 and loader["length"] == 16
 
 

@@ -232,3 +232,50 @@ def test_profile_says_when_a_gpu_run_traced_no_kernels(tmp_path, monkeypatch):
   s = ps.profile(lambda: jax.block_until_ready(_f(a, a)), 1, str(tmp_path / "p"))
   assert s["source"] == "cpu" and "no gpu kernel in the trace" in s["note"]
   assert os.path.isfile(s["xplane"])
+
+
+def test_kernels_of_a_cuda_graph_count_under_their_own_instructions(tmp_path):
+  """XLA:GPU replays most of a step as one command buffer: every kernel then carries the
+  buffer's name as its hlo_op, and is counted under its own instruction instead."""
+  path = tmp_path / "graph.xplane.pb"
+  path.write_bytes(_space([
+      ("/device:GPU:0", [("Stream #7(Compute)", [
+          ("input_reduce_fusion_64", "command_buffer_1", "jit_step", 0, 100),
+          ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT", "command_buffer_1", "jit_step", 100, 300),
+          ("loop_add_fusion", "command_buffer_1", "jit_step", 400, 50),
+          ("Memset 0", "command_buffer_1", "jit_step", 450, 10),
+          ("loop_multiply_fusion_2", "loop_multiply_fusion.2", "jit_step", 500, 40)])]),
+  ]))
+  hlo = """HloModule jit_step
+
+%fused_reduce (p: f32[8,8]) -> f32[8] {
+  %p = f32[8,8]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  ROOT %r = f32[8]{0} reduce(%p, %c), dimensions={1}, to_apply=%add
+}
+
+ENTRY %main (a: f32[8,8]) -> f32[8] {
+  %a = f32[8,8]{1,0} parameter(0)
+  ROOT %input_reduce_fusion.64 = f32[8]{0} fusion(%a), kind=kInput, calls=%fused_reduce
+}
+"""
+  s = ps.summarize(str(path), 1, hlo_text=hlo)
+  ops = {t["op"]: t for t in s["top"]}
+  assert set(ops) == {"input_reduce_fusion.64", "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT",
+                      "loop_add_fusion", "Memset 0", "loop_multiply_fusion.2"}
+  assert ops["input_reduce_fusion.64"]["category"] == "reduction"  # from the HLO
+  assert ops["nvjet_sm90_tst_128x128_64x6_2x1_v_bz_NNT"]["category"] == "matmul"  # by name
+  assert ops["Memset 0"]["category"] == "copy/transpose"
+  assert s["categories"]["matmul"] == pytest.approx(0.3)
+  assert s["categories"]["other elementwise/fusion"] == pytest.approx(0.09)
+  # Without the HLO the kernel's own name stands for the instruction.
+  assert "input_reduce_fusion_64" in {t["op"] for t in ps.summarize(str(path), 1)["top"]}
+
+
+def test_unwrap_leaves_other_kernels_alone():
+  k = ps._Kernel  # pylint: disable=protected-access
+  kernels = [k("command_buffer", "loop_add_fusion_3", "m", 0, 1),
+             k("fusion.2", "loop_add_fusion_3", "m", 1, 2)]
+  out = ps.unwrap_command_buffers(kernels, {"loop_add_fusion.3": "other"})
+  assert [x.op for x in out] == ["loop_add_fusion.3", "fusion.2"]
+  assert ps.is_command_buffer("command_buffer_12") and not ps.is_command_buffer("fusion.1")

@@ -108,6 +108,21 @@ a, b = (jax.random.normal(key, (k, k), jnp.bfloat16)
 s = median_s(jax.jit(lambda a, b: a @ b), a, b)
 info["matmul_bf16_TFLOPs"] = 2 * k**3 / s / 1e12
 print("PROBE " + json.dumps(info), flush=True)
+
+# Random draws, one per parameter as an initialisation makes them, lowered both ways: XLA's
+# expansion of threefry, then jax's GPU kernel (what experiments.jax_settings asks for).
+shape = (64, 128) if tiny else (1024, 1024)
+draws = {}
+for kernel in (False, True):
+  jax.config.update("jax_threefry_gpu_kernel_lowering", kernel)
+  f = jax.jit(lambda key: [jax.random.normal(k, shape) for k in jax.random.split(key, 16)])
+  t0 = time.perf_counter()
+  compiled = f.lower(jax.random.key(0)).compile()
+  info["threefry_compile_s_" + ("kernel" if kernel else "xla")] = time.perf_counter() - t0
+  draws[kernel] = [jax.device_get(x) for x in compiled(jax.random.key(0))]
+info["threefry_kernel_same_bits"] = all(
+    (a == b).all() for a, b in zip(draws[False], draws[True]))
+print("PROBE " + json.dumps(info), flush=True)
 """
 # Bytes one update must move per float32 parameter at least: read p, g, m, v and write p, m, v
 # (Adam, and SPAM, whose clip reads the v that Adam reads anyway); Stable-SPAM reads g twice
@@ -465,6 +480,12 @@ def markdown(report: dict) -> str:
     lines.append(f"**Ceilings measured in this run:** device memory "
                  f"{env['copy_GBps']:,.0f} GB/s (an element-wise pass, bytes read + written), "
                  f"bf16 matrix product {_f(env.get('matmul_bf16_TFLOPs'), '{:,.3g}')} TFLOP/s.")
+  if env.get("threefry_compile_s_xla") is not None:
+    same = env.get("threefry_kernel_same_bits")
+    lines.append(f"**Random draws (16 Gaussian arrays, one jit):** compile "
+                 f"{env['threefry_compile_s_xla']:.1f} s with XLA's threefry, "
+                 f"{_f(env.get('threefry_compile_s_kernel'), '{:.1f}')} s with jax's kernel "
+                 f"(the trainer's setting); the same bits: {'yes' if same else 'NO'}.")
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")
@@ -498,9 +519,11 @@ def markdown(report: dict) -> str:
               "measured bandwidth."]
   if res["train"] or res["peer"]:
     lines += ["", "## Trainer step (spam) and the PyTorch peer (HF LLaMA bf16 + fused AdamW)",
-              "", "| model | batch×len | ours step ms | ours tokens/s | ours MFU | compile s "
-              "| peer step ms | peer tokens/s | peer MFU | ours ÷ peer |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "", "Ours as the trainer runs (one step in flight); \"waited for\": each step "
+              "waited for before the next, as the peer times its steps.", "",
+              "| model | batch×len | ours step ms | ours waited for ms | ours tokens/s "
+              "| ours MFU | compile s | peer step ms | peer tokens/s | peer MFU | ours ÷ peer |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     peer = {"llama_" + p["size"]: p for p in res["peer"]}
     ours = {r["model"] for r in res["train"]}
     pairs = [(r, peer.get(r["model"], {})) for r in res["train"]] + [
@@ -511,21 +534,25 @@ def markdown(report: dict) -> str:
       shape = f"{o.get('batch', p.get('batch'))}×{o.get('length', p.get('length'))}"
       lines.append(
           f"| {train_label(o)} | {shape} | {_f(o.get('step_s') and 1e3 * o['step_s'])} | "
+          f"{_f(o.get('step_s_synced') and 1e3 * o['step_s_synced'])} | "
           f"{_f(o.get('tokens_per_s'), '{:,.0f}')} | {_f(o.get('mfu'), '{:.1%}')} | "
           f"{_f(o.get('compile_s'))} | {_f(p.get('step_ms'))} | "
           f"{_f(p.get('tokens_per_s'), '{:,.0f}')} | {_f(p.get('mfu'), '{:.1%}')} | "
           f"{_f(ratio, '{:.2f}×')}{' — ' + p['error'] if p.get('error') else ''} |")
   if res["model"]:
     lines += ["", "## Model forward+backward", "",
-              "| model | quant | batch×len | step ms | tokens/s | MFU | vs bf16 | compile s |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+              "| model | quant | batch×len | step ms | waited for ms | tokens/s | MFU | vs bf16 "
+              "| compile s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     bf16 = {r["model"]: r["step_s"] for r in res["model"] if r["quant"] == "bf16"}
     for r in res["model"]:
       vs = r["step_s"] / bf16[r["model"]] if r["model"] in bf16 else None
       remat = (" (remat)" if r.get("remat") else "") + (" (scan)" if r.get("scan_layers") else "")
       remat += " (XLA attention)" if r.get("attention") == "xla" else ""
       lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
-                   f"{1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                   f"{1e3 * r['step_s']:.1f} | "
+                   f"{_f(r.get('step_s_synced') and 1e3 * r['step_s_synced'])} | "
+                   f"{r['tokens_per_s']:,.0f} | "
                    f"{_f(r['mfu'], '{:.1%}')} | {_f(vs, '{:.2f}×')} | {r['compile_s']:.1f} |")
   fallbacks = [r for r in res["train"] + res["model"] if r.get("attention_fallback")]
   if fallbacks:

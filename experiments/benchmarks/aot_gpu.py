@@ -39,7 +39,7 @@ import optax  # noqa: E402
 
 import models  # noqa: E402
 from experiments import config as config_lib  # noqa: E402
-from experiments import train_step  # noqa: E402
+from experiments import jax_settings, train_step  # noqa: E402
 from experiments.benchmarks import bench_optimizer, bench_train, hlo_stats  # noqa: E402
 
 # NVIDIA H100 80GB HBM3 (SXM) as XLA's GpuTargetConfig describes a device: the figures of the
@@ -240,6 +240,7 @@ def main(argv=None) -> list:
   p.add_argument("--dump", default=None, help="folder for the optimized HLO text")
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args = p.parse_args(argv)
+  jax_settings.apply()  # compile what the benchmarks run
   sharding = target_sharding(args.target)
   if args.what == "optimizer":
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]

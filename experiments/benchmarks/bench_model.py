@@ -1,7 +1,9 @@
 """Forward+backward throughput and MFU of the LLaMA models, in bf16 and fake-quantized int4.
 
 Times one jitted `value_and_grad` of the token cross-entropy (no optimizer update),
-warmed up, as the median of `--steps` calls. Model FLOPs per token are
+warmed up: `--steps` calls with one in flight, as a training loop makes them
+(`timing.in_flight_s`), the time every rate is from; and the median of `--steps` calls each
+waited for (`step_s_synced`). Model FLOPs per token are
 6·N + 12·L·d·T (N: parameters without the input embedding; PaLM's convention,
 no causal halving); MFU is achieved model FLOP/s over `--peak_tflops` per device.
 
@@ -35,8 +37,8 @@ import jax
 
 import models
 from experiments import config as config_lib
-from experiments import metrics, rundir, train_step
-from experiments.benchmarks import attention_fallback, profile_summary
+from experiments import jax_settings, metrics, rundir, train_step
+from experiments.benchmarks import attention_fallback, profile_summary, timing
 
 
 def parse_args(argv=None):
@@ -111,17 +113,13 @@ def bench_one(inputs, quant_name: str, args,
                 scan_layers=config.scan_layers, remat=config.remat,
                 logits_dtype=config.logits_dtype, compile_s=compile_s)
   t0 = time.perf_counter()
-  jax.block_until_ready(step(params, tokens, key))
+  loss = jax.block_until_ready(step(params, tokens, key))[0]  # the same at every call
   first_step_s = time.perf_counter() - t0
   for _ in range(args.warmup):
     jax.block_until_ready(step(params, tokens, key))
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    loss, grads = step(params, tokens, key)
-    jax.block_until_ready((loss, grads))
-    times.append(time.perf_counter() - t0)
-  step_s = statistics.median(times)
+  synced = timing.synced_times(lambda: step(params, tokens, key), args.steps)
+  # As a training loop runs (one step in flight): the time the figures below are from.
+  step_s = timing.in_flight_s(lambda: step(params, tokens, key)[0], args.steps)
   n_tokens = args.batch * args.seq_len
   flops = models.flops_per_token(config, args.seq_len) * n_tokens
   peak = metrics.peak_flops_per_device(args.peak_tflops)
@@ -129,6 +127,7 @@ def bench_one(inputs, quant_name: str, args,
   r = dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
            scan_layers=config.scan_layers, remat=config.remat, logits_dtype=config.logits_dtype,
            attention=args.attention, params=models.count_params(config), step_s=step_s,
+           step_s_synced=statistics.median(synced),
            compile_s=compile_s, first_step_s=first_step_s,
            tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
            mfu=mfu, loss=float(loss))
@@ -145,6 +144,7 @@ def bench_one(inputs, quant_name: str, args,
 
 def main(argv=None):
   args = parse_args(argv)
+  jax_settings.apply()
   device = jax.devices()[0]
   print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
         f"{jax.default_backend()} ({device.device_kind}), {platform.processor() or platform.machine()}")

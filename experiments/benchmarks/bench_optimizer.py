@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import optax
 
 import models
 import spam_optax
-from experiments import rundir
+from experiments import jax_settings, rundir
 from experiments import optimizers as train_optimizers
 from experiments.benchmarks import profile_summary
 from spam_optax import _periodic_reset
@@ -279,19 +280,24 @@ def tree_bytes(tree) -> int:
 
 
 def random_trees(shapes, n: int, seed: int = 0) -> tuple:
-  """``n`` trees of small Gaussian values with the given shapes, made on device."""
+  """``n`` trees of small Gaussian values with the given shapes, made on device (one
+  compilation per layout and ``n``, whatever the seed)."""
   leaves, treedef = jax.tree.flatten(shapes)
+  specs = tuple((tuple(s.shape), jnp.dtype(s.dtype)) for s in leaves)
+  return _tree_maker(treedef, specs, n)(jax.random.key(seed))
 
+
+@functools.lru_cache(maxsize=None)
+def _tree_maker(treedef, specs: tuple, n: int):
   @jax.jit
   def make(key):
-    keys = jax.random.split(key, n * len(leaves))
-    fill = lambda k, s: (0.02 * jax.random.normal(k, s.shape)).astype(s.dtype)
+    keys = jax.random.split(key, n * len(specs))
+    fill = lambda k, shape, dtype: (0.02 * jax.random.normal(k, shape)).astype(dtype)
     return tuple(
-        treedef.unflatten([fill(keys[j * len(leaves) + i], s)
-                           for i, s in enumerate(leaves)])
+        treedef.unflatten([fill(keys[j * len(specs) + i], shape, dtype)
+                           for i, (shape, dtype) in enumerate(specs)])
         for j in range(n))
-
-  return make(jax.random.key(seed))
+  return make
 
 
 class Runner:
@@ -422,6 +428,7 @@ def main(argv=None):
   parser.add_argument("--profile_calls", type=int, default=3,
                       help="updates traced by --profile")
   args = parser.parse_args(argv)
+  jax_settings.apply()
 
   device = jax.devices()[0]
   size = args.size or ("small" if device.platform == "cpu" else "1b")

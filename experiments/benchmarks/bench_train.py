@@ -4,7 +4,10 @@ For each model and optimizer this builds the step exactly as ``experiments.pretr
 (``optimizers.make_schedule`` / ``make_optimizer``, ``train_step.make_init_fn`` /
 ``make_train_step``, the same mesh, logical-axis rules, shardings and donated state) and times
 it on a synthetic batch of random token ids (no padding): warm-up calls after compilation, then
-the median of ``--steps`` calls, each waited for. Model FLOPs per token come from
+``--steps`` calls as the trainer's loop makes them, one step in flight (``timing.in_flight_s``:
+step n is dispatched before step n-1's metrics are fetched), the time every rate is from; and
+the median of ``--steps`` calls each waited for (``step_s_synced``: the host's launch of the
+step added to the device's time). Model FLOPs per token come from
 ``models.flops_per_token`` (6·N + 12·L·d·T, PaLM's convention); MFU is achieved model FLOP/s
 over the per-device peak (``--peak_tflops``, else ``metrics.PEAK_TFLOPS`` for known
 chips, e.g. 989 for an H100; n/a on CPU).
@@ -51,10 +54,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from experiments import (config, data, metrics, optimizers, pretrain, rundir, sharding,
-                         tokenizer)
+from experiments import (config, data, jax_settings, metrics, optimizers, pretrain, rundir,
+                         sharding, tokenizer)
 from experiments import train_step as ts
-from experiments.benchmarks import attention_fallback, profile_summary
+from experiments.benchmarks import attention_fallback, profile_summary, timing
 
 # HF LLaMA + official SPAM, one H100, batch 64×256, tokens/s.
 PEER_TOKENS_PER_S = {"llama_60m": 417e3, "llama_130m": 226e3, "llama_350m": 95e3,
@@ -204,31 +207,29 @@ def _bench_step(args, model_name: str, optimizer_name: str,
     for _ in range(args.warmup):
       state, step_metrics = step(state, batch)
     jax.block_until_ready((state, step_metrics))
-    times = []
-    for _ in range(args.steps):
-      t0 = time.perf_counter()
-      state, step_metrics = step(state, batch)
-      jax.block_until_ready((state, step_metrics))
-      times.append(time.perf_counter() - t0)
-    loss = float(step_metrics["loss"])
-    r = _result(args, cfg, mcfg, optimizer_name, sizes, times, compile_s, first_step_s, loss)
+    holder = [state]
+    del state
+
+    def run_once():  # one step; its metrics (the state is the next step's input)
+      holder[0], out = step(holder[0], batch)
+      return out
+
+    synced = timing.synced_times(run_once, args.steps)
+    in_flight = timing.in_flight_s(run_once, args.steps)  # as the trainer's loop runs
+    loss = float(run_once()["loss"])
+    r = _result(args, cfg, mcfg, optimizer_name, sizes, in_flight, synced, compile_s,
+                first_step_s, loss)
     if args.hlo:
       r["hlo"] = _hlo(args, text, donation, label)
     if args.profile:
       if checkpoint:
         checkpoint(r)
-      holder = [state]
-
-      def run_once():
-        holder[0], out = step(holder[0], batch)
-        jax.block_until_ready((holder[0], out))
-
       r["profile"] = profile_summary.profile(
-          run_once, args.profile_calls, os.path.join(args.profile, label), hlo_text=text)
+          lambda: jax.block_until_ready((run_once(), holder[0])), args.profile_calls,
+          os.path.join(args.profile, label), hlo_text=text)
       r["xplane"] = r["profile"].get("xplane")
       print(profile_summary.one_line(label, r["profile"]), flush=True)
-      del holder
-    del state
+    holder.clear()  # the state is freed with the mesh context
   return r
 
 
@@ -240,17 +241,19 @@ def _sizes(args, model_name: str, optimizer_name: str) -> tuple[int, float]:
   return models.count_params(mcfg), models.flops_per_token(mcfg, cfg.max_length) * n_tokens
 
 
-def _result(args, cfg, mcfg, optimizer_name, sizes, times, compile_s, first_step_s,
+def _result(args, cfg, mcfg, optimizer_name, sizes, step_s, synced, compile_s, first_step_s,
             loss) -> dict:
+  """``step_s``: seconds per step as the trainer runs (one in flight), the figure every rate
+  is from; ``synced``: each step's seconds, waited for."""
   n_params, flops = sizes
-  step_s = statistics.median(times)
   n_tokens = cfg.batch_size * cfg.max_length
   peak = metrics.peak_flops_per_device(args.peak_tflops)
   mfu = flops / step_s / (peak * jax.device_count()) if peak else None
   return dict(model=mcfg.name, optimizer=optimizer_name, dtype=cfg.dtype,
               scan_layers=mcfg.scan_layers, remat=mcfg.remat, logits_dtype=mcfg.logits_dtype,
               attention=cfg.attention, batch=cfg.batch_size, length=cfg.max_length, params=n_params,
-              step_s=step_s, step_s_min=min(times), compile_s=compile_s,
+              step_s=step_s, step_s_synced=statistics.median(synced),
+              step_s_synced_min=min(synced), compile_s=compile_s,
               first_step_s=first_step_s,
               tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
               mfu=mfu, loss=loss)
@@ -285,6 +288,7 @@ def _k(x: float) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
+  jax_settings.apply()
   device = jax.devices()[0]
   backend = jax.default_backend()
   print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
@@ -298,9 +302,9 @@ def main(argv=None):
           f"{loader['batches_per_s']:,.1f} batches/s, {_k(loader['tokens_per_s'])} tokens/s "
           f"(setup {loader['setup_s']:.1f}s, padding {100 * loader['pad_fraction']:.1f}%)",
           flush=True)
-  print("| model | optimizer | dtype | batch×len | step (ms) | tokens/s | model TFLOP/s | MFU "
-        "| loader ÷ step | PyTorch peer (H100) | ours ÷ peer |")
-  print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+  print("| model | optimizer | dtype | batch×len | step (ms) | waited for (ms) | tokens/s "
+        "| model TFLOP/s | MFU | loader ÷ step | PyTorch peer (H100) | ours ÷ peer |")
+  print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
   results = []
   save = lambda extra=(): _write_json(args.json, loader, results + list(extra))
   save()
@@ -314,7 +318,8 @@ def main(argv=None):
       peer = PEER_TOKENS_PER_S.get(r["model"])
       vs_peer = (f"{r['tokens_per_s'] / peer:.2f}×" if peer and backend == "gpu" else "–")
       print(f"| {r['model']} | {r['optimizer']} | {r['dtype']} | {r['batch']}×{r['length']} "
-            f"| {1e3 * r['step_s']:.1f} | {_k(r['tokens_per_s'])} | {r['model_tflops_per_s']:.3f} "
+            f"| {1e3 * r['step_s']:.1f} | {1e3 * r['step_s_synced']:.1f} "
+            f"| {_k(r['tokens_per_s'])} | {r['model_tflops_per_s']:.3f} "
             f"| {mfu} | {ratio} | {_k(peer) if peer else '–'} | {vs_peer} |", flush=True)
   if results:
     compiled = ", ".join(f"{r['model']}/{r['optimizer']} {r['compile_s']:.0f}" for r in results)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments import jax_settings
 from experiments.benchmarks import bench_optimizer, bench_train, hlo_parse, profile_summary
 
 _ALIAS = re.compile(r"input_output_alias=\{(.*?)\}(?:,\s*[a-z_]+=|\n|$)")
@@ -330,6 +331,7 @@ def main(argv=None) -> dict:
   p.add_argument("--dump", default=None, help="folder to write the optimized HLO text into")
   p.add_argument("--json", default=None, help="also write the summary to this JSON file")
   args = p.parse_args(argv)
+  jax_settings.apply()
   text, extra = train_hlo(args) if args.what == "train" else optimizer_hlo(args)
   label = (f"train-{args.model}-{args.optimizer}{'-scan' if args.scan_layers else ''}"
            if args.what == "train" else f"optimizer-{args.size}-{args.optimizer}")

@@ -19,9 +19,9 @@ How to read it (all times in ms per call, averaged over the device planes):
 * ``span_ms_per_call``: first kernel start to last kernel end. busy ÷ span well below 1
   means the device waited between kernels: launch latency, host work, synchronisation.
   Compare both with the timed call: a call much longer than the span waits on the host
-  before its first kernel or after its last one. (Under the profiler XLA may launch
-  kernels one by one that it otherwise replays as one CUDA graph: the gaps of a profile
-  are an upper bound on those of the timed calls.)
+  before its first kernel or after its last one. Kernels XLA replays as one CUDA graph
+  (a command buffer) are counted under their own instructions
+  (``unwrap_command_buffers``), not under the graph's.
 * ``categories``: the kernel time by kind of work, a heuristic: from what each instruction
   computes when the compiled HLO text is given (``hlo_categories``), else from the op's and
   kernel's names (``classify``). Many ms in "copy/transpose" or "other elementwise/fusion"
@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 from typing import Callable, NamedTuple
 
 import jax
@@ -59,7 +60,7 @@ _NAME_FRAGMENTS = (
     ("matmul", ("gemm", "dot", "cublas", "cutlass", "nvjet", "xmma", "matmul",
                 "convolution")),
     ("reduction", ("reduce", "reduction")),
-    ("copy/transpose", ("copy", "transpose", "memcpy", "concatenate",
+    ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "concatenate",
                         "dynamic-update-slice", "dynamic_update_slice")),
 )
 
@@ -301,7 +302,28 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
     else:
       notes.append(f"no event of module {module!r}: all modules kept")
   categories = hlo_categories(hlo_text) if hlo_text else {}
+  per_plane = [[unwrap_command_buffers(line, categories) for line in lines]
+               for lines in per_plane]
   return _summary(per_plane, calls, top, categories, source, notes)
+
+
+def is_command_buffer(op: str) -> bool:
+  """Whether ``op`` is a command buffer: XLA:GPU's CUDA graph of many instructions."""
+  return op.startswith("command_buffer")
+
+
+def unwrap_command_buffers(kernels: list[_Kernel], instructions=()) -> list[_Kernel]:
+  """The kernels of a CUDA graph, each under its own instruction rather than the graph's.
+
+  Kernels replayed from a command buffer all carry the buffer's name as their ``hlo_op``.
+  XLA names a fusion's kernel after the instruction, with ``_`` for ``.`` and ``-``
+  (``input_reduce_fusion.64`` → ``input_reduce_fusion_64``): where ``instructions`` (names
+  of the compiled HLO) has that name, the kernel is counted under it; otherwise (a cuBLAS,
+  cuDNN or memset kernel) under the kernel's own name.
+  """
+  by_kernel = {re.sub(r"[.-]", "_", name): name for name in instructions}
+  return [k._replace(op=by_kernel.get(k.name, k.name)) if is_command_buffer(k.op) else k
+          for k in kernels]
 
 
 def _summary(per_plane, calls, top, categories, source, notes) -> dict:

@@ -1,0 +1,44 @@
+"""Step times two ways: waiting for each step, and with one step in flight as the trainer runs.
+
+``synced_times`` waits for every call before the next is dispatched, so each time holds the
+host's work of launching the call (argument handling, XLA's executable launch: on a GPU the
+update and launch of the CUDA graph) plus the device's. A training loop does not wait:
+``experiments.pretrain`` dispatches step n, then fetches step n-1's metrics, so the host
+prepares step n while the device still runs step n-1. ``in_flight_s`` times calls the same
+way; when the host's share of a call is shorter than the device's, it is the device's time.
+On an H100, the 60M trainer step took 18.3 ms waited for, of which the device computed
+13.7 ms: the host's launch of a step of 700 kernels and 234 donated buffers is the rest.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+
+
+def synced_times(call: Callable[[], object], n: int) -> list[float]:
+  """Seconds of each of ``n`` calls of ``call()``, each waited for before the next."""
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def in_flight_s(call: Callable[[], object], n: int) -> float:
+  """Seconds per call of ``n`` calls with one in flight: ``call()`` dispatches call i, then
+  call i-1's result is waited for (the trainer's fetch of step i-1's metrics), and the last
+  one at the end."""
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
+  previous = None
+  t0 = time.perf_counter()
+  for _ in range(n):
+    result = call()
+    if previous is not None:
+      jax.block_until_ready(previous)
+    previous = result
+  jax.block_until_ready(previous)
+  return (time.perf_counter() - t0) / n
