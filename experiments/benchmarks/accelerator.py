@@ -164,7 +164,7 @@ def parse_args(argv=None):
                  help="the trainer and model parts with LlamaConfig.scan_layers (faster compile)")
   p.add_argument("--parts", default=None,
                  help="run only the parts whose name starts with one of these (comma-separated: "
-                      "peer, train, optimizer, model, blocks); the others are recorded as skipped")
+                      "peer, train, optimizer, model, hlo, blocks); the others are recorded as skipped")
   args = p.parse_args(argv)
   if not args.out:
     p.error("give --out DIR (or set $OUT)")
