@@ -109,7 +109,7 @@ def test_weight_int_matches_reference(shape, bits):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("bits,topk", [(4, 2), (8, 2), (4, 0), (4, 6)])
+@pytest.mark.parametrize("bits,topk", [(4, 2), (8, 2), (4, 0), (4, 1), (4, 6)])
 def test_act_int_matches_reference(shape, bits, topk):
   x = _heavy_tailed(1, shape)
   got = np.asarray(act_int(x, bits, 256, topk))
@@ -122,6 +122,62 @@ def test_fp4_matches_reference(shape, fmt):
   x = _heavy_tailed(2, shape)
   got = np.asarray(fp4(x, 256, 2, fmt))
   np.testing.assert_allclose(got, np_fp4(x, 256, 2, fmt), rtol=1e-6, atol=1e-7)
+
+
+def _np_ranked_keep_and_rest_max(row, topk):
+  """The top-k of |row| as `jnp.argmax` ranks them (NaN first, ties to the lower index) and
+  the largest |x| of the rest (NaN if the rest holds one)."""
+  a = np.abs(row)
+  order = sorted(range(a.size), key=lambda i: (not np.isnan(a[i]), -np.nan_to_num(a[i]), i))
+  keep = np.zeros(a.shape, bool)
+  keep[order[:topk]] = True
+  rest = a[~keep]
+  return keep, (np.float32(np.nan) if np.isnan(rest).any() else rest.max())
+
+
+_TOPK_PATHS = {"one pass": qz._topk_in_one_pass, "passes": qz._topk_by_passes,  # pylint: disable=protected-access
+               "dispatch": qz._topk_and_rest_max}  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("path,topk", [(p, k) for p in _TOPK_PATHS for k in (1, 2)]
+                         + [("dispatch", 0), ("dispatch", 3), ("passes", 3)])
+@pytest.mark.parametrize("jit", [True, False])
+def test_topk_and_rest_max(path, topk, jit):
+  """Ties (values on a half grid), constant and zero groups, NaNs in and out of the top-k;
+  the one-pass reduction (what an accelerator runs) and the passes (a CPU) alike."""
+  rng = np.random.default_rng(topk)
+  g = (np.round(rng.standard_normal((40, 16)) * 2) / 2).astype(np.float32)
+  g[1], g[2] = 0.0, -1.5
+  g[3, 5] = np.nan
+  g[4, [2, 9]] = np.nan
+  g[5, [0, 3, 7]] = np.nan
+  g[6, :] = np.nan
+  g[7, [4, 11]] = [3.0, -3.0]
+  f = jax.jit(_TOPK_PATHS[path], static_argnums=1) if jit else _TOPK_PATHS[path]
+  keep, rest_max = (np.asarray(x) for x in f(jnp.asarray(g), topk))
+  assert keep.shape == g.shape and rest_max.shape == (40, 1)
+  for i, row in enumerate(g):
+    want_keep, want_max = _np_ranked_keep_and_rest_max(row, topk)
+    np.testing.assert_array_equal(keep[i], want_keep, err_msg=f"group {i}")
+    np.testing.assert_array_equal(rest_max[i, 0], want_max, err_msg=f"group {i}")
+
+
+def test_accelerators_read_each_activation_group_once():
+  """Lowered for a GPU, the INT4 activation quantizer has one reduction (the ranked top-2
+  and the rest's maximum together); for a CPU, the passes."""
+  from jax import export  # pylint: disable=import-outside-toplevel
+  f = jax.jit(lambda x: qz.quantize_act_int(x, 4, 256, 2))
+  x = jax.ShapeDtypeStruct((64, 512), jnp.float32)
+  reduces = {}
+  for platform in ("cuda", "cpu"):
+    text = export.export(f, platforms=[platform])(x).mlir_module()
+    reduces[platform] = [line.count(" init: ") for line in text.splitlines()
+                         if "stablehlo.reduce(" in line]
+  assert 6 in reduces["cuda"]  # (value, index) × 3 ranks
+  if tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 5):
+    # Older jax keeps both branches in either module (XLA drops the other one).
+    assert reduces["cuda"] == [6]
+    assert len(reduces["cpu"]) >= 2 and 6 not in reduces["cpu"]
 
 
 def test_round_half_to_even():
