@@ -246,16 +246,32 @@ def _topk_in_one_pass(groups: jax.Array, topk: int) -> tuple[jax.Array, jax.Arra
 # The quantizers: value → dequantized value, float32 in and out, no gradients.
 
 
-def quantize_weight_int(w: jax.Array, bits: int, group: int) -> jax.Array:
-  """Asymmetric min–max INT-b over groups of the row-major flattened `w`."""
-  x = _groups(w.astype(jnp.float32).reshape(-1), group, "edge")
+def _min_max_dequantized(x: jax.Array, bits: int, axis: int) -> jax.Array:
+  """Asymmetric min–max INT-b of `x` (float32), each group running along `axis`."""
   max_int = 2**bits - 1
-  mx = jnp.max(x, axis=-1, keepdims=True)
-  mn = jnp.min(x, axis=-1, keepdims=True)
+  mx = jnp.max(x, axis=axis, keepdims=True)
+  mn = jnp.min(x, axis=axis, keepdims=True)
   scale = jnp.maximum(mx - mn, _WEIGHT_SCALE_EPS) / max_int
   zero = jnp.clip(-jnp.round(mn / scale), 0, max_int)
   q = jnp.clip(jnp.round(x / scale) + zero, 0, max_int)
-  return _ungroup((q - zero) * scale, w.shape)
+  return (q - zero) * scale
+
+
+def quantize_weight_int(w: jax.Array, bits: int, group: int) -> jax.Array:
+  """Asymmetric min–max INT-b over groups of the row-major flattened `w`."""
+  x = _groups(w.astype(jnp.float32).reshape(-1), group, "edge")
+  return _ungroup(_min_max_dequantized(x, bits, -1), w.shape)
+
+
+def quantize_weight_int_columns(w: jax.Array, bits: int, group: int) -> jax.Array:
+  """`quantize_weight_int(w.T).T` for a 2-D `w` in (in, out) layout whose `in` is a
+  multiple of `group`, without transposing: the groups of each column's `group`
+  consecutive elements are the groups of the (out, in) flattening, none straddling rows."""
+  n_in, n_out = w.shape
+  if n_in % group:
+    raise ValueError(f"the input width {n_in} is not a multiple of the group {group}")
+  x = w.astype(jnp.float32).reshape(n_in // group, group, n_out)
+  return _min_max_dequantized(x, bits, 1).reshape(n_in, n_out)
 
 
 def quantize_act_int(
@@ -372,6 +388,14 @@ def fake_quant_weight(cfg: QuantConfig, w: jax.Array, contracting_axes: Sequence
   grouped in PyTorch's (out, in) order — non-contracting axes first, contracting axes last."""
   if not cfg.quantize_weights:
     return w
+  n_in_axes = len(contracting_axes)
+  n_in = functools.reduce(lambda a, b: a * b, w.shape[:n_in_axes], 1)
+  if (not cfg.fp4 and tuple(contracting_axes) == tuple(range(n_in_axes))
+      and n_in % cfg.weight_group == 0):
+    # The usual kernel, (in…, out…) with whole groups per column: grouped where it lies.
+    columns = functools.partial(quantize_weight_int_columns, bits=cfg.weight_bits,
+                                group=cfg.weight_group)
+    return straight_through(w.reshape(n_in, -1), columns).reshape(w.shape)
   moved, inv = _moved(w, (), contracting_axes)
   return jnp.transpose(straight_through(moved, functools.partial(quantize_weight, cfg)), inv)
 

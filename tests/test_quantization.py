@@ -1,5 +1,7 @@
 """Fake quantizers against a NumPy reference of the scheme in docs/models.md."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -247,6 +249,37 @@ def test_dot_general_groups_the_weight_in_pytorch_layout():
   np.testing.assert_allclose(np.asarray(got), x @ w_ref, rtol=1e-5, atol=1e-5)
   # Grouping the Flax layout directly would differ: 200·96 is not row-aligned.
   assert not np.allclose(np_weight_int(kernel, 4, 256), w_ref)
+
+
+@pytest.mark.parametrize("shape,contracting", [
+    ((512, 6, 16), (0,)),  # q/k/v: (embed, heads, head_dim)
+    ((4, 64, 96), (0, 1)),  # o_proj: (heads, head_dim, embed), in = 256
+    ((256, 40), (0,)),  # gate/up
+    ((300, 40), (0,)),  # in not a multiple of the group: groups straddle rows (transposed)
+    ((40, 256), (1,)),  # contracting axis last: transposed
+])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weights_grouped_where_they_lie_equal_the_pytorch_layout(shape, contracting, bits):
+  """A kernel with whole groups per output column is grouped in place, without the
+  transposes to (out, in) and back; the values are those of the (out, in) grouping."""
+  cfg = QuantConfig(weight_bits=bits)
+  w = jnp.asarray(_heavy_tailed(7, shape) * 0.02)
+  got = jax.jit(lambda w: qz.fake_quant_weight(cfg, w, contracting))(w)
+  n_in = int(np.prod([shape[a] for a in contracting]))
+  rest = [a for a in range(len(shape)) if a not in contracting]
+  torch_layout = np.transpose(np.asarray(w), rest + list(contracting)).reshape(-1, n_in)
+  want = np.transpose(np_weight_int(torch_layout, bits, 256).reshape(
+      [shape[a] for a in rest + list(contracting)]), np.argsort(rest + list(contracting)))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9)
+  # Bit for bit what the transposed grouping computes (the same straight-through value).
+  moved = jnp.transpose(w, rest + list(contracting))
+  old = qz.straight_through(moved, functools.partial(qz.quantize_weight, cfg))
+  np.testing.assert_array_equal(
+      np.asarray(got), np.asarray(jnp.transpose(old, np.argsort(rest + list(contracting)))))
+  jaxpr = str(jax.make_jaxpr(lambda w: qz.fake_quant_weight(cfg, w, contracting))(w))
+  in_place = contracting == tuple(range(len(contracting))) and n_in % 256 == 0
+  already_torch_layout = rest + list(contracting) == list(range(len(shape)))
+  assert ("transpose" in jaxpr) == (not in_place and not already_torch_layout)
 
 
 def test_dot_general_output_projection_layout():
