@@ -123,7 +123,8 @@ def test_a_gpu_trace_counts_overlapping_streams_once(tmp_path):
   s = ps.summarize(str(path), 2)
   assert s["source"] == "gpu" and s["devices"] == 1
   assert s["busy_ms_per_call"] == pytest.approx((150 + 100 + 100) / 1e3 / 2)
-  assert s["span_ms_per_call"] == pytest.approx(600 / 1e3 / 2)
+  # Two calls, told apart by the longest gap (150 → 300): spans 150 and 300.
+  assert s["span_ms_per_call"] == pytest.approx((150 + 300) / 1e3 / 2)
   assert s["kernel_ms_per_call"] == pytest.approx(400 / 1e3 / 2)
   assert s["kernels_per_call"] == 2
   gemm = s["top"][0]
@@ -144,6 +145,16 @@ def test_a_gpu_plane_without_hlo_ops_falls_back_to_the_host(tmp_path):
   s = ps.summarize(str(path), 1)
   assert s["source"] == "cpu" and s["busy_ms_per_call"] == pytest.approx(0.04)
   assert [t["op"] for t in s["top"]] == ["fusion.1"]
+
+
+def test_call_spans_leave_out_the_host_time_between_calls():
+  k = lambda start, end: ps._Kernel("op", "op", "m", start, end)  # pylint: disable=protected-access
+  # Three calls of three kernels (a 5 ns gap inside, 1000+ between); one kernel overlaps.
+  kernels = [k(t, t + 10) for t0 in (0, 2000, 5000) for t in (t0, t0 + 15, t0 + 30)]
+  kernels.append(k(2001, 2050))  # on another stream, past the call's last start
+  assert ps._call_spans(kernels, 3) == 40 + 50 + 40  # pylint: disable=protected-access
+  assert ps._call_spans(kernels, 1) == 5040  # pylint: disable=protected-access
+  assert ps._call_spans(kernels, 2) == 2050 + 40  # pylint: disable=protected-access
 
 
 def test_nested_events_count_their_own_time():

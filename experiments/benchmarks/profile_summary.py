@@ -16,8 +16,9 @@ How to read it (all times in ms per call, averaged over the device planes):
 
 * ``busy_ms_per_call``: the union of the kernel intervals (overlapping kernels on several
   streams count once): how long the device computed.
-* ``span_ms_per_call``: first kernel start to last kernel end. busy ÷ span well below 1
-  means the device waited between kernels: launch latency, host work, synchronisation.
+* ``span_ms_per_call``: each call's first kernel start to its last kernel end (the calls
+  told apart by the longest gaps, ``_call_spans``). busy ÷ span well below 1 means the
+  device waited between the kernels of a call: launch latency, host work, synchronisation.
   Compare both with the timed call: a call much longer than the span waits on the host
   before its first kernel or after its last one. Kernels XLA replays as one CUDA graph
   (a command buffer) are counted under their own instructions
@@ -243,6 +244,27 @@ def _self_times(kernels: list[_Kernel]) -> list[float]:
   return [max(t, 0.0) for t in own]
 
 
+def _call_spans(kernels: list[_Kernel], calls: int) -> float:
+  """The summed spans of the ``calls`` calls, first kernel start to last kernel end each.
+
+  The calls are told apart by the ``calls − 1`` longest gaps between kernels: between two
+  traced calls the device waits for the host to see the first finish and launch the next,
+  far longer than any gap inside one call. So the host's time between calls is not counted
+  as the device waiting within a call.
+  """
+  ordered = sorted((k.start, k.end) for k in kernels)
+  gaps, end = [], ordered[0][1]
+  for i, (start, stop) in enumerate(ordered[1:], 1):
+    if start > end:
+      gaps.append((start - end, i))
+    end = max(end, stop)
+  cuts = sorted(i for _, i in sorted(gaps, reverse=True)[:max(calls - 1, 0)])
+  total = 0.0
+  for lo, hi in zip([0] + cuts, cuts + [len(ordered)]):
+    total += max(e for _, e in ordered[lo:hi]) - ordered[lo][0]
+  return total
+
+
 def _union(intervals: list[tuple[float, float]]) -> float:
   total, end = 0.0, float("-inf")
   for s, e in sorted(intervals):
@@ -335,7 +357,7 @@ def _summary(per_plane, calls, top, categories, source, notes) -> dict:
   for lines in per_plane:
     kernels = [k for line in lines for k in line]
     busy += _union([(k.start, k.end) for k in kernels])
-    span += max(k.end for k in kernels) - min(k.start for k in kernels)
+    span += _call_spans(kernels, calls)
     for line in lines:
       for k, own in zip(line, _self_times(line)):
         op_ns[k.op] += own
