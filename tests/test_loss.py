@@ -70,3 +70,31 @@ class TokenNllTest(chex.TestCase):
     want = jax.grad(f)(logits.astype(jnp.float32)).astype(jnp.bfloat16)
     assert grad.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(want))
+
+
+class CombineTest(chex.TestCase):
+  """The reduction's merge of two partial (max, sum of exp(x − max), picked) triples."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_merge_matches_numpy(self):
+    rng = np.random.default_rng(0)
+    n = 4000
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, 88.0, -88.0], np.float32)
+    m_a = np.concatenate([(rng.standard_normal(n) * 30).astype(np.float32), special,
+                          special, [-np.inf, np.inf, 3.0]]).astype(np.float32)
+    m_b = np.concatenate([(rng.standard_normal(n) * 30).astype(np.float32), special,
+                          special[::-1], [-np.inf, np.inf, 3.0]]).astype(np.float32)
+    m_b[:50] = m_a[:50]  # equal maxima
+    s_a, s_b = (rng.uniform(0, 50, m_a.size).astype(np.float32) for _ in range(2))
+    s_a[-3], s_b[-3] = 0.0, 0.0  # two empty partials (the reduction's identity)
+    p_a, p_b = (rng.standard_normal(m_a.size).astype(np.float32) for _ in range(2))
+    m, s, p = self.variant(models.loss._combine)(  # pylint: disable=protected-access
+        tuple(map(jnp.asarray, (m_a, s_a, p_a))), tuple(map(jnp.asarray, (m_b, s_b, p_b))))
+    want_m = np.maximum(m_a, m_b).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+      factor = lambda m_x: np.where(m_x == want_m, 1.0, np.exp(m_x.astype(np.float64) - want_m))
+      want_s = s_a * factor(m_a) + s_b * factor(m_b)
+    np.testing.assert_array_equal(np.asarray(m), want_m.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(s), want_s, rtol=3e-7, atol=0)
+    np.testing.assert_allclose(np.asarray(p), p_a.astype(np.float64) + p_b, rtol=1e-7)
+    assert np.isfinite(np.asarray(s)).all()  # never exp(nan), never inf · 0
