@@ -131,6 +131,13 @@ def test_targets_from_part_results():
   assert rows["stable_spam update ÷ optax.adamw (1b)"]["status"] == "missed"
   assert rows["stable_spam update ÷ optax.adamw (1b, scanned layers)"]["status"] == "met"
   assert rows["spam update ÷ optax.adamw (1b, scanned layers)"]["value"] == 1.01
+  assert rows["spam update ÷ optax.adamw (1b)"]["note"] == "waited-for updates"
+  # Measured in flight, the in-flight ratio decides (the waited-for one flatters).
+  opt["optimizers"][1].update(x_adamw_in_flight=1.08)
+  rows = {t["target"]: t for t in accelerator.targets(
+      dict(optimizer=opt, model=model, train=train, peer=peer))}
+  spam = rows["spam update ÷ optax.adamw (1b)"]
+  assert (spam["value"], spam["status"], spam["note"]) == (1.08, "missed", "")
 
 
 def test_memory_floor_and_profile_table():

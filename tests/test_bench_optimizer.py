@@ -22,8 +22,8 @@ def table_rows(text):
 def test_state_bytes_at_1b_meet_the_sparse_target(capsys):
   bench_optimizer.main(["--size", "1b", "--no-time"])
   rows = {r[0]: r for r in table_rows(capsys.readouterr().out)}
-  assert rows["spam"][5] == "1.000" and rows["stable_spam"][5] == "1.000"
-  sparse = float(rows["spam d=0.25"][6])
+  assert rows["spam"][7] == "1.000" and rows["stable_spam"][7] == "1.000"
+  sparse = float(rows["spam d=0.25"][8])
   assert sparse == 0.436  # exact: eval_shape of the state, no allocation
 
 
@@ -33,7 +33,8 @@ def test_timed_tables_on_a_tiny_tree(capsys):
   assert [r[0] for r in rows[1:]] == ["adamw", "spam", "stable_spam", "spam d=0.25"]
   assert rows[1][2] == "1.00"
   for row in rows[1:]:
-    assert float(row[1]) > 0 and float(row[3].replace(",", "")) >= 0
+    assert float(row[1]) > 0 and float(row[5].replace(",", "")) >= 0
+    assert row[3] == row[4] == "—"  # interleaved: no in-flight timing
 
 
 def test_scanned_layout_and_a_subset_of_optimizers(tmp_path, capsys):
@@ -164,8 +165,11 @@ def test_sequential_rows_are_saved_then_profiled(tmp_path, monkeypatch, capsys):
     assert [r["name"] for r in rows] == names[:i + 1]
     assert all("profile" in r for r in rows[:i]) and "profile" not in rows[i]
     assert rows[i]["update_ms"] > 0 and rows[i]["x_adamw"] > 0
+    assert rows[i]["in_flight_ms"] > 0 and rows[i]["x_adamw_in_flight"] > 0
   rows = json.loads(out.read_text())["optimizers"]
   assert [r["name"] for r in rows] == names
+  assert rows[0]["x_adamw_in_flight"] == 1.0
+  assert rows[1]["x_adamw_in_flight"] == rows[1]["in_flight_ms"] / rows[0]["in_flight_ms"]
   for r in rows:
     p = r["profile"]
     assert p["source"] == "cpu" and p["calls"] == 2 and p["top"], r["name"]

@@ -2,7 +2,10 @@
 
 Compares ``optax.adamw``, ``spam``, ``stable_spam`` and ``spam(density=0.25)`` side
 by side in one process: each update is jitted with donated params and state,
-warmed up, then timed as the median of many calls. Also reports the optimizer
+warmed up, then timed as the median of many calls, each waited for (the host's launch of
+the call included); with ``--sequential`` also as many calls with one in flight, as a
+training loop makes them (``in_flight_ms``: the device's time when the host's launch is
+shorter; ``timing.in_flight_s``). Also reports the optimizer
 state's size (device-independent; computed with ``jax.eval_shape``).
 
   python -m experiments.benchmarks.bench_optimizer --size small
@@ -45,7 +48,7 @@ import models
 import spam_optax
 from experiments import jax_settings, rundir
 from experiments import optimizers as train_optimizers
-from experiments.benchmarks import profile_summary
+from experiments.benchmarks import profile_summary, timing
 from spam_optax import _periodic_reset
 from spam_optax._tree_util import tree_map_unzip
 
@@ -319,11 +322,15 @@ class Runner:
     self.times = []
     self.faults = []
 
+  def dispatch(self):
+    """One update, not waited for; returns its outputs (the next update's inputs)."""
+    self.params, self.state = self.step(self.params, self.state, self.grads)
+    return self.params, self.state
+
   def run(self, record: bool) -> None:
     faults = _minor_page_faults()
     start = time.perf_counter()
-    self.params, self.state = self.step(self.params, self.state, self.grads)
-    jax.block_until_ready((self.params, self.state))
+    jax.block_until_ready(self.dispatch())
     if record:
       self.times.append(time.perf_counter() - start)
       self.faults.append(_minor_page_faults() - faults)
@@ -341,9 +348,10 @@ def _minor_page_faults() -> int:
 
 
 class Timing(NamedTuple):
-  ms: float  # median update time
+  ms: float  # median update time, each update waited for
   faults: float  # median host page faults per update
   compile_s: float  # tracing, lowering and XLA compilation
+  in_flight_ms: float | None = None  # per update, one in flight (sequential runs only)
 
 
 def time_updates(opts: dict, shapes, *, warmup: int, iters: int, interleave: bool,
@@ -368,7 +376,9 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int, interleave: boo
       runner = Runner(opt, shapes, grads)
       for i in range(warmup + iters):
         runner.run(record=i >= warmup)
-      result[name] = Timing(runner.median_ms(), runner.median_faults(), runner.compile_s)
+      in_flight = 1e3 * timing.in_flight_s(runner.dispatch, iters)
+      result[name] = Timing(runner.median_ms(), runner.median_faults(), runner.compile_s,
+                            in_flight)
       after(name, result[name], runner)
       del runner
     return result
@@ -529,6 +539,8 @@ def _main_optimizers(args, shapes, header: dict) -> None:
         continue
       ms = r["update_ms"]
       r["x_adamw"] = None if ms is None or base_ms is None else ms / base_ms
+      flight, base_flight = r.get("in_flight_ms"), rows["adamw"].get("in_flight_ms")
+      r["x_adamw_in_flight"] = flight / base_flight if flight and base_flight else None
       r["state_x_adamw"] = r["state_bytes"] / base_bytes
       r["state_x_dense_spam"] = (r["state_bytes"] / dense_spam_bytes if dense_spam_bytes
                                  else None)
@@ -539,7 +551,8 @@ def _main_optimizers(args, shapes, header: dict) -> None:
   profile = _save_then_profile(args, save, rows)
 
   def record(name, t, runner):
-    rows[name].update(update_ms=t.ms, page_faults=t.faults, compile_s=t.compile_s)
+    rows[name].update(update_ms=t.ms, page_faults=t.faults, compile_s=t.compile_s,
+                      in_flight_ms=t.in_flight_ms)
     profile(name, t, runner)
 
   if not args.no_time:
@@ -547,16 +560,19 @@ def _main_optimizers(args, shapes, header: dict) -> None:
                  interleave=not args.sequential, after=record)
   results = finished()
   print()
-  print("| optimizer | update ms | × adamw | page faults | state MiB | state × adamw "
-        "| state × dense spam |")
-  print("|---|---:|---:|---:|---:|---:|---:|")
+  print("| optimizer | update ms | × adamw | in flight ms | × adamw in flight | page faults "
+        "| state MiB | state × adamw | state × dense spam |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in results:
     ms, faults, nbytes = r["update_ms"], r["page_faults"], r["state_bytes"]
     dense_x = r["state_x_dense_spam"]
     t = "—" if ms is None else f"{ms:.1f}"
     x = "—" if ms is None else f"{r['x_adamw']:.2f}"
+    flight, x_flight = r.get("in_flight_ms"), r.get("x_adamw_in_flight")
+    t_flight = "—" if flight is None else f"{flight:.1f}"
+    x_flight = "—" if x_flight is None else f"{x_flight:.2f}"
     f = "—" if faults is None else f"{faults:,.0f}"
-    print(f"| {r['name']} | {t} | {x} | {f} | {nbytes / 2**20:,.1f} | "
+    print(f"| {r['name']} | {t} | {x} | {t_flight} | {x_flight} | {f} | {nbytes / 2**20:,.1f} | "
           f"{r['state_x_adamw']:.3f} | "
           f"{'—' if dense_x is None else f'{dense_x:.3f}'} |")
   if not args.no_time:
