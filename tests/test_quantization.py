@@ -271,11 +271,12 @@ def test_weights_grouped_where_they_lie_equal_the_pytorch_layout(shape, contract
   want = np.transpose(np_weight_int(torch_layout, bits, 256).reshape(
       [shape[a] for a in rest + list(contracting)]), np.argsort(rest + list(contracting)))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9)
-  # Bit for bit what the transposed grouping computes (the same straight-through value).
-  moved = jnp.transpose(w, rest + list(contracting))
-  old = qz.straight_through(moved, functools.partial(qz.quantize_weight, cfg))
-  np.testing.assert_array_equal(
-      np.asarray(got), np.asarray(jnp.transpose(old, np.argsort(rest + list(contracting)))))
+  # Bit for bit what the transposed grouping computes, both compiled (the same
+  # straight-through value).
+  order = rest + list(contracting)
+  transposed = jax.jit(lambda w: jnp.transpose(qz.straight_through(
+      jnp.transpose(w, order), functools.partial(qz.quantize_weight, cfg)), np.argsort(order)))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(transposed(w)))
   jaxpr = str(jax.make_jaxpr(lambda w: qz.fake_quant_weight(cfg, w, contracting))(w))
   in_place = contracting == tuple(range(len(contracting))) and n_in % 256 == 0
   already_torch_layout = rest + list(contracting) == list(range(len(shape)))

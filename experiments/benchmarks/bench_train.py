@@ -229,7 +229,7 @@ def _bench_step(args, model_name: str, optimizer_name: str,
           os.path.join(args.profile, label), hlo_text=text)
       r["xplane"] = r["profile"].get("xplane")
       print(profile_summary.one_line(label, r["profile"]), flush=True)
-    holder.clear()  # the state is freed with the mesh context
+    holder.clear()  # frees the state before the next model is built
   return r
 
 
