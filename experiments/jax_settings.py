@@ -13,7 +13,8 @@ anything is compiled. One setting so far:
   Gaussian benchmark inputs over 100 s. With the kernel the same initialisation compiles in
   seconds. It has no effect on a CPU or TPU.
 
-A value the user sets in the environment (``JAX_THREEFRY_GPU_KERNEL_LOWERING=0``) wins.
+A value the user sets in the environment (``JAX_THREEFRY_GPU_KERNEL_LOWERING=0``) wins. jax
+has said it may remove the option; a jax without it is left as it is.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def apply(environ=None) -> dict:
   environ = os.environ if environ is None else environ
   applied = {}
   if THREEFRY_GPU_KERNEL.upper() not in environ:
-    jax.config.update(THREEFRY_GPU_KERNEL, True)
-    applied[THREEFRY_GPU_KERNEL] = True
+    try:
+      jax.config.update(THREEFRY_GPU_KERNEL, True)
+      applied[THREEFRY_GPU_KERNEL] = True
+    except AttributeError:  # this jax no longer has the option
+      pass
   return applied

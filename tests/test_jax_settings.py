@@ -32,3 +32,10 @@ def test_the_trainer_applies_them_before_compiling(restore_threefry, monkeypatch
   with pytest.raises(SystemExit):
     pretrain.main(["--model", "no_such_model"])
   assert jax.config.jax_threefry_gpu_kernel_lowering
+
+
+def test_a_jax_without_the_option_is_left_alone(monkeypatch):
+  def update(name, value):
+    raise AttributeError(f"Unrecognized config option: {name}")
+  monkeypatch.setattr(jax.config, "update", update)
+  assert jax_settings.apply({}) == {}
