@@ -156,7 +156,7 @@ def test_sequential_rows_are_saved_then_profiled(tmp_path, monkeypatch, capsys):
   out, prof = tmp_path / "opt.json", tmp_path / "prof"
   monkeypatch.setattr(bench_optimizer, "optimizers", _cheap_optimizers)
   seen = _spy_profiles(monkeypatch, out)
-  bench_optimizer.main(["--size", "tiny", "--sequential", "--warmup", "0", "--iters", "1",
+  bench_optimizer.main(["--size", "tiny", "--sequential", "--warmup", "0", "--iters", "2",
                         "--profile", str(prof), "--profile_calls", "2", "--json", str(out)])
   names = ["adamw", "spam", "spam d=0.25"]
   assert [label for label, _ in seen] == ["adamw", "spam", "spam_d=0.25"]

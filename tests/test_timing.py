@@ -37,6 +37,25 @@ def test_synced_waits_for_each_call_before_the_next(recorded):
   assert events == [("dispatch", 0), ("wait", 0), ("dispatch", 1), ("wait", 1)]
 
 
+def test_back_to_back_waits_for_the_last_call_only(recorded):
+  events, call = recorded
+  assert timing.back_to_back_s(call, 3) >= 0
+  assert events == [("dispatch", 0), ("dispatch", 1), ("dispatch", 2), ("wait", 2)]
+
+
+def test_back_to_back_on_a_donated_chain():
+  """Each call donates its input; an earlier result could not be waited for."""
+  f = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)
+  holder = [jnp.ones((256,))]
+
+  def call():
+    holder[0] = f(holder[0])
+    return holder[0]
+
+  assert timing.back_to_back_s(call, 4) > 0
+  assert float(holder[0][0]) == 1.9375  # 1 → 1.5 → 1.75 → 1.875 → 1.9375
+
+
 def test_on_a_real_jitted_step():
   f = jax.jit(lambda x: jnp.tanh(x @ x))
   x = jnp.ones((64, 64)) / 64
@@ -45,6 +64,7 @@ def test_on_a_real_jitted_step():
   assert all(t > 0 for t in timing.synced_times(lambda: f(x), 3))
 
 
-def test_in_flight_needs_a_call():
-  with pytest.raises(ValueError, match="n must be >= 1"):
-    timing.in_flight_s(lambda: None, 0)
+def test_a_call_is_needed():
+  for measure in (timing.in_flight_s, timing.back_to_back_s):
+    with pytest.raises(ValueError, match="n must be >= 1"):
+      measure(lambda: None, 0)

@@ -5,7 +5,8 @@ by side in one process: each update is jitted with donated params and state,
 warmed up, then timed as the median of many calls, each waited for (the host's launch of
 the call included); with ``--sequential`` also as many calls with one in flight, as a
 training loop makes them (``in_flight_ms``: the device's time when the host's launch is
-shorter; ``timing.in_flight_s``). Also reports the optimizer
+shorter; ``timing.back_to_back_s``, as each update donates its outputs to the next).
+Also reports the optimizer
 state's size (device-independent; computed with ``jax.eval_shape``).
 
   python -m experiments.benchmarks.bench_optimizer --size small
@@ -376,7 +377,7 @@ def time_updates(opts: dict, shapes, *, warmup: int, iters: int, interleave: boo
       runner = Runner(opt, shapes, grads)
       for i in range(warmup + iters):
         runner.run(record=i >= warmup)
-      in_flight = 1e3 * timing.in_flight_s(runner.dispatch, iters)
+      in_flight = 1e3 * timing.back_to_back_s(runner.dispatch, iters)  # each donates the last
       result[name] = Timing(runner.median_ms(), runner.median_faults(), runner.compile_s,
                             in_flight)
       after(name, result[name], runner)
