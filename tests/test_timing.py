@@ -26,8 +26,10 @@ def test_in_flight_waits_for_the_previous_call_after_dispatching_the_next(record
   events, call = recorded
   s = timing.in_flight_s(call, 3)
   assert s >= 0
+  # Call 0 fills the pipeline (untimed); calls 1–3 are timed, each waited for after the
+  # next is dispatched.
   assert events == [("dispatch", 0), ("dispatch", 1), ("wait", 0), ("dispatch", 2),
-                    ("wait", 1), ("wait", 2)]
+                    ("wait", 1), ("dispatch", 3), ("wait", 2), ("wait", 3)]
 
 
 def test_synced_waits_for_each_call_before_the_next(recorded):
