@@ -287,6 +287,6 @@ def test_unwrap_leaves_other_kernels_alone():
   k = ps._Kernel  # pylint: disable=protected-access
   kernels = [k("command_buffer", "loop_add_fusion_3", "m", 0, 1),
              k("fusion.2", "loop_add_fusion_3", "m", 1, 2)]
-  out = ps.unwrap_command_buffers(kernels, {"loop_add_fusion.3": "other"})
+  out = ps.unwrap_command_buffers(kernels, ps.kernel_names(["loop_add_fusion.3", "fusion.2"]))
   assert [x.op for x in out] == ["loop_add_fusion.3", "fusion.2"]
   assert ps.is_command_buffer("command_buffer_12") and not ps.is_command_buffer("fusion.1")

@@ -324,7 +324,8 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
     else:
       notes.append(f"no event of module {module!r}: all modules kept")
   categories = hlo_categories(hlo_text) if hlo_text else {}
-  per_plane = [[unwrap_command_buffers(line, categories) for line in lines]
+  by_kernel = kernel_names(categories)
+  per_plane = [[unwrap_command_buffers(line, by_kernel) for line in lines]
                for lines in per_plane]
   return _summary(per_plane, calls, top, categories, source, notes)
 
@@ -334,16 +335,19 @@ def is_command_buffer(op: str) -> bool:
   return op.startswith("command_buffer")
 
 
-def unwrap_command_buffers(kernels: list[_Kernel], instructions=()) -> list[_Kernel]:
+def kernel_names(instructions) -> dict[str, str]:
+  """Kernel name → instruction name: XLA names a fusion's kernel after the instruction,
+  with ``_`` for ``.`` and ``-`` (``input_reduce_fusion.64`` → ``input_reduce_fusion_64``)."""
+  return {re.sub(r"[.-]", "_", name): name for name in instructions}
+
+
+def unwrap_command_buffers(kernels: list[_Kernel], by_kernel: dict[str, str]) -> list[_Kernel]:
   """The kernels of a CUDA graph, each under its own instruction rather than the graph's.
 
   Kernels replayed from a command buffer all carry the buffer's name as their ``hlo_op``.
-  XLA names a fusion's kernel after the instruction, with ``_`` for ``.`` and ``-``
-  (``input_reduce_fusion.64`` → ``input_reduce_fusion_64``): where ``instructions`` (names
-  of the compiled HLO) has that name, the kernel is counted under it; otherwise (a cuBLAS,
-  cuDNN or memset kernel) under the kernel's own name.
+  Where ``by_kernel`` (``kernel_names`` of the compiled HLO) knows the kernel, it is counted
+  under that instruction; otherwise (a cuBLAS, cuDNN or memset kernel) under its own name.
   """
-  by_kernel = {re.sub(r"[.-]", "_", name): name for name in instructions}
   return [k._replace(op=by_kernel.get(k.name, k.name)) if is_command_buffer(k.op) else k
           for k in kernels]
 
