@@ -11,7 +11,12 @@ anything is compiled. One setting so far:
   seconds compiling each of those fusions: on an H100 the initialisation of LLaMA 350M
   (219 parameters) took longer to compile than the 60 s a benchmark part had, and 1.3B
   Gaussian benchmark inputs over 100 s. With the kernel the same initialisation compiles in
-  seconds. It has no effect on a CPU or TPU.
+  seconds. It has no effect on a CPU or TPU. The price: the kernel writes its random bits
+  to memory, where XLA's expansion generated them inside the fusion that uses them. A step
+  that draws at every call pays that traffic: stochastic rounding of the activations
+  (`QuantConfig(stochastic=True)`, not the default) writes and reads 8 bytes per
+  activation element per projection. There, `JAX_THREEFRY_GPU_KERNEL_LOWERING=0` trades
+  the compile time back for it.
 
 A value the user sets in the environment (``JAX_THREEFRY_GPU_KERNEL_LOWERING=0``) wins. jax
 has said it may remove the option; a jax without it is left as it is.
