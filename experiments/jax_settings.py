@@ -14,8 +14,8 @@ anything is compiled. One setting so far:
   seconds. It has no effect on a CPU or TPU. The price: the kernel writes its random bits
   to memory, where XLA's expansion generated them inside the fusion that uses them. A step
   that draws at every call pays that traffic: stochastic rounding of the activations
-  (`QuantConfig(stochastic=True)`, not the default) writes and reads 8 bytes per
-  activation element per projection. There, `JAX_THREEFRY_GPU_KERNEL_LOWERING=0` trades
+  (`QuantConfig(stochastic=True)`, not the default) writes 4 bytes per activation element
+  per projection, which the quantizer reads back. There, `JAX_THREEFRY_GPU_KERNEL_LOWERING=0` trades
   the compile time back for it.
 
 A value the user sets in the environment (``JAX_THREEFRY_GPU_KERNEL_LOWERING=0``) wins. jax
