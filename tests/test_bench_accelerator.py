@@ -101,6 +101,32 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   assert "| blocks | skipped |" in md
 
 
+def test_the_device_plan(tmp_path):
+  """What a GPU run would start, without starting it: the parts in order, their sizes, which
+  are profiled, and the limits that keep each under the budget."""
+  args = accelerator.parse_args(["--out", str(tmp_path)])
+  parts = accelerator.plan(args, str(tmp_path / "work"))
+  names = [p.name for p in parts]
+  assert names == ["optimizer", "model_350m", "model_60m", "peer", "train_60m", "train_130m",
+                   "train_350m", "train_1b", "train_60m_f32_logits", "optimizer_scan",
+                   "train_130m_f32_logits", "hlo_optimizer", "blocks", "model_1b"]
+  by_name = dict(zip(names, parts))
+  profiled = {n for n, p in by_name.items() if "--profile" in p.argv}
+  assert profiled == {"optimizer", "model_350m", "model_60m", "train_60m", "train_130m",
+                      "train_350m", "train_1b", "optimizer_scan"}
+  assert [n for n, p in by_name.items() if "--hlo" in p.argv] == ["train_350m"]
+  for name in ("model_350m", "model_60m", "train_60m", "train_350m", "train_1b"):
+    argv = by_name[name].argv
+    value = lambda flag, argv=argv: argv[argv.index(flag) + 1]
+    assert (value("--batch"), value("--seq_len" if name.startswith("model") else "--length")) == (
+        "64", "256")
+  assert "--size" in by_name["optimizer"].argv and "1b" in by_name["optimizer"].argv
+  assert by_name["train_1b"].retry_argv[-1] == "--activation_checkpointing"
+  assert by_name["model_1b"].retry_argv[-1] == "--remat"
+  for part in parts:
+    assert 0 < part.min_s < part.cap_s <= 150
+
+
 def test_targets_from_part_results():
   opt = {"size": "1b", "optimizers": [
       {"name": "adamw", "x_adamw": 1.0}, {"name": "spam", "x_adamw": 1.04},

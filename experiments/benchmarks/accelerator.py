@@ -8,7 +8,7 @@ skipping what no longer fits in ``--budget_s``:
 1. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, the hand-fused Stable-SPAM with
    its per-leaf statistics held as vectors (a reference), spam d=0.25, one resident at a
    time, each profiled;
-2. ``bench_model`` bf16 and int4 (W4A4) at 350m (profiled) and 60m, 64×256;
+2. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256, profiled;
 3. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
    60m, 130m, 350m and 1b, batch 64×256;
 4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
@@ -194,14 +194,14 @@ def plan(args, work: str) -> list:
     opt_size, opt_iters, block_iters = "tiny", ["--warmup", "1", "--iters", "2"], [
         "--warmup", "0", "--iters", "1"]
     dtype = "bfloat16"  # as on the device: bf16 logits by default, float32 in one part
-    profiled_model, hlo_size = "9m", "9m"
+    profiled_models, hlo_size = {"9m"}, "9m"
   else:
     train_sizes, model_sizes, model_late = sizes, ["350m", "60m"], ["1b"]
     batch, length, steps, warmup = 64, 256, 10, 2
     opt_size, opt_iters, block_iters = "1b", ["--warmup", "3", "--iters", "20"], [
         "--warmup", "2", "--iters", "10"]
     dtype = "bfloat16"
-    profiled_model, hlo_size = "350m", "350m"
+    profiled_models, hlo_size = {"350m", "60m"}, "350m"
   train_caps = {"60m": (60, 20), "130m": (60, 20), "350m": (90, 30), "1b": (150, 45)}
   model_caps = {"60m": (60, 20), "350m": (90, 30), "1b": (120, 50)}
 
@@ -210,7 +210,7 @@ def plan(args, work: str) -> list:
         "--models", f"llama_{size}", "--quant", "bf16,int4", "--batch", str(batch),
         "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
         "--json", js(f"model_{size}")] + (["--scan_layers"] if args.scan_layers else []) + (
-            prof(f"model_{size}") if size == profiled_model else [])
+            prof(f"model_{size}") if size in profiled_models else [])
     cap, need = model_caps.get(size, (60, 10))
     return Part(f"model_{size}", argv, cap, need, js(f"model_{size}"),
                 retry_argv=argv + ["--remat"] if size == "1b" else None)
