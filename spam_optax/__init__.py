@@ -16,6 +16,8 @@ from spam_optax._reset_warmup import scale_by_reset_warmup
 from spam_optax._reset_warmup import ScaleByResetWarmupState
 from spam_optax._scale_by_spam import scale_by_spam
 from spam_optax._scale_by_spam import ScaleBySpamState
+from spam_optax._sparse_moments import redraw_due
+from spam_optax._sparse_moments import redraw_masks
 from spam_optax._sparse_moments import replace_masks
 from spam_optax._sparse_moments import sparse_moments
 from spam_optax._sparse_moments import SparseMomentsState
@@ -39,6 +41,8 @@ __all__ = (
     "LeafStats",
     "periodic_reset",
     "PeriodicResetState",
+    "redraw_due",
+    "redraw_masks",
     "replace_masks",
     "reset_warmup_scale",
     "scale_by_grad_norm_history",

@@ -40,6 +40,7 @@ def spam(
     sparse_mask: _tree_util.MaskOrFn = None,
     seed: int = 0,
     mu_dtype: Optional[Any] = None,
+    redraw_masks_in_update: bool = True,
 ) -> optax.GradientTransformation:
   r"""SPAM: Adam with spike clipping, periodic momentum reset and warm-up.
 
@@ -82,6 +83,12 @@ def spam(
       only :math:`m`); also of the stand-in moments of ``density``. None keeps
       the parameters' dtype. The update is computed in the wider of the
       gradient's and this dtype and returned in the gradient's dtype.
+    redraw_masks_in_update: with ``density``, redraw the masks inside
+      ``update`` every ``reset_interval`` steps (a ``lax.cond``). False leaves
+      the redraw to the training loop: :func:`spam_optax.redraw_masks` after
+      each step for which :func:`spam_optax.redraw_due` holds, the same states
+      and updates with no conditional in ``update`` (on a GPU, XLA waits on the
+      host for a conditional's predicate at every update).
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -119,7 +126,7 @@ def spam(
         moments,
         density=density,
         sparse_mask=sparse_mask,
-        reset_interval=reset_interval,
+        reset_interval=reset_interval if redraw_masks_in_update else 0,
         seed=seed,
     )
     # Quirk: the official code decays a copy of sparse leaves, a no-op.

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from spam_optax import _tree_util
@@ -221,26 +222,40 @@ def _remap_inner_state(inner_state: Any, old_masks: Any, new_masks: Any) -> Any:
   return inner_def.unflatten(leaves)
 
 
-def _draw_masks(
-    key: jax.Array,
-    flags: list[bool],
-    leaves: list[Any],
-    treedef: Any,
-    density: float,
-    sampler: MaskSampler,
-) -> Any:
-  out = []
-  for i, (flag, x) in enumerate(zip(flags, leaves)):
+def _mask_specs(flags: list[bool], leaves: list[Any], density: float) -> list:
+  """Per params position: None (a ``None`` leaf), ``MaskedNode`` (dense) or ``(size, k)``."""
+  specs = []
+  for flag, x in zip(flags, leaves):
     if x is None:
-      out.append(None)
+      specs.append(None)
     elif not flag:
-      out.append(optax.MaskedNode())
+      specs.append(optax.MaskedNode())
     else:
       size = int(jnp.size(x))
-      k = _num_kept(density, size)
+      specs.append((size, _num_kept(density, size)))
+  return specs
+
+
+def _draw_masks(
+    key: jax.Array, specs: list, treedef: Any, sampler: MaskSampler
+) -> Any:
+  """A mask per sparse position of ``specs`` (leaf ``i`` draws from ``fold_in(key, i)``)."""
+  out = []
+  for i, spec in enumerate(specs):
+    if spec is None or _is_masked_node(spec):
+      out.append(spec)
+    else:
+      size, k = spec
       idx = sampler(jax.random.fold_in(key, i), size, k)
       out.append(jnp.asarray(idx, jnp.int32))
   return treedef.unflatten(out)
+
+
+def _next_masks(key_data: jax.Array, specs: list, treedef: Any,
+                sampler: MaskSampler) -> tuple[Any, jax.Array]:
+  """A redraw: the new masks and the key data for the one after."""
+  key, draw_key = jax.random.split(jax.random.wrap_key_data(key_data))
+  return _draw_masks(draw_key, specs, treedef, sampler), jax.random.key_data(key)
 
 
 def sparse_moments(
@@ -266,7 +281,11 @@ def sparse_moments(
   every mask is redrawn with ``sampler``; inner-state entries (floating leaves
   of the compact ``(k,)`` shape) at indices in both the old and the new mask
   are carried over, the others start at zero. Masks chosen elsewhere (recorded
-  ones, another schedule) are set with :func:`replace_masks`.
+  ones, another schedule) are set with :func:`replace_masks`. The redraw is a
+  ``lax.cond`` in ``update``; on a GPU, where XLA waits on the host for a
+  conditional's predicate, a loop can instead build the wrapper with
+  ``reset_interval=0`` and call :func:`redraw_masks` after the steps
+  :func:`redraw_due` names: the same masks, moments and updates.
 
   Args:
     inner: the transformation run on the compact tree (e.g. Adam).
@@ -313,7 +332,8 @@ def sparse_moments(
         raise ValueError(f"sparse leaf of shape {jnp.shape(x)} is too large "
                          "for int32 indices.")
     key, draw_key = jax.random.split(jax.random.key(seed))
-    masks = _draw_masks(draw_key, flags, leaves, treedef, density, sampler)
+    masks = _draw_masks(draw_key, _mask_specs(flags, leaves, density), treedef,
+                        sampler)
     inner_state = inner.init(_compact(params, masks))
     return SparseMomentsState(
         count=jnp.zeros([], jnp.int32),
@@ -352,14 +372,13 @@ def sparse_moments(
       order = sorted(found)
       which = [found[i] for i in order]
 
+      specs = _mask_specs(flags, leaves, density)
+
       def redraw(operands):
         masks, moving, key = operands
-        key, draw_key = jax.random.split(jax.random.wrap_key_data(key))
-        new_masks = _draw_masks(
-            draw_key, flags, leaves, treedef, density, sampler
-        )
+        new_masks, key = _next_masks(key, specs, treedef, sampler)
         moving = _carry_over_all(moving, which, masks, new_masks)
-        return new_masks, moving, jax.random.key_data(key)
+        return new_masks, moving, key
 
       interval = jnp.asarray(reset_interval, jnp.int32)
       # `count % T == T - 1` is `(t + 1) % T == 0` without overflowing at the
@@ -435,3 +454,82 @@ def replace_masks(opt_state: optax.OptState, masks: Any) -> optax.OptState:
       opt_state,
       is_leaf=lambda x: isinstance(x, SparseMomentsState),
   )
+
+
+def redraw_masks(
+    opt_state: optax.OptState,
+    params: Any,
+    *,
+    sampler: Optional[MaskSampler] = None,
+) -> optax.OptState:
+  r"""Redraws the masks of every :class:`SparseMomentsState` in ``opt_state`` now.
+
+  This is the redraw that :func:`sparse_moments` makes inside ``update`` after
+  step :math:`t` when :math:`(t + 1) \bmod T = 0` — the same new masks from
+  the state's key, the same moments carried over, the key advanced — as a
+  function of its own, for a training loop that schedules it on the host
+  (:func:`redraw_due`) and builds the wrapper with ``reset_interval=0``
+  (``spam(..., redraw_masks_in_update=False)``). Then ``update`` holds no
+  ``lax.cond``: on a GPU, XLA runs a conditional by copying its predicate to
+  the host and waiting for it, so every update would stop the host until the
+  device reaches it, and the next step could not be queued behind it.
+
+  Args:
+    opt_state: an optimizer state containing ``SparseMomentsState``.
+    params: the parameters, or their ``jax.ShapeDtypeStruct`` (only the sizes
+      of the sparse leaves are read).
+    sampler: the mask sampler the wrapper was built with; default
+      :func:`uniform_mask_sampler`.
+
+  Returns:
+    The state with new masks and the moments moved onto them.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from spam_optax import sparse_moments, redraw_masks, redraw_due
+    >>> tx = sparse_moments(optax.adam(1e-2), density=0.25)  # no redraw inside
+    >>> params = {'w': jnp.ones((4, 4))}
+    >>> state = tx.init(params)
+    >>> for step in range(1, 5):
+    ...   _, state = tx.update(params, state, params)
+    ...   if redraw_due(step, reset_interval=2):  # after steps 1 and 3
+    ...     state = redraw_masks(state, params)
+    >>> state.masks['w'].shape
+    (4,)
+  """
+  sampler = uniform_mask_sampler if sampler is None else sampler
+
+  def redraw(node):
+    if not isinstance(node, SparseMomentsState):
+      return node
+    mask_leaves, treedef = jax.tree.flatten(node.masks, is_leaf=_is_slot)
+    specs = [
+        m if m is None or _is_masked_node(m)
+        else (int(np.prod(np.shape(p))), int(m.shape[0]))
+        for m, p in zip(mask_leaves, treedef.flatten_up_to(params))
+    ]
+    new_masks, key = _next_masks(node.key, specs, treedef, sampler)
+    inner_state = _remap_inner_state(node.inner_state, node.masks, new_masks)
+    return node._replace(masks=new_masks, inner_state=inner_state, key=key)
+
+  return jax.tree.map(
+      redraw, opt_state, is_leaf=lambda x: isinstance(x, SparseMomentsState)
+  )
+
+
+def redraw_due(count: int, reset_interval: int) -> bool:
+  r"""Whether the masks are redrawn after update number ``count`` (1-based).
+
+  The schedule :func:`sparse_moments` keeps inside ``update``:
+  :math:`(t + 1) \bmod T = 0` with :math:`T` = ``reset_interval`` (0: never),
+  for a loop that calls :func:`redraw_masks` itself. ``count`` counts the
+  wrapper's updates, which is the loop's step unless something skips updates
+  (``optax.apply_if_finite``, ``optax.MultiSteps``' mini-steps).
+
+  Examples:
+    >>> from spam_optax import redraw_due
+    >>> [t for t in range(1, 12) if redraw_due(t, 4)]
+    [3, 7, 11]
+  """
+  return reset_interval > 0 and count % reset_interval == reset_interval - 1

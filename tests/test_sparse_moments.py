@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spam_optax import redraw_due
+from spam_optax import redraw_masks
 from spam_optax import replace_masks
 from spam_optax import spam
 from spam_optax import sparse_moments
@@ -303,6 +305,53 @@ class SparseMomentsTest(chex.TestCase):
     with self.assertRaises(ValueError):
       replace_masks(state, {"w": np.array([0, 1]), "b": None})
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_redraw_masks_outside_update_is_the_redraw_inside(self):
+    reset_interval, steps = 4, 11
+    params = _nested_params()
+    inner = optax.adam(_LR, b1=_B1, b2=_B2, eps=_EPS)
+    inside = sparse_moments(inner, density=0.3, reset_interval=reset_interval, seed=7)
+    outside = sparse_moments(inner, density=0.3, seed=7)
+    update_in, update_out = self.variant(inside.update), self.variant(outside.update)
+    redraw = self.variant(redraw_masks)
+    state_in, state_out = inside.init(params), outside.init(params)
+    chex.assert_trees_all_equal(state_in, state_out)
+    redrawn = []
+    for t, grads in enumerate(_grads(params, steps), start=1):
+      updates_in, state_in = update_in(grads, state_in, params)
+      updates_out, state_out = update_out(grads, state_out, params)
+      if redraw_due(t, reset_interval):
+        redrawn.append(t)
+        state_out = redraw(state_out, params)
+      chex.assert_trees_all_equal(updates_in, updates_out)
+      chex.assert_trees_all_equal(state_in, state_out)
+    self.assertEqual(redrawn, [3, 7, 11])
+    self.assertFalse(
+        np.array_equal(state_in.masks["enc"]["w"], inside.init(params).masks["enc"]["w"]))
+
+  def test_redraw_masks_with_a_custom_sampler_and_abstract_params(self):
+    def last_k(key, size, k):
+      del key
+      return jnp.arange(size - k, size, dtype=jnp.int32)
+
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    tx = sparse_moments(optax.sgd(1.0, momentum=0.5), density=0.25)
+    state = replace_masks(tx.init(params), {"w": np.array([12, 13, 14, 15]), "b": None})
+    _, state = tx.update(params, state, params)
+    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    new = redraw_masks(state, shapes, sampler=last_k)
+    np.testing.assert_array_equal(new.masks["w"], [12, 13, 14, 15])
+    np.testing.assert_array_equal(new.inner_state[0].trace["w"], [1.0] * 4)
+    self.assertIsInstance(new.masks["b"], optax.MaskedNode)
+    self.assertFalse(np.array_equal(new.key, state.key))
+    with self.assertRaises(ValueError):  # another tree than the params'
+      redraw_masks(state, {"w": shapes["w"]})
+
+  def test_redraw_due(self):
+    self.assertEqual([t for t in range(1, 10) if redraw_due(t, 3)], [2, 5, 8])
+    self.assertEqual([t for t in range(1, 10) if redraw_due(t, 1)], list(range(1, 10)))
+    self.assertFalse(any(redraw_due(t, 0) for t in range(1, 10)))
+
   def test_uniform_mask_sampler(self):
     size, k, draws = 40, 10, 4000
     keys = jax.random.split(jax.random.key(0), draws)
@@ -322,6 +371,33 @@ class SparseMomentsTest(chex.TestCase):
     state = tx.init({"w": jnp.ones((4, 4))})
     np.testing.assert_array_equal(state.masks["w"], [0, 1, 2, 3])
     self.assertIsInstance(state, SparseMomentsState)
+
+
+def test_spam_with_masks_redrawn_by_the_loop():
+  """`spam(..., redraw_masks_in_update=False)` and `redraw_masks` after the steps
+  `redraw_due` names: the alias's own trajectory, with no conditional in the
+  compiled update."""
+  params = _nested_params()
+  kwargs = dict(learning_rate=1e-2, density=0.3, reset_interval=3, warmup_steps=2,
+                clip_delay=1, weight_decay=0.1, seed=5)
+  inside = spam(**kwargs)
+  outside = spam(**kwargs, redraw_masks_in_update=False)
+  update_in, update_out = jax.jit(inside.update), jax.jit(outside.update)
+  redraw = jax.jit(redraw_masks, donate_argnums=0)
+  p_in, p_out = params, params
+  s_in, s_out = inside.init(params), outside.init(params)
+  for t, grads in enumerate(_grads(params, 8), start=1):
+    u_in, s_in = update_in(grads, s_in, p_in)
+    u_out, s_out = update_out(grads, s_out, p_out)
+    p_in, p_out = optax.apply_updates(p_in, u_in), optax.apply_updates(p_out, u_out)
+    if redraw_due(t, 3):
+      s_out = redraw(s_out, p_out)
+    chex.assert_trees_all_equal(p_in, p_out)
+    chex.assert_trees_all_equal(s_in, s_out)
+  lowered = lambda tx, state: jax.jit(tx.update).lower(grads, state, params).as_text()
+  assert "stablehlo.case" in lowered(inside, s_in)
+  assert "stablehlo.case" not in lowered(outside, s_out)
+  assert "stablehlo.if" not in lowered(outside, s_out)
 
 
 def test_sharded_params_in_subprocess(tmp_path):
