@@ -129,6 +129,7 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
         clip_delay=cfg.grad_accu_steps,
         density=None if cfg.density >= 1.0 else cfg.density,
         sparse_mask=projection_mask if cfg.density < 1.0 else None, seed=cfg.seed,
+        redraw_masks_in_update=not mask_redraw_interval(cfg),
         **_given(eps=cfg.eps, reset_interval=cfg.DeltaT))
   elif name == "stable_spam":
     opt = spam_optax.stable_spam(
@@ -161,6 +162,20 @@ def make_optimizer(cfg, schedule=None) -> optax.GradientTransformation:
   if name == "skip_step":  # decides on the raw gradient norm, before any clip (as MaxText)
     opt = skip_step.skip_on_grad_norm_spikes(opt, **_given(threshold=cfg.skip_threshold))
   return opt
+
+
+def mask_redraw_interval(cfg) -> int:
+  """Every how many steps the training loop redraws the sparse-momentum masks (0: never).
+
+  SPAM with ``--density`` < 1 is built with ``redraw_masks_in_update=False`` and the loop
+  calls ``spam_optax.redraw_masks`` after the steps ``spam_optax.redraw_due`` names: the same
+  trajectory, with no ``lax.cond`` in the step, which XLA:GPU would make wait on the host at
+  every step. The optimizer's update count is the loop's step (nothing here skips updates).
+  """
+  if cfg.optimizer != "spam" or cfg.density >= 1.0:
+    return 0
+  default = inspect.signature(spam_optax.spam).parameters["reset_interval"].default
+  return default if cfg.DeltaT is None else cfg.DeltaT
 
 
 def spike_stats(opt_state) -> dict:

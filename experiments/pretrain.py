@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
+import spam_optax
 from experiments import (checkpointing, config, data, metrics, optimizers, plot, preemption,
                          jax_settings, rundir, sharding, tokenizer, warm_start)
 from experiments import summary as run_summary
@@ -229,6 +230,16 @@ class Steps(NamedTuple):
   param_shardings: Any
   batch_sharding: NamedSharding
   batch_shape: tuple[int, int, int]
+  # SPAM's sparse-momentum masks, redrawn by the loop after the steps spam_optax.redraw_due
+  # names (optimizers.mask_redraw_interval; 0 and None without sparse momentum).
+  redraw_interval: int = 0
+  redraw: Callable | None = None  # state -> state with new masks; donates the state
+
+  def after_step(self, step: int, state):
+    """The state to carry into step ``step + 1``: the masks redrawn when they are due."""
+    if self.redraw is not None and spam_optax.redraw_due(step, self.redraw_interval):
+      return self.redraw(state)
+    return state
 
 
 def build_steps(run: Run) -> Steps:
@@ -244,6 +255,7 @@ def build_steps(run: Run) -> Steps:
   param_shardings, state_shardings, abstract = sharding.train_state_shardings(
       model, init_fn, example, mesh, models.DEFAULT_LOGICAL_AXIS_RULES)
   pad_id = inputs.tok.pad_id
+  redraw_interval = optimizers.mask_redraw_interval(cfg)
   return Steps(
       init=jax.jit(init_fn, out_shardings=state_shardings),
       train=jax.jit(ts.make_train_step(model, inputs.optimizer, inputs.schedule, pad_id=pad_id,
@@ -259,7 +271,11 @@ def build_steps(run: Run) -> Steps:
           abstract, state_shardings),
       param_shardings=param_shardings,
       batch_sharding=batch_sharding,
-      batch_shape=(cfg.accum_steps, cfg.batch_size, cfg.max_length))
+      batch_shape=(cfg.accum_steps, cfg.batch_size, cfg.max_length),
+      redraw_interval=redraw_interval,
+      redraw=jax.jit(ts.redraw_masks, in_shardings=(state_shardings,),
+                     out_shardings=state_shardings, donate_argnums=0)
+      if redraw_interval else None)
 
 
 # ----------------------------------------------------------------------------- stage 4: train
@@ -317,6 +333,7 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
       if cfg.inject_nan_at_step == step:  # debugging: poison the parameters
         state["params"] = jax.tree.map(lambda p: p * jnp.nan, state["params"])
       state, step_metrics = steps.train(state, batch)
+      state = steps.after_step(step, state)
       fetched(writer.push(step, step_metrics))  # step - 1's, fetched while this step runs
       interrupted = stop.reached(step)  # on every host at the same step
       due_eval = step % cfg.eval_every == 0 or step == cfg.num_training_steps

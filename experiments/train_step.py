@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 import models
+import spam_optax
 from experiments import optimizers
 
 
@@ -92,6 +93,12 @@ def make_train_step(model, optimizer, schedule, *, pad_id: int, grad_spikes=()):
                  "rng": rng}
     return new_state, metrics
   return train_step
+
+
+def redraw_masks(state):
+  """The train state with SPAM's sparse-momentum masks redrawn (``spam_optax.redraw_masks``):
+  what the loop runs after the steps whose redraw it schedules (``Steps.after_step``)."""
+  return {**state, "opt_state": spam_optax.redraw_masks(state["opt_state"], state["params"])}
 
 
 def make_eval_step(model, *, pad_id: int):

@@ -42,7 +42,8 @@ TRANSFORMATIONS = {
 def test_every_public_transformation_is_listed():
   made = {name for name in spam_optax.__all__
           if name[0].islower() and name not in (
-              "spam", "stable_spam", "spike_stats", "replace_masks",
+              "spam", "stable_spam", "spike_stats", "replace_masks", "redraw_masks",
+              "redraw_due",
               "uniform_mask_sampler", "reset_warmup_scale",
               "cosine_momentum_scale")}
   assert made <= set(TRANSFORMATIONS), made - set(TRANSFORMATIONS)

@@ -32,6 +32,34 @@ def test_run_writes_metrics_eval_and_checkpoint(tiny_args, tmp_path, capsys):
   assert "validation perplexity" in out and "metrics:" in out and "checkpoint:" in out
 
 
+def test_sparse_masks_redrawn_by_the_loop_follow_the_in_update_redraw(tiny_args, tmp_path,
+                                                                      monkeypatch):
+  """With --density the loop redraws SPAM's masks itself (no lax.cond in the step); the run is
+  the one the optimizer's own in-update redraw gives, redraws after steps 2 and 5 included."""
+  flags = dict(optimizer="spam", density=0.5, DeltaT=3, warmup_epoch=1, threshold=2,
+               grad_accu_steps=1, num_training_steps=7, eval_every=7, save_every=7)
+  redrawn = []
+  original = pretrain.Steps.after_step
+
+  def after_step(self, step, state):
+    new = original(self, step, state)
+    if new is not state:
+      redrawn.append(step)
+    return new
+
+  monkeypatch.setattr(pretrain.Steps, "after_step", after_step)
+  by_loop = pretrain.main(tiny_args("by_loop", **flags))
+  assert redrawn == [2, 5]
+  monkeypatch.setattr(optimizers, "mask_redraw_interval", lambda cfg: 0)
+  in_update = pretrain.main(tiny_args("in_update", **flags))
+  assert redrawn == [2, 5]  # no loop redraw in the second run
+  loop_metrics, update_metrics = (read_metrics(tmp_path / r) for r in ("by_loop", "in_update"))
+  strip = lambda records: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
+                           for r in records]
+  assert strip(loop_metrics) == strip(update_metrics)
+  assert by_loop["last"]["loss"] == in_update["last"]["loss"]
+
+
 def test_schedule_is_the_official_one():
   f = lambda s: float(optimizers.lr_factor(s, scheduler="cosine", warmup_steps=10,
                                            num_training_steps=110, min_lr_ratio=0.1))
