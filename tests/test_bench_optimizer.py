@@ -27,6 +27,21 @@ def test_state_bytes_at_1b_meet_the_sparse_target(capsys):
   assert sparse == 0.436  # exact: eval_shape of the state, no allocation
 
 
+def test_sparse_spam_as_the_trainer_runs_it(capsys):
+  """``spam d=0.25 (loop redraw)``: the same state as ``spam d=0.25``, an update without the
+  redraw's conditional."""
+  bench_optimizer.main(["--size", "tiny", "--no-time", "--optimizers",
+                        "spam d=0.25 (loop redraw),spam d=0.25"])
+  rows = {r[0]: r for r in table_rows(capsys.readouterr().out)[1:]}
+  assert list(rows) == ["adamw", "spam d=0.25 (loop redraw)", "spam d=0.25"]
+  assert rows["spam d=0.25 (loop redraw)"][6:] == rows["spam d=0.25"][6:]
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
+  (name, opt), = bench_optimizer.loop_redraw_optimizer(0.25).items()
+  state = jax.eval_shape(opt.init, shapes)
+  assert "stablehlo.case" not in jax.jit(opt.update).lower(shapes, state, shapes).as_text()
+  assert bench_optimizer.sanitize(name) == "spam_d=0.25_loop_redraw"
+
+
 def test_timed_tables_on_a_tiny_tree(capsys):
   bench_optimizer.main(["--size", "tiny", "--warmup", "1", "--iters", "2"])
   rows = table_rows(capsys.readouterr().out)

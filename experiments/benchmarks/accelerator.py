@@ -6,7 +6,8 @@ with its own time limit (so a slow or out-of-memory part loses only itself), in 
 skipping what no longer fits in ``--budget_s``:
 
 1. ``bench_optimizer --size 1b``: adamw, spam, stable_spam, the hand-fused Stable-SPAM with
-   its per-leaf statistics held as vectors (a reference), spam d=0.25, one resident at a
+   its per-leaf statistics held as vectors (a reference), spam d=0.25 as the trainer runs it
+   (masks redrawn by the loop, no ``lax.cond``) and with its in-update redraw, one resident at a
    time, each profiled;
 2. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256, profiled;
 3. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
@@ -222,7 +223,8 @@ def plan(args, work: str) -> list:
   # (809 kernels): whether the library's update is as fast as one written by hand.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
-      f"spam,stable_spam,{VECTOR_REFERENCE},spam d=0.25", "--json", js("optimizer")]
+      f"spam,stable_spam,{VECTOR_REFERENCE},spam d=0.25 (loop redraw),spam d=0.25",
+      "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)

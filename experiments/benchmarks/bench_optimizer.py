@@ -87,6 +87,19 @@ def optimizers(density: float, scan_layers: bool = False) -> dict:
   }
 
 
+def loop_redraw_name(density: float) -> str:
+  return f"spam d={density:g} (loop redraw)"
+
+
+def loop_redraw_optimizer(density: float) -> dict:
+  """Sparse SPAM as the trainer builds it: ``redraw_masks_in_update=False``, the masks
+  redrawn by the loop every ``reset_interval`` steps (not timed here), so the update timed
+  is the step's, with no ``lax.cond``. Selected by name with ``--optimizers``."""
+  return {loop_redraw_name(density): spam_optax.spam(
+      1e-3, density=density, sparse_mask=train_optimizers.projection_mask,
+      redraw_masks_in_update=False)}
+
+
 class _FusedState(NamedTuple):
   count: jax.Array
   mu: Any
@@ -518,7 +531,7 @@ def _time_group(args, shapes, opts: dict, group_index: int, header: dict,
 def _main_optimizers(args, shapes, header: dict) -> None:
   opts = optimizers(args.density, args.scan_layers)
   if args.optimizers:
-    known = {**block_optimizers(), **opts}
+    known = {**block_optimizers(), **loop_redraw_optimizer(args.density), **opts}
     wanted = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in known]
     if unknown:
