@@ -7,7 +7,9 @@ it on a synthetic batch of random token ids (no padding): warm-up calls after co
 ``--steps`` calls as the trainer's loop makes them, one step in flight (``timing.in_flight_s``:
 step n is dispatched before step n-1's metrics are fetched), the time every rate is from; and
 the median of ``--steps`` calls each waited for (``step_s_synced``: the host's launch of the
-step added to the device's time). Model FLOPs per token come from
+step added to the device's time). With ``--density`` < 1 the sparse-momentum masks' redraw,
+which the trainer's loop makes after every ``--DeltaT``-th step, is not in the timed step.
+Model FLOPs per token come from
 ``models.flops_per_token`` (6·N + 12·L·d·T, PaLM's convention); MFU is achieved model FLOP/s
 over the per-device peak (``--peak_tflops``, else ``metrics.PEAK_TFLOPS`` for known
 chips, e.g. 989 for an H100; n/a on CPU).
