@@ -53,6 +53,30 @@ def test_counts_the_kernels_of_the_entry_and_loop_bodies_only():
   assert s["aliased_outputs"] == 1
 
 
+def test_host_waits_are_conditionals_and_loops_of_unknown_trip_count():
+  assert hlo_stats.summarize(_HLO)["host_waits"] == 1  # its loop has no known trip count
+  compiled = lambda f, *args: jax.jit(f).lower(*args).compile().as_text()
+  scan = lambda x: jax.lax.scan(lambda c, _: (c * 2, None), x, None, length=3)[0]
+  cond = lambda x, p: jax.lax.cond(p, lambda x: x * 2, lambda x: x + 1, x)
+  until = lambda x: jax.lax.while_loop(lambda c: c[0] < c[1].sum(),
+                                       lambda c: (c[0] + 1, c[1]), (0.0, x))
+  assert hlo_stats.summarize(compiled(scan, jnp.ones(8)))["host_waits"] == 0
+  assert hlo_stats.summarize(compiled(cond, jnp.ones(8), True))["host_waits"] == 1
+  assert hlo_stats.summarize(compiled(until, jnp.ones(8)))["host_waits"] == 1
+
+
+def test_the_trainers_sparse_step_makes_the_host_wait_nowhere(capsys):
+  """SPAM with sparse momentum: the library's own update holds the masks' redraw as a
+  conditional; the trainer's step, whose loop redraws the masks, holds none."""
+  library = hlo_stats.main(["--what", "optimizer", "--size", "tiny", "--optimizer",
+                            "spam_sparse"])
+  trainer = hlo_stats.main(["--what", "train", "--model", "llama_9m", "--optimizer", "spam",
+                            "--density", "0.5", "--batch", "2", "--length", "16"])
+  capsys.readouterr()
+  assert library["host_waits"] == 1 and library["ops"]["conditional"] == 1
+  assert trainer["host_waits"] == 0 and "conditional" not in trainer["ops"]
+
+
 def test_computations_and_what_runs_inside_others():
   comps = hlo_stats.computations(_HLO)
   assert list(comps) == ["add", "fused_computation", "body", "cond", "main"]
@@ -132,8 +156,9 @@ def test_compiling_for_an_h100_without_one():
   params = row["params"]
   # XLA:GPU fuses Adam into one pass per leaf: the 28 B per parameter the math needs.
   assert 28 * params <= row["traffic"]["bytes"] <= 28.5 * params
-  # Stable-SPAM on the scanned layout: per-layer statistics, far fewer kernels, no more bytes.
-  flat, scanned = (aot_gpu.optimizer_updates("tiny", ["stable_spam"], sharding,
+  # Stable-SPAM on the scanned layout: per-layer statistics, far fewer kernels, no more bytes
+  # (on the 8-layer small layout; the 2-layer tiny one has too few layers to show it).
+  flat, scanned = (aot_gpu.optimizer_updates("small", ["stable_spam"], sharding,
                                              scan_layers=scan)[0]["traffic"]
                    for scan in (False, True))
   assert scanned["kernels"] < flat["kernels"] / 1.5

@@ -576,16 +576,17 @@ def markdown(report: dict) -> str:
         for r in fallbacks)]
   if res["hlo"]:
     lines += ["", "## Compiled HLO (hlo_stats)", "",
-              "| step | kernels | GB moved | fusions | while loops | scatters | copies "
-              "| custom calls | cuDNN attention | outputs in donated buffers | donation warnings |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+              "| step | kernels | GB moved | fusions | while loops | host waits | scatters "
+              "| copies | custom calls | cuDNN attention | outputs in donated buffers "
+              "| donation warnings |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for h in res["hlo"]:
       calls = ", ".join(f"{k} ×{v}" for k, v in h["custom_calls"].items()) or "–"
       ops, traffic = h["ops"], h.get("traffic") or {}
       moved = traffic.get("bytes")
       lines.append(f"| {h['what']} | {_f(traffic.get('kernels'), '{:.0f}')} | "
                    f"{_f(moved and moved / 1e9, '{:.2f}')} | {ops.get('fusion', 0)} | "
-                   f"{ops.get('while', 0)} | "
+                   f"{ops.get('while', 0)} | {_f(h.get('host_waits'), '{:.0f}')} | "
                    f"{ops.get('scatter', 0)} | {ops.get('copy', 0)} | {calls} | "
                    f"{'yes' if h['cudnn_attention'] else 'no'} | {h['aliased_outputs']} | "
                    f"{len(h['donation_warnings']) or 'none'} |")

@@ -10,7 +10,9 @@ any device time is spent it tells:
   move (``hlo_stats.kernel_traffic``: each kernel reads its operands and writes its result
   once); for a memory-bound update, bytes over the bandwidth is the time to expect;
 * whether attention compiles to cuDNN's fused kernel (``__cudnn$fmha...``);
-* what the donated update aliases.
+* what the donated update aliases;
+* where the host must wait for the device ("host waits": conditionals and loops of unknown
+  trip count, whose predicate XLA:GPU copies to the host).
 
   python -m experiments.benchmarks.aot_gpu --what optimizer --size 1b
   python -m experiments.benchmarks.aot_gpu --what model --model llama_350m --quant bf16,int4
@@ -249,14 +251,15 @@ def main(argv=None) -> list:
     base = rows[0]["traffic"]
     layout = f"{args.size}{' scanned' if args.scan_layers else ''}"
     print(f"| {layout} update ({args.target}) | kernels | GB moved | B per param | "
-          f"× {rows[0]['name']} bytes | ms at {args.bandwidth_GBps:,.0f} GB/s | compile s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"× {rows[0]['name']} bytes | ms at {args.bandwidth_GBps:,.0f} GB/s | host waits "
+          "| compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
       t = r["traffic"]
       print(f"| {r['name']} | {t['kernels']} | {t['bytes'] / 1e9:.2f} | "
             f"{t['bytes'] / r['params']:.1f} | {t['bytes'] / base['bytes']:.3f} | "
-            f"{1e3 * t['bytes'] / (args.bandwidth_GBps * 1e9):.2f} | {r['compile_s']:.0f} |",
-            flush=True)
+            f"{1e3 * t['bytes'] / (args.bandwidth_GBps * 1e9):.2f} | {r['host_waits']} | "
+            f"{r['compile_s']:.0f} |", flush=True)
     for r in rows:  # one branch of each conditional runs, besides the totals above
       for b in r["traffic"]["branches"]:
         print(f"{r['name']}: conditional branch {b['computation']}: {b['kernels']} kernels, "
@@ -269,15 +272,15 @@ def main(argv=None) -> list:
     calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
     print(f"| train step ({args.target}) | kernels | GB moved | GB matmul / attention / rest "
           "| peak GiB | cuDNN attention | outputs in donated buffers / state leaves "
-          "| donation warnings | compile s |")
-    print("|---|---:|---:|---|---:|---|---|---|---:|")
+          "| donation warnings | host waits | compile s |")
+    print("|---|---:|---:|---|---:|---|---|---|---:|---:|")
     print(f"| {r['model']} {r['optimizer']} {r['batch']}×{r['length']}, "
           f"{'bf16' if r['logits_dtype'] == 'bfloat16' else 'float32'} logits | "
           f"{r['traffic']['kernels']} | {r['traffic']['bytes'] / 1e9:.2f} | "
           f"{_split(r['traffic'])} | {_gib(r)} | "
           f"{'yes' if r['cudnn_attention'] else 'no'} ({calls}) | "
           f"{r['aliased_outputs']} / {r['state_leaves']} | {len(r['donation_warnings'])} | "
-          f"{r['compile_s']:.0f} |", flush=True)
+          f"{r['host_waits']} | {r['compile_s']:.0f} |", flush=True)
   else:
     rows = model_steps(args.model, [q.strip() for q in args.quant.split(",") if q.strip()],
                        args.batch, args.length, sharding, args.dump, args.logits_dtype,

@@ -57,10 +57,14 @@ def summarize(hlo_text: str) -> dict:
 
   Only instructions of computations that run on their own are counted (the entry, while
   bodies, branches): what a fusion or a reducer holds inside is part of that one kernel.
+  ``host_waits`` counts the conditionals and the loops without a known trip count: XLA:GPU
+  runs each by copying its predicate to the host and waiting for the device to reach it
+  (per iteration for a loop), so the host cannot queue work ahead of the device there.
   """
   ops = collections.Counter()
   kinds = collections.Counter()
   targets = collections.Counter()
+  host_waits = 0
   comps = computations(hlo_text)
   inner = _bodies(comps)
   for name, comp in comps.items():
@@ -71,6 +75,8 @@ def summarize(hlo_text: str) -> dict:
       if not op:
         continue
       ops[op] += 1
+      if op == "conditional" or (op == "while" and not _TRIP_COUNT.search(line)):
+        host_waits += 1
       if op == "fusion":
         k = hlo_parse.FUSION_KIND.search(line)
         kinds[k.group(1) if k else "?"] += 1
@@ -85,7 +91,7 @@ def summarize(hlo_text: str) -> dict:
           "reduce-scatter", "custom-call", "dot", "convolution", "reduce", "rng-bit-generator")
   return dict(ops={k: ops[k] for k in keep if ops[k]}, fusion_kinds=dict(kinds),
               custom_calls=dict(targets), aliased_outputs=aliased,
-              cudnn_attention=any("fmha" in t for t in targets))
+              cudnn_attention=any("fmha" in t for t in targets), host_waits=host_waits)
 
 
 # Bytes per element of the HLO element types (sub-byte types packed).
