@@ -16,6 +16,7 @@ import optax
 
 import models
 import spam_optax
+from experiments import metrics as metrics_lib
 from experiments import optimizers
 
 
@@ -87,7 +88,7 @@ def make_train_step(model, optimizer, schedule, *, pad_id: int, grad_spikes=()):
         "loss": loss_sum / accum,
         "lr": schedule(state["step"]),
         "grad_norm": optax.tree.norm(grads),
-        **optimizers.spike_stats(opt_state),
+        **spike_metrics(opt_state),
     }
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
                  "rng": rng}
@@ -99,6 +100,21 @@ def redraw_masks(state):
   """The train state with SPAM's sparse-momentum masks redrawn (``spam_optax.redraw_masks``):
   what the loop runs after the steps whose redraw it schedules (``Steps.after_step``)."""
   return {**state, "opt_state": spam_optax.redraw_masks(state["opt_state"], state["params"])}
+
+
+PER_LEAF = "spike/clipped/"  # spam_optax.spike_stats' per-leaf keys
+
+
+def spike_metrics(opt_state) -> dict:
+  """``optimizers.spike_stats`` with the per-leaf clipped counts (one per parameter leaf, 58
+  at 60m, 219 at 1b) packed into one ``metrics.PackedScalars``: one vector to fetch per step
+  instead of one scalar each; the writer names them again."""
+  stats = optimizers.spike_stats(opt_state)
+  per_leaf = {k: v for k, v in stats.items() if k.startswith(PER_LEAF)}
+  out = {k: v for k, v in stats.items() if k not in per_leaf}
+  if per_leaf:
+    out[PER_LEAF + "*"] = metrics_lib.PackedScalars.pack(per_leaf)
+  return out
 
 
 def make_eval_step(model, *, pad_id: int):

@@ -19,6 +19,8 @@ def test_bench_train_smoke(tmp_path, capsys):
   assert step["tokens_per_s"] == 2 * 16 / step["step_s"]  # as the trainer runs
   assert 0 < step["step_s_synced_min"] <= step["step_s_synced"]
   assert loader["tokens_per_s"] > 0 and loader["batch"] == 2 and loader["length"] == 16
+  assert step["writer_s"] > 0
+  assert "metrics writer, host ms per step (while the next step runs): llama_9m/spam " in text
 
 
 def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):

@@ -14,6 +14,9 @@ Model FLOPs per token come from
 over the per-device peak (``--peak_tflops``, else ``metrics.PEAK_TFLOPS`` for known
 chips, e.g. 989 for an H100; n/a on CPU).
 
+It also times the host's part of each step that the loop does while the next step runs:
+the metrics writer's fetch and records (``writer_s``, ``metrics_writer_s``).
+
 Separately it times the real input pipeline (``data.make_loaders`` on ``--dataset``, default
 the offline standard-library corpus): ``next_batch()`` of the training loader, in batches/s
 and tokens/s, and reports loader tokens/s ÷ step tokens/s. The loop prepares batch t+1 while
@@ -46,6 +49,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -218,9 +222,11 @@ def _bench_step(args, model_name: str, optimizer_name: str,
 
     synced = timing.synced_times(run_once, args.steps)
     in_flight = timing.in_flight_s(run_once, args.steps)  # as the trainer's loop runs
+    writer_s = metrics_writer_s([run_once() for _ in range(args.steps)])
     loss = float(run_once()["loss"])
     r = _result(args, cfg, mcfg, optimizer_name, sizes, in_flight, synced, compile_s,
                 first_step_s, loss)
+    r["writer_s"] = writer_s
     if args.hlo:
       r["hlo"] = _hlo(args, text, donation, label)
     if args.profile:
@@ -241,6 +247,24 @@ def _sizes(args, model_name: str, optimizer_name: str) -> tuple[int, float]:
   mcfg = pretrain.model_config(cfg)
   n_tokens = cfg.batch_size * cfg.max_length
   return models.count_params(mcfg), models.flops_per_token(mcfg, cfg.max_length) * n_tokens
+
+
+def metrics_writer_s(outputs: list) -> float:
+  """Host seconds per step that the trainer's ``metrics.MetricsWriter`` takes for these step
+  metrics, already computed: the fetch, the record, its ``metrics.jsonl`` line and, when
+  tensorboardX (or PyTorch's writer) is installed, its TensorBoard scalars. The loop does this
+  while the next step runs, so it must stay under the step time."""
+  jax.block_until_ready(outputs)
+  with tempfile.TemporaryDirectory() as folder:
+    writer = metrics.MetricsWriter(folder, tokens_per_step=1, flops_per_step=1.0,
+                                   peak_flops=None)
+    t0 = time.perf_counter()
+    for step, out in enumerate(outputs, start=1):
+      writer.push(step, out)
+    writer.flush()
+    elapsed = time.perf_counter() - t0
+    writer.close()
+  return elapsed / len(outputs)
 
 
 def _result(args, cfg, mcfg, optimizer_name, sizes, step_s, synced, compile_s, first_step_s,
@@ -326,6 +350,9 @@ def main(argv=None):
   if results:
     compiled = ", ".join(f"{r['model']}/{r['optimizer']} {r['compile_s']:.0f}" for r in results)
     print(f"compile (s, step excluded): {compiled}", flush=True)
+    written = ", ".join(f"{r['model']}/{r['optimizer']} {1e3 * r['writer_s']:.2f}"
+                        for r in results)
+    print(f"metrics writer, host ms per step (while the next step runs): {written}", flush=True)
   if backend == "gpu" and (args.batch, args.length) != (64, 256):
     print("note: the PyTorch peer numbers are for batch 64×256")
   for r in results:
