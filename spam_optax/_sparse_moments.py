@@ -7,8 +7,9 @@ inner transformation sees only compact leaves (so its state is compact too),
 and its updates are scattered back with zeros outside the mask.
 
 Masks are sorted ``int32`` flat indices with a static length ``k``, so shapes
-never depend on data: the wrapper jits once, needs no host syncs, and works on
-sharded arrays.
+never depend on data: the wrapper jits once and works on sharded arrays. Its
+periodic redraw is a ``lax.cond``, which XLA:GPU waits on the host for; a loop
+that redraws the masks itself (:func:`redraw_masks`) keeps ``update`` free of it.
 """
 
 from collections.abc import Callable
