@@ -255,7 +255,14 @@ def build_steps(run: Run) -> Steps:
   param_shardings, state_shardings, abstract = sharding.train_state_shardings(
       model, init_fn, example, mesh, models.DEFAULT_LOGICAL_AXIS_RULES)
   pad_id = inputs.tok.pad_id
+  restore_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, state_shardings)
   redraw_interval = optimizers.mask_redraw_interval(cfg)
+  redraw = None
+  if redraw_interval:  # compiled now: a failure shows before training, not at the first redraw
+    redraw = jax.jit(ts.redraw_masks, in_shardings=(state_shardings,),
+                     out_shardings=state_shardings, donate_argnums=0).lower(
+                         restore_target).compile()
   return Steps(
       init=jax.jit(init_fn, out_shardings=state_shardings),
       train=jax.jit(ts.make_train_step(model, inputs.optimizer, inputs.schedule, pad_id=pad_id,
@@ -266,16 +273,11 @@ def build_steps(run: Run) -> Steps:
                    in_shardings=(param_shardings, sharding.eval_batch_sharding(mesh),
                                  replicated), out_shardings=replicated),
       finite=jax.jit(ts.all_finite, out_shardings=replicated),
-      restore_target=jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          abstract, state_shardings),
+      restore_target=restore_target,
       param_shardings=param_shardings,
       batch_sharding=batch_sharding,
       batch_shape=(cfg.accum_steps, cfg.batch_size, cfg.max_length),
-      redraw_interval=redraw_interval,
-      redraw=jax.jit(ts.redraw_masks, in_shardings=(state_shardings,),
-                     out_shardings=state_shardings, donate_argnums=0)
-      if redraw_interval else None)
+      redraw_interval=redraw_interval, redraw=redraw)
 
 
 # ----------------------------------------------------------------------------- stage 4: train
