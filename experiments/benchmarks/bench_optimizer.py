@@ -87,15 +87,11 @@ def optimizers(density: float, scan_layers: bool = False) -> dict:
   }
 
 
-def loop_redraw_name(density: float) -> str:
-  return f"spam d={density:g} (loop redraw)"
-
-
 def loop_redraw_optimizer(density: float) -> dict:
   """Sparse SPAM as the trainer builds it: ``redraw_masks_in_update=False``, the masks
   redrawn by the loop every ``reset_interval`` steps (not timed here), so the update timed
   is the step's, with no ``lax.cond``. Selected by name with ``--optimizers``."""
-  return {loop_redraw_name(density): spam_optax.spam(
+  return {f"spam d={density:g} (loop redraw)": spam_optax.spam(
       1e-3, density=density, sparse_mask=train_optimizers.projection_mask,
       redraw_masks_in_update=False)}
 
