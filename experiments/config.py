@@ -30,6 +30,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
 LOGITS_DTYPES = ("auto", "bfloat16", "float32")
 ATTENTIONS = ("auto", "cudnn", "xla")
+NORMS = ("auto", "pallas", "xla")
 # Element-wise update rules (global counters at most): the same with the layers stacked by
 # --scan_layers. Stable-SPAM's AdaGN/AdaClip and Adafactor's factored moments take
 # statistics per tensor, which a stacked tensor would pool over all layers.
@@ -48,6 +49,7 @@ class TrainConfig:
   scan_layers: bool = False
   logits_dtype: str = "auto"  # the compute dtype: bfloat16 unless --dtype float32
   attention: str = "auto"  # cuDNN's flash attention on a GPU where it applies, else XLA's
+  norm: str = "auto"  # the residual add + RMSNorm kernels: Pallas on one GPU, else XLA's
   # optimizer
   optimizer: str = "spam"
   lr: float = 3e-3
@@ -239,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "xla, or auto: cudnn on a GPU where cuDNN accepts the shapes and dtypes "
                       "while tracing, xla otherwise; pass xla if cuDNN fails when the step "
                       "compiles")
+  g.add_argument("--norm", default=d.norm, choices=NORMS,
+                 help="the residual add + RMSNorm kernels: pallas (one Triton kernel each way, "
+                      "one GPU only), xla, or auto: pallas on one GPU of compute capability "
+                      ">= 8.0, xla otherwise")
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")
@@ -550,6 +556,11 @@ def attention_implementation(attention: str) -> str | None:
   return None if attention == "auto" else attention
 
 
+def norm_implementation(norm: str) -> str | None:
+  """``--norm`` as ``LlamaConfig.norm_implementation`` (auto: None, the model's own choice)."""
+  return None if norm == "auto" else norm
+
+
 def resolve_logits_dtype(logits_dtype: str, dtype: str) -> str:
   """``--logits_dtype auto``: the compute dtype's, float32 for ``--dtype float32`` only."""
   if logits_dtype != "auto":
@@ -572,6 +583,8 @@ def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
   logits_dtype = resolve_logits_dtype(cfg.logits_dtype, dtype)
   if cfg.attention == "cudnn" and backend != "gpu":
     fail(f"--attention cudnn needs a GPU (this JAX backend: {backend}); use auto or xla")
+  if cfg.norm == "pallas" and backend != "gpu":
+    fail(f"--norm pallas needs a GPU (this JAX backend: {backend}); use auto or xla")
   name = cfg.name or (
       f"{os.path.basename(os.path.normpath(cfg.model_config)).removesuffix('.json')}-"
       f"{cfg.optimizer}-{dtype}")

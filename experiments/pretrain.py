@@ -54,6 +54,7 @@ def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
                  scan_layers=cfg.scan_layers,
                  logits_dtype=config.resolve_logits_dtype(cfg.logits_dtype, cfg.dtype),
                  attention_implementation=config.attention_implementation(cfg.attention),
+                 norm_implementation=config.norm_implementation(cfg.norm),
                  max_seq_len=max(mcfg.max_seq_len, cfg.max_length))
   return dataclasses.replace(mcfg, **changes)
 
@@ -79,6 +80,10 @@ def check_devices(cfg: config.TrainConfig, sizes: dict[str, int]) -> None:
                 f"devices of the mesh {sizes}")
   if cfg.batch_size % hosts:
     config.fail(f"--batch_size {cfg.batch_size} is not divisible by the {hosts} hosts")
+  devices = math.prod(sizes.values())
+  if cfg.norm == "pallas" and devices > 1:
+    config.fail(f"--norm pallas runs on one device (this mesh: {devices}); XLA cannot "
+                "partition its kernels: use auto or xla")
 
 
 def log(*args) -> None:

@@ -58,8 +58,15 @@ class LlamaConfig:
   # `jax.nn.dot_product_attention`'s "xla" or "cudnn"; None (`attention.causal_attention`)
   # picks cuDNN flash attention on a GPU where it applies and XLA otherwise.
   attention_implementation: str | None = None
+  # The RMSNorms, each with the residual add before it: "pallas" (one kernel forward and
+  # one backward, `models.norm_kernels`; Triton on a GPU, interpreted elsewhere), "xla", or
+  # None: "pallas" on one GPU of compute capability >= 8.0, "xla" otherwise.
+  norm_implementation: str | None = None
 
   def __post_init__(self):
+    if self.norm_implementation not in (None, "xla", "pallas"):
+      raise ValueError(f"norm_implementation {self.norm_implementation!r} is not "
+                       "None, 'xla' or 'pallas'")
     if self.attention_implementation not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_implementation {self.attention_implementation!r} is not "
                        "None, 'xla' or 'cudnn'")

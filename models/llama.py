@@ -34,7 +34,12 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 class DecoderBlock(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)).
 
-  With `scanned`, returns `(x, None)`: the carry and (no) output of `nn.scan`.
+  The residual stream travels between blocks as a pair `(x, delta)`: the stream and the
+  output of the last sublayer, not yet added, so that every residual add runs in the norm
+  that reads the sum (`RMSNorm(x, residual)`; one kernel with `norm_implementation`
+  "pallas"). A block takes the pair and returns the next; `delta` is None before the first
+  unscanned block. With `scanned`, returns `((x, delta), None)`: the carry and (no) output
+  of `nn.scan`.
   """
 
   config: LlamaConfig
@@ -42,11 +47,17 @@ class DecoderBlock(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, carry: tuple, positions: jax.Array) -> tuple:
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)
-    h = norm("input_layernorm")(x)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, param_dtype,
+                                implementation=cfg.norm_implementation, name=name)
+    x, delta = carry
+    if delta is None:
+      h = norm("input_layernorm")(x)
+    else:
+      x, h = norm("input_layernorm")(x, delta)
+      x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = Attention(
         num_heads=cfg.num_heads,
         head_dim=cfg.head_dim,
@@ -58,8 +69,8 @@ class DecoderBlock(nn.Module):
         implementation=cfg.attention_implementation,
         name="self_attn",
     )(h, positions)
-    x = checkpoint_name(nn.with_logical_constraint(x + h, ACTIVATION_AXES), "residual_mid")
-    h = norm("post_attention_layernorm")(x)
+    x, h = norm("post_attention_layernorm")(x, nn.with_logical_constraint(h, ACTIVATION_AXES))
+    x = checkpoint_name(nn.with_logical_constraint(x, ACTIVATION_AXES), "residual_mid")
     h = MLP(
         cfg.intermediate_size,
         quant=self.quant,
@@ -68,8 +79,8 @@ class DecoderBlock(nn.Module):
         param_dtype=param_dtype,
         name="mlp",
     )(h)
-    x = nn.with_logical_constraint(x + h, ACTIVATION_AXES)
-    return (x, None) if self.scanned else x
+    carry = (x, nn.with_logical_constraint(h, ACTIVATION_AXES))
+    return (carry, None) if self.scanned else carry
 
 
 class Llama(nn.Module):
@@ -123,11 +134,17 @@ class Llama(nn.Module):
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, _ = block(cfg, self.quant, scanned=True, name="layers")(x, positions)
+      # Every scanned step adds a delta: the first adds zeros (exact).
+      carry, _ = block(cfg, self.quant, scanned=True, name="layers")((x, jnp.zeros_like(x)),
+                                                                     positions)
     else:
+      carry = (x, None)
       for i in range(cfg.num_layers):
-        x = block(cfg, self.quant, name=f"layers_{i}")(x, positions)
-    x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
+        carry = block(cfg, self.quant, name=f"layers_{i}")(carry, positions)
+    x, delta = carry
+    norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype,
+                   implementation=cfg.norm_implementation, name="norm")
+    x = norm(x) if delta is None else norm(x, delta)[1]
     # The head runs in the compute dtype, accumulates in float32 and returns logits_dtype.
     logits = DenseGeneral(
         cfg.vocab_size,

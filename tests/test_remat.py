@@ -17,11 +17,11 @@ def _saved(policy, capsys):
   block = models.llama.DecoderBlock(CFG)
   x = jnp.ones((2, 16, 32), jnp.bfloat16)
   positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-  params = block.init(jax.random.key(0), x, positions)
+  params = block.init(jax.random.key(0), (x, x), positions)
 
   def loss(p, x):
-    f = jax.checkpoint(lambda p, x: block.apply(p, x, positions), policy=policy)
-    return f(p, x).astype(jnp.float32).sum()
+    f = jax.checkpoint(lambda p, x: block.apply(p, (x, x), positions), policy=policy)
+    return sum(y.astype(jnp.float32).sum() for y in f(p, x))
 
   capsys.readouterr()
   jax.ad_checkpoint.print_saved_residuals(loss, params, x)
@@ -34,10 +34,11 @@ def test_block_residuals_keeps_the_named_products_only(capsys):
   # One saved value per name, nothing else (no norm, cast or SiLU output): bf16 only, each
   # made where the model names it. (Older jax prints them as the output of the cast that
   # precedes the name, at the same source line.)
-  assert len(kept) == len(remat.SAVED_NAMES), kept
+  # `residual_mid` leaves the block as the first of its outputs, so it is not stored apart.
+  assert len(kept) == len(remat.SAVED_NAMES) - 1, kept
   assert all(l.startswith("bf16[") for l in kept), kept
   names = {l.split("named '")[1].split("'")[0] for l in kept if "named '" in l}
-  assert names <= set(remat.SAVED_NAMES)
+  assert names <= set(remat.SAVED_NAMES) - {"residual_mid"}
   for line in kept:
     path, number = re.search(r"from (\S+\.py):(\d+):", line).groups()
     with open(path, encoding="utf-8") as f:

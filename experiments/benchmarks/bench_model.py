@@ -62,6 +62,8 @@ def parse_args(argv=None):
   p.add_argument("--attention", default="auto", choices=config_lib.ATTENTIONS,
                  help="as the trainer's --attention; with auto, a model whose cuDNN attention "
                       "fails to compile is measured again with xla (attention_fallback)")
+  p.add_argument("--norm", default="auto", choices=config_lib.NORMS,
+                 help="as the trainer's --norm: the residual add + RMSNorm kernels")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -81,7 +83,7 @@ def model_inputs(name: str, args):
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
   # The quantized variants have the same parameters, and so has any attention kernel: XLA's
   # here, so that a cuDNN failure is met (and retried) where the step compiles.
-  model = models.Llama(config.replace(attention_implementation="xla"))
+  model = models.Llama(config.replace(attention_implementation="xla", norm_implementation="xla"))
   if args.compile_only:  # shapes only: nothing allocated
     variables = jax.eval_shape(model.init, jax.random.key(1), tokens)
   else:
@@ -97,8 +99,9 @@ def bench_one(inputs, quant_name: str, args,
   profiled calls run.
   """
   config, tokens, params = inputs
-  config = config.replace(  # the parameters do not depend on it
-      attention_implementation=config_lib.attention_implementation(args.attention))
+  config = config.replace(  # the parameters do not depend on them
+      attention_implementation=config_lib.attention_implementation(args.attention),
+      norm_implementation=config_lib.norm_implementation(getattr(args, "norm", "auto")))
   model = models.Llama(config, quant=models.get_quant_config(quant_name))
 
   def loss_fn(params, tokens, key):
@@ -127,6 +130,7 @@ def bench_one(inputs, quant_name: str, args,
   r = dict(model=config.name, quant=quant_name, batch=args.batch, seq_len=args.seq_len,
            scan_layers=config.scan_layers, remat=config.remat, logits_dtype=config.logits_dtype,
            attention=args.attention, params=models.count_params(config), step_s=step_s,
+           norm=config.norm_implementation or models.normalization.default_implementation(),
            step_s_synced=statistics.median(synced),
            compile_s=compile_s, first_step_s=first_step_s,
            tokens_per_s=n_tokens / step_s, model_tflops_per_s=flops / step_s / 1e12,
