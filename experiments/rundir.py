@@ -30,7 +30,7 @@ RESUMABLE = frozenset({
     # layout / memory, same numbers (the number of processes must stay the same: each one's
     # loader position is saved apart, and a checkpoint restores only into as many)
     "mesh", "distributed", "activation_checkpointing", "remat_policy",
-    "attention",  # the same attention computed by another kernel
+    "attention", "norm",  # the same attention / residual add + RMSNorm by another kernel
     "resume", "name", "save_dir",  # where the run lives, not what it is
     "inject_nan_at_step", "inject_signal",  # debugging
 })

@@ -110,6 +110,23 @@ def test_trainer_attention_flag(tiny_args):
   assert "attention" in rundir.RESUMABLE  # the same attention by another kernel: resumable
 
 
+def test_trainer_norm_flag(tiny_args):
+  assert pretrain.model_config(config.parse_args(tiny_args())).norm_implementation is None
+  cfg = config.parse_args(tiny_args(norm="xla"))
+  assert pretrain.model_config(cfg).norm_implementation == "xla"
+  assert config.for_backend(config.parse_args(tiny_args(norm="pallas")), "gpu").norm == "pallas"
+  with pytest.raises(config.UsageError, match="--norm pallas needs a GPU"):
+    config.for_backend(config.parse_args(tiny_args(norm="pallas")), "cpu")
+  with pytest.raises(config.UsageError, match="--norm pallas runs on one device"):
+    pretrain.check_devices(config.parse_args(tiny_args(norm="pallas")),
+                           {"data": 2, "fsdp": 1, "tensor": 1})
+  pretrain.check_devices(config.parse_args(tiny_args(norm="pallas")),
+                         {"data": 1, "fsdp": 1, "tensor": 1})
+  with pytest.raises(SystemExit):
+    config.parse_args(tiny_args(norm="triton"))
+  assert "norm" in rundir.RESUMABLE  # the same norm by another kernel: resumable
+
+
 def test_trainer_names_the_flag_when_cudnn_attention_fails(tiny_args, cudnn_fails):
   """With --attention auto a cuDNN failure is one error line naming --attention xla; the
   same run with --attention xla trains."""
