@@ -128,6 +128,33 @@ if len(draws) == 2:
   info["threefry_kernel_same_bits"] = all(
       (a == b).all() for a, b in zip(draws[False], draws[True]))
   print("PROBE " + json.dumps(info), flush=True)
+
+# The residual add + RMSNorm, forward and backward, as the Pallas kernels the models run on
+# one GPU and as XLA compiles the plain form: time of each, and how far apart their results.
+try:
+  from models import norm_kernels
+  rows, width = (256, 96) if tiny else (16384, 1024)
+  x, h, ds, dy = (jax.random.normal(k, (rows, width), jnp.bfloat16)
+                  for k in jax.random.split(jax.random.key(2), 4))
+  scale = jnp.ones((width,), jnp.bfloat16)
+  def plain(x, h, s):
+    x = x + h
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)).astype(x.dtype)
+    return x, y * s
+  fused = lambda x, h, s: norm_kernels.add_rms_norm(x, h, s, 1e-6, jnp.dtype(jnp.bfloat16))
+  outs = {}
+  for name, f in (("xla", plain), ("pallas", fused)):
+    step = jax.jit(lambda x, h, s, f=f: (lambda o, vjp: (o, vjp((ds, dy))))(*jax.vjp(f, x, h, s)))
+    info[f"norm_{name}_ms"] = 1e3 * median_s(step, x, h, scale)
+    outs[name] = jax.device_get(step(x, h, scale))
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                                         / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) or 1.0)),
+                      outs["pallas"], outs["xla"])
+  info["norm_pallas_max_rel_diff"] = max(jax.tree.leaves(diff))
+except Exception as e:  # recorded, not fatal: the parts say whether the models still run
+  info["norm_pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+print("PROBE " + json.dumps(info), flush=True)
 """
 # Bytes one update must move per float32 parameter at least: read p, g, m, v and write p, m, v
 # (Adam, and SPAM, whose clip reads the v that Adam reads anyway); Stable-SPAM reads g twice
@@ -227,6 +254,15 @@ def plan(args, work: str) -> list:
       "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
+  # The smaller model's bf16 step again with XLA's residual add + RMSNorm: what the Pallas
+  # norm kernels (the default on one GPU) gain, measured beside them in the same run.
+  xla_norm_size = model_sizes[-1]
+  parts.append(Part(f"model_{xla_norm_size}_xla_norm", _module("bench_model") + [
+      "--models", f"llama_{xla_norm_size}", "--quant", "bf16", "--norm", "xla", "--batch",
+      str(batch), "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
+      "--json", js(f"model_{xla_norm_size}_xla_norm")]
+      + (["--scan_layers"] if args.scan_layers else []),
+      *model_caps.get(xla_norm_size, (60, 10)), js(f"model_{xla_norm_size}_xla_norm")))
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
   peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,
           "--batch", str(batch), "--length", str(length)] + (
@@ -244,6 +280,14 @@ def plan(args, work: str) -> list:
     cap, need = train_caps.get(size, (60, 10))
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
+  # The size that decides the trainer target again with XLA's residual add + RMSNorm.
+  norm_size = "350m" if "350m" in train_sizes else train_sizes[-1]
+  parts.append(Part(f"train_{norm_size}_xla_norm", _module("bench_train") + [
+      "--models", f"llama_{norm_size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
+      str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
+      "--no_loader", "--norm", "xla", "--json", js(f"train_{norm_size}_xla_norm")]
+      + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(norm_size, (60, 10)),
+      js(f"train_{norm_size}_xla_norm")))
 
   def f32_logits_part(size):
     return Part(f"train_{size}_f32_logits", _module("bench_train") + [
@@ -358,10 +402,13 @@ def collect(parts: dict) -> dict:
     res["blocks"] = _read_json(parts["blocks"].json_file)
   for name, part in parts.items():
     data = _read_json(part.json_file)
+    # A part that measures a step again another way (XLA's norm beside the Pallas kernels):
+    # its rows are tagged, so that no target takes them for the default step.
+    tag = {"variant": "XLA norm"} if name.endswith("_xla_norm") else {}
     if name.startswith("model_") and data:
-      res["model"] += data
+      res["model"] += [{**r, **tag} for r in data]
     if name.startswith("train_") and data:
-      res["train"] += data["steps"]
+      res["train"] += [{**r, **tag} for r in data["steps"]]
       res["hlo"] += [{**r["hlo"], "what": f"train-{r['model']}-{r['optimizer']}"}
                      for r in data["steps"] if r.get("hlo")]
     if name.startswith("hlo_") and data:
@@ -398,7 +445,7 @@ def targets(res: dict) -> list:
       value = row.get("x_adamw_in_flight") or row.get("x_adamw")
       add(f"{key} update ÷ optax.adamw ({size}{layout})", value, TARGETS[name], True,
           "" if row.get("x_adamw_in_flight") or not row else "waited-for updates")
-  bf16 = {r["model"]: r for r in res["model"] if r["quant"] == "bf16"}
+  bf16 = {r["model"]: r for r in res["model"] if r["quant"] == "bf16" and not r.get("variant")}
   add("MFU, llama_350m bf16", bf16.get("llama_350m", {}).get("mfu"), TARGETS["mfu_350m_bf16"],
       False)
   for r in res["model"]:
@@ -417,12 +464,13 @@ def targets(res: dict) -> list:
 def train_label(row: dict) -> str:
   """The model of a trainer row and what sets it apart: remat, scanned layers, float32 logits
   in a bf16 run (the default logits follow the compute dtype), XLA's attention (asked for,
-  or after cuDNN's failed: ``attention_fallback``)."""
+  or after cuDNN's failed: ``attention_fallback``), XLA's norm in the part that measures it
+  beside the default."""
   f32_logits = row.get("logits_dtype") == "float32" and row.get("dtype") != "float32"
   return row["model"] + "".join(f" ({tag})" for tag, on in (
       ("remat", row.get("remat")), ("scan", row.get("scan_layers")),
-      ("float32 logits", f32_logits), ("XLA attention", row.get("attention") == "xla"))
-      if on)
+      ("float32 logits", f32_logits), ("XLA attention", row.get("attention") == "xla"),
+      ("XLA norm", row.get("variant") == "XLA norm")) if on)
 
 
 def floor_ms(name: str, params: int, dtype: str | None, copy_gbps: float | None):
@@ -496,6 +544,14 @@ def markdown(report: dict) -> str:
                  f"{env['threefry_compile_s_xla']:.1f} s with XLA's threefry, "
                  f"{_f(env.get('threefry_compile_s_kernel'), '{:.1f}')} s with jax's kernel "
                  f"(the trainer's setting); the same bits: {'yes' if same else 'NO'}.")
+  if env.get("norm_pallas_ms") is not None:
+    lines.append(f"**Residual add + RMSNorm, forward and backward** ("
+                 f"{'256×96' if report['tiny'] else '16384×1024'} bf16): Pallas kernels "
+                 f"{env['norm_pallas_ms']:.3f} ms, XLA {_f(env.get('norm_xla_ms'), '{:.3f}')} ms; "
+                 f"largest difference {_f(env.get('norm_pallas_max_rel_diff'), '{:.1e}')} "
+                 "of the largest value.")
+  elif env.get("norm_pallas_error"):
+    lines.append(f"**Pallas norm kernels failed in the probe:** {_cell(env['norm_pallas_error'])}")
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")
@@ -559,11 +615,13 @@ def markdown(report: dict) -> str:
               "| model | quant | batch×len | step ms | waited for ms | tokens/s | MFU | vs bf16 "
               "| compile s |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    bf16 = {r["model"]: r["step_s"] for r in res["model"] if r["quant"] == "bf16"}
+    bf16 = {r["model"]: r["step_s"] for r in res["model"]
+            if r["quant"] == "bf16" and not r.get("variant")}
     for r in res["model"]:
       vs = r["step_s"] / bf16[r["model"]] if r["model"] in bf16 else None
       remat = (" (remat)" if r.get("remat") else "") + (" (scan)" if r.get("scan_layers") else "")
       remat += " (XLA attention)" if r.get("attention") == "xla" else ""
+      remat += " (XLA norm)" if r.get("variant") == "XLA norm" else ""
       lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
                    f"{1e3 * r['step_s']:.1f} | "
                    f"{_f(r.get('step_s_synced') and 1e3 * r['step_s_synced'])} | "
