@@ -404,6 +404,10 @@ def main(argv=None) -> dict:
         first = models.attention.failure_line(error, 200)
         config.fail(f"cuDNN attention failed on this GPU ({first}); "
                     "rerun with --attention xla")
+      if inputs.cfg.norm == "auto" and models.is_pallas_failure(error):
+        first = models.attention.failure_line(error, 200)
+        config.fail(f"the Pallas norm kernels failed on this GPU ({first}); "
+                    "rerun with --norm xla")
       raise
 
 

@@ -18,6 +18,7 @@ from models.llama import (
     unstack_layers,
 )
 from models.loss import cross_entropy_loss, token_nll
+from models.norm_kernels import is_pallas_failure
 from models.quantization import QuantConfig, get_quant_config
 from models.sharding import DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXIS_NAMES, MESH_AXES
 
@@ -40,6 +41,7 @@ __all__ = [
     "get_config",
     "get_quant_config",
     "is_cudnn_attention_failure",
+    "is_pallas_failure",
     "load_pretrained",
     "save_pretrained",
     "stack_layers",

@@ -143,7 +143,8 @@ def test_the_accelerator_report_shows_the_fallback():
                    length=256, step_s=0.1, tokens_per_s=163840.0, mfu=0.4, compile_s=30.0,
                    attention="xla", attention_fallback=CUDNN_ERROR.splitlines()[0])
   model = dict(model="llama_350m", quant="bf16", batch=64, seq_len=256, step_s=0.08,
-               tokens_per_s=2e5, mfu=0.45, compile_s=20.0, attention="auto")
+               tokens_per_s=2e5, mfu=0.45, compile_s=20.0, attention="auto", norm="xla",
+               norm_fallback="INTERNAL: Triton compilation failed")
   report = dict(date="d", command="c", budget_s=1.0, wall_s=1.0, tiny=False, parts=[],
                 environment={}, results=dict(optimizer=None, optimizer_scan=None, blocks=None,
                                              model=[model], train=[fell_back], peer=[], hlo=[],
@@ -153,3 +154,63 @@ def test_the_accelerator_report_shows_the_fallback():
   assert "| llama_350m | bf16 | 64×256 |" in md  # cuDNN (auto): no tag
   assert ("**cuDNN attention failed, measured again with XLA's:** llama_350m spam: INTERNAL: "
           "cuDNN graph") in md
+  assert ("**The Pallas norm kernels failed, measured again with XLA's:** llama_350m bf16: "
+          "INTERNAL: Triton compilation failed") in md
+
+
+TRITON_ERROR = "INTERNAL: Triton compilation failed for pallas_call add_rms_norm\nmore lines"
+
+
+@pytest.fixture
+def pallas_norm_fails(monkeypatch):
+  """A GPU's default (the Pallas norm kernels) that fails, as a Triton refusal would."""
+  def failing(*args, **kwargs):
+    raise RuntimeError(TRITON_ERROR)
+
+  monkeypatch.setattr(models.normalization, "default_implementation", lambda: "pallas")
+  monkeypatch.setattr(models.norm_kernels, "add_rms_norm", failing)
+  monkeypatch.setattr(models.norm_kernels, "rms_norm", failing)
+
+
+def test_is_pallas_failure():
+  assert models.is_pallas_failure(RuntimeError(TRITON_ERROR))
+  assert not models.is_pallas_failure(RuntimeError(CUDNN_ERROR))
+  assert not models.is_pallas_failure(MemoryError("out of memory"))
+
+
+def test_run_falls_back_for_each_kernel_once():
+  calls = []
+
+  def measure(args):
+    calls.append((args.attention, args.norm))
+    if args.attention != "xla":
+      raise RuntimeError(CUDNN_ERROR)
+    if args.norm != "xla":
+      raise RuntimeError(TRITON_ERROR)
+    return {"step_s": 1.0}
+
+  result = attention_fallback.run(measure, argparse.Namespace(attention="auto", norm="auto"))
+  assert calls == [("auto", "auto"), ("xla", "auto"), ("xla", "xla")]
+  assert result == {"step_s": 1.0, "attention_fallback": CUDNN_ERROR.splitlines()[0],
+                    "norm_fallback": TRITON_ERROR.splitlines()[0]}
+  calls.clear()
+  with pytest.raises(RuntimeError, match="Triton"):  # asked for: its failure is the result
+    attention_fallback.run(measure, argparse.Namespace(attention="xla", norm="pallas"))
+  assert calls == [("xla", "pallas")]
+
+
+def test_bench_train_falls_back_to_xla_norm(tmp_path, pallas_norm_fails):
+  out = tmp_path / "bench.json"
+  bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
+                    "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
+                    "--json", str(out)])
+  (row,) = json.loads(out.read_text())["steps"]
+  assert row["norm"] == "xla" and row["tokens_per_s"] > 0
+  assert row["norm_fallback"] == TRITON_ERROR.splitlines()[0]
+
+
+def test_trainer_names_the_flag_when_the_norm_kernels_fail(tiny_args, pallas_norm_fails):
+  with pytest.raises(config.UsageError, match=r"the Pallas norm kernels failed on this GPU "
+                     r"\(INTERNAL: Triton.*rerun with --norm xla"):
+    pretrain.main(tiny_args(num_training_steps=2))
+  assert pretrain.main(tiny_args(run="xla", norm="xla", num_training_steps=2)) is not None

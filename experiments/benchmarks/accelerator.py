@@ -627,11 +627,13 @@ def markdown(report: dict) -> str:
                    f"{_f(r.get('step_s_synced') and 1e3 * r['step_s_synced'])} | "
                    f"{r['tokens_per_s']:,.0f} | "
                    f"{_f(r['mfu'], '{:.1%}')} | {_f(vs, '{:.2f}×')} | {r['compile_s']:.1f} |")
-  fallbacks = [r for r in res["train"] + res["model"] if r.get("attention_fallback")]
-  if fallbacks:
-    lines += ["", "**cuDNN attention failed, measured again with XLA's:** " + "; ".join(
-        f"{r['model']} {r.get('quant') or r.get('optimizer')}: {_cell(r['attention_fallback'])}"
-        for r in fallbacks)]
+  for key, what in (("attention_fallback", "cuDNN attention"),
+                    ("norm_fallback", "The Pallas norm kernels")):
+    fallbacks = [r for r in res["train"] + res["model"] if r.get(key)]
+    if fallbacks:
+      lines += ["", f"**{what} failed, measured again with XLA's:** " + "; ".join(
+          f"{r['model']} {r.get('quant') or r.get('optimizer')}: {_cell(r[key])}"
+          for r in fallbacks)]
   if res["hlo"]:
     lines += ["", "## Compiled HLO (hlo_stats)", "",
               "| step | kernels | GB moved | fusions | while loops | host waits | scatters "

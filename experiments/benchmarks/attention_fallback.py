@@ -1,10 +1,12 @@
-"""A benchmark whose cuDNN attention fails to compile is measured again with XLA's.
+"""A benchmark whose cuDNN attention or Pallas norm kernels fail is measured again with XLA's.
 
 On a GPU, ``--attention auto`` asks for cuDNN's fused flash attention, and the refusals
 cuDNN reports while tracing fall back to XLA's attention there (``models.attention``). Some
 are only reported when XLA compiles the step (a cuDNN build without the kernel for this GPU,
-a graph it cannot plan). A benchmark run on a lent device must not lose the measurement to
-that: :func:`run` repeats it once with ``--attention xla`` and records why in the result.
+a graph it cannot plan). Likewise ``--norm auto`` runs the residual add + RMSNorm as Pallas
+kernels on one GPU (``models.norm_kernels``), which Triton compiles with the step. A
+benchmark run on a lent device must not lose the measurement to either: :func:`run` repeats
+it with ``--attention xla`` or ``--norm xla`` and records why in the result.
 """
 from __future__ import annotations
 
@@ -12,22 +14,32 @@ import copy
 from typing import Any, Callable
 
 from models.attention import failure_line, is_cudnn_attention_failure
+from models.norm_kernels import is_pallas_failure
+
+# (flag, what fails, recogniser, result key), in the order they are tried.
+_FALLBACKS = (
+    ("attention", "cuDNN attention", is_cudnn_attention_failure, "attention_fallback"),
+    ("norm", "the Pallas norm kernels", is_pallas_failure, "norm_fallback"),
+)
 
 
 def run(measure: Callable[[Any], dict], args) -> dict:
-  """``measure(args)``; if that fails in cuDNN attention under ``--attention auto``, once
-  more with ``--attention xla``, the result noting the first error under
-  ``attention_fallback``."""
-  try:
-    return measure(args)
-  except Exception as error:  # pylint: disable=broad-except
-    if getattr(args, "attention", "auto") != "auto" or not is_cudnn_attention_failure(error):
-      raise
-    first_line = failure_line(error)
-    print(f"cuDNN attention failed ({first_line}); measuring again with --attention xla",
-          flush=True)
-    retry = copy.copy(args)
-    retry.attention = "xla"
-    result = measure(retry)
-    result["attention_fallback"] = first_line
-    return result
+  """``measure(args)``; if that fails in cuDNN attention under ``--attention auto`` (or in
+  the Pallas norm kernels under ``--norm auto``), again with that flag ``xla``, the result
+  noting the first error under ``attention_fallback`` (``norm_fallback``)."""
+  notes = {}
+  while True:
+    try:
+      result = measure(args)
+      result.update(notes)
+      return result
+    except Exception as error:  # pylint: disable=broad-except
+      for flag, what, recognise, key in _FALLBACKS:
+        if getattr(args, flag, "auto") == "auto" and recognise(error):
+          break
+      else:
+        raise
+      notes[key] = failure_line(error)
+      print(f"{what} failed ({notes[key]}); measuring again with --{flag} xla", flush=True)
+      args = copy.copy(args)
+      setattr(args, flag, "xla")
