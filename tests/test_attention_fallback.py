@@ -11,6 +11,7 @@ from experiments.benchmarks import attention_fallback, bench_model, bench_train
 
 CUDNN_ERROR = ("INTERNAL: cuDNN graph for __cudnn$fmhaSoftmax failed: "
                "CUDNN_STATUS_NOT_SUPPORTED\nmore lines")
+TRITON_ERROR = "INTERNAL: Triton compilation failed for pallas_call add_rms_norm\nmore lines"
 
 
 def test_run_retries_once_with_xla_on_a_cudnn_failure():
@@ -77,14 +78,28 @@ def test_bench_model_falls_back_to_xla(tmp_path, cudnn_fails):
   assert None in cudnn_fails and "xla" in cudnn_fails
 
 
-def test_bench_train_falls_back_to_xla(tmp_path, cudnn_fails):
+@pytest.fixture
+def pallas_norm_fails(monkeypatch):
+  """A GPU's default (the Pallas norm kernels) that fails, as a Triton refusal would."""
+  def failing(*args, **kwargs):
+    raise RuntimeError(TRITON_ERROR)
+
+  monkeypatch.setattr(models.normalization, "default_implementation", lambda: "pallas")
+  monkeypatch.setattr(models.norm_kernels, "add_rms_norm", failing)
+  monkeypatch.setattr(models.norm_kernels, "rms_norm", failing)
+
+
+@pytest.mark.parametrize("failing, flag, error", [
+    ("cudnn_fails", "attention", CUDNN_ERROR), ("pallas_norm_fails", "norm", TRITON_ERROR)])
+def test_bench_train_falls_back_to_xla(tmp_path, request, failing, flag, error):
+  request.getfixturevalue(failing)
   out = tmp_path / "bench.json"
   bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
                     "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
                     "--json", str(out)])
   (row,) = json.loads(out.read_text())["steps"]
-  assert row["attention"] == "xla" and row["tokens_per_s"] > 0
-  assert row["attention_fallback"] == CUDNN_ERROR.splitlines()[0]
+  assert row[flag] == "xla" and row["tokens_per_s"] > 0
+  assert row[f"{flag}_fallback"] == error.splitlines()[0]
 
 
 def test_bench_train_asked_for_xla_does_not_retry(tmp_path, cudnn_fails):
@@ -158,20 +173,6 @@ def test_the_accelerator_report_shows_the_fallback():
           "INTERNAL: Triton compilation failed") in md
 
 
-TRITON_ERROR = "INTERNAL: Triton compilation failed for pallas_call add_rms_norm\nmore lines"
-
-
-@pytest.fixture
-def pallas_norm_fails(monkeypatch):
-  """A GPU's default (the Pallas norm kernels) that fails, as a Triton refusal would."""
-  def failing(*args, **kwargs):
-    raise RuntimeError(TRITON_ERROR)
-
-  monkeypatch.setattr(models.normalization, "default_implementation", lambda: "pallas")
-  monkeypatch.setattr(models.norm_kernels, "add_rms_norm", failing)
-  monkeypatch.setattr(models.norm_kernels, "rms_norm", failing)
-
-
 def test_is_pallas_failure():
   assert models.is_pallas_failure(RuntimeError(TRITON_ERROR))
   assert not models.is_pallas_failure(RuntimeError(CUDNN_ERROR))
@@ -197,16 +198,6 @@ def test_run_falls_back_for_each_kernel_once():
   with pytest.raises(RuntimeError, match="Triton"):  # asked for: its failure is the result
     attention_fallback.run(measure, argparse.Namespace(attention="xla", norm="pallas"))
   assert calls == [("xla", "pallas")]
-
-
-def test_bench_train_falls_back_to_xla_norm(tmp_path, pallas_norm_fails):
-  out = tmp_path / "bench.json"
-  bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
-                    "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
-                    "--json", str(out)])
-  (row,) = json.loads(out.read_text())["steps"]
-  assert row["norm"] == "xla" and row["tokens_per_s"] > 0
-  assert row["norm_fallback"] == TRITON_ERROR.splitlines()[0]
 
 
 def test_trainer_names_the_flag_when_the_norm_kernels_fail(tiny_args, pallas_norm_fails):
