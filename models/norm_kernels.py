@@ -61,10 +61,39 @@ def _compiler_params(interpret: bool):
 
 
 def _on_platform(call):
-  """``call(interpret)`` lowered as Triton for CUDA and interpreted on every other platform,
-  decided when the program is lowered for its platform (so that compiling for a GPU from a
-  host without one gets the Triton kernels)."""
+  """``call(interpret)``: Triton for CUDA, Pallas's interpreter on every other platform.
+
+  On a GPU backend that is ``call(False)``. Elsewhere the choice is left to the lowering
+  (``lax.platform_dependent``), so that compiling for a GPU from a host without one
+  (``jax.experimental.topologies``) gets the Triton kernels, where jax lowers only the
+  branch of the platform it lowers for; older jax lowers every branch, and there the
+  interpreter is used.
+  """
+  if jax.default_backend() == "gpu":
+    return call(False)
+  if not _lowering_prunes_branches():
+    return call(True)
   return jax.lax.platform_dependent(cuda=lambda: call(False), default=lambda: call(True))
+
+
+def _copy_kernel(x_ref, o_ref):
+  o_ref[...] = x_ref[...]
+
+
+@functools.lru_cache(maxsize=None)
+def _lowering_prunes_branches() -> bool:
+  """Whether this jax lowers a Triton branch of ``lax.platform_dependent`` for the default
+  backend without error, i.e. leaves out the branches of other platforms."""
+  def probe(x):
+    copy = lambda interpret: pl.pallas_call(
+        _copy_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=_compiler_params(interpret), interpret=interpret)(x)
+    return jax.lax.platform_dependent(cuda=lambda: copy(False), default=lambda: copy(True))
+  try:
+    jax.jit(probe).lower(jax.ShapeDtypeStruct((8, 128), jnp.float32))
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return True
 
 
 def _triton():
