@@ -90,7 +90,8 @@ def pallas_norm_fails(monkeypatch):
 
 
 @pytest.mark.parametrize("failing, flag, error", [
-    ("cudnn_fails", "attention", CUDNN_ERROR), ("pallas_norm_fails", "norm", TRITON_ERROR)])
+    ("cudnn_fails", "attention", CUDNN_ERROR), ("pallas_norm_fails", "norm", TRITON_ERROR)],
+    ids=["attention", "norm"])
 def test_bench_train_falls_back_to_xla(tmp_path, request, failing, flag, error):
   request.getfixturevalue(failing)
   out = tmp_path / "bench.json"
