@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import norm_kernels
+from models import attention, norm_kernels
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
@@ -17,11 +17,7 @@ def default_implementation() -> str:
   propagation, so with several devices the norms stay XLA's, which partitions them."""
   if jax.default_backend() != "gpu" or jax.device_count() != 1:
     return "xla"
-  try:
-    capability = float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
-  except (TypeError, ValueError):
-    capability = 0.0
-  return "pallas" if capability >= 8.0 else "xla"
+  return "pallas" if attention._compute_capability() >= 8.0 else "xla"  # pylint: disable=protected-access
 
 
 class RMSNorm(nn.Module):

@@ -130,24 +130,20 @@ if len(draws) == 2:
   print("PROBE " + json.dumps(info), flush=True)
 
 # The residual add + RMSNorm, forward and backward, as the Pallas kernels the models run on
-# one GPU and as XLA compiles the plain form: time of each, and how far apart their results.
+# one GPU and as XLA compiles it: time of each, and how far apart their results.
 try:
-  from models import norm_kernels
+  from models.normalization import RMSNorm
   rows, width = (256, 96) if tiny else (16384, 1024)
   x, h, ds, dy = (jax.random.normal(k, (rows, width), jnp.bfloat16)
                   for k in jax.random.split(jax.random.key(2), 4))
-  scale = jnp.ones((width,), jnp.bfloat16)
-  def plain(x, h, s):
-    x = x + h
-    x32 = x.astype(jnp.float32)
-    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)).astype(x.dtype)
-    return x, y * s
-  fused = lambda x, h, s: norm_kernels.add_rms_norm(x, h, s, 1e-6, jnp.dtype(jnp.bfloat16))
+  params = {"params": {"scale": jnp.ones((width,), jnp.float32)}}
   outs = {}
-  for name, f in (("xla", plain), ("pallas", fused)):
-    step = jax.jit(lambda x, h, s, f=f: (lambda o, vjp: (o, vjp((ds, dy))))(*jax.vjp(f, x, h, s)))
-    info[f"norm_{name}_ms"] = 1e3 * median_s(step, x, h, scale)
-    outs[name] = jax.device_get(step(x, h, scale))
+  for name in ("xla", "pallas"):
+    norm = RMSNorm(1e-6, jnp.bfloat16, jnp.float32, implementation=name)
+    f = lambda x, h, p, norm=norm: norm.apply(p, x, h)
+    step = jax.jit(lambda x, h, p, f=f: (lambda o, vjp: (o, vjp((ds, dy))))(*jax.vjp(f, x, h, p)))
+    info[f"norm_{name}_ms"] = 1e3 * median_s(step, x, h, params)
+    outs[name] = jax.device_get(step(x, h, params))
   diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                                          / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) or 1.0)),
                       outs["pallas"], outs["xla"])
