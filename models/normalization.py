@@ -8,8 +8,6 @@ import jax.numpy as jnp
 
 from models import attention, norm_kernels
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
-
 
 def default_implementation() -> str:
   """What `implementation=None` runs: "pallas" on one GPU of compute capability ≥ 8.0

@@ -276,22 +276,21 @@ def plan(args, work: str) -> list:
     cap, need = train_caps.get(size, (60, 10))
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
-  # The size that decides the trainer target again with XLA's residual add + RMSNorm.
-  norm_size = "350m" if "350m" in train_sizes else train_sizes[-1]
-  parts.append(Part(f"train_{norm_size}_xla_norm", _module("bench_train") + [
-      "--models", f"llama_{norm_size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
-      str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
-      "--no_loader", "--norm", "xla", "--json", js(f"train_{norm_size}_xla_norm")]
-      + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(norm_size, (60, 10)),
-      js(f"train_{norm_size}_xla_norm")))
 
-  def f32_logits_part(size):
-    return Part(f"train_{size}_f32_logits", _module("bench_train") + [
+  def train_variant(size, suffix, flags):
+    """The trainer step at ``size`` again with ``flags`` (no profile): its own part and row."""
+    name = f"train_{size}_{suffix}"
+    return Part(name, _module("bench_train") + [
         "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
         str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
-        "--no_loader", "--logits_dtype", "float32", "--json", js(f"train_{size}_f32_logits")]
+        "--no_loader"] + flags + ["--json", js(name)]
         + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(size, (60, 10)),
-        js(f"train_{size}_f32_logits"))
+        js(name))
+
+  f32_logits_part = lambda size: train_variant(size, "f32_logits", ["--logits_dtype", "float32"])
+  # The size that decides the trainer target again with XLA's residual add + RMSNorm.
+  parts.append(train_variant("350m" if "350m" in train_sizes else train_sizes[-1], "xla_norm",
+                             ["--norm", "xla"]))
 
   # The smallest trainer step again with float32 logits (--logits_dtype float32; the default
   # follows the compute dtype, bf16 as HF LLaMA in bf16 computes them): at 60m the head's
