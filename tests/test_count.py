@@ -1,6 +1,7 @@
 """Tests of the clipped-entry count shared by the clips."""
 from absl.testing import parameterized
 import chex
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ class CountChangedTest(chex.TestCase, parameterized.TestCase):
   @parameterized.parameters(
       ((), np.float32), ((7,), np.float32), ((33, 17), np.float32),
       ((3, 4, 5, 6), np.float32), ((0, 4), np.float32), ((64, 9), np.float64),
+      ((48, 6), np.float32), ((32, 3, 7), np.float32),
   )
   def test_matches_numpy(self, shape, dtype):
     new, old = changed_pair(shape, dtype, seed=len(shape))
@@ -48,9 +50,12 @@ class CountChangedTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_a_row_with_nan_counts_zero(self):
-    old = jnp.asarray([[1.0, 2.0, 3.0], [1.0, jnp.nan, 3.0]])
-    new = jnp.asarray([[0.5, 2.0, 0.0], [0.5, jnp.nan, 0.0]])
+    old = jnp.asarray([[1.0, 2.0, 3.0, 4.0], [1.0, jnp.nan, 3.0, 4.0]])
+    new = jnp.asarray([[0.5, 2.0, 0.0, 4.0], [0.5, jnp.nan, 0.0, 4.0]])
     self.assertEqual(int(self.variant(_count.count_changed)(new, old)), 2)
+    # rows of odd length are counted two at a time: the NaN's neighbour row too
+    old, new = old[:, :3], new[:, :3]
+    self.assertEqual(int(self.variant(_count.count_changed)(new, old)), 0)
 
   def test_counts_exactly_beyond_float32_integers(self):
     # 2**25 changed entries: a single float32 sum of ones would stop at 2**24.
@@ -64,3 +69,34 @@ class CountChangedTest(chex.TestCase, parameterized.TestCase):
     old = jnp.zeros(2**24 + 2, jnp.float32)
     new = old.at[::2].set(1.0).at[1].set(jnp.nan)
     self.assertEqual(int(jax.jit(_count.count_changed)(new, old)), 2**23 + 1)
+
+
+@pytest.mark.parametrize("shape, rows", [
+    ((64, 9), 32),         # a matrix: its rows; odd ones two at a time
+    ((33, 17), 33),        # an odd number of odd rows: one at a time
+    ((48, 6), 48),
+    ((32, 3, 7), 16),      # trailing axes merged up to 1024 entries, here all of them
+    ((4, 6, 1024), 24),    # 1024 entries: the last axis alone
+    ((4, 6, 1025), 12),    # and odd: two at a time
+    ((2, 4, 16, 64), 8),
+    ((5,), 1), ((), 1),    # a vector or a scalar is one row
+])
+def test_rows_of_the_count(shape, rows):
+  new, old = changed_pair(shape, np.float32, seed=1)
+  got = _count.changed_per_row(jnp.asarray(new), jnp.asarray(old))
+  chex.assert_shape(got, (1, rows))
+  # each entry counts a run of contiguous entries of the leaf
+  want = np.reshape(new != old, (rows, -1)).sum(axis=1)
+  np.testing.assert_array_equal(np.asarray(got)[0], want)
+
+
+@pytest.mark.parametrize("shape, view", [
+    ((2048, 5461), (1024, 10922)),          # a 1B LLaMA's gate and up kernels
+    ((24, 2048, 5461), (24, 1024, 10922)),  # the same, layers stacked
+    ((5461, 2048), (5461, 2048)),
+    ((32, 64, 2048), (32, 64, 2048)),       # heads × head_dim × hidden
+    ((2048, 32, 64), (2048, 2048)),
+    ((3, 5), (3, 5)), ((7,), (7,)), ((), ()),
+])
+def test_count_rows(shape, view):
+  assert _count.count_rows(shape) == view
