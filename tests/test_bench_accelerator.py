@@ -64,6 +64,8 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   prof = train["profile"]
   assert prof["source"] == "cpu" and 0 < prof["busy_ms_per_call"] <= prof["span_ms_per_call"]
   assert "| train step llama_9m spam |" in md and "Where the device time goes" in md
+  assert train["profile_in_flight"]["source"] == "cpu"
+  assert "## Trainer steps in flight" in md and "| llama_9m spam |" in md
   assert "## Targets" in md and "| llama_9m | 2×16 |" in md and "--tiny" in report["command"]
   assert "**Ceilings measured in this run:**" in md
   # Three files come back; the rest is in the archive.
@@ -212,6 +214,14 @@ def test_memory_floor_and_profile_table():
          "fusion.1 6.00 (75%) |" in lines
   assert any(l.startswith("| train step llama_1b spam |") and "CUPTI \\| not found" in l
              for l in lines)
+  # the trainer steps traced in flight
+  in_flight = dict(prof, period_ms_per_call=11.0, between_ms_per_call=1.0)
+  lines = accelerator.in_flight_lines(dict(train=[
+      dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=in_flight),
+      dict(model="llama_1b", optimizer="spam", step_s=0.3, profile_in_flight={"error": "x"})]))
+  assert "| llama_350m spam | 11.20 | 11.00 | 8.00 | 10.00 | 1.00 |" in lines
+  assert not any("llama_1b" in l for l in lines)
+  assert accelerator.in_flight_lines(dict(train=[])) == []
 
 
 def test_the_archive_drops_traces_then_hlo_to_stay_under_its_limit(tmp_path):

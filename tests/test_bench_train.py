@@ -3,6 +3,8 @@ measurements; with --profile and --hlo it keeps the trace's summary and the HLO'
 import json
 import os
 
+import pytest
+
 from experiments.benchmarks import bench_train, profile_summary
 
 
@@ -37,7 +39,8 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
                     "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
                     "--profile", str(prof), "--profile_calls", "2", "--hlo", str(hlo),
                     "--json", str(out)])
-  (before,) = [s["steps"] for s in seen]
+  assert len(seen) == 2  # the steps waited for, then in flight
+  before = seen[0]["steps"]
   assert len(before) == 1 and before[0]["step_s"] > 0 and "profile" not in before[0]
   (step,) = json.loads(out.read_text())["steps"]
   p = step["profile"]
@@ -46,6 +49,13 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
   assert p["categories"]["matmul"] > 0 and p["top"]
   assert step["xplane"] == p["xplane"] and os.path.isfile(p["xplane"])
   assert p["xplane"].startswith(str(prof / "llama_9m-spam"))
+  # and the same steps in flight, as the loop runs them
+  f = step["profile_in_flight"]
+  assert f["source"] == "cpu" and f["calls"] == 2
+  assert f["xplane"].startswith(str(prof / "llama_9m-spam-in-flight"))
+  assert 0 < f["busy_ms_per_call"] <= f["span_ms_per_call"] <= f["period_ms_per_call"]
+  assert f["between_ms_per_call"] == pytest.approx(
+      f["period_ms_per_call"] - f["span_ms_per_call"], abs=1e-3)
   h = step["hlo"]
   assert h["file"] == str(hlo / "train-llama_9m-spam.hlo.txt") and os.path.isfile(h["file"])
   assert h["ops"]["fusion"] > 0 and h["aliased_outputs"] > 0  # the donated state

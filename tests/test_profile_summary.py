@@ -147,6 +147,34 @@ def test_a_gpu_plane_without_hlo_ops_falls_back_to_the_host(tmp_path):
   assert [t["op"] for t in s["top"]] == ["fusion.1"]
 
 
+def test_calls_in_flight_period_and_time_between(tmp_path):
+  """A trace of calls in flight: each dispatched before the previous is waited for."""
+  a = jnp.ones((128, 128)) / 128
+  b = jnp.eye(128)
+  dispatched = []
+
+  def dispatch():  # no wait: the capture waits for each call after the next is dispatched
+    dispatched.append(_f(a, b))
+    return dispatched[-1]
+
+  s = ps.profile(dispatch, CALLS, str(tmp_path / "p"), in_flight=True)
+  assert s["source"] == "cpu" and s["calls"] == CALLS and len(dispatched) == CALLS
+  assert 0 < s["busy_ms_per_call"] <= s["span_ms_per_call"] <= s["period_ms_per_call"]
+  assert s["between_ms_per_call"] == pytest.approx(
+      s["period_ms_per_call"] - s["span_ms_per_call"], abs=1e-3)
+
+
+def test_period_of_a_synthetic_gpu_trace(tmp_path):
+  path = tmp_path / "gpu.xplane.pb"
+  kernels = [("loop_add_fusion", "add_fusion.3", "jit_step", t, 10)
+             for t0 in (0, 40, 80) for t in (t0, t0 + 15)]  # 3 calls of 25 µs, 15 µs apart
+  path.write_bytes(_space([("/device:GPU:0", [("Stream #7(Compute)", kernels)])]))
+  s = ps.summarize(str(path), 3)
+  assert s["span_ms_per_call"] == pytest.approx(0.025)
+  assert s["period_ms_per_call"] == pytest.approx(0.035)
+  assert s["between_ms_per_call"] == pytest.approx(0.010)
+
+
 def test_call_spans_leave_out_the_host_time_between_calls():
   k = lambda start, end: ps._Kernel("op", "op", "m", start, end)  # pylint: disable=protected-access
   # Three calls of three kernels (a 5 ns gap inside, 1000+ between); one kernel overlaps.

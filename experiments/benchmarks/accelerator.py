@@ -511,6 +511,27 @@ def profile_lines(res: dict) -> list:
   return lines
 
 
+def in_flight_lines(res: dict) -> list:
+  """The table of the trainer steps traced in flight: how long the device waits between two
+  steps of the running loop (the host's launch of a step that the previous one did not
+  hide), beside the timed step."""
+  rows = [r for r in res["train"]
+          if (r.get("profile_in_flight") or {}).get("source")]
+  if not rows:
+    return []
+  lines = ["", "## Trainer steps in flight (jax.profiler trace, one step in flight)", "",
+           "Period: the trace's first kernel start to its last kernel end, per step; idle "
+           "between steps: the period less each step's own span.", "",
+           "| step | timed ms | period ms | busy ms | span ms | idle between steps ms |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    p = r["profile_in_flight"]
+    lines.append(f"| {train_label(r)} {r['optimizer']} | {1e3 * r['step_s']:.2f} | "
+                 f"{p['period_ms_per_call']:.2f} | {p['busy_ms_per_call']:.2f} | "
+                 f"{p['span_ms_per_call']:.2f} | {p['between_ms_per_call']:.2f} |")
+  return lines
+
+
 def _cell(text) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")[:120]
 
@@ -653,6 +674,7 @@ def markdown(report: dict) -> str:
       lines.append(f"| {r['name']} | {r['update_ms']:.2f} | {r['x_adamw']:.2f} | "
                    f"{r['compile_s']:.1f} |")
   lines += profile_lines(res)
+  lines += in_flight_lines(res)
   lines += ["", "## Parts", "", "| part | status | wall s | limit s | note |",
             "|---|---|---:|---:|---|"]
   for p in report["parts"]:

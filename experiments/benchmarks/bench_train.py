@@ -29,7 +29,10 @@ step t runs on the device, so a ratio well above 1 means the data is never the b
 
 ``--profile DIR`` traces ``--profile_calls`` more steps after the timed ones into
 ``DIR/<model>-<optimizer>/`` and keeps where their device time went (``profile_summary``)
-in the result under ``profile``; ``--hlo DIR`` writes the compiled step's optimized HLO to
+in the result under ``profile``, then as many in flight (each step dispatched before the
+previous one is waited for) into ``DIR/<model>-<optimizer>-in-flight/``, under
+``profile_in_flight``: its ``between_ms_per_call`` is how long the device waited between
+steps in the running loop; ``--hlo DIR`` writes the compiled step's optimized HLO to
 ``DIR/train-<model>-<optimizer>.hlo.txt`` and keeps its counts (``hlo_stats.summarize``) and
 the donation warnings of its compilation under ``hlo``. The JSON is written after each
 result, before and after its profile: a run stopped by its time limit keeps what it measured.
@@ -243,8 +246,23 @@ def _bench_step(args, model_name: str, optimizer_name: str,
           os.path.join(args.profile, label), hlo_text=text)
       r["xplane"] = r["profile"].get("xplane")
       print(profile_summary.one_line(label, r["profile"]), flush=True)
+      # The same number of steps in flight, as the loop runs them: how long the device
+      # waits between one step and the next.
+      r["profile_in_flight"] = profile_summary.profile(
+          run_once, args.profile_calls, os.path.join(args.profile, label + "-in-flight"),
+          hlo_text=text, in_flight=True)
+      print(in_flight_line(label, r["profile_in_flight"]), flush=True)
     holder.clear()  # frees the state before the next model is built
   return r
+
+
+def in_flight_line(label: str, summary: dict) -> str:
+  """``in flight <label>: 78.80 ms a step, busy 74.02, idle between steps 3.80``."""
+  if summary.get("error") or not summary.get("source"):
+    return f"in flight {label}: no profile ({summary.get('error', 'no summary')})"
+  return (f"in flight {label}: {summary['period_ms_per_call']:.2f} ms a step (trace), busy "
+          f"{summary['busy_ms_per_call']:.2f}, idle between steps "
+          f"{summary['between_ms_per_call']:.2f}")
 
 
 def _sizes(args, model_name: str, optimizer_name: str) -> tuple[int, float]:

@@ -23,6 +23,13 @@ How to read it (all times in ms per call, averaged over the device planes):
   before its first kernel or after its last one. Kernels XLA replays as one CUDA graph
   (a command buffer) are counted under their own instructions
   (``unwrap_command_buffers``), not under the graph's.
+* ``period_ms_per_call``: the whole trace's first kernel start to its last kernel end, over
+  the calls. Of calls each waited for, it adds the host's time between them; of calls
+  traced in flight (``capture(..., in_flight=True)``: call i dispatched before call i-1
+  is waited for, as a training loop runs), it is the time a call takes in a running loop,
+  and ``between_ms_per_call`` (the period less the span) is how long the device waited
+  between one call's last kernel and the next one's first: the part of the host's launch
+  that the previous call did not hide.
 * ``categories``: the kernel time by kind of work, a heuristic: from what each instruction
   computes when the compiled HLO text is given (``hlo_categories``), else from the op's and
   kernel's names (``classify``). Many ms in "copy/transpose" or "other elementwise/fusion"
@@ -89,13 +96,17 @@ class _Kernel(NamedTuple):
   end: float  # ns
 
 
-def capture(run_once: Callable[[], object], calls: int, log_dir: str) -> str:
+def capture(run_once: Callable[[], object], calls: int, log_dir: str, *,
+            in_flight: bool = False) -> str:
   """Runs ``run_once()`` ``calls`` times inside ``jax.profiler.trace(log_dir)``.
 
   ``run_once`` dispatches one call and waits for it (``jax.block_until_ready``), so the
-  trace holds exactly ``calls`` calls. Python calls are not traced: tracing them slows the
-  host side of every call and would widen the gaps between kernels. Returns the path of the
-  trace written (``log_dir/plugins/profile/<time>/<host>.xplane.pb``, the newest one).
+  trace holds exactly ``calls`` calls. With ``in_flight``, ``run_once`` only dispatches
+  and returns the call's outputs; each is waited for after the next call is dispatched,
+  as a training loop waits for the previous step's metrics, and the last at the end.
+  Python calls are not traced: tracing them slows the host side of every call and would
+  widen the gaps between kernels. Returns the path of the trace written
+  (``log_dir/plugins/profile/<time>/<host>.xplane.pb``, the newest one).
   """
   os.makedirs(log_dir, exist_ok=True)
   options = jax.profiler.ProfileOptions()
@@ -107,8 +118,16 @@ def capture(run_once: Callable[[], object], calls: int, log_dir: str) -> str:
     except AttributeError:
       pass
   with jax.profiler.trace(log_dir, profiler_options=options):
-    for _ in range(calls):
-      run_once()
+    if in_flight:
+      previous = run_once()
+      for _ in range(calls - 1):
+        current = run_once()
+        jax.block_until_ready(previous)
+        previous = current
+      jax.block_until_ready(previous)
+    else:
+      for _ in range(calls):
+        run_once()
   paths = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.xplane.pb"))
   if not paths:
     raise FileNotFoundError(f"the profiler wrote no *.xplane.pb under {log_dir}")
@@ -354,7 +373,7 @@ def unwrap_command_buffers(kernels: list[_Kernel], by_kernel: dict[str, str]) ->
 
 def _summary(per_plane, calls, top, categories, source, notes) -> dict:
   n = len(per_plane) * calls  # per call and device
-  busy = span = 0.0
+  busy = span = period = 0.0
   op_ns = collections.Counter()
   op_count = collections.Counter()
   op_names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -362,6 +381,7 @@ def _summary(per_plane, calls, top, categories, source, notes) -> dict:
     kernels = [k for line in lines for k in line]
     busy += _union([(k.start, k.end) for k in kernels])
     span += _call_spans(kernels, calls)
+    period += max(k.end for k in kernels) - min(k.start for k in kernels)
     for line in lines:
       for k, own in zip(line, _self_times(line)):
         op_ns[k.op] += own
@@ -378,7 +398,8 @@ def _summary(per_plane, calls, top, categories, source, notes) -> dict:
   ms = lambda ns: round(ns / n / 1e6, 4)
   summary = dict(
       source=source, calls=calls, devices=len(per_plane),
-      busy_ms_per_call=ms(busy), span_ms_per_call=ms(span), kernel_ms_per_call=ms(total_ns),
+      busy_ms_per_call=ms(busy), span_ms_per_call=ms(span), period_ms_per_call=ms(period),
+      between_ms_per_call=ms(period - span), kernel_ms_per_call=ms(total_ns),
       kernels_per_call=round(sum(op_count.values()) / n, 2),
       categories={c: ms(ns) for c, ns in sorted(by_category.items(), key=lambda x: -x[1])},
       top=[dict(op=op, ms_per_call=ms(op_ns[op]),
@@ -392,7 +413,7 @@ def _summary(per_plane, calls, top, categories, source, notes) -> dict:
 
 
 def profile(run_once: Callable[[], object], calls: int, log_dir: str, *,
-            hlo_text: str | None = None, top: int = 12) -> dict:
+            hlo_text: str | None = None, top: int = 12, in_flight: bool = False) -> dict:
   """``capture`` then ``summarize`` (module and categories from ``hlo_text``), never raising.
 
   The summary gets the trace's path under ``xplane``; any failure (the profiler refusing
@@ -401,7 +422,7 @@ def profile(run_once: Callable[[], object], calls: int, log_dir: str, *,
   """
   path = None
   try:
-    path = capture(run_once, calls, log_dir)
+    path = capture(run_once, calls, log_dir, in_flight=in_flight)
     summary = summarize(path, calls, top=top, module=module_name(hlo_text or ""),
                         hlo_text=hlo_text)
   except Exception as e:  # pylint: disable=broad-except
