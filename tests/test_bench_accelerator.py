@@ -24,9 +24,10 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
                     "--out", str(out), "--work", str(tmp_path / "work")])
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
-  assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm", "peer",
-                         "train_9m", "train_9m_xla_norm", "train_9m_f32_logits",
-                         "optimizer_scan", "hlo_optimizer", "blocks"]
+  assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
+                         "model_9m_xla_attention", "peer", "train_9m", "train_9m_no_cuda_graphs",
+                         "train_9m_xla_norm", "train_9m_f32_logits", "optimizer_scan",
+                         "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   assert report["environment"]["copy_GBps"] > 0 and report["environment"]["matmul_bf16_TFLOPs"] > 0
   no_torch = importlib.util.find_spec("torch") is None
@@ -35,10 +36,12 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
   assert parts["train_9m_f32_logits"]["status"] == "ok", parts["train_9m_f32_logits"]
   assert parts["train_9m_xla_norm"]["status"] == "ok", parts["train_9m_xla_norm"]
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "optimizer_scan", "hlo_optimizer",
-               "blocks"):
+  assert parts["train_9m_no_cuda_graphs"]["status"] == "ok", parts["train_9m_no_cuda_graphs"]
+  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention",
+               "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
-  train, xla_norm, f32_logits = report["results"]["train"]
+  train, no_graphs, xla_norm, f32_logits = report["results"]["train"]
+  assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
   # The norm kernels beside XLA's: on a CPU both are XLA's, the second tagged as the variant.
   assert train["norm"] == xla_norm["norm"] == "xla" and xla_norm["variant"] == "XLA norm"
   env = report["environment"]
@@ -50,8 +53,9 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
   assert train["tokens_per_s"] > 0 and train["compile_s"] > 0 and (train["batch"], train["length"]) == (2, 16)
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
-  assert [t["status"] for t in peer_row] == ["not measured"] * 3
+  assert [t["status"] for t in peer_row] == ["not measured"] * 4
   assert "| llama_9m (float32 logits) | 2×16 |" in md and "| llama_9m (XLA norm) | 2×16 |" in md
+  assert "| llama_9m (no CUDA graphs) | 2×16 |" in md
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
   # The compiled trainer step, from the same process: the donated state is reused in place.
   (hlo,) = report["results"]["hlo"]
@@ -94,8 +98,9 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   accelerator.main(["--tiny", "--parts", "optimizer,model,train", "--out", str(tmp_path)])
   # Before each part, the report already holds every part before it.
   before = ["probe"]
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "peer", "train_9m",
-               "train_9m_xla_norm", "train_9m_f32_logits", "optimizer_scan"):
+  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention", "peer",
+               "train_9m", "train_9m_no_cuda_graphs", "train_9m_xla_norm", "train_9m_f32_logits",
+               "optimizer_scan"):
     if name != "peer":  # skipped without a --torch_peer: not run
       assert seen.pop(0) == (name, before)
     before = before + [name]
@@ -106,8 +111,9 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   report, md = _report(tmp_path)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
-  for name in ("train_9m", "train_9m_xla_norm", "train_9m_f32_logits", "optimizer", "model_9m",
-               "model_9m_xla_norm", "optimizer_scan", "hlo_optimizer", "blocks"):
+  for name in ("train_9m", "train_9m_no_cuda_graphs", "train_9m_xla_norm", "train_9m_f32_logits",
+               "optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention",
+               "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])
   assert "| blocks | skipped |" in md
@@ -119,21 +125,28 @@ def test_the_device_plan(tmp_path):
   args = accelerator.parse_args(["--out", str(tmp_path)])
   parts = accelerator.plan(args, str(tmp_path / "work"))
   names = [p.name for p in parts]
-  assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm", "peer",
-                   "train_60m", "train_130m", "train_350m", "train_1b", "train_350m_xla_norm",
+  assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm",
+                   "model_350m_xla_attention", "peer", "train_60m", "train_130m", "train_350m",
+                   "train_1b", "train_350m_no_cuda_graphs", "train_350m_xla_norm",
                    "train_60m_f32_logits", "optimizer_scan", "train_130m_f32_logits",
                    "hlo_optimizer", "blocks", "model_1b"]
   by_name = dict(zip(names, parts))
   profiled = {n for n, p in by_name.items() if "--profile" in p.argv}
   assert profiled == {"optimizer", "model_350m", "model_60m", "train_60m", "train_130m",
-                      "train_350m", "train_1b", "optimizer_scan"}
+                      "train_350m", "train_1b", "train_350m_no_cuda_graphs", "optimizer_scan"}
   assert [n for n, p in by_name.items() if "--hlo" in p.argv] == ["train_350m"]
   for name in ("model_60m_xla_norm", "train_350m_xla_norm"):  # the same step, XLA's norm
     argv = by_name[name].argv
     assert argv[argv.index("--norm") + 1] == "xla"
     assert argv[argv.index("--models") + 1] == "llama_" + name.split("_")[1]
-  for name in ("model_350m", "model_60m", "model_60m_xla_norm", "train_60m", "train_350m",
-               "train_1b", "train_350m_xla_norm"):
+  argv = by_name["model_350m_xla_attention"].argv  # the same step, XLA's attention
+  assert argv[argv.index("--attention") + 1] == "xla" and "llama_350m" in argv
+  no_graphs = by_name["train_350m_no_cuda_graphs"]  # the same step, no CUDA graphs
+  assert no_graphs.env["XLA_FLAGS"].split()[-1] == "--xla_gpu_enable_command_buffer="
+  assert "llama_350m" in no_graphs.argv and "--hlo" not in no_graphs.argv
+  for name in ("model_350m", "model_60m", "model_60m_xla_norm", "model_350m_xla_attention",
+               "train_60m", "train_350m", "train_1b", "train_350m_no_cuda_graphs",
+               "train_350m_xla_norm"):
     argv = by_name[name].argv
     value = lambda flag, argv=argv: argv[argv.index(flag) + 1]
     assert (value("--batch"), value("--seq_len" if name.startswith("model") else "--length")) == (
@@ -169,9 +182,13 @@ def test_targets_from_part_results():
   assert not any("scanned" in name for name in rows)  # that part did not run
   # A step measured again with XLA's norm is its own row, never the default step's.
   variants = dict(model=model + [dict(model="llama_350m", quant="bf16", step_s=0.2, mfu=0.21,
-                                      norm="xla", variant="XLA norm")],
+                                      norm="xla", variant="XLA norm"),
+                                 dict(model="llama_350m", quant="bf16", step_s=0.3, mfu=0.14,
+                                      attention="xla", variant="XLA attention")],
                   train=train + [dict(model="llama_60m", tokens_per_s=700e3, norm="xla",
-                                      variant="XLA norm")])
+                                      variant="XLA norm"),
+                                 dict(model="llama_60m", tokens_per_s=800e3,
+                                      variant="no CUDA graphs")])
   rows = {t["target"]: t for t in accelerator.targets(
       dict(optimizer=opt, peer=peer, **variants))}
   assert rows["MFU, llama_350m bf16"]["value"] == 0.42
@@ -179,6 +196,10 @@ def test_targets_from_part_results():
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["value"] == pytest.approx(2.25)
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m (XLA norm)"]["value"] == \
       pytest.approx(1.75)
+  assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m (no CUDA graphs)"]["value"] == \
+      pytest.approx(2.0)
+  assert accelerator.train_label(dict(model="m", attention="xla", variant="XLA attention")) == \
+      "m (XLA attention)"
   scan = {"size": "1b", "scan_layers": True, "optimizers": [
       {"name": "adamw", "x_adamw": 1.0}, {"name": "spam", "x_adamw": 1.01},
       {"name": "stable_spam", "x_adamw": 1.3}]}

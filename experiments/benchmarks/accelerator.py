@@ -9,14 +9,18 @@ skipping what no longer fits in ``--budget_s``:
    its per-leaf statistics held as vectors (a reference), spam d=0.25 as the trainer runs it
    (masks redrawn by the loop, no ``lax.cond``) and with its in-update redraw, one resident at a
    time, each profiled;
-2. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256, profiled;
+2. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256, profiled; then the 60m
+   bf16 step with XLA's residual add + RMSNorm (``--norm xla``, beside the Pallas kernels)
+   and the 350m bf16 step with XLA's attention (``--attention xla``, beside cuDNN's);
 3. the PyTorch peer (``--torch_peer``: HF ``LlamaForCausalLM`` in bf16 + fused AdamW) at
    60m, 130m, 350m and 1b, batch 64×256;
 4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
    each profiled (1b again with activation checkpointing if it runs out of memory); at 350m
    also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
-   then the 60m step again with ``--logits_dtype float32`` (the default, as HF LLaMA in
-   bf16, is bf16 logits);
+   then the 350m step again without CUDA graphs (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``,
+   profiled) and with XLA's norm, and the 60m step with ``--logits_dtype float32`` (the
+   default, as HF LLaMA in bf16, is bf16 logits); the rows of these variants are labeled
+   and decide no target;
 5. ``bench_optimizer --size 1b --scan_layers``: spam and stable_spam beside adamw on the
    scanned-layers layout (each weight of all layers in one leaf, Stable-SPAM with per-layer
    statistics), profiled;
@@ -259,6 +263,17 @@ def plan(args, work: str) -> list:
       "--json", js(f"model_{xla_norm_size}_xla_norm")]
       + (["--scan_layers"] if args.scan_layers else []),
       *model_caps.get(xla_norm_size, (60, 10)), js(f"model_{xla_norm_size}_xla_norm")))
+  # The larger model's bf16 step with XLA's attention instead of cuDNN's: at 256 tokens and
+  # head_dim 64, cuDNN's forward and backward ran at 108 TFLOP/s on an H200 (6.7 of the 350m
+  # step's 74 ms), so whether XLA's batched products and softmax do better.
+  xla_attention_size = model_sizes[0]
+  parts.append(Part(f"model_{xla_attention_size}_xla_attention", _module("bench_model") + [
+      "--models", f"llama_{xla_attention_size}", "--quant", "bf16", "--attention", "xla",
+      "--batch", str(batch), "--seq_len", str(length), "--steps", str(steps), "--warmup",
+      str(warmup), "--json", js(f"model_{xla_attention_size}_xla_attention")]
+      + (["--scan_layers"] if args.scan_layers else []),
+      *model_caps.get(xla_attention_size, (60, 10)),
+      js(f"model_{xla_attention_size}_xla_attention")))
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
   peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,
           "--batch", str(batch), "--length", str(length)] + (
@@ -277,20 +292,28 @@ def plan(args, work: str) -> list:
     parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
-  def train_variant(size, suffix, flags):
-    """The trainer step at ``size`` again with ``flags`` (no profile): its own part and row."""
+  def train_variant(size, suffix, flags, env=None, profiled=False):
+    """The trainer step at ``size`` again with ``flags`` (and ``env``): its own part and
+    row, profiled if asked."""
     name = f"train_{size}_{suffix}"
     return Part(name, _module("bench_train") + [
         "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
         str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
         "--no_loader"] + flags + ["--json", js(name)]
-        + (["--scan_layers"] if args.scan_layers else []), *train_caps.get(size, (60, 10)),
-        js(name))
+        + (["--scan_layers"] if args.scan_layers else []) + (prof(name) if profiled else []),
+        *train_caps.get(size, (60, 10)), js(name), env=env or {})
 
   f32_logits_part = lambda size: train_variant(size, "f32_logits", ["--logits_dtype", "float32"])
-  # The size that decides the trainer target again with XLA's residual add + RMSNorm.
-  parts.append(train_variant("350m" if "350m" in train_sizes else train_sizes[-1], "xla_norm",
-                             ["--norm", "xla"]))
+  deciding = "350m" if "350m" in train_sizes else train_sizes[-1]
+  # The size that decides the trainer target again without CUDA graphs, profiled in flight:
+  # on an H200 its step in flight took 3.8 ms more than the device's span of it, so whether
+  # XLA's graph of 1713 kernels (its update and launch on the host) is what the device waits
+  # for between steps.
+  flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), NO_CUDA_GRAPHS]))
+  parts.append(train_variant(deciding, "no_cuda_graphs", [], env={"XLA_FLAGS": flags},
+                             profiled=True))
+  # ... and with XLA's residual add + RMSNorm.
+  parts.append(train_variant(deciding, "xla_norm", ["--norm", "xla"]))
 
   # The smallest trainer step again with float32 logits (--logits_dtype float32; the default
   # follows the compute dtype, bf16 as HF LLaMA in bf16 computes them): at 60m the head's
@@ -397,9 +420,10 @@ def collect(parts: dict) -> dict:
     res["blocks"] = _read_json(parts["blocks"].json_file)
   for name, part in parts.items():
     data = _read_json(part.json_file)
-    # A part that measures a step again another way (XLA's norm beside the Pallas kernels):
-    # its rows are tagged, so that no target takes them for the default step.
-    tag = {"variant": "XLA norm"} if name.endswith("_xla_norm") else {}
+    # A part that measures a step again another way (XLA's norm beside the Pallas kernels,
+    # ...): its rows are tagged, so that no target takes them for the default step.
+    variant = variant_of(name)
+    tag = {"variant": variant} if variant else {}
     if name.startswith("model_") and data:
       res["model"] += [{**r, **tag} for r in data]
     if name.startswith("train_") and data:
@@ -456,16 +480,31 @@ def targets(res: dict) -> list:
   return rows
 
 
+# Parts that measure a step again another way, by the suffix of their name: their rows are
+# tagged with the label and never decide a target.
+VARIANTS = {
+    "_xla_norm": "XLA norm",            # XLA's residual add + RMSNorm beside the Pallas kernels
+    "_xla_attention": "XLA attention",  # XLA's attention beside cuDNN's
+    "_no_cuda_graphs": "no CUDA graphs",  # XLA:GPU launching each kernel itself
+}
+NO_CUDA_GRAPHS = "--xla_gpu_enable_command_buffer="
+
+
+def variant_of(part_name: str) -> str | None:
+  """The label of a variant part (``VARIANTS``), or None for a part measuring the default."""
+  return next((label for suffix, label in VARIANTS.items() if part_name.endswith(suffix)), None)
+
+
 def train_label(row: dict) -> str:
   """The model of a trainer row and what sets it apart: remat, scanned layers, float32 logits
   in a bf16 run (the default logits follow the compute dtype), XLA's attention (asked for,
-  or after cuDNN's failed: ``attention_fallback``), XLA's norm in the part that measures it
-  beside the default."""
+  or after cuDNN's failed: ``attention_fallback``), the variant of a part that measures the
+  step again another way (``VARIANTS``)."""
   f32_logits = row.get("logits_dtype") == "float32" and row.get("dtype") != "float32"
   return row["model"] + "".join(f" ({tag})" for tag, on in (
       ("remat", row.get("remat")), ("scan", row.get("scan_layers")),
       ("float32 logits", f32_logits), ("XLA attention", row.get("attention") == "xla"),
-      ("XLA norm", row.get("variant") == "XLA norm")) if on)
+      (row.get("variant"), row.get("variant") not in (None, "XLA attention"))) if on)
 
 
 def floor_ms(name: str, params: int, dtype: str | None, copy_gbps: float | None):
@@ -637,7 +676,7 @@ def markdown(report: dict) -> str:
       vs = r["step_s"] / bf16[r["model"]] if r["model"] in bf16 else None
       remat = (" (remat)" if r.get("remat") else "") + (" (scan)" if r.get("scan_layers") else "")
       remat += " (XLA attention)" if r.get("attention") == "xla" else ""
-      remat += " (XLA norm)" if r.get("variant") == "XLA norm" else ""
+      remat += f" ({r['variant']})" if r.get("variant") not in (None, "XLA attention") else ""
       lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
                    f"{1e3 * r['step_s']:.1f} | "
                    f"{_f(r.get('step_s_synced') and 1e3 * r['step_s_synced'])} | "
