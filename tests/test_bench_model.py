@@ -47,11 +47,11 @@ def test_profile_after_saving_and_a_failing_profiler_keeps_the_timing(tmp_path, 
   seen = []
   capture = profile_summary.capture
 
-  def first_fails(run_once, calls, log_dir):
+  def first_fails(run_once, calls, log_dir, **kw):
     seen.append(json.loads(out.read_text()))  # what the JSON held when the profiler started
     if len(seen) == 1:
       raise RuntimeError("profiler busy")
-    return capture(run_once, calls, log_dir)
+    return capture(run_once, calls, log_dir, **kw)
 
   monkeypatch.setattr(profile_summary, "capture", first_fails)
   bench_model.main(ARGS + ["--json", str(out), "--profile", str(prof), "--profile_calls", "2"])
