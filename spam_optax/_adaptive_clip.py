@@ -38,11 +38,10 @@ def running_max(state, leaves, ns, gamma3, reset_interval):
   k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
   correction = _numerics.one_minus_power(gamma3, k)
   dtype = state.max_ema.values.dtype
-  g_max = _leaf_stats.combine_rows(
-      [_leaf_stats.reduce_rows(jnp.abs(g.astype(dtype)), n, _abs_max)
-       for g, n in zip(leaves, ns)],
-      _abs_max,
-  ).astype(dtype)
+  partials = _leaf_stats.rows_together(
+      [(jnp.abs(g.astype(dtype)),) for g in leaves], ns, jax.lax.max
+  )
+  g_max = _leaf_stats.combine_rows([p for (p,) in partials], _abs_max).astype(dtype)
   m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
   m_hat = m / correction.astype(dtype)
   ratio = m_hat / jnp.where(g_max > 0, g_max, 1)

@@ -1,6 +1,7 @@
 """Stable-SPAM's AdaClip and AdaGN as one transformation, in fewer passes."""
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -98,17 +99,17 @@ def clip_by_running_max_and_grad_norm_history(
     )
     clip_dtype = clip_state.max_ema.values.dtype
     dtype = scale_state.mu_norm.values.dtype
-    clipped, square_rows, count_rows = [], [], []
+    clipped, terms = [], []
     for g, n, t in zip(leaves, ns, thresholds):
       new = _adaptive_clip.clip_leaf(g, t, clip_dtype)
       out = new.astype(g.dtype)  # what the chain hands from AdaClip to AdaGN
-      squares, counts = _leaf_stats.sum_rows(
-          (jnp.square(out.astype(dtype)),
-           _count.changed_terms(new, g.astype(clip_dtype), n)), n
-      )
       clipped.append(out)
-      square_rows.append(squares)
-      count_rows.append(jnp.reshape(counts, (1, -1)))
+      terms.append((jnp.square(out.astype(dtype)),
+                    _count.changed_terms(new, g.astype(clip_dtype), n)))
+    # The norm's and the count's row sums in one reduction (leaves of one shape together).
+    partials = _leaf_stats.rows_together(terms, ns, jax.lax.add)
+    square_rows = [squares for squares, _ in partials]
+    count_rows = [jnp.reshape(counts, (1, -1)) for _, counts in partials]
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)
     norm = jnp.sqrt(_leaf_stats.combine_rows(square_rows, sum_of).astype(dtype))
     updates, scale_state = _grad_norm_history.per_leaf_update(

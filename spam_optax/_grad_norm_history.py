@@ -185,11 +185,12 @@ def scale_by_grad_norm_history(
     leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
     dtype = state.mu_norm.values.dtype
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)
-    norm = jnp.sqrt(_leaf_stats.combine_rows(
-        [_leaf_stats.reduce_rows(jnp.square(g.astype(dtype)), n, sum_of)
-         for g, n in zip(leaves, ns)],
-        sum_of,
-    ).astype(dtype))
+    partials = _leaf_stats.rows_together(
+        [(jnp.square(g.astype(dtype)),) for g in leaves], ns, jax.lax.add
+    )
+    norm = jnp.sqrt(
+        _leaf_stats.combine_rows([p for (p,) in partials], sum_of).astype(dtype)
+    )
     return per_leaf_update(state, norm, leaves, treedef, **hyper)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -5,10 +5,10 @@ few numbers per parameter tensor. Held as one scalar per leaf, every leaf adds
 its own small kernels to an update on a GPU (the second stage of each reduction,
 the scalar arithmetic, one output buffer per statistic): about nine per leaf
 for Stable-SPAM, for a few bytes each. Here they live in one vector per
-statistic, and each reduction runs in two stages: a pass over each leaf that
-reduces its rows (the part that reads the gradient, fused by XLA into the
-leaf's other passes), then one small reduction of the row results of all leaves
-together.
+statistic, and each reduction runs in two stages: a pass that reduces the
+rows of the leaves (the part that reads the gradient; leaves of one shape are
+read together, a few at a time, by one variadic reduction), then one small
+reduction of the row results of all leaves together.
 """
 import math
 from typing import Any, Callable, NamedTuple, Sequence
@@ -157,23 +157,52 @@ def reduce_rows(x: jax.Array, n: int, reduce: Callable[..., jax.Array]) -> jax.A
   return jnp.reshape(part, (math.prod(shape[:n]), rows))
 
 
-def sum_rows(xs: Sequence[jax.Array], n: int) -> tuple[jax.Array, ...]:
-  """:func:`reduce_rows` with a sum, for several arrays of one shape at once.
+# How many leaves of one shape one grouped reduction reads (rows_together).
+_GROUP = 8
 
-  The sums are one variadic reduction, so XLA computes them in one pass over
-  the rows, whatever it makes of the arrays' other readers; as separate
-  reductions, XLA may put one of them in a kernel of its own that reads the
-  leaf again. Each array is summed in its own dtype (an int32 count beside a
-  float32 sum of squares).
+
+def rows_together(
+    members: Sequence[Sequence[jax.Array]],
+    ns: Sequence[int],
+    op: Callable[[jax.Array, jax.Array], jax.Array],
+) -> list[tuple[jax.Array, ...]]:
+  """:func:`reduce_rows` of many leaves, those of one shape read together.
+
+  ``members[i]`` holds one or more arrays of leaf ``i``'s shape (e.g. its
+  squares and its clip-count terms), ``ns[i]`` its stacked axes. Each array is
+  reduced over the rows of its slices with ``op`` (``jax.lax.add``, or
+  ``jax.lax.max`` of non-negative values: 0 must be its identity), and comes
+  back as ``(slices, rows)``, in the order given.
+
+  Leaves of the same shapes, dtypes and stacked axes are reduced ``_GROUP``
+  at a time by one variadic reduction, whose outputs are each their own
+  operand's: on a GPU, one kernel reads them all instead of one small kernel
+  per leaf. Measured on an H200, Stable-SPAM's two statistics passes over a
+  1B LLaMA's 219 leaves ran at 3.1 TB/s, and over the 11 leaves of the same
+  model with its layers stacked at 4.4 TB/s. The reduction never reshapes an
+  operand, so a sharded leaf is reduced where it lies.
   """
-  shape = jnp.shape(xs[0])
-  keep, rows = _row_axes(shape, n)
-  zero = tuple(jnp.zeros([], jnp.result_type(x)) for x in xs)
-  sums = jax.lax.reduce(
-      tuple(xs), zero, lambda a, b: tuple(p + q for p, q in zip(a, b)),
-      tuple(range(keep, len(shape))),
-  )
-  return tuple(jnp.reshape(t, (math.prod(shape[:n]), rows)) for t in sums)
+  out: list = [None] * len(members)
+  groups: dict[tuple, list[int]] = {}
+  for i, (arrays, n) in enumerate(zip(members, ns)):
+    key = (n,) + tuple((jnp.shape(x), jnp.result_type(x)) for x in arrays)
+    groups.setdefault(key, []).append(i)
+  for key, indices in groups.items():
+    n, shape = key[0], key[1][0]
+    keep, rows = _row_axes(shape, n)
+    for start in range(0, len(indices), _GROUP):
+      chunk = indices[start:start + _GROUP]
+      operands = tuple(x for i in chunk for x in members[i])
+      zeros = tuple(jnp.zeros([], jnp.result_type(x)) for x in operands)
+      results = jax.lax.reduce(
+          operands, zeros, lambda a, b: tuple(op(p, q) for p, q in zip(a, b)),
+          tuple(range(keep, len(shape))),
+      )
+      results = [jnp.reshape(r, (math.prod(shape[:n]), rows)) for r in results]
+      for i in chunk:
+        k = len(members[i])
+        out[i], results = tuple(results[:k]), results[k:]
+  return out
 
 
 def combine_rows(partials: Sequence[jax.Array],

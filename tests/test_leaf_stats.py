@@ -55,21 +55,37 @@ class CombineRowsTest(chex.TestCase):
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_sum_rows_is_reduce_rows_for_several_arrays(self):
-    """Two sums in one reduction, of different dtypes, equal each sum on its own."""
-    xs = _arrays(2)
+  def test_rows_together_is_reduce_rows_of_each_leaf(self):
+    """Leaves of one shape reduced together (more of them than one group holds), members
+    of two arrays of different dtypes, max and sum: each result equals its own reduction."""
+    xs = _arrays(2) + _arrays(3) + [np.ones((3, 4), np.float32)] * (_leaf_stats._GROUP + 3)
+    ns = [n for _, n in LEAVES] * 2 + [0] * (_leaf_stats._GROUP + 3)
+    members = [(x * x, (np.abs(x) > 1).astype(np.int32)) for x in xs]
+    sums = self.variant(lambda m: _leaf_stats.rows_together(m, ns, jax.lax.add))(
+        [tuple(jnp.asarray(a) for a in m) for m in members])
+    maxes = self.variant(lambda xs: _leaf_stats.rows_together(xs, ns, jax.lax.max))(
+        [(jnp.abs(jnp.asarray(x)),) for x in xs])
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)
-    for x, (shape, n) in zip(xs, LEAVES):
-      ints = (np.abs(x) > 1).astype(np.int32)
-      squares, counts = self.variant(
-          lambda a, b, n=n: _leaf_stats.sum_rows((a * a, b), n))(jnp.asarray(x), ints)
+    max_of = lambda x, axis: jnp.max(x, axis=axis, initial=0.0)
+    assert len(sums) == len(maxes) == len(xs)
+    for (squares, counts), (top,), (a, b), x, n in zip(sums, maxes, members, xs, ns):
       assert counts.dtype == jnp.int32 and squares.dtype == jnp.float32
-      want = _leaf_stats.reduce_rows(jnp.asarray(x * x), n, sum_of)
-      chex.assert_equal_shape((squares, counts, want))
-      np.testing.assert_allclose(squares, want, rtol=1e-6, err_msg=str(shape))
+      want = _leaf_stats.reduce_rows(jnp.asarray(a), n, sum_of)
+      chex.assert_equal_shape((squares, counts, top, want))
+      np.testing.assert_allclose(squares, want, rtol=1e-6, err_msg=str(x.shape))
       np.testing.assert_array_equal(
-          counts, _leaf_stats.reduce_rows(jnp.asarray(ints), n, sum_of), err_msg=str(shape))
-      assert _leaf_stats.row_length(shape, n) * counts.size == x.size
+          counts, _leaf_stats.reduce_rows(jnp.asarray(b), n, sum_of), err_msg=str(x.shape))
+      np.testing.assert_array_equal(
+          top, _leaf_stats.reduce_rows(jnp.abs(jnp.asarray(x)), n, max_of), err_msg=str(x.shape))
+
+  def test_rows_together_reads_leaves_of_one_shape_in_one_reduction(self):
+    xs = [jnp.ones((3, 4))] * (2 * _leaf_stats._GROUP) + [jnp.ones((4, 3)), jnp.ones((3, 4))]
+    ns = [0] * len(xs)
+    jaxpr = jax.make_jaxpr(
+        lambda xs: _leaf_stats.rows_together([(x,) for x in xs], ns, jax.lax.add))(xs)
+    reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce"]
+    # 2 full groups of (3, 4), one group of the last (3, 4) alone, one of (4, 3)
+    assert sorted(len(e.invars) // 2 for e in reductions) == [1, 1, 8, 8]
 
   def test_reduce_rows_shapes(self):
     rows = lambda shape, n: _leaf_stats.reduce_rows(
