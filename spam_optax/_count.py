@@ -65,7 +65,7 @@ def count_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
 def changed_terms(new: jax.Array, old: jax.Array, n: int) -> jax.Array:
   """Per entry, 1 where ``new`` differs from ``old``, else 0, and NaN where
   either is NaN: the terms whose row sums (rows of a leaf with ``n`` stacked
-  axes, as in :func:`spam_optax._leaf_stats.reduce_rows`) are the counts.
+  axes, as in :func:`spam_optax._leaf_stats.rows_together`) are the counts.
 
   At least float32, as ``ceil(min(|new - old|, 1))`` (``jnp.sum(new != old)``
   materializes an int32 mask on XLA:CPU, and ``|sign(new - old)|`` runs there

@@ -136,25 +136,9 @@ def _row_axes(shape: Sequence[int], n: int) -> tuple[int, int]:
 
 def row_length(shape: Sequence[int], n: int) -> int:
   """The number of entries in one row of a leaf of ``shape`` with ``n``
-  stacked axes (see :func:`reduce_rows`)."""
+  stacked axes (see :func:`rows_together`)."""
   keep, _ = _row_axes(shape, n)
   return math.prod(shape[keep:])
-
-
-def reduce_rows(x: jax.Array, n: int, reduce: Callable[..., jax.Array]) -> jax.Array:
-  """The first stage of a per-slice reduction: ``reduce`` over the rows of each
-  slice, returned as ``(slices, rows)``.
-
-  The ``n`` stacked axes of ``x`` index the slices. A row is one index of the
-  slice's first axis and everything after it (a slice of rank 0 or 1 is one
-  row). ``reduce(x, axis=...)`` runs over whole axes of ``x`` and never
-  reshapes it, so a sharded leaf is reduced where it lies: only the small
-  result moves between devices.
-  """
-  shape = jnp.shape(x)
-  keep, rows = _row_axes(shape, n)
-  part = reduce(x, axis=tuple(range(keep, len(shape))))
-  return jnp.reshape(part, (math.prod(shape[:n]), rows))
 
 
 # How many leaves of one shape one grouped reduction reads (rows_together).
@@ -166,13 +150,16 @@ def rows_together(
     ns: Sequence[int],
     op: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> list[tuple[jax.Array, ...]]:
-  """:func:`reduce_rows` of many leaves, those of one shape read together.
+  """The first stage of per-slice reductions of many leaves: each array reduced
+  over the rows of its slices, those of one shape read together.
 
   ``members[i]`` holds one or more arrays of leaf ``i``'s shape (e.g. its
-  squares and its clip-count terms), ``ns[i]`` its stacked axes. Each array is
-  reduced over the rows of its slices with ``op`` (``jax.lax.add``, or
-  ``jax.lax.max`` of non-negative values: 0 must be its identity), and comes
-  back as ``(slices, rows)``, in the order given.
+  squares and its clip-count terms), ``ns[i]`` its stacked axes, which index
+  the slices. A row is one index of the slice's first axis and everything
+  after it (a slice of rank 0 or 1 is one row). Each array is reduced over
+  the rows with ``op`` (``jax.lax.add``, or ``jax.lax.max`` of non-negative
+  values: 0 must be its identity) and comes back as ``(slices, rows)``, in
+  the order given.
 
   Leaves of the same shapes, dtypes and stacked axes are reduced ``_GROUP``
   at a time by one variadic reduction, whose outputs are each their own

@@ -21,6 +21,21 @@ def _arrays(seed=0):
   return [rng.standard_normal(shape).astype(np.float32) for shape, _ in LEAVES]
 
 
+def _numpy_rows(x, n, op):
+  """``op`` of each row of each slice (rows: the index of the slice's first axis), as
+  ``(slices, rows)``."""
+  keep = n + 1 if x.ndim >= n + 2 else n
+  slices, rows = int(np.prod(x.shape[:n])), (x.shape[n] if keep > n else 1)
+  if x.size == 0:
+    return np.zeros((slices, rows), x.dtype)
+  return np.asarray(op(x, axis=tuple(range(keep, x.ndim)))).reshape(slices, rows)
+
+
+def _rows(xs, ns, op):
+  """``rows_together`` of single arrays."""
+  return [p for (p,) in _leaf_stats.rows_together([(x,) for x in xs], ns, op)]
+
+
 def _numpy_per_slice(x, n, op):
   """``op`` of each slice over the axes after the first ``n``, flattened."""
   if x.size == 0:
@@ -39,12 +54,8 @@ class CombineRowsTest(chex.TestCase):
 
     def stats(xs):
       return (
-          _leaf_stats.combine_rows(
-              [_leaf_stats.reduce_rows(jnp.abs(x), n, max_of) for x, n in zip(xs, ns)],
-              max_of),
-          _leaf_stats.combine_rows(
-              [_leaf_stats.reduce_rows(x * x, n, sum_of) for x, n in zip(xs, ns)],
-              sum_of))
+          _leaf_stats.combine_rows(_rows([jnp.abs(x) for x in xs], ns, jax.lax.max), max_of),
+          _leaf_stats.combine_rows(_rows([x * x for x in xs], ns, jax.lax.add), sum_of))
 
     got_max, got_sum = self.variant(stats)([jnp.asarray(x) for x in xs])
     want_max = np.concatenate([_numpy_per_slice(np.abs(x), n, np.max)
@@ -55,28 +66,25 @@ class CombineRowsTest(chex.TestCase):
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_rows_together_is_reduce_rows_of_each_leaf(self):
+  def test_rows_together_matches_numpy_per_leaf(self):
     """Leaves of one shape reduced together (more of them than one group holds), members
-    of two arrays of different dtypes, max and sum: each result equals its own reduction."""
+    of two arrays of different dtypes, max and sum: each result is its own leaf's."""
     xs = _arrays(2) + _arrays(3) + [np.ones((3, 4), np.float32)] * (_leaf_stats._GROUP + 3)
     ns = [n for _, n in LEAVES] * 2 + [0] * (_leaf_stats._GROUP + 3)
     members = [(x * x, (np.abs(x) > 1).astype(np.int32)) for x in xs]
     sums = self.variant(lambda m: _leaf_stats.rows_together(m, ns, jax.lax.add))(
         [tuple(jnp.asarray(a) for a in m) for m in members])
-    maxes = self.variant(lambda xs: _leaf_stats.rows_together(xs, ns, jax.lax.max))(
-        [(jnp.abs(jnp.asarray(x)),) for x in xs])
-    sum_of = lambda x, axis: jnp.sum(x, axis=axis)
-    max_of = lambda x, axis: jnp.max(x, axis=axis, initial=0.0)
+    maxes = self.variant(lambda xs: _rows(xs, ns, jax.lax.max))(
+        [jnp.abs(jnp.asarray(x)) for x in xs])
     assert len(sums) == len(maxes) == len(xs)
-    for (squares, counts), (top,), (a, b), x, n in zip(sums, maxes, members, xs, ns):
+    for (squares, counts), top, (a, b), x, n in zip(sums, maxes, members, xs, ns):
       assert counts.dtype == jnp.int32 and squares.dtype == jnp.float32
-      want = _leaf_stats.reduce_rows(jnp.asarray(a), n, sum_of)
-      chex.assert_equal_shape((squares, counts, top, want))
-      np.testing.assert_allclose(squares, want, rtol=1e-6, err_msg=str(x.shape))
-      np.testing.assert_array_equal(
-          counts, _leaf_stats.reduce_rows(jnp.asarray(b), n, sum_of), err_msg=str(x.shape))
-      np.testing.assert_array_equal(
-          top, _leaf_stats.reduce_rows(jnp.abs(jnp.asarray(x)), n, max_of), err_msg=str(x.shape))
+      np.testing.assert_allclose(squares, _numpy_rows(a, n, np.sum), rtol=1e-6,
+                                 err_msg=str(x.shape))
+      np.testing.assert_array_equal(counts, _numpy_rows(b, n, np.sum), err_msg=str(x.shape))
+      np.testing.assert_array_equal(top, _numpy_rows(np.abs(x), n, np.max),
+                                    err_msg=str(x.shape))
+      assert _leaf_stats.row_length(x.shape, n) * counts.size == x.size
 
   def test_rows_together_reads_leaves_of_one_shape_in_one_reduction(self):
     xs = [jnp.ones((3, 4))] * (2 * _leaf_stats._GROUP) + [jnp.ones((4, 3)), jnp.ones((3, 4))]
@@ -87,9 +95,8 @@ class CombineRowsTest(chex.TestCase):
     # 2 full groups of (3, 4), one group of the last (3, 4) alone, one of (4, 3)
     assert sorted(len(e.invars) // 2 for e in reductions) == [1, 1, 8, 8]
 
-  def test_reduce_rows_shapes(self):
-    rows = lambda shape, n: _leaf_stats.reduce_rows(
-        jnp.zeros(shape), n, lambda x, axis: jnp.sum(x, axis=axis)).shape
+  def test_row_shapes(self):
+    rows = lambda shape, n: _rows([jnp.zeros(shape)], [n], jax.lax.add)[0].shape
     assert rows((), 0) == (1, 1)
     assert rows((5,), 0) == (1, 1)  # a vector is one row
     assert rows((2, 3, 4), 0) == (1, 2)
@@ -101,7 +108,7 @@ class CombineRowsTest(chex.TestCase):
   def test_deterministic(self):
     xs = [jnp.asarray(x) for x in _arrays(1)]
     f = jax.jit(lambda xs: _leaf_stats.combine_rows(
-        [_leaf_stats.reduce_rows(x, 0, lambda x, axis: jnp.sum(x, axis=axis)) for x in xs],
+        _rows(xs, [0] * len(xs), jax.lax.add),
         lambda x, axis: jnp.sum(x, axis=axis)))
     np.testing.assert_array_equal(f(xs), f(xs))
 
