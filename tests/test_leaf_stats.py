@@ -1,5 +1,7 @@
 """Tests of `LeafStats` (per-leaf statistics in one vector) and its two-stage reductions."""
 
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -94,6 +96,15 @@ class CombineRowsTest(chex.TestCase):
     reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce"]
     # 2 full groups of (3, 4), one group of the last (3, 4) alone, one of (4, 3)
     assert sorted(len(e.invars) // 2 for e in reductions) == [1, 1, 8, 8]
+
+  def test_with_several_devices_each_leaf_is_reduced_alone(self):
+    # leaves of one shape may be sharded differently: no reduction may join them
+    xs = [jnp.ones((3, 4))] * 3
+    with mock.patch.object(jax, "device_count", return_value=2):
+      jaxpr = jax.make_jaxpr(
+          lambda xs: _leaf_stats.rows_together([(x,) for x in xs], [0] * 3, jax.lax.add))(xs)
+    reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce"]
+    assert [len(e.invars) for e in reductions] == [2, 2, 2]
 
   def test_row_shapes(self):
     rows = lambda shape, n: _rows([jnp.zeros(shape)], [n], jax.lax.add)[0].shape
