@@ -30,11 +30,9 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   """
   view = count_rows(jnp.shape(new))
   new, old = jnp.reshape(new, view), jnp.reshape(old, view)
-  keep = max(len(view) - 1, 0)
-  counts = jnp.sum(
-      changed_terms(new, old, keep - 1 if keep else 0),
-      axis=tuple(range(keep, len(view))),
-  )
+  # n leading axes kept, so that changed_terms' rows are this view's last axis
+  terms = changed_terms(new, old, max(len(view) - 2, 0))
+  counts = jnp.sum(terms, axis=-1) if view else terms
   return jnp.reshape(counts, (1, -1))
 
 

@@ -254,26 +254,22 @@ def plan(args, work: str) -> list:
       "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
+  def model_variant(size, suffix, flags):
+    """The bf16 model step at ``size`` again with ``flags`` (no profile): its own part."""
+    name = f"model_{size}_{suffix}"
+    return Part(name, _module("bench_model") + [
+        "--models", f"llama_{size}", "--quant", "bf16"] + flags + [
+        "--batch", str(batch), "--seq_len", str(length), "--steps", str(steps), "--warmup",
+        str(warmup), "--json", js(name)] + (["--scan_layers"] if args.scan_layers else []),
+        *model_caps.get(size, (60, 10)), js(name))
+
   # The smaller model's bf16 step again with XLA's residual add + RMSNorm: what the Pallas
   # norm kernels (the default on one GPU) gain, measured beside them in the same run.
-  xla_norm_size = model_sizes[-1]
-  parts.append(Part(f"model_{xla_norm_size}_xla_norm", _module("bench_model") + [
-      "--models", f"llama_{xla_norm_size}", "--quant", "bf16", "--norm", "xla", "--batch",
-      str(batch), "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
-      "--json", js(f"model_{xla_norm_size}_xla_norm")]
-      + (["--scan_layers"] if args.scan_layers else []),
-      *model_caps.get(xla_norm_size, (60, 10)), js(f"model_{xla_norm_size}_xla_norm")))
+  parts.append(model_variant(model_sizes[-1], "xla_norm", ["--norm", "xla"]))
   # The larger model's bf16 step with XLA's attention instead of cuDNN's: at 256 tokens and
   # head_dim 64, cuDNN's forward and backward ran at 108 TFLOP/s on an H200 (6.7 of the 350m
   # step's 74 ms), so whether XLA's batched products and softmax do better.
-  xla_attention_size = model_sizes[0]
-  parts.append(Part(f"model_{xla_attention_size}_xla_attention", _module("bench_model") + [
-      "--models", f"llama_{xla_attention_size}", "--quant", "bf16", "--attention", "xla",
-      "--batch", str(batch), "--seq_len", str(length), "--steps", str(steps), "--warmup",
-      str(warmup), "--json", js(f"model_{xla_attention_size}_xla_attention")]
-      + (["--scan_layers"] if args.scan_layers else []),
-      *model_caps.get(xla_attention_size, (60, 10)),
-      js(f"model_{xla_attention_size}_xla_attention")))
+  parts.append(model_variant(model_sizes[0], "xla_attention", ["--attention", "xla"]))
   peer_sizes = "9m" if args.tiny else ",".join(train_sizes)
   peer = [os.path.abspath(args.torch_peer or "torch_peer.py"), "--sizes", peer_sizes,
           "--batch", str(batch), "--length", str(length)] + (
@@ -501,10 +497,17 @@ def train_label(row: dict) -> str:
   or after cuDNN's failed: ``attention_fallback``), the variant of a part that measures the
   step again another way (``VARIANTS``)."""
   f32_logits = row.get("logits_dtype") == "float32" and row.get("dtype") != "float32"
-  return row["model"] + "".join(f" ({tag})" for tag, on in (
-      ("remat", row.get("remat")), ("scan", row.get("scan_layers")),
-      ("float32 logits", f32_logits), ("XLA attention", row.get("attention") == "xla"),
-      (row.get("variant"), row.get("variant") not in (None, "XLA attention"))) if on)
+  return row["model"] + _tags(row, ("float32 logits", f32_logits))
+
+
+def _tags(row: dict, *extra) -> str:
+  """`` (remat) (scan)``, the ``extra`` (tag, on) pairs, `` (XLA attention)`` and the
+  variant's label, for those that apply to a trainer or model row."""
+  variant = row.get("variant")
+  return "".join(f" ({tag})" for tag, on in (
+      ("remat", row.get("remat")), ("scan", row.get("scan_layers")), *extra,
+      ("XLA attention", row.get("attention") == "xla"),
+      (variant, variant not in (None, "XLA attention"))) if on)
 
 
 def floor_ms(name: str, params: int, dtype: str | None, copy_gbps: float | None):
@@ -674,10 +677,7 @@ def markdown(report: dict) -> str:
             if r["quant"] == "bf16" and not r.get("variant")}
     for r in res["model"]:
       vs = r["step_s"] / bf16[r["model"]] if r["model"] in bf16 else None
-      remat = (" (remat)" if r.get("remat") else "") + (" (scan)" if r.get("scan_layers") else "")
-      remat += " (XLA attention)" if r.get("attention") == "xla" else ""
-      remat += f" ({r['variant']})" if r.get("variant") not in (None, "XLA attention") else ""
-      lines.append(f"| {r['model']}{remat} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
+      lines.append(f"| {r['model']}{_tags(r)} | {r['quant']} | {r['batch']}×{r['seq_len']} | "
                    f"{1e3 * r['step_s']:.1f} | "
                    f"{_f(r.get('step_s_synced') and 1e3 * r['step_s_synced'])} | "
                    f"{r['tokens_per_s']:,.0f} | "
