@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spam_optax import _leaf_stats
+
 WINDOW = 128  # MaxText's skip_step_interval
 THRESHOLD = 6.0
 
@@ -69,7 +71,7 @@ def skip_on_grad_norm_spikes(inner: optax.GradientTransformation, *,
                          num_skipped=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
-    norm = optax.tree.norm(updates).astype(jnp.float32)
+    norm = _leaf_stats.global_norm(updates).astype(jnp.float32)
     held = jnp.minimum(state.count, window)
     mean = jnp.sum(jnp.where(jnp.arange(window) < held, state.norms, 0.0)) / jnp.maximum(held, 1)
     finite = jnp.isfinite(norm)

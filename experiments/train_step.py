@@ -16,6 +16,7 @@ import optax
 
 import models
 import spam_optax
+from spam_optax import _leaf_stats
 from experiments import metrics as metrics_lib
 from experiments import optimizers
 
@@ -87,7 +88,7 @@ def make_train_step(model, optimizer, schedule, *, pad_id: int, grad_spikes=()):
     metrics = {
         "loss": loss_sum / accum,
         "lr": schedule(state["step"]),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": _leaf_stats.global_norm(grads),
         **spike_metrics(opt_state),
     }
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,

@@ -172,3 +172,27 @@ def test_old_optax_is_a_one_line_error(monkeypatch):
   monkeypatch.setattr(optax.contrib, "muon", lambda learning_rate, beta=0.95: None)
   with pytest.raises(SystemExit, match=r"error: --optimizer muon needs optax>=0\.2\.7"):
     optimizers.make_optimizer(_cfg("--optimizer", "muon"))
+
+
+def test_step_logs_the_norm_of_the_gradient_the_optimizer_receives():
+  """``grad_norm`` is the float32 L2 norm of the mean gradient, in the parameter dtype (bf16
+  here, as in the official runs), computed as NumPy does in float64."""
+  schedule = optimizers.make_schedule(_cfg())
+  received = []
+
+  def spy(grads, state, params=None):
+    received.append(grads)
+    return grads, state
+
+  model = models.Llama(TINY)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(1, TINY.vocab_size, (2, 2, 12)),
+                       jnp.int32)
+  optimizer = optax.GradientTransformation(lambda p: optax.EmptyState(), spy)
+  init = ts.make_init_fn(model, optimizer, param_dtype=jnp.bfloat16, example_tokens=tokens[0])
+  _, metrics = ts.make_train_step(model, optimizer, schedule, pad_id=0)(
+      init(jax.random.key(0)), tokens)
+  (grads,) = received
+  assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
+  every = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(grads)])
+  assert metrics["grad_norm"].dtype == jnp.float32
+  np.testing.assert_allclose(metrics["grad_norm"], np.sqrt(np.sum(every ** 2)), rtol=1e-6)

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl.testing import absltest
 
@@ -144,6 +145,49 @@ class LeafCountsTest(chex.TestCase):
     assert got.layout.names == ("a", "b", "d")
     assert {k: int(v) for k, v in got.as_dict().items()} == {"a": 5, "b": 0, "d": 1}
     assert got.values.dtype == jnp.int32
+
+
+class GlobalNormTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_float64(self):
+    """Every rank, empty and None leaves, more same-shaped leaves than one group holds,
+    bfloat16 and complex leaves: the norm of all entries, as NumPy's in float64."""
+    rng = np.random.default_rng(4)
+    xs = _arrays(5) + [rng.standard_normal((3, 4)).astype(np.float32)
+                       for _ in range(_leaf_stats._GROUP + 2)]
+    bf16 = (rng.standard_normal((6, 5)) * 30).astype(jnp.bfloat16)
+    cplx = (rng.standard_normal(7) + 1j * rng.standard_normal(7)).astype(np.complex64)
+    tree = {"f32": [jnp.asarray(x) for x in xs], "none": None, "bf16": jnp.asarray(bf16),
+            "nested": {"c": jnp.asarray(cplx)}}
+    got = self.variant(_leaf_stats.global_norm)(tree)
+    every = np.concatenate([np.asarray(x, np.float64).ravel() for x in xs]
+                           + [np.asarray(bf16, np.float64).ravel(), np.abs(cplx).ravel()])
+    assert got.dtype == jnp.float32 and got.shape == ()
+    np.testing.assert_allclose(got, np.sqrt(np.sum(every ** 2)), rtol=1e-6)
+    f32 = self.variant(_leaf_stats.global_norm)(tree["f32"])
+    np.testing.assert_allclose(f32, optax.tree.norm(tree["f32"]), rtol=1e-6)
+
+  def test_bfloat16_leaves_are_summed_in_float32(self):
+    # optax.tree.norm adds the leaves' bfloat16 squared norms in bfloat16: 256 leaves of
+    # squared norm 1 then sum to 256 + rounding; here to 256 exactly, and 257 stays 257
+    tree = [jnp.ones((1,), jnp.bfloat16)] * 257
+    assert float(_leaf_stats.global_norm(tree)) ** 2 == pytest.approx(257.0, rel=1e-6)
+    assert float(optax.tree.norm(tree)) ** 2 != pytest.approx(257.0, rel=1e-6)
+
+  def test_empty_tree_and_float64(self):
+    assert float(_leaf_stats.global_norm({"a": None})) == 0.0
+    with jax.enable_x64(True):
+      x = jnp.asarray([1.0, 1e-9], jnp.float64)
+      got = _leaf_stats.global_norm([x])
+      assert got.dtype == jnp.float64
+      assert float(got) == np.sqrt(1.0 + 1e-18)
+
+  def test_leaves_of_one_shape_read_in_one_reduction(self):
+    tree = [jnp.ones((3, 4))] * _leaf_stats._GROUP + [jnp.ones(5)]
+    jaxpr = jax.make_jaxpr(_leaf_stats.global_norm)(tree)
+    reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce"]
+    assert sorted(len(e.invars) // 2 for e in reductions) == [1, 8]
 
 
 def _params():
