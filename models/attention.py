@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from models.linears import DenseGeneral, ProjectionWeights, fused_projections
@@ -23,13 +24,16 @@ def rope_frequencies(positions: jax.Array, head_dim: int, theta: float = 10000.0
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
-  """Rotates `x` of shape (batch, length, heads, head_dim) by its positions.
+  """Rotates `x` of shape (batch, length, ..., head_dim) by its positions (`positions`:
+  (batch, length)), the same rotation for every index of the axes between (heads).
 
   Uses the "rotate half" pairing of HF LLaMA (feature i with i + d/2), so weights
   ported from the PyTorch model need no permutation. Computed in float32.
   """
   cos, sin = rope_frequencies(positions, x.shape[-1], theta)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+  between = (1,) * (x.ndim - 3)  # broadcast over heads (and whatever else is between)
+  cos = jnp.reshape(cos, cos.shape[:2] + between + cos.shape[2:])
+  sin = jnp.reshape(sin, sin.shape[:2] + between + sin.shape[2:])
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -82,6 +86,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
+# Which of the stacked q, k, v RoPE rotates: (3, 1, 1) against (batch, length, 3, heads, kv).
+_ROTATED = np.array([True, True, False])[:, None, None]
+
+
 class Attention(nn.Module):
   """Causal self-attention: q/k/v/o projections, RoPE, `causal_attention`.
 
@@ -112,10 +120,14 @@ class Attention(nn.Module):
     qkv = fused_projections(x, [weights("q_proj"), weights("k_proj"), weights("v_proj")],
                             self.dtype)
     qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
+    # q and k rotated and v kept as it is, selected in one pass over the product: on a GPU
+    # one kernel writes the three (cuDNN's attention takes each whole), where rotating q
+    # and k apart took one kernel each and v one more to copy it out.
+    qkv = jnp.where(_ROTATED, apply_rope(qkv, positions, self.rope_theta), qkv)
     q, k, v = (qkv[..., i, :, :] for i in range(3))
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
-    q = checkpoint_name(apply_rope(q, positions, self.rope_theta), "query")
-    k = checkpoint_name(apply_rope(k, positions, self.rope_theta), "key")
+    q = checkpoint_name(q, "query")
+    k = checkpoint_name(k, "key")
     q = nn.with_logical_constraint(q, qkv_axes)
     k = nn.with_logical_constraint(k, qkv_axes)
     v = nn.with_logical_constraint(checkpoint_name(v, "value"), qkv_axes)
