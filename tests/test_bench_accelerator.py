@@ -26,8 +26,8 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
                          "model_9m_xla_attention", "peer", "train_9m", "train_9m_no_cuda_graphs",
-                         "train_9m_xla_norm", "train_9m_f32_logits", "optimizer_scan",
-                         "hlo_optimizer", "blocks"]
+                         "train_9m_graphs_never_updated", "train_9m_f32_logits", "optimizer_scan",
+                         "train_9m_xla_norm", "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   assert report["environment"]["copy_GBps"] > 0 and report["environment"]["matmul_bf16_TFLOPs"] > 0
   no_torch = importlib.util.find_spec("torch") is None
@@ -37,11 +37,15 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert parts["train_9m_f32_logits"]["status"] == "ok", parts["train_9m_f32_logits"]
   assert parts["train_9m_xla_norm"]["status"] == "ok", parts["train_9m_xla_norm"]
   assert parts["train_9m_no_cuda_graphs"]["status"] == "ok", parts["train_9m_no_cuda_graphs"]
+  assert parts["train_9m_graphs_never_updated"]["status"] == "ok", (
+      parts["train_9m_graphs_never_updated"])
   for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
-  train, no_graphs, xla_norm, f32_logits = report["results"]["train"]
+  train, no_graphs, never_updated, f32_logits, xla_norm = report["results"]["train"]
   assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
+  assert never_updated["variant"] == "CUDA graphs never updated"
+  assert "profile_in_flight" in never_updated
   # The norm kernels beside XLA's: on a CPU both are XLA's, the second tagged as the variant.
   assert train["norm"] == xla_norm["norm"] == "xla" and xla_norm["variant"] == "XLA norm"
   env = report["environment"]
@@ -53,9 +57,11 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
   assert train["tokens_per_s"] > 0 and train["compile_s"] > 0 and (train["batch"], train["length"]) == (2, 16)
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
-  assert [t["status"] for t in peer_row] == ["not measured"] * 4
+  assert [t["status"] for t in peer_row] == ["not measured"] * 5
   assert "| llama_9m (float32 logits) | 2×16 |" in md and "| llama_9m (XLA norm) | 2×16 |" in md
   assert "| llama_9m (no CUDA graphs) | 2×16 |" in md
+  assert "| llama_9m (CUDA graphs never updated) | 2×16 |" in md
+  assert "The host's longest events per step in flight" in md
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
   # The compiled trainer step, from the same process: the donated state is reused in place.
   (hlo,) = report["results"]["hlo"]
@@ -99,8 +105,8 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   # Before each part, the report already holds every part before it.
   before = ["probe"]
   for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention", "peer",
-               "train_9m", "train_9m_no_cuda_graphs", "train_9m_xla_norm", "train_9m_f32_logits",
-               "optimizer_scan"):
+               "train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
+               "train_9m_f32_logits", "optimizer_scan", "train_9m_xla_norm"):
     if name != "peer":  # skipped without a --torch_peer: not run
       assert seen.pop(0) == (name, before)
     before = before + [name]
@@ -111,7 +117,8 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   report, md = _report(tmp_path)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
-  for name in ("train_9m", "train_9m_no_cuda_graphs", "train_9m_xla_norm", "train_9m_f32_logits",
+  for name in ("train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
+               "train_9m_xla_norm", "train_9m_f32_logits",
                "optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
@@ -127,13 +134,14 @@ def test_the_device_plan(tmp_path):
   names = [p.name for p in parts]
   assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm",
                    "model_350m_xla_attention", "peer", "train_60m", "train_130m", "train_350m",
-                   "train_1b", "train_350m_no_cuda_graphs", "train_350m_xla_norm",
+                   "train_1b", "train_350m_no_cuda_graphs", "train_350m_graphs_never_updated",
                    "train_60m_f32_logits", "optimizer_scan", "train_130m_f32_logits",
-                   "hlo_optimizer", "blocks", "model_1b"]
+                   "train_350m_xla_norm", "hlo_optimizer", "blocks", "model_1b"]
   by_name = dict(zip(names, parts))
   profiled = {n for n, p in by_name.items() if "--profile" in p.argv}
   assert profiled == {"optimizer", "model_350m", "model_60m", "train_60m", "train_130m",
-                      "train_350m", "train_1b", "train_350m_no_cuda_graphs", "optimizer_scan"}
+                      "train_350m", "train_1b", "train_350m_no_cuda_graphs",
+                      "train_350m_graphs_never_updated", "optimizer_scan"}
   assert [n for n, p in by_name.items() if "--hlo" in p.argv] == ["train_350m"]
   for name in ("model_60m_xla_norm", "train_350m_xla_norm"):  # the same step, XLA's norm
     argv = by_name[name].argv
@@ -144,9 +152,12 @@ def test_the_device_plan(tmp_path):
   no_graphs = by_name["train_350m_no_cuda_graphs"]  # the same step, no CUDA graphs
   assert no_graphs.env["XLA_FLAGS"].split()[-1] == "--xla_gpu_enable_command_buffer="
   assert "llama_350m" in no_graphs.argv and "--hlo" not in no_graphs.argv
+  never_updated = by_name["train_350m_graphs_never_updated"]  # graphs kept, never re-recorded
+  assert never_updated.env["XLA_FLAGS"].split()[-1] == (
+      "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE")
   for name in ("model_350m", "model_60m", "model_60m_xla_norm", "model_350m_xla_attention",
                "train_60m", "train_350m", "train_1b", "train_350m_no_cuda_graphs",
-               "train_350m_xla_norm"):
+               "train_350m_graphs_never_updated", "train_350m_xla_norm"):
     argv = by_name[name].argv
     value = lambda flag, argv=argv: argv[argv.index(flag) + 1]
     assert (value("--batch"), value("--seq_len" if name.startswith("model") else "--length")) == (
@@ -236,12 +247,20 @@ def test_memory_floor_and_profile_table():
   assert any(l.startswith("| train step llama_1b spam |") and "CUPTI \\| not found" in l
              for l in lines)
   # the trainer steps traced in flight
-  in_flight = dict(prof, period_ms_per_call=11.0, between_ms_per_call=1.0)
+  in_flight = dict(prof, period_ms_per_call=11.0, between_ms_per_call=1.0, host_top=[
+      dict(name="command_buffer::update", ms_per_call=3.5, count_per_call=1),
+      dict(name="cuGraphLaunch", ms_per_call=0.25, count_per_call=1.0)])
   lines = accelerator.in_flight_lines(dict(train=[
       dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=in_flight),
       dict(model="llama_1b", optimizer="spam", step_s=0.3, profile_in_flight={"error": "x"})]))
   assert "| llama_350m spam | 11.20 | 11.00 | 8.00 | 10.00 | 1.00 |" in lines
+  assert ("- llama_350m spam: `command_buffer::update` 3.50 (×1); `cuGraphLaunch` 0.25 (×1)"
+          in lines)
   assert not any("llama_1b" in l for l in lines)
+  no_host = dict(in_flight, host_top=[])  # a trace without host events: no list
+  lines = accelerator.in_flight_lines(dict(train=[
+      dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=no_host)]))
+  assert not any("longest events" in l for l in lines)
   assert accelerator.in_flight_lines(dict(train=[])) == []
 
 

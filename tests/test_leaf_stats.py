@@ -14,6 +14,8 @@ import spam_optax
 from spam_optax import _count
 from spam_optax import _leaf_stats
 
+from _reference import enable_x64
+
 # (shape, stacked axes): scalars, vectors, matrices, rank 3, stacked and empty leaves.
 LEAVES = [((), 0), ((5,), 0), ((3, 4), 0), ((2, 3, 4), 0), ((3, 4), 1), ((2, 3, 4), 1),
           ((2, 3, 4), 2), ((4,), 1), ((0, 4), 0), ((3, 7), 0), ((6, 4), 1)]
@@ -177,7 +179,7 @@ class GlobalNormTest(chex.TestCase):
 
   def test_empty_tree_and_float64(self):
     assert float(_leaf_stats.global_norm({"a": None})) == 0.0
-    with jax.enable_x64(True):
+    with enable_x64(True):
       x = jnp.asarray([1.0, 1e-9], jnp.float64)
       got = _leaf_stats.global_norm([x])
       assert got.dtype == jnp.float64

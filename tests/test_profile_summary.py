@@ -135,6 +135,33 @@ def test_a_gpu_trace_counts_overlapping_streams_once(tmp_path):
   assert s["categories"]["other elementwise/fusion"] == pytest.approx(0.05)
 
 
+
+def test_host_events_say_where_the_host_time_of_a_call_goes(tmp_path):
+  """Two calls: the host's events by name, inclusive, per call, longest first, on every
+  host line; the device's events and the CPU thunks' end markers are not among them."""
+  path = tmp_path / "gpu.xplane.pb"
+  path.write_bytes(_space([
+      ("/host:CPU", [
+          ("pjrt", [("Execute", "", "jit_step", 0, 900),
+                    ("command_buffer::update", "", "jit_step", 10, 500),
+                    ("command_buffer::execute", "", "jit_step", 600, 200),
+                    ("Execute", "", "jit_step", 2000, 300),
+                    ("command_buffer::execute", "", "jit_step", 2100, 100),
+                    ("end: fusion.1", "fusion.1", "jit_step", 2500, 1)]),
+          ("cuda api", [("cuGraphLaunch", "", "jit_step", 650, 120)])]),
+      ("/device:GPU:0", [("Stream #7(Compute)", [
+          ("loop_add_fusion", "add_fusion.3", "jit_step", 700, 400),
+          ("loop_add_fusion", "add_fusion.3", "jit_step", 2200, 400)])]),
+  ]))
+  s = ps.summarize(str(path), 2)
+  assert s["source"] == "gpu"
+  assert s["host_top"] == [
+      dict(name="Execute", ms_per_call=pytest.approx(0.6), count_per_call=1),
+      dict(name="command_buffer::update", ms_per_call=pytest.approx(0.25), count_per_call=0.5),
+      dict(name="command_buffer::execute", ms_per_call=pytest.approx(0.15), count_per_call=1),
+      dict(name="cuGraphLaunch", ms_per_call=pytest.approx(0.06), count_per_call=0.5)]
+  assert ps.summarize(str(path), 2, top=1)["host_top"][0]["name"] == "Execute"
+
 def test_a_gpu_plane_without_hlo_ops_falls_back_to_the_host(tmp_path):
   path = tmp_path / "host.xplane.pb"
   path.write_bytes(_space([

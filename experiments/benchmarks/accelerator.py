@@ -16,16 +16,17 @@ skipping what no longer fits in ``--budget_s``:
 4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
    each profiled (1b again with activation checkpointing if it runs out of memory); at 350m
    also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
-   then the 350m step again without CUDA graphs (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``,
-   profiled) and with XLA's norm, and the 60m step with ``--logits_dtype float32`` (the
-   default, as HF LLaMA in bf16, is bf16 logits); the rows of these variants are labeled
-   and decide no target;
+   then the 350m step again without CUDA graphs (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``)
+   and with its graph never updated (``--xla_gpu_command_buffer_update_mode=NEVER_UPDATE``),
+   both profiled, and the 60m step with ``--logits_dtype float32`` (the default, as HF LLaMA
+   in bf16, is bf16 logits); the rows of these variants are labeled and decide no target;
 5. ``bench_optimizer --size 1b --scan_layers``: spam and stable_spam beside adamw on the
    scanned-layers layout (each weight of all layers in one leaf, Stable-SPAM with per-layer
    statistics), profiled;
-6. ``hlo_stats`` of the spam update at 1b;
-7. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
-8. ``bench_model`` at 1b (with ``--remat`` if it runs out of memory).
+6. the 130m step with float32 logits, the 350m step with XLA's norm (both variants);
+7. ``hlo_stats`` of the spam update at 1b;
+8. ``bench_optimizer --size 1b --blocks`` (where the optimizer time goes);
+9. ``bench_model`` at 1b (with ``--remat`` if it runs out of memory).
 
 and checks the targets: SPAM ≤ 1.05× optax.adamw and Stable-SPAM ≤ 1.35× per update at 1b
 (on both layouts);
@@ -305,11 +306,17 @@ def plan(args, work: str) -> list:
   # on an H200 its step in flight took 3.8 ms more than the device's span of it, so whether
   # XLA's graph of 1713 kernels (its update and launch on the host) is what the device waits
   # for between steps.
-  flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), NO_CUDA_GRAPHS]))
-  parts.append(train_variant(deciding, "no_cuda_graphs", [], env={"XLA_FLAGS": flags},
+  with_flag = lambda flag: {"XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                                   flag]))}
+  parts.append(train_variant(deciding, "no_cuda_graphs", [], env=with_flag(NO_CUDA_GRAPHS),
                              profiled=True))
-  # ... and with XLA's residual add + RMSNorm.
-  parts.append(train_variant(deciding, "xla_norm", ["--norm", "xla"]))
+  # ... and with the graph never updated: XLA:GPU re-records the graph's nodes whose buffer
+  # addresses changed since its last launch, which with one step in flight (its temporary
+  # buffers still held) may be most of them every step. NEVER_UPDATE ("the VA remapping
+  # update strategy for command buffer thunks", XLA's help text) keeps the graph as recorded
+  # and places the buffers at its addresses, with XLA's CUDA virtual-memory allocator.
+  parts.append(train_variant(deciding, "graphs_never_updated", [],
+                             env=with_flag(GRAPHS_NEVER_UPDATED), profiled=True))
 
   # The smallest trainer step again with float32 logits (--logits_dtype float32; the default
   # follows the compute dtype, bf16 as HF LLaMA in bf16 computes them): at 60m the head's
@@ -323,6 +330,9 @@ def plan(args, work: str) -> list:
   # 130m: with 350m the size whose compiled step leaves the least margin under half the
   # peer's reference time, and the one where the logits' dtype weighs most after 60m.
   parts += [f32_logits_part(size) for size in train_sizes[1:2]]
+  # The deciding size with XLA's residual add + RMSNorm: on an H200 the Pallas kernels made
+  # its step 3.9% faster (78.8 against 82.0 ms), so it runs only where the budget is left.
+  parts.append(train_variant(deciding, "xla_norm", ["--norm", "xla"]))
   parts.append(Part("hlo_optimizer", _module("hlo_stats") + [
       "--what", "optimizer", "--size", opt_size, "--optimizer", "spam",
       "--json", js("hlo_optimizer"), "--dump", os.path.join(work, "hlo")], 60, 20,
@@ -482,8 +492,10 @@ VARIANTS = {
     "_xla_norm": "XLA norm",            # XLA's residual add + RMSNorm beside the Pallas kernels
     "_xla_attention": "XLA attention",  # XLA's attention beside cuDNN's
     "_no_cuda_graphs": "no CUDA graphs",  # XLA:GPU launching each kernel itself
+    "_graphs_never_updated": "CUDA graphs never updated",  # buffers remapped instead
 }
 NO_CUDA_GRAPHS = "--xla_gpu_enable_command_buffer="
+GRAPHS_NEVER_UPDATED = "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"
 
 
 def variant_of(part_name: str) -> str | None:
@@ -571,7 +583,18 @@ def in_flight_lines(res: dict) -> list:
     lines.append(f"| {train_label(r)} {r['optimizer']} | {1e3 * r['step_s']:.2f} | "
                  f"{p['period_ms_per_call']:.2f} | {p['busy_ms_per_call']:.2f} | "
                  f"{p['span_ms_per_call']:.2f} | {p['between_ms_per_call']:.2f} |")
+  hosts = [(r, r["profile_in_flight"].get("host_top")) for r in rows]
+  if any(top for _, top in hosts):
+    lines += ["", "The host's longest events per step in flight (inclusive ms, × count):", ""]
+    for r, top in hosts:
+      if top:
+        lines.append(f"- {train_label(r)} {r['optimizer']}: " + "; ".join(
+            f"`{_cell(e['name'])[:60]}` {e['ms_per_call']:.2f} (×{e['count_per_call']:g})"
+            for e in top[:HOST_EVENTS_LISTED]))
   return lines
+
+
+HOST_EVENTS_LISTED = 8  # per trainer row of the in-flight table
 
 
 def _cell(text) -> str:

@@ -37,6 +37,11 @@ How to read it (all times in ms per call, averaged over the device planes):
 * ``top``: the instructions that took the most time, with their share of the summed kernel
   time (equal to their share of busy when no kernels overlap), launches per call and the
   name of one kernel (on a GPU the cuBLAS / Triton / fusion kernel's own name).
+* ``host_top``: what the host's threads spent a call on, by event name (``host_events``):
+  on a GPU XLA's launch of the executable, its CUDA graph's update and launch
+  (``command_buffer::update``, ``command_buffer::execute``), the driver calls. Times are
+  inclusive (an event's nested events count in it too), so they say where the host's
+  launch goes, not a sum.
 
   path = capture(lambda: jax.block_until_ready(f(x)), calls=3, log_dir="/tmp/prof/f")
   summary = summarize(path, calls=3, hlo_text=f.lower(x).compile().as_text())
@@ -346,7 +351,31 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
   by_kernel = kernel_names(categories)
   per_plane = [[unwrap_command_buffers(line, by_kernel) for line in lines]
                for lines in per_plane]
-  return _summary(per_plane, calls, top, categories, source, notes)
+  summary = _summary(per_plane, calls, top, categories, source, notes)
+  summary["host_top"] = host_events(planes, calls, top=top)
+  return summary
+
+
+def host_events(planes, calls: int, *, top: int = 12) -> list[dict]:
+  """The host events that took the most time, by name, over every line of the
+  ``/host:CPU`` planes: ``name``, ``ms_per_call`` (inclusive: nested events count in their
+  parents too) and ``count_per_call``, longest first. The ``end:`` markers of CPU thunks
+  are left out."""
+  ns, count = collections.Counter(), collections.Counter()
+  for plane in planes:
+    if not _text(plane.name).startswith("/host:CPU"):
+      continue
+    for line in plane.lines:
+      for event in line.events:
+        name = _text(event.name)
+        if not name or name.startswith("end:"):
+          continue
+        ns[name] += max(float(event.duration_ns), 0.0)
+        count[name] += 1
+  calls = max(int(calls), 1)
+  ranked = sorted(ns, key=lambda name: (-ns[name], name))[:max(top, 0)]
+  return [dict(name=name[:120], ms_per_call=round(ns[name] / calls / 1e6, 4),
+               count_per_call=round(count[name] / calls, 2)) for name in ranked]
 
 
 def is_command_buffer(op: str) -> bool:
