@@ -14,7 +14,8 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   r"""The number of entries where ``new`` differs from ``old``, per row.
 
   A row here is a run of contiguous entries along the leaf's last axis
-  (:func:`count_rows`); a vector or a scalar is one row. Returns shape
+  (:func:`count_rows`); a scalar or a vector of odd length is one row.
+  Returns shape
   ``(1, rows)``, the form :func:`leaf_counts` sums over all leaves at once:
   float (at least float32, exact), or int32 for float32 rows longer than
   :math:`2^{24}`. :func:`row_totals` turns it into int32.
@@ -50,8 +51,17 @@ def count_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
   2048×32×64 attention leaves (rows of 32×64) 8% slower than AdamW's. Only
   the axis before the last is ever split, and by 2, so a leaf sharded over
   its leading axes is counted where it lies.
+
+  A vector of even length is rows of two: summed whole, its pass is one
+  block of threads (128 for a 2048-entry norm scale, the H100 compile), and
+  a 1B LLaMA's 49 norm scales took 0.25 ms of SPAM's update on an H200
+  against 0.07 ms of AdamW's element-wise passes; as rows of two it runs on
+  eight blocks of 256 threads (a sharded vector stays sharded over its rows
+  where each shard's length is even).
   """
   shape = tuple(int(d) for d in shape)
+  if len(shape) == 1 and shape[0] % 2 == 0:
+    return (shape[0] // 2, 2)
   if len(shape) < 2:
     return shape
   lead, length = shape[:-1], shape[-1]

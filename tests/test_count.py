@@ -65,9 +65,9 @@ class CountChangedTest(chex.TestCase, parameterized.TestCase):
     self.assertEqual(int(jax.jit(_count.count_changed)(new, old)), 2**25)
 
   def test_a_row_too_long_for_float32_sums(self):
-    # One row of 2**24 + 2 entries takes the int32 path; NaN entries stay uncounted.
-    old = jnp.zeros(2**24 + 2, jnp.float32)
-    new = old.at[::2].set(1.0).at[1].set(jnp.nan)
+    # One row of 2**24 + 1 entries takes the int32 path; NaN entries stay uncounted.
+    old = jnp.zeros((1, 2**24 + 1), jnp.float32)
+    new = old.at[0, ::2].set(1.0).at[0, 1].set(jnp.nan)
     self.assertEqual(int(jax.jit(_count.count_changed)(new, old)), 2**23 + 1)
 
 
@@ -79,7 +79,8 @@ class CountChangedTest(chex.TestCase, parameterized.TestCase):
     ((4, 6, 7), 12),       # odd: two at a time
     ((4, 5, 7), 20),       # beside an odd axis: one at a time
     ((2, 4, 16, 64), 128),
-    ((5,), 1), ((), 1),    # a vector or a scalar is one row
+    ((5,), 1), ((), 1),    # an odd vector or a scalar is one row
+    ((6,), 3), ((2048,), 1024),  # an even vector: rows of two
 ])
 def test_rows_of_the_count(shape, rows):
   new, old = changed_pair(shape, np.float32, seed=1)
@@ -97,6 +98,7 @@ def test_rows_of_the_count(shape, rows):
     ((32, 64, 2048), (32, 64, 2048)),       # heads × head_dim × hidden
     ((2048, 32, 64), (2048, 32, 64)),
     ((3, 5), (3, 5)), ((7,), (7,)), ((), ()),
+    ((2048,), (1024, 2)),                   # a norm scale: rows of two
 ])
 def test_count_rows(shape, view):
   assert _count.count_rows(shape) == view
