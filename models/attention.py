@@ -31,9 +31,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
   ported from the PyTorch model need no permutation. Computed in float32.
   """
   cos, sin = rope_frequencies(positions, x.shape[-1], theta)
-  between = (1,) * (x.ndim - 3)  # broadcast over heads (and whatever else is between)
-  cos = jnp.reshape(cos, cos.shape[:2] + between + cos.shape[2:])
-  sin = jnp.reshape(sin, sin.shape[:2] + between + sin.shape[2:])
+  between = tuple(range(2, x.ndim - 1))  # broadcast over heads (and whatever else is between)
+  cos, sin = jnp.expand_dims(cos, between), jnp.expand_dims(sin, between)
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
