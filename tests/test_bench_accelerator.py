@@ -52,6 +52,9 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert env["norm_pallas_ms"] > 0 and env["norm_xla_ms"] > 0
   assert env["norm_pallas_max_rel_diff"] < 2e-2
   assert "**Residual add + RMSNorm, forward and backward** (256×96 bf16)" in md
+  assert env["loss_one_pass_ms"] > 0 and env["loss_two_pass_ms"] > 0
+  assert env["loss_one_pass_grad_ms"] > 0 and "loss_error" not in env
+  assert "**Loss over the vocabulary** (256×512 bf16 logits" in md
   assert train["logits_dtype"] == "bfloat16" and f32_logits["logits_dtype"] == "float32"
   assert train["dtype"] == f32_logits["dtype"] == "bfloat16"
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"

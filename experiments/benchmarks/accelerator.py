@@ -1,7 +1,9 @@
 """Every speed target, measured in one run on the machine it finds: JSON and a markdown table.
 
 First a probe records the device and the library versions and measures the two ceilings
-(device-memory bandwidth, bf16 matrix-product rate). Then, each part in its own subprocess
+(device-memory bandwidth, bf16 matrix-product rate), then times a few pieces alone (random
+draws both ways, the Pallas and XLA norms, the loss's one-pass reduction beside
+``jax.nn.logsumexp``). Then, each part in its own subprocess
 with its own time limit (so a slow or out-of-memory part loses only itself), in this order,
 skipping what no longer fits in ``--budget_s``:
 
@@ -154,6 +156,28 @@ try:
   info["norm_pallas_max_rel_diff"] = max(jax.tree.leaves(diff))
 except Exception as e:  # recorded, not fatal: the parts say whether the models still run
   info["norm_pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+print("PROBE " + json.dumps(info), flush=True)
+
+# The loss over the vocabulary at the trainer's 64×256 tokens and 32000 entries, bf16 logits:
+# the models' one-pass reduction (the running maximum, the sum of exponentials and the
+# target's logit in one read) forward, and forward with backward; beside it the forward of
+# jax.nn.logsumexp, which reads the logits twice (the maximum, then the sum).
+try:
+  from models.loss import token_nll
+  tokens, vocab = (256, 512) if tiny else (16384, 32000)
+  logits = jax.random.normal(jax.random.key(3), (tokens, vocab), jnp.bfloat16) * 4
+  targets = jax.random.randint(jax.random.key(4), (tokens,), 0, vocab)
+  def two_pass(x, t):
+    x = x.astype(jnp.float32)
+    return jax.nn.logsumexp(x, axis=-1) - jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0]
+  for name, f in (("one_pass", token_nll), ("two_pass", two_pass)):
+    info[f"loss_{name}_ms"] = 1e3 * median_s(jax.jit(lambda x, t, f=f: jnp.sum(f(x, t))),
+                                             logits, targets)
+  info["loss_one_pass_grad_ms"] = 1e3 * median_s(
+      jax.jit(jax.grad(lambda x, t: jnp.sum(token_nll(x, t)))), logits, targets)
+  info["loss_logits_GB"] = tokens * vocab * 2 / 1e9
+except Exception as e:
+  info["loss_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 print("PROBE " + json.dumps(info), flush=True)
 """
 # Bytes one update must move per float32 parameter at least: read p, g, m, v and write p, m, v
@@ -633,6 +657,15 @@ def markdown(report: dict) -> str:
                  "of the largest value.")
   elif env.get("norm_pallas_error"):
     lines.append(f"**Pallas norm kernels failed in the probe:** {_cell(env['norm_pallas_error'])}")
+  if env.get("loss_one_pass_ms") is not None:
+    gb = env["loss_logits_GB"]
+    rate = lambda ms: f"{ms:.3f} ms ({gb / ms:,.0f} GB/s of logits read)"
+    lines.append(f"**Loss over the vocabulary** ({'256×512' if report['tiny'] else '16384×32000'}"
+                 f" bf16 logits, {gb:.2f} GB): forward, one pass {rate(env['loss_one_pass_ms'])}, "
+                 f"`jax.nn.logsumexp` (two reads) {rate(env['loss_two_pass_ms'])}; forward and "
+                 f"backward {env['loss_one_pass_grad_ms']:.3f} ms.")
+  elif env.get("loss_error"):
+    lines.append(f"**The loss failed in the probe:** {_cell(env['loss_error'])}")
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")
