@@ -618,7 +618,7 @@ def in_flight_lines(res: dict) -> list:
   return lines
 
 
-HOST_EVENTS_LISTED = 8  # per trainer row of the in-flight table
+HOST_EVENTS_LISTED = 16  # per trainer row of the in-flight table
 
 
 def _cell(text) -> str:

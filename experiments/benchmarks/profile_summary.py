@@ -352,7 +352,9 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
   per_plane = [[unwrap_command_buffers(line, by_kernel) for line in lines]
                for lines in per_plane]
   summary = _summary(per_plane, calls, top, categories, source, notes)
-  summary["host_top"] = host_events(planes, calls, top=top)
+  # more host events than instructions: waits on the device (the loop's fetch of a step's
+  # outputs) and the launch's outer events come first
+  summary["host_top"] = host_events(planes, calls, top=2 * top)
   return summary
 
 
