@@ -184,13 +184,8 @@ def scale_by_grad_norm_history(
 
     leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
     dtype = state.mu_norm.values.dtype
-    sum_of = lambda x, axis: jnp.sum(x, axis=axis)
-    partials = _leaf_stats.rows_together(
-        [(jnp.square(g.astype(dtype)),) for g in leaves], ns, jax.lax.add
-    )
-    norm = jnp.sqrt(
-        _leaf_stats.combine_rows([p for (p,) in partials], sum_of).astype(dtype)
-    )
+    norm = jnp.sqrt(_leaf_stats.sums_of_squares(
+        [g.astype(dtype) for g in leaves], ns).astype(dtype))
     return per_leaf_update(state, norm, leaves, treedef, **hyper)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -238,13 +238,17 @@ def global_norm(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros([], jnp.float32)
-  squares = []
+  arrays = []
   for x in leaves:
     x = jnp.asarray(x)
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if jnp.iscomplexobj(x):
-      x = jnp.abs(x)
-    squares.append([x * x])
-  partials = rows_together(squares, [0] * len(leaves), jax.lax.add)
-  sums = combine_rows([p for (p,) in partials], jnp.sum)
-  return jnp.sqrt(jnp.sum(sums))
+    arrays.append(jnp.abs(x) if jnp.iscomplexobj(x) else x)
+  return jnp.sqrt(jnp.sum(sums_of_squares(arrays, [0] * len(arrays))))
+
+
+def sums_of_squares(arrays: Sequence[jax.Array], ns: Sequence[int]) -> jax.Array:
+  """Each slice's sum of squares of ``arrays`` (the slices of ``ns`` stacked
+  axes, as in :func:`rows_together`), one vector in the arrays' dtype: the
+  rows of same-shaped arrays reduced together, then all row sums at once."""
+  partials = rows_together([(jnp.square(x),) for x in arrays], ns, jax.lax.add)
+  return combine_rows([p for (p,) in partials], jnp.sum)
