@@ -68,6 +68,9 @@ gpu_device_info {
   }
   registers_per_core_limit: 65536
   registers_per_block_limit: 65536
+  # The CUDA version of the driver. Without it XLA assumes a driver older than 12.3 and
+  # keeps cuBLAS, cuDNN and custom calls out of its CUDA graphs, which a device never does.
+  driver_version: "12.9.0"
 }
 platform_name: "CUDA"
 dnn_version_info {
