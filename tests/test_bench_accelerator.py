@@ -55,6 +55,12 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert env["loss_one_pass_ms"] > 0 and env["loss_two_pass_ms"] > 0
   assert env["loss_one_pass_grad_ms"] > 0 and "loss_error" not in env
   assert "**Loss over the vocabulary** (256×512 bf16 logits" in md
+  # Attention: on a CPU XLA's and the Pallas kernel interpreted (cuDNN needs a GPU), the
+  # Pallas result within bf16 rounding of XLA's.
+  assert env["attention_xla_ms"] > 0 and env["attention_pallas_ms"] > 0
+  assert "attention_cudnn_ms" not in env and "attention_error" not in env
+  assert env["attention_pallas_max_rel_diff"] < 2e-2 and env["attention_shape"] == [2, 16, 2, 16]
+  assert "**Causal attention, forward and backward** (2×16 tokens, 2 heads of 16, bf16" in md
   assert train["logits_dtype"] == "bfloat16" and f32_logits["logits_dtype"] == "float32"
   assert train["dtype"] == f32_logits["dtype"] == "bfloat16"
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
@@ -265,6 +271,31 @@ def test_memory_floor_and_profile_table():
       dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=no_host)]))
   assert not any("longest events" in l for l in lines)
   assert accelerator.in_flight_lines(dict(train=[])) == []
+
+
+def test_probe_lines():
+  # 1.05 GB of logits read in 0.35 ms: 3,000 GB/s.
+  env = dict(loss_logits_GB=1.05, loss_one_pass_ms=0.35, loss_two_pass_ms=0.42,
+             loss_one_pass_grad_ms=1.2)
+  assert accelerator.loss_line(env, tiny=False) == (
+      "**Loss over the vocabulary** (16384×32000 bf16 logits, 1.05 GB): forward, one pass "
+      "0.350 ms (3,000 GB/s of logits read), `jax.nn.logsumexp` (two reads) 0.420 ms "
+      "(2,500 GB/s of logits read); forward and backward 1.200 ms.")
+  assert accelerator.loss_line({"loss_error": "OOM | x"}, tiny=False) == (
+      "**The loss failed in the probe:** OOM \\| x")
+  assert accelerator.loss_line({}, tiny=True) is None
+  # One layer at 64×256×16×64: 12 passes over 16.8M bf16 values, 0.403 GB.
+  env = dict(attention_shape=[64, 256, 16, 64], attention_min_GB=0.403,
+             attention_cudnn_ms=0.2, attention_cudnn_max_rel_diff=4e-3,
+             attention_xla_ms=1.0, attention_pallas_error="ValueError: block | size")
+  assert accelerator.attention_line(env) == (
+      "**Causal attention, forward and backward** (64×256 tokens, 16 heads of 64, bf16; one "
+      "layer, the least fused kernels move is 0.403 GB): cuDNN 0.200 ms (2,015 GB/s, "
+      "largest difference 4.0e-03), XLA 1.000 ms (403 GB/s); Pallas (Triton) failed: "
+      "ValueError: block \\| size.")
+  assert accelerator.attention_line({"attention_error": "ImportError: x"}) == (
+      "**Attention failed in the probe:** ImportError: x")
+  assert accelerator.attention_line({}) is None
 
 
 def test_the_archive_drops_traces_then_hlo_to_stay_under_its_limit(tmp_path):

@@ -3,7 +3,8 @@
 First a probe records the device and the library versions and measures the two ceilings
 (device-memory bandwidth, bf16 matrix-product rate), then times a few pieces alone (random
 draws both ways, the Pallas and XLA norms, the loss's one-pass reduction beside
-``jax.nn.logsumexp``). Then, each part in its own subprocess
+``jax.nn.logsumexp``, causal attention at the 350m step's shapes as cuDNN's, XLA's and jax's
+Pallas flash-attention kernel). Then, each part in its own subprocess
 with its own time limit (so a slow or out-of-memory part loses only itself), in this order,
 skipping what no longer fits in ``--budget_s``:
 
@@ -178,6 +179,46 @@ try:
   info["loss_logits_GB"] = tokens * vocab * 2 / 1e9
 except Exception as e:
   info["loss_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+print("PROBE " + json.dumps(info), flush=True)
+
+# Causal attention at the 350m step's shapes (64×256 tokens, 16 heads of 64, bf16), forward
+# with backward, each as one jit: cuDNN's fused kernel (the models' choice on a GPU), XLA's,
+# and the Pallas (Triton) flash attention jax ships in jax.experimental.pallas.ops.gpu
+# (interpreted on a CPU). Each one's largest difference from XLA's, relative to XLA's largest
+# value; the bytes fused kernels move at least: q, k, v read and o written forward, q, k, v,
+# o, dO read and dq, dk, dv written backward.
+try:
+  b, l, h, hd = (2, 16, 2, 16) if tiny else (64, 256, 16, 64)
+  q, k, v, do = (jax.random.normal(key, (b, l, h, hd), jnp.bfloat16)
+                 for key in jax.random.split(jax.random.key(7), 4))
+  gpu = jax.default_backend() == "gpu"
+  def pallas_mha(q, k, v):
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+    return pallas_attention.mha(q, k, v, None, sm_scale=hd ** -0.5, causal=True,
+                                interpret=not gpu)
+  impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                               implementation="xla"),
+           "pallas": pallas_mha}
+  if gpu:
+    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                  implementation="cudnn")
+  outs = {}
+  for name, f in impls.items():
+    try:
+      step = jax.jit(lambda q, k, v, do, f=f: (lambda o, vjp: (o, vjp(do)))(*jax.vjp(f, q, k, v)))
+      info[f"attention_{name}_ms"] = 1e3 * median_s(step, q, k, v, do)
+      outs[name] = [x.astype(jnp.float32) for x in jax.tree.leaves(step(q, k, v, do))]
+    except Exception as e:
+      info[f"attention_{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+  for name, leaves in outs.items():
+    if name != "xla" and "xla" in outs:
+      info[f"attention_{name}_max_rel_diff"] = max(
+          float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) or 1.0))
+          for a, r in zip(leaves, outs["xla"]))
+  info["attention_shape"] = [b, l, h, hd]
+  info["attention_min_GB"] = 12 * b * l * h * hd * 2 / 1e9
+except Exception as e:
+  info["attention_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 print("PROBE " + json.dumps(info), flush=True)
 """
 # Bytes one update must move per float32 parameter at least: read p, g, m, v and write p, m, v
@@ -629,6 +670,43 @@ def _f(x, fmt="{:.1f}", none="–"):
   return none if x is None else fmt.format(x)
 
 
+def loss_line(env: dict, tiny: bool) -> str | None:
+  """The probe's loss timings as one line of the report (None if it timed none)."""
+  if env.get("loss_one_pass_ms") is None:
+    return (f"**The loss failed in the probe:** {_cell(env['loss_error'])}"
+            if env.get("loss_error") else None)
+  gb = env["loss_logits_GB"]
+  rate = lambda ms: f"{ms:.3f} ms ({gb / ms * 1e3:,.0f} GB/s of logits read)"
+  return (f"**Loss over the vocabulary** ({'256×512' if tiny else '16384×32000'} bf16 "
+          f"logits, {gb:.2f} GB): forward, one pass {rate(env['loss_one_pass_ms'])}, "
+          f"`jax.nn.logsumexp` (two reads) {rate(env['loss_two_pass_ms'])}; forward and "
+          f"backward {env['loss_one_pass_grad_ms']:.3f} ms.")
+
+
+_ATTENTION_LABELS = {"cudnn": "cuDNN", "pallas": "Pallas (Triton)", "xla": "XLA"}
+
+
+def attention_line(env: dict) -> str | None:
+  """The probe's attention timings as one line of the report (None if it timed none)."""
+  timed = [n for n in _ATTENTION_LABELS if env.get(f"attention_{n}_ms") is not None]
+  if not timed:
+    return (f"**Attention failed in the probe:** {_cell(env['attention_error'])}"
+            if env.get("attention_error") else None)
+  b, l, h, hd = env["attention_shape"]
+  gb = env["attention_min_GB"]
+
+  def one(n):
+    ms, diff = env[f"attention_{n}_ms"], env.get(f"attention_{n}_max_rel_diff")
+    return (f"{_ATTENTION_LABELS[n]} {ms:.3f} ms ({gb / ms * 1e3:,.0f} GB/s"
+            + (f", largest difference {diff:.1e}" if diff is not None else "") + ")")
+
+  failed = "".join(f"; {_ATTENTION_LABELS[n]} failed: {_cell(env[f'attention_{n}_error'])}"
+                   for n in _ATTENTION_LABELS if env.get(f"attention_{n}_error"))
+  return (f"**Causal attention, forward and backward** ({b}×{l} tokens, {h} heads of {hd}, "
+          f"bf16; one layer, the least fused kernels move is {gb:.3f} GB): "
+          f"{', '.join(one(n) for n in timed)}{failed}.")
+
+
 def markdown(report: dict) -> str:
   env, res = report["environment"], report["results"]
   lines = [f"# Accelerator benchmarks, {report['date']}", "",
@@ -657,15 +735,9 @@ def markdown(report: dict) -> str:
                  "of the largest value.")
   elif env.get("norm_pallas_error"):
     lines.append(f"**Pallas norm kernels failed in the probe:** {_cell(env['norm_pallas_error'])}")
-  if env.get("loss_one_pass_ms") is not None:
-    gb = env["loss_logits_GB"]
-    rate = lambda ms: f"{ms:.3f} ms ({gb / ms:,.0f} GB/s of logits read)"
-    lines.append(f"**Loss over the vocabulary** ({'256×512' if report['tiny'] else '16384×32000'}"
-                 f" bf16 logits, {gb:.2f} GB): forward, one pass {rate(env['loss_one_pass_ms'])}, "
-                 f"`jax.nn.logsumexp` (two reads) {rate(env['loss_two_pass_ms'])}; forward and "
-                 f"backward {env['loss_one_pass_grad_ms']:.3f} ms.")
-  elif env.get("loss_error"):
-    lines.append(f"**The loss failed in the probe:** {_cell(env['loss_error'])}")
+  for line in (loss_line(env, report["tiny"]), attention_line(env)):
+    if line:
+      lines.append(line)
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")
