@@ -29,7 +29,7 @@ GUARDED = ("adam", "lion", "adam_mini", "muon", "adafactor")  # --spike_guard's 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bfloat16", "mixed", "float32")
 LOGITS_DTYPES = ("auto", "bfloat16", "float32")
-ATTENTIONS = ("auto", "cudnn", "xla")
+ATTENTIONS = ("auto", "cudnn", "xla", "pallas")
 NORMS = ("auto", "pallas", "xla")
 # Element-wise update rules (global counters at most): the same with the layers stacked by
 # --scan_layers. Stable-SPAM's AdaGN/AdaClip and Adafactor's factored moments take
@@ -238,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "when the compute dtype is (--dtype bfloat16 or mixed), else float32")
   g.add_argument("--attention", default=d.attention, choices=ATTENTIONS,
                  help="the attention kernel: cudnn (cuDNN's fused flash attention, GPU only), "
-                      "xla, or auto: cudnn on a GPU where cuDNN accepts the shapes and dtypes "
-                      "while tracing, xla otherwise; pass xla if cuDNN fails when the step "
-                      "compiles")
+                      "xla, pallas (jax's Pallas flash attention for GPUs; --max_length at "
+                      "most 128 or a multiple of 128), or auto: cudnn on a GPU where cuDNN "
+                      "accepts the shapes and dtypes while tracing, xla otherwise; pass xla if "
+                      "cuDNN fails when the step compiles")
   g.add_argument("--norm", default=d.norm, choices=NORMS,
                  help="the residual add + RMSNorm kernels: pallas (one Triton kernel each way, "
                       "one GPU only), xla, or auto: pallas on one GPU of compute capability "
@@ -581,8 +582,12 @@ def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
   if dtype == "auto":
     dtype = "float32" if backend == "cpu" else "bfloat16"
   logits_dtype = resolve_logits_dtype(cfg.logits_dtype, dtype)
-  if cfg.attention == "cudnn" and backend != "gpu":
-    fail(f"--attention cudnn needs a GPU (this JAX backend: {backend}); use auto or xla")
+  if cfg.attention in ("cudnn", "pallas") and backend != "gpu":
+    fail(f"--attention {cfg.attention} needs a GPU (this JAX backend: {backend}); "
+         "use auto or xla")
+  if cfg.attention == "pallas" and cfg.max_length > 128 and cfg.max_length % 128:
+    fail(f"--attention pallas takes --max_length at most 128 or a multiple of 128, "
+         f"got {cfg.max_length}")
   if cfg.norm == "pallas" and backend != "gpu":
     fail(f"--norm pallas needs a GPU (this JAX backend: {backend}); use auto or xla")
   name = cfg.name or (

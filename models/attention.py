@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from models import pallas_platform
 from models.linears import DenseGeneral, ProjectionWeights, fused_projections
 from models.quantization import QuantConfig
 
@@ -68,13 +69,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      implementation: str | None = None) -> jax.Array:
   """Causal `jax.nn.dot_product_attention` over (batch, length, heads, head_dim).
 
-  `implementation` "xla" or "cudnn" is passed through. None picks: cuDNN's fused flash
-  attention on a GPU where it applies, XLA otherwise. JAX's own None means XLA today (its
-  automatic choice is a TODO), so the choice is made here: on a GPU of compute capability
-  8.0 or newer (Ampere, Hopper, ...; cuDNN's flash attention needs it, and older GPUs would
-  fail only at compile time) "cudnn" is traced first, and its trace-time refusals (inputs not
-  fp16/bf16, head size, cuDNN version) fall back to "xla".
+  `implementation` "xla" or "cudnn" is passed through; "pallas" is `pallas_attention`. None
+  picks: cuDNN's fused flash attention on a GPU where it applies, XLA otherwise. JAX's own
+  None means XLA today (its automatic choice is a TODO), so the choice is made here: on a
+  GPU of compute capability 8.0 or newer (Ampere, Hopper, ...; cuDNN's flash attention needs
+  it, and older GPUs would fail only at compile time) "cudnn" is traced first, and its
+  trace-time refusals (inputs not fp16/bf16, head size, cuDNN version) fall back to "xla".
   """
+  if implementation == "pallas":
+    return pallas_attention(q, k, v)
   if implementation is None:
     if jax.default_backend() == "gpu" and _compute_capability() >= 8.0:
       try:
@@ -83,6 +86,35 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         pass
     implementation = "xla"
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+def check_pallas_length(length: int) -> None:
+  """Raises ValueError unless `pallas_attention` takes sequences of `length` tokens."""
+  if length > _PALLAS_BLOCK and length % _PALLAS_BLOCK:
+    raise ValueError(f"attention 'pallas' takes sequences of at most {_PALLAS_BLOCK} tokens "
+                     f"or a multiple of {_PALLAS_BLOCK}, got {length}")
+
+
+_PALLAS_BLOCK = 128  # the kernel's block of queries and of keys, its default
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Causal flash attention as jax's Pallas kernel for GPUs
+  (`jax.experimental.pallas.ops.gpu.attention.mha`, written in Triton), over (batch,
+  length, heads, head_dim), scaled by 1/sqrt(head_dim) as `jax.nn.dot_product_attention`.
+
+  Forward and backward are each fused kernels, as cuDNN's are; scores and softmax stay in
+  float32 inside them. On a CPU the kernel is interpreted, for tests only, and compiled for
+  a GPU from a host without one it is the Triton kernel (`pallas_platform.on_platform`).
+  The sequence length must be at most 128 or a multiple of 128 (`check_pallas_length`).
+  """
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cpu"):
+    raise ValueError(f"attention 'pallas' is a kernel for GPUs; this JAX backend is {backend}")
+  check_pallas_length(q.shape[1])
+  from jax.experimental.pallas.ops.gpu import attention as pallas_mha  # imports Triton's lowering
+  return pallas_platform.on_platform(lambda interpret: pallas_mha.mha(
+      q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret))
 
 
 # Which of the stacked q, k, v RoPE rotates: (3, 1, 1) against (batch, length, 3, heads, kv).

@@ -55,8 +55,10 @@ class LlamaConfig:
   # `params["layers"]` whose leaves carry a leading axis of size `num_layers` (logical
   # axis "layers") instead of `layers_0`, `layers_1`, ...
   scan_layers: bool = False
-  # `jax.nn.dot_product_attention`'s "xla" or "cudnn"; None (`attention.causal_attention`)
-  # picks cuDNN flash attention on a GPU where it applies and XLA otherwise.
+  # `jax.nn.dot_product_attention`'s "xla" or "cudnn", or "pallas" (jax's Pallas flash
+  # attention kernel for GPUs, `attention.pallas_attention`); None
+  # (`attention.causal_attention`) picks cuDNN flash attention on a GPU where it applies and
+  # XLA otherwise.
   attention_implementation: str | None = None
   # The RMSNorms, each with the residual add before it: "pallas" (one kernel forward and
   # one backward, `models.norm_kernels`; Triton on a GPU, interpreted elsewhere), "xla", or
@@ -67,9 +69,9 @@ class LlamaConfig:
     if self.norm_implementation not in (None, "xla", "pallas"):
       raise ValueError(f"norm_implementation {self.norm_implementation!r} is not "
                        "None, 'xla' or 'pallas'")
-    if self.attention_implementation not in (None, "xla", "cudnn"):
+    if self.attention_implementation not in (None, "xla", "cudnn", "pallas"):
       raise ValueError(f"attention_implementation {self.attention_implementation!r} is not "
-                       "None, 'xla' or 'cudnn'")
+                       "None, 'xla', 'cudnn' or 'pallas'")
     remat.policy(self.remat_policy)  # a clear error for an unknown name
     if self.logits_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"logits_dtype {self.logits_dtype!r} is not 'float32' or 'bfloat16'")

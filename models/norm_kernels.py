@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from models import pallas_platform
+
 _TILE_ELEMENTS = 8192  # elements of a row tile: rows × padded width
 _MAX_STEPS = 8  # row tiles one backward program walks, accumulating the scale's gradient
 
@@ -58,42 +60,6 @@ def _compiler_params(interpret: bool):
   pl_triton = _triton()
   params = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
   return params(num_warps=8, num_stages=1)  # 8192-element tiles: 32 per thread per array
-
-
-def _on_platform(call):
-  """``call(interpret)``: Triton for CUDA, Pallas's interpreter on every other platform.
-
-  On a GPU backend that is ``call(False)``. Elsewhere the choice is left to the lowering
-  (``lax.platform_dependent``), so that compiling for a GPU from a host without one
-  (``jax.experimental.topologies``) gets the Triton kernels, where jax lowers only the
-  branch of the platform it lowers for; older jax lowers every branch, and there the
-  interpreter is used.
-  """
-  if jax.default_backend() == "gpu":
-    return call(False)
-  if not _lowering_prunes_branches():
-    return call(True)
-  return jax.lax.platform_dependent(cuda=lambda: call(False), default=lambda: call(True))
-
-
-def _copy_kernel(x_ref, o_ref):
-  o_ref[...] = x_ref[...]
-
-
-@functools.lru_cache(maxsize=None)
-def _lowering_prunes_branches() -> bool:
-  """Whether this jax lowers a Triton branch of ``lax.platform_dependent`` for the default
-  backend without error, i.e. leaves out the branches of other platforms."""
-  def probe(x):
-    copy = lambda interpret: pl.pallas_call(
-        _copy_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        compiler_params=_compiler_params(interpret), interpret=interpret)(x)
-    return jax.lax.platform_dependent(cuda=lambda: copy(False), default=lambda: copy(True))
-  try:
-    jax.jit(probe).lower(jax.ShapeDtypeStruct((8, 128), jnp.float32))
-  except Exception:  # pylint: disable=broad-except
-    return False
-  return True
 
 
 def _triton():
@@ -193,7 +159,7 @@ def _forward(x, h, scale, eps: float, out_dtype):
     out_shape.insert(0, jax.ShapeDtypeStruct((n, d), x.dtype))
     out_specs.insert(0, row_spec)
   operands = ((x, h) if add else (x,)) + (scale,)
-  outs = _on_platform(lambda interpret: pl.pallas_call(
+  outs = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
       functools.partial(_forward_kernel, eps=eps, d=d, add=add),
       out_shape=tuple(out_shape),
       grid=(n // rows,),
@@ -213,7 +179,7 @@ def _backward(dsum, dy, x, r, scale):
   block = rows * steps
   row_spec = _rows_spec(block, width)
   operands = ((dsum, dy, x) if add else (dy, x)) + (r, scale)
-  dx, partial = _on_platform(lambda interpret: pl.pallas_call(
+  dx, partial = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
       functools.partial(_backward_kernel, d=d, rows=rows, steps=steps, add=add),
       out_shape=(jax.ShapeDtypeStruct((n, d), x.dtype),
                  jax.ShapeDtypeStruct((n // block, d), jnp.float32)),

@@ -121,6 +121,15 @@ def test_trainer_attention_flag(tiny_args):
       == "cudnn"
   with pytest.raises(config.UsageError, match="--attention cudnn needs a GPU"):
     config.for_backend(config.parse_args(tiny_args(attention="cudnn")), "cpu")
+  cfg = config.for_backend(config.parse_args(tiny_args(attention="pallas")), "gpu")
+  assert pretrain.model_config(cfg).attention_implementation == "pallas"
+  with pytest.raises(config.UsageError, match="--attention pallas needs a GPU"):
+    config.for_backend(config.parse_args(tiny_args(attention="pallas")), "cpu")
+  for length in (256, 384, 96):
+    config.for_backend(config.parse_args(tiny_args(attention="pallas", max_length=length)),
+                       "gpu")
+  with pytest.raises(config.UsageError, match="at most 128 or a multiple of 128, got 200"):
+    config.for_backend(config.parse_args(tiny_args(attention="pallas", max_length=200)), "gpu")
   with pytest.raises(SystemExit):
     config.parse_args(tiny_args(attention="flash"))
   assert "attention" in rundir.RESUMABLE  # the same attention by another kernel: resumable

@@ -25,7 +25,7 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
-                         "model_9m_xla_attention", "peer", "train_9m", "train_9m_no_cuda_graphs",
+                         "model_9m_pallas_attention", "peer", "train_9m", "train_9m_no_cuda_graphs",
                          "train_9m_graphs_never_updated", "train_9m_f32_logits", "optimizer_scan",
                          "train_9m_xla_norm", "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
@@ -39,7 +39,7 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert parts["train_9m_no_cuda_graphs"]["status"] == "ok", parts["train_9m_no_cuda_graphs"]
   assert parts["train_9m_graphs_never_updated"]["status"] == "ok", (
       parts["train_9m_graphs_never_updated"])
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention",
+  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
   train, no_graphs, never_updated, f32_logits, xla_norm = report["results"]["train"]
@@ -113,7 +113,7 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   accelerator.main(["--tiny", "--parts", "optimizer,model,train", "--out", str(tmp_path)])
   # Before each part, the report already holds every part before it.
   before = ["probe"]
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention", "peer",
+  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention", "peer",
                "train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
                "train_9m_f32_logits", "optimizer_scan", "train_9m_xla_norm"):
     if name != "peer":  # skipped without a --torch_peer: not run
@@ -128,7 +128,7 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
   for name in ("train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
                "train_9m_xla_norm", "train_9m_f32_logits",
-               "optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_attention",
+               "optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])
@@ -142,7 +142,7 @@ def test_the_device_plan(tmp_path):
   parts = accelerator.plan(args, str(tmp_path / "work"))
   names = [p.name for p in parts]
   assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm",
-                   "model_350m_xla_attention", "peer", "train_60m", "train_130m", "train_350m",
+                   "model_350m_pallas_attention", "peer", "train_60m", "train_130m", "train_350m",
                    "train_1b", "train_350m_no_cuda_graphs", "train_350m_graphs_never_updated",
                    "train_60m_f32_logits", "optimizer_scan", "train_130m_f32_logits",
                    "train_350m_xla_norm", "hlo_optimizer", "blocks", "model_1b"]
@@ -156,15 +156,15 @@ def test_the_device_plan(tmp_path):
     argv = by_name[name].argv
     assert argv[argv.index("--norm") + 1] == "xla"
     assert argv[argv.index("--models") + 1] == "llama_" + name.split("_")[1]
-  argv = by_name["model_350m_xla_attention"].argv  # the same step, XLA's attention
-  assert argv[argv.index("--attention") + 1] == "xla" and "llama_350m" in argv
+  argv = by_name["model_350m_pallas_attention"].argv  # the same step, Pallas attention
+  assert argv[argv.index("--attention") + 1] == "pallas" and "llama_350m" in argv
   no_graphs = by_name["train_350m_no_cuda_graphs"]  # the same step, no CUDA graphs
   assert no_graphs.env["XLA_FLAGS"].split()[-1] == "--xla_gpu_enable_command_buffer="
   assert "llama_350m" in no_graphs.argv and "--hlo" not in no_graphs.argv
   never_updated = by_name["train_350m_graphs_never_updated"]  # graphs kept, never re-recorded
   assert never_updated.env["XLA_FLAGS"].split()[-1] == (
       "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE")
-  for name in ("model_350m", "model_60m", "model_60m_xla_norm", "model_350m_xla_attention",
+  for name in ("model_350m", "model_60m", "model_60m_xla_norm", "model_350m_pallas_attention",
                "train_60m", "train_350m", "train_1b", "train_350m_no_cuda_graphs",
                "train_350m_graphs_never_updated", "train_350m_xla_norm"):
     argv = by_name[name].argv
@@ -204,7 +204,7 @@ def test_targets_from_part_results():
   variants = dict(model=model + [dict(model="llama_350m", quant="bf16", step_s=0.2, mfu=0.21,
                                       norm="xla", variant="XLA norm"),
                                  dict(model="llama_350m", quant="bf16", step_s=0.3, mfu=0.14,
-                                      attention="xla", variant="XLA attention")],
+                                      attention="pallas", variant="Pallas attention")],
                   train=train + [dict(model="llama_60m", tokens_per_s=700e3, norm="xla",
                                       variant="XLA norm"),
                                  dict(model="llama_60m", tokens_per_s=800e3,
@@ -218,8 +218,9 @@ def test_targets_from_part_results():
       pytest.approx(1.75)
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m (no CUDA graphs)"]["value"] == \
       pytest.approx(2.0)
-  assert accelerator.train_label(dict(model="m", attention="xla", variant="XLA attention")) == \
-      "m (XLA attention)"
+  assert accelerator.train_label(dict(model="m", attention="pallas",
+                                     variant="Pallas attention")) == "m (Pallas attention)"
+  assert accelerator.train_label(dict(model="m", attention="xla")) == "m (XLA attention)"
   scan = {"size": "1b", "scan_layers": True, "optimizers": [
       {"name": "adamw", "x_adamw": 1.0}, {"name": "spam", "x_adamw": 1.01},
       {"name": "stable_spam", "x_adamw": 1.3}]}

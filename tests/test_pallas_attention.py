@@ -1,0 +1,74 @@
+"""models/attention.py: `pallas_attention`, jax's Pallas flash-attention kernel, against
+XLA's causal attention. On the CPU the kernel runs in Pallas's interpreter, with the same
+blocks, masks and backward kernels as on a GPU."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models import attention
+
+
+def _xla(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def _with_grads(f, q, k, v, do):
+  out, vjp = jax.vjp(f, q, k, v)
+  return (out,) + tuple(vjp(do))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)],
+                         ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 16, 2, 16), (1, 256, 2, 64)], ids=["short", "two_blocks"])
+def test_output_and_gradients_match_xla(dtype, tol, shape):
+  """The output and dq, dk, dv, each within `tol` of the largest value of XLA's; 256 tokens
+  are two blocks of queries and of keys, where the causal mask skips a block."""
+  q, k, v, do = (jax.random.normal(key, shape, dtype)
+                 for key in jax.random.split(jax.random.key(0), 4))
+  got = jax.jit(lambda *a: _with_grads(attention.pallas_attention, *a))(q, k, v, do)
+  want = jax.jit(lambda *a: _with_grads(_xla, *a))(q, k, v, do)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=tol * float(np.abs(b).max()), err_msg=name)
+
+
+def test_llama_with_pallas_attention_matches_xla():
+  """The whole model, the same parameters: logits and gradients within bf16 rounding."""
+  config = models.LlamaConfig(name="tiny", hidden_size=48, intermediate_size=96, num_heads=2,
+                              num_layers=2, vocab_size=64, max_seq_len=16, dtype="bfloat16",
+                              param_dtype="float32")
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, config.vocab_size)
+  xla = models.Llama(config.replace(attention_implementation="xla"))
+  pallas = models.Llama(config.replace(attention_implementation="pallas"))
+  params = xla.init(jax.random.key(1), tokens)["params"]
+
+  def loss(model, params):
+    logits = model.apply({"params": params}, tokens).astype(jnp.float32)
+    return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
+
+  (l_x, logits_x), g_x = jax.value_and_grad(lambda p: loss(xla, p), has_aux=True)(params)
+  (l_p, logits_p), g_p = jax.value_and_grad(lambda p: loss(pallas, p), has_aux=True)(params)
+  np.testing.assert_allclose(logits_p, logits_x, atol=3e-2 * float(jnp.abs(logits_x).max()))
+  np.testing.assert_allclose(l_p, l_x, rtol=1e-3)
+  for path, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(g_p)),
+                        jax.tree.leaves(g_x)):
+    scale = float(jnp.abs(b).max()) or 1.0
+    np.testing.assert_allclose(a, b, atol=5e-2 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_refusals(monkeypatch):
+  q = jnp.zeros((1, 160, 1, 16), jnp.float32)
+  with pytest.raises(ValueError, match="at most 128 tokens or a multiple of 128, got 160"):
+    attention.causal_attention(q, q, q, "pallas")
+  attention.check_pallas_length(128)
+  attention.check_pallas_length(384)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ValueError, match="a kernel for GPUs; this JAX backend is tpu"):
+    attention.pallas_attention(q[:, :16], q[:, :16], q[:, :16])
+  assert models.get_config("llama_9m", attention_implementation="pallas")
+  with pytest.raises(ValueError, match="None, 'xla', 'cudnn' or 'pallas'"):
+    models.get_config("llama_9m", attention_implementation="flash")
