@@ -176,6 +176,17 @@ def test_the_device_plan(tmp_path):
   assert by_name["model_1b"].retry_argv[-1] == "--remat"
   for part in parts:
     assert 0 < part.min_s < part.cap_s <= 150
+  # --attention: every model and trainer part with that kernel, a variant's own flags last.
+  assert not any("--attention" in p.argv for n, p in by_name.items()
+                 if n != "model_350m_pallas_attention")
+  args = accelerator.parse_args(["--out", str(tmp_path), "--attention", "xla"])
+  by_name = {p.name: p for p in accelerator.plan(args, str(tmp_path / "work"))}
+  for name in ("model_350m", "train_350m", "train_350m_no_cuda_graphs", "model_60m_xla_norm"):
+    argv = by_name[name].argv
+    assert argv[argv.index("--attention") + 1] == "xla", name
+  argv = by_name["model_350m_pallas_attention"].argv
+  assert argv[len(argv) - argv[::-1].index("--attention")] == "pallas"
+  assert "--attention" not in by_name["optimizer"].argv
 
 
 def test_targets_from_part_results():
@@ -221,6 +232,7 @@ def test_targets_from_part_results():
   assert accelerator.train_label(dict(model="m", attention="pallas",
                                      variant="Pallas attention")) == "m (Pallas attention)"
   assert accelerator.train_label(dict(model="m", attention="xla")) == "m (XLA attention)"
+  assert accelerator.train_label(dict(model="m", attention="pallas")) == "m (Pallas attention)"
   scan = {"size": "1b", "scan_layers": True, "optimizers": [
       {"name": "adamw", "x_adamw": 1.0}, {"name": "spam", "x_adamw": 1.01},
       {"name": "stable_spam", "x_adamw": 1.3}]}

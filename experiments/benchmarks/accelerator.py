@@ -259,6 +259,9 @@ def parse_args(argv=None):
                  help="bench_train / peer sizes (default: 60m,130m,350m,1b)")
   p.add_argument("--scan_layers", action="store_true",
                  help="the trainer and model parts with LlamaConfig.scan_layers (faster compile)")
+  p.add_argument("--attention", default="auto", choices=("auto", "cudnn", "xla", "pallas"),
+                 help="the trainer and model parts with this --attention (auto: the trainer's "
+                      "default); the rows of another kernel than the default say which")
   p.add_argument("--parts", default=None,
                  help="run only the parts whose name starts with one of these (comma-separated: "
                       "peer, train, optimizer, model, hlo, blocks); the others are recorded as skipped")
@@ -296,13 +299,16 @@ def plan(args, work: str) -> list:
     dtype = "bfloat16"
     profiled_models, hlo_size = {"350m", "60m"}, "350m"
   train_caps = {"60m": (60, 20), "130m": (60, 20), "350m": (90, 30), "1b": (150, 45)}
+  # What every model and trainer part is run with; a variant's own flags come after it.
+  layout = (["--scan_layers"] if args.scan_layers else []) + (
+      ["--attention", args.attention] if args.attention != "auto" else [])
   model_caps = {"60m": (60, 20), "350m": (90, 30), "1b": (120, 50)}
 
   def model_part(size):
     argv = _module("bench_model") + [
         "--models", f"llama_{size}", "--quant", "bf16,int4", "--batch", str(batch),
         "--seq_len", str(length), "--steps", str(steps), "--warmup", str(warmup),
-        "--json", js(f"model_{size}")] + (["--scan_layers"] if args.scan_layers else []) + (
+        "--json", js(f"model_{size}")] + layout + (
             prof(f"model_{size}") if size in profiled_models else [])
     cap, need = model_caps.get(size, (60, 10))
     return Part(f"model_{size}", argv, cap, need, js(f"model_{size}"),
@@ -325,9 +331,9 @@ def plan(args, work: str) -> list:
     """The bf16 model step at ``size`` again with ``flags`` (no profile): its own part."""
     name = f"model_{size}_{suffix}"
     return Part(name, _module("bench_model") + [
-        "--models", f"llama_{size}", "--quant", "bf16"] + flags + [
+        "--models", f"llama_{size}", "--quant", "bf16"] + layout + flags + [
         "--batch", str(batch), "--seq_len", str(length), "--steps", str(steps), "--warmup",
-        str(warmup), "--json", js(name)] + (["--scan_layers"] if args.scan_layers else []),
+        str(warmup), "--json", js(name)],
         *model_caps.get(size, (60, 10)), js(name))
 
   # The smaller model's bf16 step again with XLA's residual add + RMSNorm: what the Pallas
@@ -348,8 +354,7 @@ def plan(args, work: str) -> list:
     argv = _module("bench_train") + [
         "--models", name, "--optimizers", "spam", "--dtype", dtype, "--batch", str(batch),
         "--length", str(length), "--steps", str(steps), "--warmup", str(warmup), "--no_loader",
-        "--json", js(f"train_{size}")] + (["--scan_layers"] if args.scan_layers else []) + (
-            prof(f"train_{size}"))
+        "--json", js(f"train_{size}")] + layout + prof(f"train_{size}")
     if size == hlo_size:  # the compiled step's HLO: kernels, cuDNN attention, donation
       argv += ["--hlo", os.path.join(work, "hlo")]
     cap, need = train_caps.get(size, (60, 10))
@@ -363,8 +368,7 @@ def plan(args, work: str) -> list:
     return Part(name, _module("bench_train") + [
         "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
         str(batch), "--length", str(length), "--steps", str(steps), "--warmup", str(warmup),
-        "--no_loader"] + flags + ["--json", js(name)]
-        + (["--scan_layers"] if args.scan_layers else []) + (prof(name) if profiled else []),
+        "--no_loader"] + layout + flags + ["--json", js(name)] + (prof(name) if profiled else []),
         *train_caps.get(size, (60, 10)), js(name), env=env or {})
 
   f32_logits_part = lambda size: train_variant(size, "f32_logits", ["--logits_dtype", "float32"])
@@ -580,12 +584,14 @@ def train_label(row: dict) -> str:
 
 
 def _tags(row: dict, *extra) -> str:
-  """`` (remat) (scan)``, the ``extra`` (tag, on) pairs, `` (XLA attention)`` and the
-  variant's label, for those that apply to a trainer or model row."""
+  """`` (remat) (scan)``, the ``extra`` (tag, on) pairs, `` (XLA attention)`` or
+  `` (Pallas attention)`` and the variant's label, for those that apply to a trainer or model
+  row."""
   variant = row.get("variant")
   return "".join(f" ({tag})" for tag, on in (
       ("remat", row.get("remat")), ("scan", row.get("scan_layers")), *extra,
       ("XLA attention", row.get("attention") == "xla"),
+      ("Pallas attention", row.get("attention") == "pallas" and variant != "Pallas attention"),
       (variant, variant is not None)) if on)
 
 
