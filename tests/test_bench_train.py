@@ -60,3 +60,18 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
   assert h["file"] == str(hlo / "train-llama_9m-spam.hlo.txt") and os.path.isfile(h["file"])
   assert h["ops"]["fusion"] > 0 and h["aliased_outputs"] > 0  # the donated state
   assert h["donation_warnings"] == []
+
+
+def test_command_line_error_is_one_line_with_status_2():
+  """A refused flag (cuDNN's attention on the CPU) ends the command with its one error line
+  on stderr and status 2, as the trainer's do."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import _processes  # pylint: disable=import-outside-toplevel
+  p = subprocess.run([sys.executable, "-m", "experiments.benchmarks.bench_train", "--models",
+                      "llama_9m", "--optimizers", "spam", "--batch", "2", "--length", "16",
+                      "--attention", "cudnn"], cwd=_processes.ROOT, env=_processes.env(),
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines() == [
+      "error: --attention cudnn needs a GPU (this JAX backend: cpu); use auto or xla"]

@@ -392,4 +392,4 @@ def _write_json(path: str | None, loader: dict | None, results: list) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(config.run_cli(main))  # a bad flag: its one error line, status 2
