@@ -90,15 +90,22 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 def check_pallas_length(length: int) -> None:
   """Raises ValueError unless `pallas_attention` takes sequences of `length` tokens."""
-  if length > _PALLAS_BLOCK and length % _PALLAS_BLOCK:
-    raise ValueError(f"attention 'pallas' takes sequences of at most {_PALLAS_BLOCK} tokens "
-                     f"or a multiple of {_PALLAS_BLOCK}, got {length}")
+  if length > _PALLAS_MAX_BLOCK and length % _PALLAS_MAX_BLOCK:
+    raise ValueError(f"attention 'pallas' takes sequences of at most {_PALLAS_MAX_BLOCK} "
+                     f"tokens or a multiple of {_PALLAS_MAX_BLOCK}, got {length}")
 
 
-_PALLAS_BLOCK = 128  # the kernel's block of queries and of keys, its default
+# The Pallas kernel's blocks of queries and keys, as its `BlockSizes`: the forward's, then
+# those of the backward's one kernel for dk and dv (its grid) and for dq, which must split
+# the sequence alike. These are jax's defaults. A block longer than the sequence is cut to
+# it; a longer sequence must be a multiple of every block, hence `check_pallas_length`.
+PALLAS_BLOCKS = dict(block_q=128, block_k=128, block_q_dkv=32, block_kv_dkv=32,
+                     block_q_dq=32, block_kv_dq=32)
+_PALLAS_MAX_BLOCK = 128
 
 
-def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     blocks: dict | None = None) -> jax.Array:
   """Causal flash attention as jax's Pallas kernel for GPUs
   (`jax.experimental.pallas.ops.gpu.attention.mha`, written in Triton), over (batch,
   length, heads, head_dim), scaled by 1/sqrt(head_dim) as `jax.nn.dot_product_attention`.
@@ -107,14 +114,23 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   float32 inside them. On a CPU the kernel is interpreted, for tests only, and compiled for
   a GPU from a host without one it is the Triton kernel (`pallas_platform.on_platform`).
   The sequence length must be at most 128 or a multiple of 128 (`check_pallas_length`).
+  `blocks` (default `PALLAS_BLOCKS`, each at most 128) sets the kernel's blocks; a jax
+  without `BlockSizes` takes the forward's two and derives the backward's.
   """
   backend = jax.default_backend()
   if backend not in ("gpu", "cpu"):
     raise ValueError(f"attention 'pallas' is a kernel for GPUs; this JAX backend is {backend}")
   check_pallas_length(q.shape[1])
+  blocks = PALLAS_BLOCKS if blocks is None else blocks
+  if max(blocks.values()) > _PALLAS_MAX_BLOCK:
+    raise ValueError(f"attention 'pallas' blocks of at most {_PALLAS_MAX_BLOCK}, got {blocks}")
   from jax.experimental.pallas.ops.gpu import attention as pallas_mha  # imports Triton's lowering
+  if hasattr(pallas_mha, "BlockSizes"):
+    sizes = dict(block_sizes=pallas_mha.BlockSizes(**blocks))
+  else:
+    sizes = dict(block_q=blocks["block_q"], block_k=blocks["block_k"])
   return pallas_platform.on_platform(lambda interpret: pallas_mha.mha(
-      q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret))
+      q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret, **sizes))
 
 
 # Which of the stacked q, k, v RoPE rotates: (3, 1, 1) against (batch, length, 3, heads, kv).

@@ -36,6 +36,20 @@ def test_output_and_gradients_match_xla(dtype, tol, shape):
     np.testing.assert_allclose(a, b, atol=tol * float(np.abs(b).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("size", [64, 128])
+def test_other_blocks_give_the_same_result(size):
+  """Blocks of 64 or 128 for every kernel: four, two or one block of 256 tokens."""
+  shape = (1, 256, 2, 64)
+  q, k, v, do = (jax.random.normal(key, shape, jnp.float32)
+                 for key in jax.random.split(jax.random.key(1), 4))
+  blocks = {name: size for name in attention.PALLAS_BLOCKS}
+  got = jax.jit(lambda *a: _with_grads(
+      lambda q, k, v: attention.pallas_attention(q, k, v, blocks), *a))(q, k, v, do)
+  want = jax.jit(lambda *a: _with_grads(_xla, *a))(q, k, v, do)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
 def test_llama_with_pallas_attention_matches_xla():
   """The whole model, the same parameters: logits and gradients within bf16 rounding."""
   config = models.LlamaConfig(name="tiny", hidden_size=48, intermediate_size=96, num_heads=2,
@@ -64,6 +78,9 @@ def test_refusals(monkeypatch):
   q = jnp.zeros((1, 160, 1, 16), jnp.float32)
   with pytest.raises(ValueError, match="at most 128 tokens or a multiple of 128, got 160"):
     attention.causal_attention(q, q, q, "pallas")
+  with pytest.raises(ValueError, match="blocks of at most 128"):
+    attention.pallas_attention(q[:, :16], q[:, :16], q[:, :16],
+                               dict(attention.PALLAS_BLOCKS, block_q=256))
   attention.check_pallas_length(128)
   attention.check_pallas_length(384)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")

@@ -184,8 +184,9 @@ print("PROBE " + json.dumps(info), flush=True)
 
 # Causal attention at the 350m step's shapes (64×256 tokens, 16 heads of 64, bf16), forward
 # with backward, each as one jit: cuDNN's fused kernel (the models' choice on a GPU), XLA's,
-# and the Pallas (Triton) flash attention jax ships in jax.experimental.pallas.ops.gpu
-# (interpreted on a CPU). Each one's largest difference from XLA's, relative to XLA's largest
+# and the Pallas (Triton) flash attention jax ships in jax.experimental.pallas.ops.gpu as
+# the models run it (models.attention.pallas_attention, interpreted on a CPU), with the
+# models' blocks and three other choices of them. Each one's largest difference from XLA's, relative to XLA's largest
 # value; the bytes fused kernels move at least: q, k, v read and o written forward, q, k, v,
 # o, dO read and dq, dk, dv written backward.
 try:
@@ -193,13 +194,15 @@ try:
   q, k, v, do = (jax.random.normal(key, (b, l, h, hd), jnp.bfloat16)
                  for key in jax.random.split(jax.random.key(7), 4))
   gpu = jax.default_backend() == "gpu"
-  def pallas_mha(q, k, v):
-    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-    return pallas_attention.mha(q, k, v, None, sm_scale=hd ** -0.5, causal=True,
-                                interpret=not gpu)
+  from models import attention as model_attention
+  default = model_attention.PALLAS_BLOCKS  # the model's; then other blocks of the same kernel
+  backward = lambda n: dict(default, block_q_dkv=n, block_kv_dkv=n, block_q_dq=n, block_kv_dq=n)
   impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                               implementation="xla"),
-           "pallas": pallas_mha}
+                                                               implementation="xla")}
+  for name, blocks in (("pallas", default), ("pallas_bwd64", backward(64)),
+                       ("pallas_bwd128", backward(128)),
+                       ("pallas_all64", {n: 64 for n in default})):
+    impls[name] = lambda q, k, v, blocks=blocks: model_attention.pallas_attention(q, k, v, blocks)
   if gpu:
     impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                   implementation="cudnn")
@@ -691,7 +694,10 @@ def loss_line(env: dict, tiny: bool) -> str | None:
           f"backward {env['loss_one_pass_grad_ms']:.3f} ms.")
 
 
-_ATTENTION_LABELS = {"cudnn": "cuDNN", "pallas": "Pallas (Triton)", "xla": "XLA"}
+_ATTENTION_LABELS = {"cudnn": "cuDNN", "pallas": "Pallas (Triton; the model's blocks)",
+                     "pallas_bwd64": "Pallas (backward blocks of 64)",
+                     "pallas_bwd128": "Pallas (backward blocks of 128)",
+                     "pallas_all64": "Pallas (all blocks of 64)", "xla": "XLA"}
 
 
 def attention_line(env: dict) -> str | None:
