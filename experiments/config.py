@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "when the compute dtype is (--dtype bfloat16 or mixed), else float32")
   g.add_argument("--attention", default=d.attention, choices=ATTENTIONS,
                  help="the attention kernel: cudnn (cuDNN's fused flash attention, GPU only), "
-                      "xla, pallas (jax's Pallas flash attention for GPUs; --max_length at "
-                      "most 128 or a multiple of 128), or auto: cudnn on a GPU where cuDNN "
+                      "xla, pallas (jax's Pallas flash attention; one GPU only, --max_length "
+                      "at most 128 or a multiple of 128), or auto: cudnn on a GPU where cuDNN "
                       "accepts the shapes and dtypes while tracing, xla otherwise; pass xla if "
                       "cuDNN fails when the step compiles")
   g.add_argument("--norm", default=d.norm, choices=NORMS,

@@ -81,9 +81,10 @@ def check_devices(cfg: config.TrainConfig, sizes: dict[str, int]) -> None:
   if cfg.batch_size % hosts:
     config.fail(f"--batch_size {cfg.batch_size} is not divisible by the {hosts} hosts")
   devices = math.prod(sizes.values())
-  if cfg.norm == "pallas" and devices > 1:
-    config.fail(f"--norm pallas runs on one device (this mesh: {devices}); XLA cannot "
-                "partition its kernels: use auto or xla")
+  for flag, value in (("--norm", cfg.norm), ("--attention", cfg.attention)):
+    if value == "pallas" and devices > 1:
+      config.fail(f"{flag} pallas runs on one device (this mesh: {devices}); XLA cannot "
+                  "partition its kernels: use auto or xla")
 
 
 def log(*args) -> None:

@@ -130,6 +130,11 @@ def test_trainer_attention_flag(tiny_args):
                        "gpu")
   with pytest.raises(config.UsageError, match="at most 128 or a multiple of 128, got 200"):
     config.for_backend(config.parse_args(tiny_args(attention="pallas", max_length=200)), "gpu")
+  with pytest.raises(config.UsageError, match="--attention pallas runs on one device"):
+    pretrain.check_devices(config.parse_args(tiny_args(attention="pallas")),
+                           {"data": 2, "fsdp": 1, "tensor": 1})
+  pretrain.check_devices(config.parse_args(tiny_args(attention="pallas")),
+                         {"data": 1, "fsdp": 1, "tensor": 1})
   with pytest.raises(SystemExit):
     config.parse_args(tiny_args(attention="flash"))
   assert "attention" in rundir.RESUMABLE  # the same attention by another kernel: resumable
