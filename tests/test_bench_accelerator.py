@@ -163,6 +163,9 @@ def test_the_device_plan(tmp_path):
   no_graphs = by_name["train_350m_no_cuda_graphs"]  # the same step, no CUDA graphs
   assert no_graphs.env["XLA_FLAGS"].split()[-1] == "--xla_gpu_enable_command_buffer="
   assert "llama_350m" in no_graphs.argv and "--hlo" not in no_graphs.argv
+  for name in ("train_60m", "train_350m", "train_1b", "train_350m_graphs_never_updated"):
+    # profiled with the CUDA graphs they are timed with
+    assert "--xla_enable_command_buffers_during_profiling=true" in by_name[name].env["XLA_FLAGS"]
   never_updated = by_name["train_350m_graphs_never_updated"]  # graphs kept, never re-recorded
   assert never_updated.env["XLA_FLAGS"].split()[-1] == (
       "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE")

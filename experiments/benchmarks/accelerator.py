@@ -352,6 +352,11 @@ def plan(args, work: str) -> list:
           "--batch", str(batch), "--length", str(length)] + (
               ["--warmup", "1", "--iters", "2"] if args.tiny else [])
   parts.append(Part("peer", peer, 150, 30, env={"OUT": os.path.join(work, "parts", "peer")}))
+  # XLA_FLAGS with ``flags`` added to the environment's. Every profiled trainer step keeps
+  # its CUDA graphs while traced (GRAPHS_WHEN_PROFILED), so that its profile is of the step
+  # as timed.
+  with_flags = lambda *flags: {"XLA_FLAGS": " ".join(filter(None, [
+      os.environ.get("XLA_FLAGS"), GRAPHS_WHEN_PROFILED, *flags]))}
   for size in train_sizes:
     name = f"llama_{size}"
     argv = _module("bench_train") + [
@@ -361,7 +366,7 @@ def plan(args, work: str) -> list:
     if size == hlo_size:  # the compiled step's HLO: kernels, cuDNN attention, donation
       argv += ["--hlo", os.path.join(work, "hlo")]
     cap, need = train_caps.get(size, (60, 10))
-    parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"),
+    parts.append(Part(f"train_{size}", argv, cap, need, js(f"train_{size}"), env=with_flags(),
                       retry_argv=argv + ["--activation_checkpointing"] if size == "1b" else None))
 
   def train_variant(size, suffix, flags, env=None, profiled=False):
@@ -380,9 +385,7 @@ def plan(args, work: str) -> list:
   # on an H200 its step in flight took 3.8 ms more than the device's span of it, so whether
   # XLA's graph of 1713 kernels (its update and launch on the host) is what the device waits
   # for between steps.
-  with_flag = lambda flag: {"XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
-                                                                   flag]))}
-  parts.append(train_variant(deciding, "no_cuda_graphs", [], env=with_flag(NO_CUDA_GRAPHS),
+  parts.append(train_variant(deciding, "no_cuda_graphs", [], env=with_flags(NO_CUDA_GRAPHS),
                              profiled=True))
   # ... and with the graph never updated: XLA:GPU re-records the graph's nodes whose buffer
   # addresses changed since its last launch, which with one step in flight (its temporary
@@ -390,7 +393,7 @@ def plan(args, work: str) -> list:
   # update strategy for command buffer thunks", XLA's help text) keeps the graph as recorded
   # and places the buffers at its addresses, with XLA's CUDA virtual-memory allocator.
   parts.append(train_variant(deciding, "graphs_never_updated", [],
-                             env=with_flag(GRAPHS_NEVER_UPDATED), profiled=True))
+                             env=with_flags(GRAPHS_NEVER_UPDATED), profiled=True))
 
   # The smallest trainer step again with float32 logits (--logits_dtype float32; the default
   # follows the compute dtype, bf16 as HF LLaMA in bf16 computes them): at 60m the head's
@@ -570,6 +573,9 @@ VARIANTS = {
 }
 NO_CUDA_GRAPHS = "--xla_gpu_enable_command_buffer="
 GRAPHS_NEVER_UPDATED = "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"
+# XLA:GPU runs a command buffer's kernels one by one while a profiler is active, unless told
+# otherwise (`xla_enable_command_buffers_during_profiling`, false by default in XLA's flags).
+GRAPHS_WHEN_PROFILED = "--xla_enable_command_buffers_during_profiling=true"
 
 
 def variant_of(part_name: str) -> str | None:
