@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import _model_pairs
 import models
 from models import norm_kernels
 from models.normalization import RMSNorm
@@ -142,22 +143,5 @@ def test_llama_with_the_kernels_matches_xla(scan_layers):
   config = models.LlamaConfig(name="tiny", hidden_size=48, intermediate_size=96, num_heads=2,
                               num_layers=2, vocab_size=64, max_seq_len=16, dtype="bfloat16",
                               param_dtype="float32", scan_layers=scan_layers)
-  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, config.vocab_size)
-  xla = models.Llama(config.replace(norm_implementation="xla"))
-  pallas = models.Llama(config.replace(norm_implementation="pallas"))
-  params = xla.init(jax.random.key(1), tokens)["params"]
-  chex.assert_trees_all_equal_shapes_and_dtypes(
-      params, pallas.init(jax.random.key(1), tokens)["params"])
-
-  def loss(model, params):
-    logits = model.apply({"params": params}, tokens).astype(jnp.float32)
-    return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
-
-  (l_x, logits_x), g_x = jax.value_and_grad(lambda p: loss(xla, p), has_aux=True)(params)
-  (l_p, logits_p), g_p = jax.value_and_grad(lambda p: loss(pallas, p), has_aux=True)(params)
-  np.testing.assert_allclose(logits_p, logits_x, atol=3e-2 * float(jnp.abs(logits_x).max()))
-  np.testing.assert_allclose(l_p, l_x, rtol=1e-3)
-  for path, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(g_p)),
-                        jax.tree.leaves(g_x)):
-    scale = float(jnp.abs(b).max()) or 1.0
-    np.testing.assert_allclose(a, b, atol=5e-2 * scale, err_msg=jax.tree_util.keystr(path))
+  _model_pairs.assert_same_model(config.replace(norm_implementation="xla"),
+                                 config.replace(norm_implementation="pallas"))
