@@ -186,9 +186,9 @@ print("PROBE " + json.dumps(info), flush=True)
 # with backward, each as one jit: cuDNN's fused kernel (the models' choice on a GPU), XLA's,
 # and the Pallas (Triton) flash attention jax ships in jax.experimental.pallas.ops.gpu as
 # the models run it (models.attention.pallas_attention, interpreted on a CPU), with the
-# models' blocks and three other choices of them. Each one's largest difference from XLA's, relative to XLA's largest
-# value; the bytes fused kernels move at least: q, k, v read and o written forward, q, k, v,
-# o, dO read and dq, dk, dv written backward.
+# models' blocks and three other choices of them. Each one's largest difference from XLA's,
+# relative to XLA's largest value; the bytes fused kernels move at least: q, k, v read and o
+# written forward, q, k, v, o, dO read and dq, dk, dv written backward.
 try:
   b, l, h, hd = (2, 16, 2, 16) if tiny else (64, 256, 16, 64)
   q, k, v, do = (jax.random.normal(key, (b, l, h, hd), jnp.bfloat16)
