@@ -5,7 +5,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from models import pallas_platform
@@ -133,10 +132,6 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret, **sizes))
 
 
-# Which of the stacked q, k, v RoPE rotates: (3, 1, 1) against (batch, length, 3, heads, kv).
-_ROTATED = np.array([True, True, False])[:, None, None]
-
-
 class Attention(nn.Module):
   """Causal self-attention: q/k/v/o projections, RoPE, `causal_attention`.
 
@@ -167,11 +162,13 @@ class Attention(nn.Module):
     qkv = fused_projections(x, [weights("q_proj"), weights("k_proj"), weights("v_proj")],
                             self.dtype)
     qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
-    # q and k rotated and v kept as it is, selected in one pass over the product: on a GPU
-    # one kernel writes the three (cuDNN's attention takes each whole), where rotating q
-    # and k apart took one kernel each and v one more to copy it out.
-    qkv = jnp.where(_ROTATED, apply_rope(qkv, positions, self.rope_theta), qkv)
-    q, k, v = (qkv[..., i, :, :] for i in range(3))
+    # q and k rotated together, v sliced out as it is (cuDNN's attention takes each whole).
+    # On a GPU the rotation is one kernel writing q and k, and its backward is one
+    # element-wise pass that writes the gradient of the fused product. Rotating all three
+    # and selecting v back (`jnp.where`) made that backward a concatenation kernel: 3.35 ms
+    # of the 350m step on an H200, against 2.43 ms in this form's pass.
+    qk = apply_rope(qkv[..., :2, :, :], positions, self.rope_theta)
+    q, k, v = qk[..., 0, :, :], qk[..., 1, :, :], qkv[..., 2, :, :]
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
     q = checkpoint_name(q, "query")
     k = checkpoint_name(k, "key")
