@@ -1,5 +1,7 @@
 """Counting the entries a clip changed."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -13,8 +15,8 @@ _MAX_EXACT_ROW = 2**24
 def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   r"""The number of entries where ``new`` differs from ``old``, per row.
 
-  A row here is a run of contiguous entries along the leaf's last axis
-  (:func:`count_rows`); a scalar or a vector of odd length is one row.
+  A row here is a run of contiguous entries of the leaf (:func:`count_rows`);
+  a scalar or a vector of odd length is one row.
   Returns shape
   ``(1, rows)``, the form :func:`leaf_counts` sums over all leaves at once:
   float (at least float32, exact), or int32 for float32 rows longer than
@@ -37,20 +39,37 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.reshape(counts, (1, -1))
 
 
-def count_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The shape :func:`changed_per_row` views a leaf of ``shape`` as: its last
-  axis is the rows it sums, every other axis is kept.
+# On one device, rows of this many entries where a leaf's own are not a power of two.
+_WIDE_ROW = 2048
 
-  The rows are the leaf's last axis, two at a time where that axis is odd
-  and the one before it even. With the count fused in, the pass that writes
-  the clipped values is a reduction on XLA:GPU, which loads and stores one
-  float32 at a time where a row is odd, or spans more than one axis of the
-  outputs, and two or four at a time otherwise (the PTX of the update
-  compiled for an H100). Measured on an H200, SPAM's update of a 1B LLaMA's
-  2048×5461 MLP leaves ran at half the rate of its other leaves, and of its
-  2048×32×64 attention leaves (rows of 32×64) 8% slower than AdamW's. Only
-  the axis before the last is ever split, and by 2, so a leaf sharded over
-  its leading axes is counted where it lies.
+
+def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[int, ...]:
+  """The shape :func:`changed_per_row` views a leaf of ``shape`` as: each count
+  sums one row along the view's last axis.
+
+  The rows are the leaf's last axis, every other axis kept, two at a time
+  where that axis is odd and the one before it even. With the count fused
+  in, the pass that writes the clipped values is a reduction on XLA:GPU,
+  which loads and stores one float32 at a time where a row is odd, or spans
+  more than one axis of the outputs, and two or four at a time otherwise
+  (the PTX of the update compiled for an H100). Measured on an H200, SPAM's
+  update of a 1B LLaMA's 2048×5461 MLP leaves ran at half the rate of its
+  other leaves, and of its 2048×32×64 attention leaves (rows of 32×64) 8%
+  slower than AdamW's. Only the axis before the last is ever split, and by
+  2, so a leaf sharded over its leading axes is counted where it lies.
+
+  On one device (``one_device``; by default when jax sees one device) a
+  matrix whose rows are not a power of two long, and whose size is a
+  multiple of 2048, is counted in rows of 2048 read across its axes (a
+  row-major matrix is contiguous, so the view is free). Rows of 5461 × 2
+  still loaded 8 bytes at a time, and that pass ran at 0.69× AdamW's rate on
+  an H200, where the other large leaves (rows of 64 and 2048) ran at
+  0.94–0.99×; in rows of 2048 it loads and stores 16 bytes at a time, as
+  they do (compiled for an H100). Not so a leaf with layers stacked in
+  front, (24, 2048, 5461): viewed as (24, 5461, 2048), or as rows of 2048
+  over all its entries, its pass loads one float at a time, so leaves of
+  rank 3 or more keep the rows above. Across axes a sharded leaf would be
+  moved, so with more than one device the rows stay as above too.
 
   A vector of even length is rows of two: summed whole, its pass is one
   block of threads (128 for a 2048-entry norm scale, the H100 compile), and
@@ -67,6 +86,12 @@ def count_rows(shape: tuple[int, ...]) -> tuple[int, ...]:
   lead, length = shape[:-1], shape[-1]
   if length % 2 and lead[-1] % 2 == 0:
     lead, length = lead[:-1] + (lead[-1] // 2,), 2 * length
+  if one_device is None:
+    one_device = jax.device_count() == 1
+  size = math.prod(shape)
+  power_of_two = length & (length - 1) == 0
+  if one_device and len(shape) == 2 and not power_of_two and size % _WIDE_ROW == 0:
+    return (size // _WIDE_ROW, _WIDE_ROW)
   return lead + (length,)
 
 

@@ -97,8 +97,38 @@ def test_rows_of_the_count(shape, rows):
     ((5461, 2048), (5461, 2048)),
     ((32, 64, 2048), (32, 64, 2048)),       # heads × head_dim × hidden
     ((2048, 32, 64), (2048, 32, 64)),
+    ((2048, 32000), (2048, 32000)),         # the LM head
     ((3, 5), (3, 5)), ((7,), (7,)), ((), ()),
     ((2048,), (1024, 2)),                   # a norm scale: rows of two
 ])
-def test_count_rows(shape, view):
-  assert _count.count_rows(shape) == view
+def test_count_rows_with_several_devices(shape, view):
+  """Rows never cross an axis but the one before the last (split by 2)."""
+  assert _count.count_rows(shape, one_device=False) == view
+
+
+@pytest.mark.parametrize("shape, view", [
+    ((2048, 5461), (5461, 2048)),           # rows of 2048 across the axes
+    ((24, 2048, 5461), (24, 1024, 10922)),  # layers stacked: rows as before
+    ((2048, 32000), (32000, 2048)),
+    ((5461, 2048), (5461, 2048)),           # rows that are a power of two stay
+    ((32, 64, 2048), (32, 64, 2048)),
+    ((2048, 32, 64), (2048, 32, 64)),
+    ((24, 2048), (24, 2048)),
+    ((4, 4096), (4, 4096)),                 # any power of two stays
+    ((4, 1536), (3, 2048)),
+    ((3, 5), (3, 5)), ((33, 17), (33, 17)),  # sizes that 2048 does not divide
+    ((7,), (7,)), ((), ()), ((2048,), (1024, 2)),
+])
+def test_count_rows_on_one_device(shape, view):
+  assert _count.count_rows(shape, one_device=True) == view
+
+
+def test_count_across_axes_is_exact():
+  """Counted in rows of 2048 across the axes, each row is a contiguous run of the leaf."""
+  assert jax.device_count() == 1  # the suite's own process sees one CPU device
+  new, old = changed_pair((4, 1536), np.float32, seed=3)
+  got = _count.changed_per_row(jnp.asarray(new), jnp.asarray(old))
+  chex.assert_shape(got, (1, 3))
+  want = np.reshape(new != old, (3, 2048)).sum(axis=1)
+  np.testing.assert_array_equal(np.asarray(got)[0], want)
+  assert int(_count.count_changed(jnp.asarray(new), jnp.asarray(old))) == int((new != old).sum())
