@@ -25,8 +25,9 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
-                         "model_9m_pallas_attention", "peer", "train_9m", "train_9m_no_cuda_graphs",
-                         "train_9m_graphs_never_updated", "train_9m_f32_logits", "optimizer_scan",
+                         "model_9m_pallas_attention", "peer", "train_9m",
+                         "train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
+                         "train_9m_f32_logits", "optimizer_scan",
                          "train_9m_xla_norm", "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   assert report["environment"]["copy_GBps"] > 0 and report["environment"]["matmul_bf16_TFLOPs"] > 0
@@ -42,7 +43,7 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
-  train, no_graphs, never_updated, f32_logits, xla_norm = report["results"]["train"]
+  train, never_updated, no_graphs, f32_logits, xla_norm = report["results"]["train"]
   assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
   assert never_updated["variant"] == "CUDA graphs never updated"
   assert "profile_in_flight" in never_updated
@@ -116,7 +117,7 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   # Before each part, the report already holds every part before it.
   before = ["probe"]
   for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention", "peer",
-               "train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
+               "train_9m", "train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
                "train_9m_f32_logits", "optimizer_scan", "train_9m_xla_norm"):
     if name != "peer":  # skipped without a --torch_peer: not run
       assert seen.pop(0) == (name, before)
@@ -145,7 +146,7 @@ def test_the_device_plan(tmp_path):
   names = [p.name for p in parts]
   assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm",
                    "model_350m_pallas_attention", "peer", "train_60m", "train_130m", "train_350m",
-                   "train_1b", "train_350m_no_cuda_graphs", "train_350m_graphs_never_updated",
+                   "train_1b", "train_350m_graphs_never_updated", "train_350m_no_cuda_graphs",
                    "train_60m_f32_logits", "optimizer_scan", "train_130m_f32_logits",
                    "train_350m_xla_norm", "hlo_optimizer", "blocks", "model_1b"]
   by_name = dict(zip(names, parts))
@@ -253,6 +254,22 @@ def test_targets_from_part_results():
       dict(optimizer=opt, model=model, train=train, peer=peer))}
   spam = rows["spam update ÷ optax.adamw (1b)"]
   assert (spam["value"], spam["status"], spam["note"]) == (1.08, "missed", "")
+  # Profiled on a GPU, both: the kernels' busy time decides (a host-bound adamw in flight
+  # would flatter SPAM); a profile of one update alone, or a host trace, does not.
+  gpu = lambda ms: dict(source="gpu", busy_ms_per_call=ms)
+  opt["optimizers"][0].update(profile=gpu(9.0), x_adamw_in_flight=1.0)
+  opt["optimizers"][1].update(profile=gpu(9.45), x_adamw_in_flight=0.87)
+  opt["optimizers"][2].update(profile=dict(source="cpu", busy_ms_per_call=1.0))
+  rows = {t["target"]: t for t in accelerator.targets(
+      dict(optimizer=opt, model=model, train=train, peer=peer))}
+  spam = rows["spam update ÷ optax.adamw (1b)"]
+  assert (spam["value"], spam["status"], spam["note"]) == (pytest.approx(1.05), "met",
+                                                            "device time")
+  assert rows["stable_spam update ÷ optax.adamw (1b)"]["note"] == "waited-for updates"
+  opt["optimizers"][1].update(profile=gpu(9.9))
+  rows = {t["target"]: t for t in accelerator.targets(
+      dict(optimizer=opt, model=model, train=train, peer=peer))}
+  assert rows["spam update ÷ optax.adamw (1b)"]["status"] == "missed"
 
 
 def test_memory_floor_and_profile_table():
@@ -278,9 +295,10 @@ def test_memory_floor_and_profile_table():
       dict(name="command_buffer::update", ms_per_call=3.5, count_per_call=1),
       dict(name="cuGraphLaunch", ms_per_call=0.25, count_per_call=1.0)])
   lines = accelerator.in_flight_lines(dict(train=[
-      dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=in_flight),
+      dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=in_flight,
+           step_s_in_flight_median=0.011, step_s_in_flight_max=0.0141),
       dict(model="llama_1b", optimizer="spam", step_s=0.3, profile_in_flight={"error": "x"})]))
-  assert "| llama_350m spam | 11.20 | 11.00 | 8.00 | 10.00 | 1.00 |" in lines
+  assert "| llama_350m spam | 11.20 | 11.00 / 14.10 | 11.00 | 8.00 | 10.00 | 1.00 |" in lines
   assert ("- llama_350m spam: `command_buffer::update` 3.50 (×1); `cuGraphLaunch` 0.25 (×1)"
           in lines)
   assert not any("llama_1b" in l for l in lines)
@@ -288,6 +306,7 @@ def test_memory_floor_and_profile_table():
   lines = accelerator.in_flight_lines(dict(train=[
       dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=no_host)]))
   assert not any("longest events" in l for l in lines)
+  assert "| llama_350m spam | 11.20 | – | 11.00 | 8.00 | 10.00 | 1.00 |" in lines  # no spread
   assert accelerator.in_flight_lines(dict(train=[])) == []
 
 

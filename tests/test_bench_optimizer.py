@@ -11,6 +11,7 @@ import optax
 
 import spam_optax
 from experiments.benchmarks import bench_optimizer
+from spam_optax import _leaf_stats
 
 
 def table_rows(text):
@@ -249,3 +250,22 @@ def test_every_state_keeps_its_structure_across_an_update():
     assert jax.tree.structure(after) == jax.tree.structure(before), name
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(after)] == [
         (x.shape, x.dtype) for x in jax.tree.leaves(before)], name
+
+
+def test_stable_spam_with_a_reduction_per_leaf():
+  """The variant computes Stable-SPAM's update, with one reduction per leaf per statistic
+  (eight same-shaped leaves share one in the library), and leaves the library as it was."""
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
+  (name, opt), = bench_optimizer.leaf_reduction_optimizer().items()
+  assert name == "stable_spam (a leaf per reduction)"
+  library = bench_optimizer.optimizers(0.25)["stable_spam"]
+  keys = iter(jax.random.split(jax.random.key(0), 64))
+  params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
+  grads = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
+  group = _leaf_stats._GROUP
+  outs = [jax.jit(o.update)(grads, o.init(params), params) for o in (opt, library)]
+  chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+  assert _leaf_stats._GROUP == group
+  reduces = lambda o: jax.jit(o.update).lower(grads, o.init(params), params).as_text().count(
+      "stablehlo.reduce")
+  assert reduces(opt) > reduces(library)

@@ -32,6 +32,15 @@ def test_in_flight_waits_for_the_previous_call_after_dispatching_the_next(record
                     ("wait", 1), ("dispatch", 3), ("wait", 2), ("wait", 3)]
 
 
+def test_in_flight_times_are_the_intervals_between_completions(recorded, monkeypatch):
+  events, call = recorded
+  clock = iter([10.0, 10.5, 11.5, 12.0])  # the clock start, then each completion
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+  assert timing.in_flight_times(call, 3) == [0.5, 1.0, 0.5]
+  assert events == [("dispatch", 0), ("dispatch", 1), ("wait", 0), ("dispatch", 2),
+                    ("wait", 1), ("dispatch", 3), ("wait", 2), ("wait", 3)]
+
+
 def test_synced_waits_for_each_call_before_the_next(recorded):
   events, call = recorded
   times = timing.synced_times(call, 2)
@@ -67,6 +76,6 @@ def test_on_a_real_jitted_step():
 
 
 def test_a_call_is_needed():
-  for measure in (timing.in_flight_s, timing.back_to_back_s):
+  for measure in (timing.in_flight_s, timing.in_flight_times, timing.back_to_back_s):
     with pytest.raises(ValueError, match="n must be >= 1"):
       measure(lambda: None, 0)

@@ -105,6 +105,20 @@ def median_s(f, *a):
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
 
+def queued_s(f, *a, n=20):
+  # Seconds per call of n calls dispatched back to back, only the last waited for (median
+  # of 5 such runs): the device's time for calls of well under a millisecond, whose
+  # waited-for time is mostly the launch and the wait.
+  jax.block_until_ready(f(*a))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      out = f(*a)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / n)
+  return statistics.median(times)
+
 tiny = sys.argv[1] == "tiny"
 n = 2**22 if tiny else 2**29  # float32 elements: 16 MiB or 2 GiB
 x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
@@ -150,7 +164,7 @@ try:
     norm = RMSNorm(1e-6, jnp.bfloat16, jnp.float32, implementation=name)
     f = lambda x, h, p, norm=norm: norm.apply(p, x, h)
     step = jax.jit(lambda x, h, p, f=f: (lambda o, vjp: (o, vjp((ds, dy))))(*jax.vjp(f, x, h, p)))
-    info[f"norm_{name}_ms"] = 1e3 * median_s(step, x, h, params)
+    info[f"norm_{name}_ms"] = 1e3 * queued_s(step, x, h, params)
     outs[name] = jax.device_get(step(x, h, params))
   diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                                          / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) or 1.0)),
@@ -173,9 +187,9 @@ try:
     x = x.astype(jnp.float32)
     return jax.nn.logsumexp(x, axis=-1) - jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0]
   for name, f in (("one_pass", token_nll), ("two_pass", two_pass)):
-    info[f"loss_{name}_ms"] = 1e3 * median_s(jax.jit(lambda x, t, f=f: jnp.sum(f(x, t))),
+    info[f"loss_{name}_ms"] = 1e3 * queued_s(jax.jit(lambda x, t, f=f: jnp.sum(f(x, t))),
                                              logits, targets)
-  info["loss_one_pass_grad_ms"] = 1e3 * median_s(
+  info["loss_one_pass_grad_ms"] = 1e3 * queued_s(
       jax.jit(jax.grad(lambda x, t: jnp.sum(token_nll(x, t)))), logits, targets)
   info["loss_logits_GB"] = tokens * vocab * 2 / 1e9
 except Exception as e:
@@ -210,7 +224,7 @@ try:
   for name, f in impls.items():
     try:
       step = jax.jit(lambda q, k, v, do, f=f: (lambda o, vjp: (o, vjp(do)))(*jax.vjp(f, q, k, v)))
-      info[f"attention_{name}_ms"] = 1e3 * median_s(step, q, k, v, do)
+      info[f"attention_{name}_ms"] = 1e3 * queued_s(step, q, k, v, do)
       outs[name] = [x.astype(jnp.float32) for x in jax.tree.leaves(step(q, k, v, do))]
     except Exception as e:
       info[f"attention_{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -320,13 +334,16 @@ def plan(args, work: str) -> list:
   # The parts that decide the optimizer and MFU targets first, then the trainer beside its
   # peer, then the breakdowns; what the budget no longer fits is recorded as skipped.
   parts = []
-  # The sparse SPAM as the trainer runs it (masks redrawn by the loop). On an H200 the
+  # The sparse SPAM as the trainer runs it (masks redrawn by the loop), and Stable-SPAM with
+  # each leaf's statistics reduced alone (the library takes eight same-shaped leaves a
+  # reduction; on the second H200 run its statistics passes took 4.00 ms, 3.45 on the
+  # first, before the grouping). On an H200 the
   # hand-fused Stable-SPAM reference (2.14× adamw, against the library's 1.41×) and the
   # in-update redraw (3.19×, the host waiting on its conditional) were measured once; they
   # stay in bench_optimizer and out of this part, which they made 40% longer.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
-      "spam,stable_spam,spam d=0.25 (loop redraw)",
+      "spam,stable_spam,stable_spam (a leaf per reduction),spam d=0.25 (loop redraw)",
       "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
@@ -381,19 +398,21 @@ def plan(args, work: str) -> list:
 
   f32_logits_part = lambda size: train_variant(size, "f32_logits", ["--logits_dtype", "float32"])
   deciding = "350m" if "350m" in train_sizes else train_sizes[-1]
-  # The size that decides the trainer target again without CUDA graphs, profiled in flight:
-  # on an H200 its step in flight took 3.8 ms more than the device's span of it, so whether
-  # XLA's graph of 1713 kernels (its update and launch on the host) is what the device waits
-  # for between steps.
-  parts.append(train_variant(deciding, "no_cuda_graphs", [], env=with_flags(NO_CUDA_GRAPHS),
-                             profiled=True))
-  # ... and with the graph never updated: XLA:GPU re-records the graph's nodes whose buffer
-  # addresses changed since its last launch, which with one step in flight (its temporary
-  # buffers still held) may be most of them every step. NEVER_UPDATE ("the VA remapping
-  # update strategy for command buffer thunks", XLA's help text) keeps the graph as recorded
-  # and places the buffers at its addresses, with XLA's CUDA virtual-memory allocator.
+  # The size that decides the trainer target again with its CUDA graph never updated,
+  # profiled in flight. On the H200 its step in flight took 79.6 ms, the waited-for step's
+  # best (79.5), while its 3-step trace in flight ran one every 76.3 ms; the host spent 3.2
+  # ms a step updating the graph (0.17 ms with each step waited for) and 5.2 ms in
+  # cuGraphLaunch. XLA:GPU re-records the graph's nodes whose buffer addresses changed since
+  # its last launch, which with one step in flight (its temporary buffers still held) may be
+  # most of them every step. NEVER_UPDATE ("the VA remapping update strategy for command
+  # buffer thunks", XLA's help text) keeps the graph as recorded and places the buffers at
+  # its addresses, with XLA's CUDA virtual-memory allocator.
   parts.append(train_variant(deciding, "graphs_never_updated", [],
                              env=with_flags(GRAPHS_NEVER_UPDATED), profiled=True))
+  # ... and without CUDA graphs (XLA:GPU launching each kernel): on the H200 78.4 ms in
+  # flight, the device busy 77.0 ms of it.
+  parts.append(train_variant(deciding, "no_cuda_graphs", [], env=with_flags(NO_CUDA_GRAPHS),
+                             profiled=True))
 
   # The smallest trainer step again with float32 logits (--logits_dtype float32; the default
   # follows the compute dtype, bf16 as HF LLaMA in bf16 computes them): at 60m the head's
@@ -527,6 +546,31 @@ def _status(value, limit, at_most: bool) -> str:
   return "met" if (value <= limit if at_most else value >= limit) else "missed"
 
 
+def device_ms(row: dict) -> float | None:
+  """An update's device time: its profile's busy ms per call, where it was profiled."""
+  profile = row.get("profile") or {}
+  return profile.get("busy_ms_per_call") if profile.get("source") == "gpu" else None
+
+
+def update_ratio(row: dict, adamw: dict) -> tuple[float | None, str]:
+  """An update's time over optax.adamw's, and a note on what was compared.
+
+  On the device's profile where both updates have one: the kernels' busy time. Timed from
+  the host, an update of a per-layer tree (~900 arrays in and out) can be bound by its
+  dispatch rather than by the device (on the H200, adamw's 1B update: 14.8 ms a call in
+  flight for 9.3 ms of kernels), which a training step, whose one dispatch launches the
+  model and the update, does not pay per update. Otherwise one update in flight, as a
+  training loop runs, and last each update waited for (which adds the same host launch to
+  both and so flatters the slower update).
+  """
+  mine, theirs = device_ms(row), device_ms(adamw)
+  if mine and theirs:
+    return mine / theirs, "device time"
+  if row.get("x_adamw_in_flight"):
+    return row["x_adamw_in_flight"], ""
+  return row.get("x_adamw"), "waited-for updates" if row else ""
+
+
 def targets(res: dict) -> list:
   """One row per target and size: value, limit, met / missed / not measured."""
   rows = []
@@ -542,11 +586,8 @@ def targets(res: dict) -> list:
     size = (res[part] or {}).get("size", "1b")
     for key, name in (("spam", "spam_x_adamw"), ("stable_spam", "stable_spam_x_adamw")):
       row = opt.get(key, {})
-      # One update in flight, as a training loop runs, where measured: the waited-for
-      # ratio adds the same host launch to both and so flatters the slower update.
-      value = row.get("x_adamw_in_flight") or row.get("x_adamw")
-      add(f"{key} update ÷ optax.adamw ({size}{layout})", value, TARGETS[name], True,
-          "" if row.get("x_adamw_in_flight") or not row else "waited-for updates")
+      value, note = update_ratio(row, opt.get("adamw", {}))
+      add(f"{key} update ÷ optax.adamw ({size}{layout})", value, TARGETS[name], True, note)
   bf16 = {r["model"]: r for r in res["model"] if r["quant"] == "bf16" and not r.get("variant")}
   add("MFU, llama_350m bf16", bf16.get("llama_350m", {}).get("mfu"), TARGETS["mfu_350m_bf16"],
       False)
@@ -658,11 +699,17 @@ def in_flight_lines(res: dict) -> list:
   lines = ["", "## Trainer steps in flight (jax.profiler trace, one step in flight)", "",
            "Period: the trace's first kernel start to its last kernel end, per step; idle "
            "between steps: the period less each step's own span.", "",
-           "| step | timed ms | period ms | busy ms | span ms | idle between steps ms |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "Timed: the mean of the timed steps in flight, then their median and longest "
+           "(a mean above the median comes from a few slow steps).", "",
+           "| step | timed ms | median / longest ms | period ms | busy ms | span ms | "
+           "idle between steps ms |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     p = r["profile_in_flight"]
-    lines.append(f"| {train_label(r)} {r['optimizer']} | {1e3 * r['step_s']:.2f} | "
+    spread = (f"{1e3 * r['step_s_in_flight_median']:.2f} / "
+              f"{1e3 * r['step_s_in_flight_max']:.2f}"
+              if r.get("step_s_in_flight_median") is not None else "–")
+    lines.append(f"| {train_label(r)} {r['optimizer']} | {1e3 * r['step_s']:.2f} | {spread} | "
                  f"{p['period_ms_per_call']:.2f} | {p['busy_ms_per_call']:.2f} | "
                  f"{p['span_ms_per_call']:.2f} | {p['between_ms_per_call']:.2f} |")
   hosts = [(r, r["profile_in_flight"].get("host_top")) for r in rows]
@@ -758,6 +805,10 @@ def markdown(report: dict) -> str:
   for line in (loss_line(env, report["tiny"]), attention_line(env)):
     if line:
       lines.append(line)
+  if any(env.get(k) is not None for k in ("norm_pallas_ms", "loss_one_pass_ms",
+                                          "attention_xla_ms")):
+    lines.append("(The norm, loss and attention times: ms a call of 20 calls queued back to "
+                 "back, the last waited for; the device's time, not the launch's.)")
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")
@@ -775,13 +826,18 @@ def markdown(report: dict) -> str:
     layout = ", scanned layers" if opt.get("scan_layers") else ""
     lines += ["", f"## Optimizer update, {opt['size']}{layout} ({opt['params']:,} params, "
               f"{opt['dtype']}, median of {opt['iters']})", "",
-              "| optimizer | in flight ms | × adamw | waited for ms | × adamw | memory floor ms "
-              "| × floor | compile s | state MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| optimizer | device ms | × adamw | in flight ms | × adamw | waited for ms | "
+              "× adamw | memory floor ms | × floor | compile s | state MiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    adamw = {r["name"]: r for r in opt["optimizers"]}.get("adamw", {})
     for r in opt["optimizers"]:
       floor = floor_ms(r["name"], opt["params"], opt.get("dtype"), env.get("copy_GBps"))
-      ms = r.get("in_flight_ms") or r.get("update_ms")
+      ms = device_ms(r) or r.get("in_flight_ms") or r.get("update_ms")
       over = ms / floor if floor and ms else None
-      lines.append(f"| {r['name']} | {_f(r.get('in_flight_ms'), '{:.2f}')} | "
+      busy, base = device_ms(r), device_ms(adamw)
+      lines.append(f"| {r['name']} | {_f(busy, '{:.2f}')} | "
+                   f"{_f(busy / base if busy and base else None, '{:.2f}')} | "
+                   f"{_f(r.get('in_flight_ms'), '{:.2f}')} | "
                    f"{_f(r.get('x_adamw_in_flight'), '{:.2f}')} | "
                    f"{_f(r['update_ms'], '{:.2f}')} | "
                    f"{_f(r['x_adamw'], '{:.2f}')} | {_f(floor, '{:.2f}')} | "
@@ -791,9 +847,11 @@ def markdown(report: dict) -> str:
     lines += ["", "The memory floor: the bytes an update must move at least (float32: "
               "p, g, m, v read and p, m, v written, 28 B per parameter; Stable-SPAM 36 B, as "
               "its max |g| and then the norm of the clipped g read g twice more) over the "
-              "measured bandwidth; × floor is of the in-flight time where measured. In "
-              "flight: updates made back to back with one in flight, as a training loop "
-              "makes them; waited for: each update waited for (its host launch included)."]
+              "measured bandwidth; × floor is of the device time where profiled, else of "
+              "the in-flight time. Device: the profile's busy time of an update's kernels "
+              "(what the targets compare, where both updates were profiled). In flight: "
+              "updates made back to back with one in flight, as a training loop makes "
+              "them; waited for: each update waited for (its host launch included)."]
   if res["train"] or res["peer"]:
     lines += ["", "## Trainer step (spam) and the PyTorch peer (HF LLaMA bf16 + fused AdamW)",
               "", "Ours as the trainer runs (one step in flight); \"waited for\": each step "

@@ -230,12 +230,15 @@ def _bench_step(args, model_name: str, optimizer_name: str,
       return out
 
     synced = timing.synced_times(run_once, args.steps)
-    in_flight = timing.in_flight_s(run_once, args.steps)  # as the trainer's loop runs
+    intervals = timing.in_flight_times(run_once, args.steps)  # as the trainer's loop runs
+    in_flight = sum(intervals) / len(intervals)
     writer_s = metrics_writer_s([run_once() for _ in range(args.steps)])
     loss = float(run_once()["loss"])
     r = _result(args, cfg, mcfg, optimizer_name, sizes, in_flight, synced, compile_s,
                 first_step_s, loss)
     r["writer_s"] = writer_s
+    r["step_s_in_flight_median"] = statistics.median(intervals)
+    r["step_s_in_flight_max"] = max(intervals)
     if args.hlo:
       r["hlo"] = _hlo(args, text, donation, label)
     if args.profile:

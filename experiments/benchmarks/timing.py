@@ -36,19 +36,30 @@ def in_flight_s(call: Callable[[], object], n: int) -> float:
   already dispatched, and stops when the n-th timed call completes. So the n intervals are
   those of a loop already running, without the host's launch of the very first call.
   """
+  return sum(in_flight_times(call, n)) / n
+
+
+def in_flight_times(call: Callable[[], object], n: int) -> list[float]:
+  """The ``n`` intervals of ``in_flight_s`` (seconds), each from one timed call's completion
+  to the next's: a mean that hides one slow step among fast ones shows here as its maximum.
+  """
   if n < 1:
     raise ValueError(f"n must be >= 1, got {n}")
   previous = call()
   result = call()
   jax.block_until_ready(previous)
-  t0 = time.perf_counter()
+  times, t0 = [], time.perf_counter()
   previous = result
   for _ in range(n - 1):
     result = call()
     jax.block_until_ready(previous)
+    t1 = time.perf_counter()
+    times.append(t1 - t0)
+    t0 = t1
     previous = result
   jax.block_until_ready(previous)
-  return (time.perf_counter() - t0) / n
+  times.append(time.perf_counter() - t0)
+  return times
 
 
 def back_to_back_s(call: Callable[[], object], n: int) -> float:
