@@ -198,12 +198,18 @@ def _swiglu_fwd(gate_up):
 
 
 def _swiglu_bwd(gate_up, dh):
-  gate = gate_up[..., 0:1, :].astype(jnp.float32)
-  up = gate_up[..., 1:2, :].astype(jnp.float32)
+  x = gate_up.astype(jnp.float32)
+  first = (jnp.arange(2) == 0)[:, None]
+  # The gate at every element of the stacked shape, selected from it rather than broadcast
+  # from its half: each element then computes its own sigmoid. Broadcast, σ(gate) is one
+  # value that both halves read, and XLA:GPU's fusion cost model for an H200 stores it in
+  # float32 and runs the backward as two kernels (0.99 GB a layer against 0.45 at 350m,
+  # 5.7 ms of the step on an H200).
+  gate = jnp.where(first, x, x[..., 0:1, :])
+  up = x[..., 1:2, :]
   sig = jax.nn.sigmoid(gate)
   # d/dgate silu(gate)·up = up·σ·(1 + gate·(1 − σ));  d/dup = silu(gate) = gate·σ.
   # Both halves in one expression of the stacked shape: one kernel, nothing concatenated.
-  first = (jnp.arange(2) == 0)[:, None]
   factor = jnp.where(first, up * sig * (1.0 + gate * (1.0 - sig)), gate * sig)
   return ((dh.astype(jnp.float32)[..., None, :] * factor).astype(gate_up.dtype),)
 

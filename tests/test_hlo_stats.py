@@ -173,6 +173,46 @@ def test_compiling_for_an_h100_without_one():
   assert step["peak_memory_bytes"] > 0  # XLA's buffer assignment for the described device
 
 
+def test_the_h200_target_is_the_h100_with_its_memory():
+  from experiments.benchmarks import aot_gpu
+
+  h100, h200 = aot_gpu.TARGETS["h100"], aot_gpu.TARGETS["h200"]
+  assert "memory_bandwidth: 4800000000000" in h200 and '"NVIDIA H200"' in h200
+  assert "device_memory_size: 141000000000" in h200
+  changed = [a for a, b in zip(h100.splitlines(), h200.splitlines()) if a != b]
+  assert len(changed) == 3 and len(h100.splitlines()) == len(h200.splitlines())
+
+
+def test_swiglu_backward_is_one_pass_for_both_targets():
+  """The MLP's backward reads gate/up and the output gradient and writes the stacked
+  gradient once, with no float32 sigmoid stored apart: XLA's cost model for an H200 split
+  it in two kernels when σ(gate) was broadcast to both halves (skipped without the CUDA
+  plugin)."""
+  import importlib.util
+
+  import pytest
+
+  try:
+    plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+  except ModuleNotFoundError:
+    plugin = None
+  if plugin is None:
+    pytest.skip("the jax CUDA plugin is not installed")
+  from experiments.benchmarks import aot_gpu
+
+  from models import linears
+
+  tokens, mlp = (64, 256), 2736  # the 350m step's (the split shows at this size)
+  for target in ("h100", "h200"):
+    on = aot_gpu.target_sharding(target)
+    x = jax.ShapeDtypeStruct((*tokens, 2, mlp), jnp.bfloat16, sharding=on)
+    dh = jax.ShapeDtypeStruct((*tokens, mlp), jnp.bfloat16, sharding=on)
+    backward = jax.jit(lambda x, dh: jax.vjp(linears.swiglu, x)[1](dh))
+    moved = hlo_stats.kernel_traffic(backward.lower(x, dh).compile().as_text())["bytes"]
+    once = 2 * (2 * x.size + dh.size)  # bf16: gate/up and dh read, the gradient written
+    assert once <= moved < 1.05 * once, (target, moved / once)  # split: 2.2× as much
+
+
 def test_without_the_cuda_plugin_the_h100_target_is_one_error_line():
   import pytest
 

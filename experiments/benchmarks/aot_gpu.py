@@ -83,7 +83,16 @@ runtime_version {
 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
-TARGETS = {"h100": H100_TARGET}
+# NVIDIA H200 (SXM): the H100's chip with HBM3e, 4.8 TB/s and 141 GB (the datasheet's).
+# XLA:GPU's fusion cost model reads the bandwidth: compiled for an H200, the 350m trainer
+# step stored SwiGLU's sigmoid in float32 and ran its backward as two kernels, as the H200
+# ran it (the step's HLO from the device), where compiled for an H100 it is one.
+H200_TARGET = (H100_TARGET.replace("memory_bandwidth: 3352320000000",
+                                   "memory_bandwidth: 4800000000000")
+               .replace("device_memory_size: 84929347584", "device_memory_size: 141000000000")
+               .replace('device_description_str: "NVIDIA H100 80GB HBM3"',
+                        'device_description_str: "NVIDIA H200"'))
+TARGETS = {"h100": H100_TARGET, "h200": H200_TARGET}
 H100_BANDWIDTH_GBPS = 3352.32  # the datasheet's HBM3 bandwidth, the default for estimates
 
 
