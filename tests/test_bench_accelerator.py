@@ -26,7 +26,8 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
                          "model_9m_pallas_attention", "peer", "train_9m",
-                         "train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
+                         "train_9m_graphs_never_updated", "train_9m_two_executables",
+                         "train_9m_no_cuda_graphs",
                          "train_9m_f32_logits", "optimizer_scan",
                          "train_9m_xla_norm", "hlo_optimizer", "blocks"]
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
@@ -43,7 +44,8 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
-  train, never_updated, no_graphs, f32_logits, xla_norm = report["results"]["train"]
+  train, never_updated, two, no_graphs, f32_logits, xla_norm = report["results"]["train"]
+  assert two["variant"] == "two executables in turn" and two["two_executables"]
   assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
   assert never_updated["variant"] == "CUDA graphs never updated"
   assert "profile_in_flight" in never_updated
@@ -69,10 +71,11 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
   assert train["tokens_per_s"] > 0 and train["compile_s"] > 0 and (train["batch"], train["length"]) == (2, 16)
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
-  assert [t["status"] for t in peer_row] == ["not measured"] * 5
+  assert [t["status"] for t in peer_row] == ["not measured"] * 6
   assert "| llama_9m (float32 logits) | 2×16 |" in md and "| llama_9m (XLA norm) | 2×16 |" in md
   assert "| llama_9m (no CUDA graphs) | 2×16 |" in md
   assert "| llama_9m (CUDA graphs never updated) | 2×16 |" in md
+  assert "| llama_9m (two executables in turn) | 2×16 |" in md
   assert "The host's longest events per step in flight" in md
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
   # The compiled trainer step, from the same process: the donated state is reused in place.
@@ -117,8 +120,9 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   # Before each part, the report already holds every part before it.
   before = ["probe"]
   for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention", "peer",
-               "train_9m", "train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
-               "train_9m_f32_logits", "optimizer_scan", "train_9m_xla_norm"):
+               "train_9m", "train_9m_graphs_never_updated", "train_9m_two_executables",
+               "train_9m_no_cuda_graphs", "train_9m_f32_logits", "optimizer_scan",
+               "train_9m_xla_norm"):
     if name != "peer":  # skipped without a --torch_peer: not run
       assert seen.pop(0) == (name, before)
     before = before + [name]
@@ -146,14 +150,16 @@ def test_the_device_plan(tmp_path):
   names = [p.name for p in parts]
   assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm",
                    "model_350m_pallas_attention", "peer", "train_60m", "train_130m", "train_350m",
-                   "train_1b", "train_350m_graphs_never_updated", "train_350m_no_cuda_graphs",
+                   "train_1b", "train_350m_graphs_never_updated", "train_350m_two_executables",
+                   "train_350m_no_cuda_graphs",
                    "train_60m_f32_logits", "optimizer_scan", "train_130m_f32_logits",
                    "train_350m_xla_norm", "hlo_optimizer", "blocks", "model_1b"]
   by_name = dict(zip(names, parts))
   profiled = {n for n, p in by_name.items() if "--profile" in p.argv}
   assert profiled == {"optimizer", "model_350m", "model_60m", "train_60m", "train_130m",
                       "train_350m", "train_1b", "train_350m_no_cuda_graphs",
-                      "train_350m_graphs_never_updated", "optimizer_scan"}
+                      "train_350m_graphs_never_updated", "train_350m_two_executables",
+                      "optimizer_scan"}
   assert [n for n, p in by_name.items() if "--hlo" in p.argv] == ["train_350m"]
   for name in ("model_60m_xla_norm", "train_350m_xla_norm"):  # the same step, XLA's norm
     argv = by_name[name].argv

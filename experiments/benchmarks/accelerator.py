@@ -409,6 +409,11 @@ def plan(args, work: str) -> list:
   # its addresses, with XLA's CUDA virtual-memory allocator.
   parts.append(train_variant(deciding, "graphs_never_updated", [],
                              env=with_flags(GRAPHS_NEVER_UPDATED), profiled=True))
+  # ... and as two executables of the step run in turn (`bench_train.alternating`): each
+  # finds its temporary buffers where its own last step had them, so its graph needs no
+  # update, with no flag of XLA's.
+  parts.append(train_variant(deciding, "two_executables", ["--two_executables"],
+                             env=with_flags(), profiled=True))
   # ... and without CUDA graphs (XLA:GPU launching each kernel): on the H200 78.4 ms in
   # flight, the device busy 77.0 ms of it.
   parts.append(train_variant(deciding, "no_cuda_graphs", [], env=with_flags(NO_CUDA_GRAPHS),
@@ -611,6 +616,7 @@ VARIANTS = {
     "_pallas_attention": "Pallas attention",  # jax's Pallas flash attention beside cuDNN's
     "_no_cuda_graphs": "no CUDA graphs",  # XLA:GPU launching each kernel itself
     "_graphs_never_updated": "CUDA graphs never updated",  # buffers remapped instead
+    "_two_executables": "two executables in turn",  # each keeps its buffers' addresses
 }
 NO_CUDA_GRAPHS = "--xla_gpu_enable_command_buffer="
 GRAPHS_NEVER_UPDATED = "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"
