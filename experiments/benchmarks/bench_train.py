@@ -15,7 +15,10 @@ over the per-device peak (``--peak_tflops``, else ``metrics.PEAK_TFLOPS`` for kn
 chips, e.g. 989 for an H100; n/a on CPU).
 
 It also times the host's part of each step that the loop does while the next step runs:
-the metrics writer's fetch and records (``writer_s``, ``metrics_writer_s``).
+the metrics writer's fetch and records (``writer_s``, ``metrics_writer_s``). Each timed
+interval in flight is kept too: ``step_s_in_flight_median`` and ``step_s_in_flight_max``
+beside the mean (``timing.in_flight_times``). ``--two_executables`` compiles the step twice
+and runs the two in turn (``alternating``), an experiment on the CUDA graphs' updates.
 
 Separately it times the real input pipeline (``data.make_loaders`` on ``--dataset``, default
 the offline standard-library corpus): ``next_batch()`` of the training loader, in batches/s
