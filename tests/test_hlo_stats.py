@@ -132,8 +132,7 @@ def test_an_adam_update_moves_at_least_its_state():
   assert t["kernels"] >= 1
 
 
-def test_compiling_for_an_h100_without_one():
-  """The jax CUDA plugin compiles for a described H100 on this CPU (skipped without it)."""
+def _skip_without_the_cuda_plugin():
   import importlib.util
 
   import pytest
@@ -144,6 +143,11 @@ def test_compiling_for_an_h100_without_one():
     plugin = None
   if plugin is None:
     pytest.skip("the jax CUDA plugin is not installed")
+
+
+def test_compiling_for_an_h100_without_one():
+  """The jax CUDA plugin compiles for a described H100 on this CPU (skipped without it)."""
+  _skip_without_the_cuda_plugin()
   from experiments.benchmarks import aot_gpu, bench_optimizer
 
   sharding = aot_gpu.target_sharding("h100")
@@ -188,18 +192,8 @@ def test_swiglu_backward_is_one_pass_for_both_targets():
   gradient once, with no float32 sigmoid stored apart: XLA's cost model for an H200 split
   it in two kernels when σ(gate) was broadcast to both halves (skipped without the CUDA
   plugin)."""
-  import importlib.util
-
-  import pytest
-
-  try:
-    plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
-  except ModuleNotFoundError:
-    plugin = None
-  if plugin is None:
-    pytest.skip("the jax CUDA plugin is not installed")
+  _skip_without_the_cuda_plugin()
   from experiments.benchmarks import aot_gpu
-
   from models import linears
 
   tokens, mlp = (64, 256), 2736  # the 350m step's (the split shows at this size)
