@@ -87,7 +87,7 @@ def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[
   if length % 2 and lead[-1] % 2 == 0:
     lead, length = lead[:-1] + (lead[-1] // 2,), 2 * length
   if one_device is None:
-    one_device = jax.device_count() == 1
+    one_device = _leaf_stats.on_one_device()
   size = math.prod(shape)
   power_of_two = length & (length - 1) == 0
   if one_device and len(shape) == 2 and not power_of_two and size % _WIDE_ROW == 0:

@@ -145,6 +145,12 @@ def row_length(shape: Sequence[int], n: int) -> int:
 _GROUP = 8
 
 
+def on_one_device() -> bool:
+  """Whether jax sees one device: then no leaf is sharded, and a reduction may read leaves
+  together or view a leaf across its axes without moving data."""
+  return jax.device_count() == 1
+
+
 def rows_together(
     members: Sequence[Sequence[jax.Array]],
     ns: Sequence[int],
@@ -172,7 +178,7 @@ def rows_together(
   differently (a column- and a row-parallel projection), and one reduction of
   both would make XLA move one of them to the other's layout.
   """
-  group = _GROUP if jax.device_count() == 1 else 1
+  group = _GROUP if on_one_device() else 1
   out: list = [None] * len(members)
   groups: dict[tuple, list[int]] = {}
   for i, (arrays, n) in enumerate(zip(members, ns)):
