@@ -337,10 +337,10 @@ def plan(args, work: str) -> list:
   # The sparse SPAM as the trainer runs it (masks redrawn by the loop), and Stable-SPAM with
   # each leaf's statistics reduced alone (the library takes eight same-shaped leaves a
   # reduction; on the second H200 run its statistics passes took 4.00 ms, 3.45 on the
-  # first, before the grouping). On an H200 the
-  # hand-fused Stable-SPAM reference (2.14× adamw, against the library's 1.41×) and the
-  # in-update redraw (3.19×, the host waiting on its conditional) were measured once; they
-  # stay in bench_optimizer and out of this part, which they made 40% longer.
+  # first, before the grouping). On an H200 the hand-fused Stable-SPAM reference (2.14×
+  # adamw, against the library's 1.41×) and the in-update redraw (3.19×, the host waiting on
+  # its conditional) were measured once; they stay in bench_optimizer and out of this part,
+  # which they made 40% longer.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
       "spam,stable_spam,stable_spam (a leaf per reduction),spam d=0.25 (loop redraw)",
