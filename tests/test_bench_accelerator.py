@@ -46,6 +46,7 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
   train, never_updated, two, no_graphs, f32_logits, xla_norm = report["results"]["train"]
   assert two["variant"] == "two executables in turn" and two["two_executables"]
+  assert two["loss"] == train["loss"]  # the same steps, run by two executables in turn
   assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
   assert never_updated["variant"] == "CUDA graphs never updated"
   assert "profile_in_flight" in never_updated

@@ -77,9 +77,9 @@ def test_command_line_error_is_one_line_with_status_2():
       "error: --attention cudnn needs a GPU (this JAX backend: cpu); use auto or xla"]
 
 
-def test_two_executables_in_turn(tmp_path):
-  """``--two_executables``: the step compiled twice, the two run in turn; the same steps, so
-  the same loss after them as one executable gives."""
+def test_two_executables_in_turn():
+  """``--two_executables``: the step compiled twice, the two run in turn (the accelerator's
+  tiny run checks that the trainer step gives the same loss that way)."""
   import jax
   import jax.numpy as jnp
 
@@ -88,18 +88,9 @@ def test_two_executables_in_turn(tmp_path):
   first = lowered.compile()
   second = bench_train.twin_executable(lowered)
   assert second is not first and second.as_text() == first.as_text()
+  assert float(second(jnp.ones(3))[0]) == 2.0
   calls = []
   step = bench_train.alternating(lambda x: calls.append("a") or x, lambda x: calls.append("b") or x)
   for _ in range(5):
     step(0)
   assert calls == ["a", "b", "a", "b", "a"]
-  losses = {}
-  for two in (False, True):
-    out = tmp_path / f"{two}.json"
-    bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
-                      "--length", "16", "--steps", "3", "--warmup", "1", "--no_loader",
-                      "--json", str(out)] + (["--two_executables"] if two else []))
-    (row,) = json.loads(out.read_text())["steps"]
-    assert row["two_executables"] is two
-    losses[two] = row["loss"]
-  assert losses[True] == losses[False]
