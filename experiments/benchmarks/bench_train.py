@@ -221,7 +221,7 @@ def _bench_step(args, model_name: str, optimizer_name: str,
     step, donation = _compile(args, lowered)
     compile_s = time.perf_counter() - t0  # tracing, lowering and XLA compilation
     text = step.as_text() if args.hlo or args.profile else None
-    if getattr(args, "two_executables", False):
+    if args.two_executables:
       step = alternating(step, twin_executable(lowered))
     t0 = time.perf_counter()
     state, step_metrics = step(state, batch)
@@ -245,7 +245,7 @@ def _bench_step(args, model_name: str, optimizer_name: str,
     r = _result(args, cfg, mcfg, optimizer_name, sizes, in_flight, synced, compile_s,
                 first_step_s, loss)
     r["writer_s"] = writer_s
-    r["two_executables"] = bool(getattr(args, "two_executables", False))
+    r["two_executables"] = args.two_executables
     r["step_s_in_flight_median"] = statistics.median(intervals)
     r["step_s_in_flight_max"] = max(intervals)
     if args.hlo:
