@@ -57,7 +57,7 @@ def clip_leaf_against_second_moment(
   Returns:
     ``(clipped_g, rows_clipped)``: ``rows_clipped`` is the number of entries
     clipped per row of the leaf, shape ``(1, rows)``
-    (:func:`spam_optax._count.changed_per_row`); with the clip disabled
+    (:func:`spam_optax._count.clipped_per_row`); with the clip disabled
     statically, ``(1, 1)`` zeros.
   """
   if isinstance(spike_threshold, (int, float)) and spike_threshold == 0:
@@ -70,7 +70,7 @@ def clip_leaf_against_second_moment(
   if not clip_unseen:
     spike = spike & (bound_sq > 0)
   clipped = jnp.where(spike, jnp.sign(gc) * jnp.sqrt(bound_sq), gc)
-  return clipped.astype(g.dtype), _count.changed_per_row(clipped, gc)
+  return clipped.astype(g.dtype), _count.clipped_per_row(spike, clipped, gc)
 
 
 class SpamClipState(NamedTuple):

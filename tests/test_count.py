@@ -132,3 +132,37 @@ def test_count_across_axes_is_exact():
   want = np.reshape(new != old, (3, 2048)).sum(axis=1)
   np.testing.assert_array_equal(np.asarray(got)[0], want)
   assert int(_count.count_changed(jnp.asarray(new), jnp.asarray(old))) == int((new != old).sum())
+
+
+@pytest.mark.parametrize("shape", [(33, 17), (4, 6, 7), (4, 1536), (6,), (5,), ()])
+def test_true_per_row_counts_the_mask_in_the_rows_of_the_count(shape):
+  rng = np.random.default_rng(len(shape))
+  mask = rng.random(shape) < 0.3
+  got = _count.true_per_row(jnp.asarray(mask))
+  want_shape = jax.eval_shape(_count.changed_per_row, jnp.zeros(shape), jnp.zeros(shape)).shape
+  chex.assert_shape(got, want_shape)
+  chex.assert_type(got, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got)[0],
+                                np.reshape(mask, (want_shape[1], -1)).sum(axis=1))
+
+
+def test_clipped_per_row_counts_the_change_on_a_cpu():
+  """Where the clip flags an entry whose value does not change (a rounding tie), the CPU's
+  count of the change leaves it out; the mask's count, taken on other backends, has it."""
+  old = jnp.asarray([[1.0, 2.0, 3.0, 4.0]])
+  new = jnp.asarray([[1.0, 2.0, 0.5, 4.0]])
+  spike = jnp.asarray([[False, True, True, False]])  # entry 1: flagged, unchanged
+  for fn in (_count.clipped_per_row, jax.jit(_count.clipped_per_row)):
+    got = fn(spike, new, old)
+    chex.assert_trees_all_equal(got, _count.changed_per_row(new, old))
+    assert int(_count.row_totals(got, axis=None)) == 1
+  assert int(_count.row_totals(_count.true_per_row(spike), axis=None)) == 2
+
+
+def test_clipped_per_row_has_the_form_of_the_change_count():
+  """Both forms give the same shape and dtype, as ``jax.lax.platform_dependent`` needs."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    new = jnp.zeros((48, 6), dtype)
+    got = jax.eval_shape(_count.clipped_per_row, jnp.zeros((48, 6), bool), new, new)
+    want = jax.eval_shape(_count.changed_per_row, new, new)
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)

@@ -207,6 +207,40 @@ def test_swiglu_backward_is_one_pass_for_both_targets():
     assert once <= moved < 1.05 * once, (target, moved / once)  # split: 2.2× as much
 
 
+def test_spams_bfloat16_update_is_one_pass_a_leaf_for_both_targets():
+  """SPAM's clip, count and update of bfloat16 gate/up gradients (slices of one stacked
+  product, as the trainer's) read the parameter, both moments and the gradient and write the
+  three once: counted from the change, XLA's cost model for an H200 stored the clipped
+  gradient in a pass of its own (skipped without the CUDA plugin)."""
+  _skip_without_the_cuda_plugin()
+  import optax
+
+  import spam_optax
+  from experiments.benchmarks import aot_gpu
+
+  opt = spam_optax.spam(1e-3)
+  leaf = (1024, 2736)  # the 350m step's gate and up kernels (the split shows at this size)
+  params = {k: jax.ShapeDtypeStruct(leaf, jnp.bfloat16) for k in ("gate", "up")}
+
+  def step(x, dy, params, state):
+    g = jnp.einsum("td,tf->df", x, dy).reshape(leaf[0], 2, leaf[1])
+    updates, state = opt.update({"gate": g[:, 0], "up": g[:, 1]}, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for target in ("h100", "h200"):
+    on = aot_gpu.target_sharding(target)
+    place = lambda t: jax.tree.map(  # noqa: E731
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), t)
+    x, dy = (jax.ShapeDtypeStruct((4096, n), jnp.bfloat16, sharding=on)
+             for n in (leaf[0], 2 * leaf[1]))
+    text = jax.jit(step, donate_argnums=(2, 3)).lower(
+        x, dy, place(params), place(jax.eval_shape(opt.init, params))).compile().as_text()
+    t = hlo_stats.kernel_traffic(text)
+    product = t["by_category"].get("matmul", 0.0)
+    once = 2 * 7 * 2 * leaf[0] * leaf[1]  # bf16: p, m, v, g read, p, m, v written, 2 leaves
+    assert once <= t["bytes"] - product < 1.02 * once, (target, (t["bytes"] - product) / once)
+
+
 def test_without_the_cuda_plugin_the_h100_target_is_one_error_line():
   import pytest
 
