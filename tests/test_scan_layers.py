@@ -125,7 +125,10 @@ def test_trainer_steps_with_scanned_layers(name, density):
     # 0.25% of the four updates (lr 1e-2); statistics pooled over the layers miss by 4e-3.
     chex.assert_trees_all_close(models.unstack_layers(got["params"]), want["params"],
                                 rtol=1e-4, atol=1e-4 if name == "spike_guard" else 1e-6)
-    assert got_clipped == want_clipped and got_clipped > 0
+    # The two programs round differently (the parameters agree to 1e-6, not to the bit), so an
+    # entry whose g² lands on θ·v can fall on either side of the clip: on an AVX2 host the
+    # scanned run clipped 105,593 entries in all and the unrolled one 105,592.
+    assert got_clipped > 0 and abs(got_clipped - want_clipped) <= 1e-4 * want_clipped
   if name != "spam":  # one AdaClip statistic per layer
     max_ema = [s.max_ema.tree() for s in jax.tree.leaves(
         got["opt_state"], is_leaf=lambda x: isinstance(x, spam_optax.ClipByRunningMaxState))
