@@ -1,13 +1,32 @@
 """Shared pytest configuration: run JAX on the CPU with deterministic settings."""
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
-from _tiny_runs import write_tiny_model_config
-
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the run: set here, before jax is imported, in the
+# process pytest starts, so that its xdist workers and the command-line runs the tests start
+# inherit it. A program compiled once (the tiny model's training step, compiled again by each
+# run of a run-then-resume test) is read back from it, the same executable, by every later
+# process. Removed when the run ends; a cache the environment names is left as it is.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="spam_optax-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from _tiny_runs import write_tiny_model_config  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
