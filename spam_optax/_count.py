@@ -59,8 +59,8 @@ def clipped_per_row(spike: jax.Array, new: jax.Array, old: jax.Array) -> jax.Arr
   clipped value rounds back to the original) and in a row that holds a NaN.
 
   Why two forms: on XLA:CPU the mask of SPAM's clip reads the old second moment, and XLA
-  copies the donated ``v`` so that the count can read it after the in-place update (and
-  sums a full-size int32 mask), which the change avoids. On XLA:GPU the count of the change
+  copies the donated ``v`` so that the count can read it beside the in-place update, which
+  the change avoids. On XLA:GPU the count of the change
   uses the clipped values a fourth time in the pass that updates the moments, and compiled
   for an H200 XLA stored the clipped bfloat16 gradient of 73 of a 350M LLaMA's 219 leaves
   in a pass of its own before that pass read it back (2.1 GB a training step, 73 kernels;
