@@ -254,19 +254,26 @@ def test_every_state_keeps_its_structure_across_an_update():
 
 
 def test_stable_spam_with_a_reduction_per_leaf():
-  """The variant computes Stable-SPAM's update, with one reduction per leaf per statistic
-  (eight same-shaped leaves share one in the library), and leaves the library as it was."""
+  """The variants compute Stable-SPAM's update, with one reduction per leaf per statistic
+  (eight same-shaped leaves share one in the library), the second in rows of 2048 where a
+  matrix's rows are not a power of two, and leave the library as it was."""
   shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
-  (name, opt), = bench_optimizer.leaf_reduction_optimizer().items()
-  assert name == "stable_spam (a leaf per reduction)"
+  variants = bench_optimizer.leaf_reduction_optimizer()
+  assert list(variants) == ["stable_spam (a leaf per reduction)",
+                            "stable_spam (a leaf per reduction in rows of 2048)"]
   library = bench_optimizer.optimizers(0.25)["stable_spam"]
   keys = iter(jax.random.split(jax.random.key(0), 64))
   params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
   grads = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
-  group = _leaf_stats._GROUP
-  outs = [jax.jit(o.update)(grads, o.init(params), params) for o in (opt, library)]
-  chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
-  assert _leaf_stats._GROUP == group
-  reduces = lambda o: jax.jit(o.update).lower(grads, o.init(params), params).as_text().count(
-      "stablehlo.reduce")
-  assert reduces(opt) > reduces(library)
+  settings = _leaf_stats._GROUP, _leaf_stats._WIDE_ROWS
+  want = jax.jit(library.update)(grads, library.init(params), params)
+  lowered = lambda o: jax.jit(o.update).lower(grads, o.init(params), params).as_text()
+  for opt in variants.values():
+    got = jax.jit(opt.update)(grads, opt.init(params), params)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    assert lowered(opt).count("stablehlo.reduce") > lowered(library).count("stablehlo.reduce")
+  assert (_leaf_stats._GROUP, _leaf_stats._WIDE_ROWS) == settings
+  # the tiny model's 128×352 gate and up leaves, read as 22 rows of 2048 by the second
+  wide = variants["stable_spam (a leaf per reduction in rows of 2048)"]
+  assert "tensor<22x2048xf32>" in lowered(wide)
+  assert "tensor<22x2048xf32>" not in lowered(variants["stable_spam (a leaf per reduction)"])

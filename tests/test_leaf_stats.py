@@ -109,6 +109,36 @@ class CombineRowsTest(chex.TestCase):
     reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce"]
     assert [len(e.invars) for e in reductions] == [2, 2, 2]
 
+  def test_wide_rows_give_each_leaf_the_same_statistics(self):
+    """With ``_WIDE_ROWS`` a matrix whose rows are not a power of two and whose size is a
+    multiple of 2048 is reduced as rows of 2048 across its axes; its per-leaf max and sum
+    are NumPy's, and every other leaf keeps its rows."""
+    rng = np.random.default_rng(6)
+    shapes = [((128, 352), 0), ((352, 128), 0), ((128, 352), 0), ((64, 96), 0),
+              ((128, 256), 0), ((2, 128, 352), 1), ((5, 7), 0), ((33,), 0)]
+    xs = [rng.standard_normal(s).astype(np.float32) for s, _ in shapes]
+    ns = [n for _, n in shapes]
+    max_of = lambda x, axis: jnp.max(x, axis=axis, initial=0.0)
+
+    def stats(xs):
+      rows = _rows([jnp.abs(x) for x in xs], ns, jax.lax.max)
+      return [r.shape for r in rows], _leaf_stats.combine_rows(rows, max_of)
+
+    with mock.patch.object(_leaf_stats, "_WIDE_ROWS", True), \
+        mock.patch.object(_leaf_stats, "_GROUP", 2):
+      row_shapes, got = stats([jnp.asarray(x) for x in xs])
+      jitted = jax.jit(lambda xs: stats(xs)[1])([jnp.asarray(x) for x in xs])
+    # 128×352: 22 rows of 2048; 64×96 (6144 entries): 3 rows of 2048; rows of 128 or 256
+    # (powers of two), a stacked leaf, 5×7 and a vector keep theirs
+    assert row_shapes == [(1, 22), (1, 352), (1, 22), (1, 3), (1, 128), (2, 128), (1, 5),
+                          (1, 1)]
+    want = np.concatenate([_numpy_per_slice(np.abs(x), n, np.max) for x, n in zip(xs, ns)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(jitted, want)
+    with mock.patch.object(jax, "device_count", return_value=2), \
+        mock.patch.object(_leaf_stats, "_WIDE_ROWS", True):
+      assert _rows([jnp.zeros((128, 352))], [0], jax.lax.add)[0].shape == (1, 128)
+
   def test_row_shapes(self):
     rows = lambda shape, n: _rows([jnp.zeros(shape)], [n], jax.lax.add)[0].shape
     assert rows((), 0) == (1, 1)

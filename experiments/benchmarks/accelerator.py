@@ -343,7 +343,8 @@ def plan(args, work: str) -> list:
   # which they made 40% longer.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
-      "spam,stable_spam,stable_spam (a leaf per reduction),spam d=0.25 (loop redraw)",
+      "spam,stable_spam,stable_spam (a leaf per reduction),"
+      "stable_spam (a leaf per reduction in rows of 2048),spam d=0.25 (loop redraw)",
       "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
   parts += [model_part(s) for s in model_sizes]
