@@ -7,7 +7,17 @@ import tempfile
 import numpy as np
 import pytest
 
+from _processes import SUITE_XLA_FLAGS
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The suite's programs are small and run for milliseconds; on the CPU most of its time is
+# XLA compiling them, and most of that is LLVM optimizing the generated code. LLVM at -O0
+# (XLA's backend optimization level; the HLO passes and every rounding are unchanged) cuts
+# that: a 2-core host ran the spike-guard tests in 19 s instead of 30. Set here, before jax
+# is imported, so the processes the tests start inherit it (``_processes.env``).
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                 SUITE_XLA_FLAGS]))
 
 # One persistent compilation cache for the run: set here, before jax is imported, in the
 # process pytest starts, so that its xdist workers and the command-line runs the tests start

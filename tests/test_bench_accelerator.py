@@ -9,6 +9,15 @@ import pytest
 
 from experiments.benchmarks import accelerator
 
+import _processes
+
+
+@pytest.fixture(autouse=True)
+def _optimized_parts(monkeypatch):
+  """The parts' processes compile with LLVM's optimizations, as outside the suite: they
+  run and profile the tiny steps a dozen times each."""
+  monkeypatch.setenv("XLA_FLAGS", _processes.without_suite_flags())
+
 
 def _report(out):
   with open(out / "accelerator.json", encoding="utf-8") as f:

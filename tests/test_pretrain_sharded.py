@@ -9,12 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
+import _processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-def _env(**extra):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  env.update(extra)
-  return env
+_env = _processes.env
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import textwrap
 
 import numpy as np
 
+import _processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -87,8 +89,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_updates_match_single_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = _processes.env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

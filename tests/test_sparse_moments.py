@@ -1,6 +1,5 @@
 """Tests of `sparse_moments`: compact inner state on random masks of each leaf."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from spam_optax import sparse_moments
 from spam_optax import SparseMomentsState
 from spam_optax import uniform_mask_sampler
 
+import _processes
 from _reference import REFERENCE_DIR
 from _reference import alias_kwargs
 from _reference import enable_x64
@@ -426,8 +426,7 @@ def test_sharded_params_in_subprocess(tmp_path):
       np.testing.assert_allclose(sharded["w"], plain["w"], rtol=1e-6)
       print("ok")
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = _processes.env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
   out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
