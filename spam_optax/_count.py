@@ -1,7 +1,5 @@
 """Counting the entries a clip changed."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -76,10 +74,6 @@ def clipped_per_row(spike: jax.Array, new: jax.Array, old: jax.Array) -> jax.Arr
   )
 
 
-# On one device, rows of this many entries where a leaf's own are not a power of two.
-_WIDE_ROW = 2048
-
-
 def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[int, ...]:
   """The shape :func:`changed_per_row` views a leaf of ``shape`` as: each count
   sums one row along the view's last axis.
@@ -123,13 +117,7 @@ def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[
   lead, length = shape[:-1], shape[-1]
   if length % 2 and lead[-1] % 2 == 0:
     lead, length = lead[:-1] + (lead[-1] // 2,), 2 * length
-  if one_device is None:
-    one_device = _leaf_stats.on_one_device()
-  size = math.prod(shape)
-  power_of_two = length & (length - 1) == 0
-  if one_device and len(shape) == 2 and not power_of_two and size % _WIDE_ROW == 0:
-    return (size // _WIDE_ROW, _WIDE_ROW)
-  return lead + (length,)
+  return _leaf_stats.wide_rows(shape, one_device) or lead + (length,)
 
 
 def changed_terms(new: jax.Array, old: jax.Array, n: int) -> jax.Array:

@@ -144,27 +144,39 @@ def row_length(shape: Sequence[int], n: int) -> int:
 # How many leaves of one shape one grouped reduction reads (rows_together).
 _GROUP = 8
 # Whether rows_together reads, on one device, a matrix whose rows are not a power of two
-# long in rows of _WIDE_ROW entries across its axes (see _wide_view).
+# long in rows of WIDE_ROW entries across its axes (see _wide_view).
 _WIDE_ROWS = False
-_WIDE_ROW = 2048
+# The row length of wide_rows.
+WIDE_ROW = 2048
 
 
-def _wide_view(shape: Sequence[int], n: int) -> tuple[int, ...] | None:
-  """The ``(rows, _WIDE_ROW)`` view rows_together reduces a leaf of ``shape`` (``n``
-  stacked axes) as, or None to keep its rows: only with ``_WIDE_ROWS`` set, on one device,
-  for a matrix with no stacked axes whose rows are not a power of two and whose size is a
-  multiple of ``_WIDE_ROW`` (a row-major matrix is contiguous: the view moves nothing).
+def wide_rows(shape: Sequence[int], one_device: bool | None = None) -> tuple[int, int] | None:
+  """``(size // WIDE_ROW, WIDE_ROW)``: a matrix of ``shape`` viewed as rows of
+  ``WIDE_ROW`` entries across its axes, where its own rows are not a power of two long
+  and its size is a multiple of ``WIDE_ROW``; None for any other shape, or with more than
+  one device (``one_device``, by default whether jax sees one), where a sharded leaf
+  would be moved. A row-major matrix is contiguous: the view moves nothing.
+  """
+  if len(shape) != 2:
+    return None
+  if one_device is None:
+    one_device = on_one_device()
+  size, length = math.prod(shape), shape[-1]
+  if not one_device or length & (length - 1) == 0 or size % WIDE_ROW:
+    return None
+  return (size // WIDE_ROW, WIDE_ROW)
+
+
+def _wide_view(shape: Sequence[int], n: int) -> tuple[int, int] | None:
+  """The view rows_together reduces a leaf of ``shape`` (``n`` stacked axes) as, or None
+  to keep its rows: :func:`wide_rows`, with ``_WIDE_ROWS`` set, for a leaf with no
+  stacked axes.
 
   Compiled for an H100, a reduction over the rows of a 2048×5461 matrix loads one float
   at a time; over the same entries as 5461 rows of 2048, two at a time (one leaf a
   reduction; grouped eight at a time, again one float).
   """
-  if not (_WIDE_ROWS and n == 0 and len(shape) == 2 and on_one_device()):
-    return None
-  size, length = math.prod(shape), shape[-1]
-  if length & (length - 1) == 0 or size % _WIDE_ROW:
-    return None
-  return (size // _WIDE_ROW, _WIDE_ROW)
+  return wide_rows(shape) if _WIDE_ROWS and n == 0 else None
 
 
 def on_one_device() -> bool:
