@@ -1,6 +1,5 @@
 """Scale-out: sharded runs equal the single-device run; a two-process jax.distributed run."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,8 +10,7 @@ import pytest
 
 import _processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_env = _processes.env
+ROOT = _processes.ROOT
 
 
 @pytest.fixture
@@ -55,7 +53,7 @@ SHARDED = textwrap.dedent("""
 def test_sharded_runs_match_single_device(flags, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-c", SHARDED, json.dumps(flags), str(tmp_path / "runs")],
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), cwd=ROOT,
+      env=_processes.env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), cwd=ROOT,
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -114,7 +112,7 @@ def test_two_process_distributed_run(flags, tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, "-c", DISTRIBUTED, argv], cwd=ROOT, text=True,
       stdout=logs[i], stderr=subprocess.STDOUT,
-      env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+      env=_processes.env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(i))) for i in range(2)]
   outs = []
   try:

@@ -4,7 +4,6 @@ Runs in a subprocess with 8 virtual CPU devices (the device count is fixed when
 JAX starts, so it cannot be changed inside this test process).
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,8 +11,6 @@ import textwrap
 import numpy as np
 
 import _processes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
     import json
