@@ -26,28 +26,35 @@ def _abs_max(x: jax.Array, axis) -> jax.Array:
   return jnp.max(x, axis=axes)
 
 
-def running_max(state, leaves, ns, gamma3, reset_interval):
-  """One AdaClip step's statistics: ``(step, max_ema, thresholds)``.
+def running_max(state, leaves, ns, gamma3, reset_interval, squares_dtype=None):
+  """One AdaClip step's statistics: ``(step, max_ema, thresholds, rows)``.
 
   ``leaves`` and ``ns`` are the gradient's leaves and stacked-axis counts;
   ``thresholds`` holds, per leaf, the bias-corrected running max and the
   ratio that scales the entries above it, each shaped like the leaf's
-  statistic.
+  statistic. With ``squares_dtype`` the same pass also sums the squares of
+  each row in that dtype, and ``rows`` holds per leaf its row maxima of
+  :math:`|g|` and its row sums of :math:`g^2` (``(slices, rows)`` each, as
+  :func:`spam_optax._leaf_stats.rows_together` returns them); else None.
   """
   step = optax.safe_increment(state.count)
   k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
   correction = _numerics.one_minus_power(gamma3, k)
   dtype = state.max_ema.values.dtype
-  partials = _leaf_stats.rows_together(
-      [(jnp.abs(g.astype(dtype)),) for g in leaves], ns, jax.lax.max
-  )
-  g_max = _leaf_stats.combine_rows([p for (p,) in partials], _abs_max).astype(dtype)
+  if squares_dtype is None:
+    members, ops = [(jnp.abs(g.astype(dtype)),) for g in leaves], jax.lax.max
+  else:
+    members = [(jnp.abs(g.astype(dtype)), jnp.square(g.astype(squares_dtype)))
+               for g in leaves]
+    ops = (jax.lax.max, jax.lax.add)
+  partials = _leaf_stats.rows_together(members, ns, ops)
+  g_max = _leaf_stats.combine_rows([p[0] for p in partials], _abs_max).astype(dtype)
   m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
   m_hat = m / correction.astype(dtype)
   ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
   lay = state.max_ema.layout
   thresholds = list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
-  return step, m.astype(dtype), thresholds
+  return step, m.astype(dtype), thresholds, (partials if squares_dtype is not None else None)
 
 
 def clip_leaf(g: jax.Array, threshold, dtype) -> jax.Array:
@@ -151,7 +158,7 @@ def clip_by_running_max(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
-    step, m, thresholds = running_max(state, leaves, ns, gamma3, reset_interval)
+    step, m, thresholds, _ = running_max(state, leaves, ns, gamma3, reset_interval)
     dtype = state.max_ema.values.dtype
     clipped = [clip_leaf(g, t, dtype) for g, t in zip(leaves, thresholds)]
     rows = [_count.changed_per_row(c, g.astype(dtype)) for c, g in zip(clipped, leaves)]

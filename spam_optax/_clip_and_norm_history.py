@@ -12,6 +12,36 @@ from spam_optax import _leaf_stats
 from spam_optax import _stacked_axes
 
 
+# Whether, on one device, the norm's pass reads again only the rows that hold a clipped
+# entry (_clipped_rows) rather than every row of every leaf.
+_SKIP_UNCLIPPED_ROWS = False
+
+
+def _clipped_rows(g, n, threshold, row_max, row_squares, clip_dtype, dtype):
+  r"""One leaf's row sums of its clipped squares and of its clip count, ``(slices, rows)``
+  each, reading again only the rows that hold a clipped entry.
+
+  A row whose max :math:`|g|` is at most :math:`\hat m_t` is not clipped: its clipped
+  squares are its squares, which the max's pass summed (``row_squares``), and its count is
+  0. The other rows are gathered and clipped again. The gather reads the leaf's first row
+  in place of each unclipped row, which the cache then serves, so a leaf with a few
+  clipped rows is read from memory about once, not twice; a leaf with all rows clipped is
+  read twice, as without the skip.
+  """
+  slices, rows, length = _leaf_stats.row_view(jnp.shape(g), n)
+  m_hat, ratio = (jnp.reshape(x, (slices,)) for x in threshold)
+  flags = row_max > m_hat[:, None]  # (slices, rows); a NaN max: False, as the clip's test
+  index = jnp.where(jnp.reshape(flags, (-1,)), jnp.arange(slices * rows), 0)
+  some = jnp.reshape(g, (slices * rows, length)).at[index].get(mode="promise_in_bounds")
+  some = jnp.reshape(some, (slices, rows, length))
+  new = _adaptive_clip.clip_leaf(some, (m_hat, ratio), clip_dtype)
+  out = new.astype(g.dtype)
+  squares = jnp.sum(jnp.square(out.astype(dtype)), axis=2)
+  counts = jnp.sum(_count.changed_terms(new, some.astype(clip_dtype), 1), axis=2)
+  return (jnp.where(flags, squares, row_squares),
+          jnp.where(flags, counts, jnp.zeros([], counts.dtype)))
+
+
 def clip_by_running_max_and_grad_norm_history(
     gamma3: float = 0.999,
     gamma1: float = 0.7,
@@ -94,20 +124,25 @@ def clip_by_running_max_and_grad_norm_history(
     del params
     clip_state, scale_state = state
     leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
-    step, m, thresholds = _adaptive_clip.running_max(
-        clip_state, leaves, ns, gamma3, reset_interval
-    )
     clip_dtype = clip_state.max_ema.values.dtype
     dtype = scale_state.mu_norm.values.dtype
+    skip = _SKIP_UNCLIPPED_ROWS and _leaf_stats.on_one_device()
+    step, m, thresholds, rows = _adaptive_clip.running_max(
+        clip_state, leaves, ns, gamma3, reset_interval, squares_dtype=dtype if skip else None
+    )
     clipped, terms = [], []
     for g, n, t in zip(leaves, ns, thresholds):
       new = _adaptive_clip.clip_leaf(g, t, clip_dtype)
       out = new.astype(g.dtype)  # what the chain hands from AdaClip to AdaGN
       clipped.append(out)
-      terms.append((jnp.square(out.astype(dtype)),
-                    _count.changed_terms(new, g.astype(clip_dtype), n)))
-    # The norm's and the count's row sums in one reduction (leaves of one shape together).
-    partials = _leaf_stats.rows_together(terms, ns, jax.lax.add)
+      if not skip:
+        terms.append((jnp.square(out.astype(dtype)),
+                      _count.changed_terms(new, g.astype(clip_dtype), n)))
+    if skip:  # the rows with a clipped entry read again, the others summed already
+      partials = [_clipped_rows(g, n, t, row_max, row_squares, clip_dtype, dtype)
+                  for g, n, t, (row_max, row_squares) in zip(leaves, ns, thresholds, rows)]
+    else:  # the norm's and the count's row sums in one reduction
+      partials = _leaf_stats.rows_together(terms, ns, jax.lax.add)
     square_rows = [squares for squares, _ in partials]
     count_rows = [jnp.reshape(counts, (1, -1)) for _, counts in partials]
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)

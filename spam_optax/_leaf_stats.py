@@ -141,11 +141,14 @@ def row_length(shape: Sequence[int], n: int) -> int:
   return math.prod(shape[keep:])
 
 
-# How many leaves of one shape one grouped reduction reads (rows_together).
-_GROUP = 8
+# How many leaves of one shape one grouped reduction reads (rows_together). Measured on an
+# H200, Stable-SPAM's two statistics passes over a 1B LLaMA's 219 leaves took 4.00 ms read
+# eight leaves a reduction, 3.43 ms a leaf a reduction, 3.36 ms a leaf a reduction in the
+# rows of _WIDE_ROWS: one leaf each.
+_GROUP = 1
 # Whether rows_together reads, on one device, a matrix whose rows are not a power of two
 # long in rows of WIDE_ROW entries across its axes (see _wide_view).
-_WIDE_ROWS = False
+_WIDE_ROWS = True
 # The row length of wide_rows.
 WIDE_ROW = 2048
 
@@ -179,6 +182,15 @@ def _wide_view(shape: Sequence[int], n: int) -> tuple[int, int] | None:
   return wide_rows(shape) if _WIDE_ROWS and n == 0 else None
 
 
+def row_view(shape: Sequence[int], n: int) -> tuple[int, int, int]:
+  """``(slices, rows, row length)``: the view :func:`rows_together` reads a leaf of
+  ``shape`` with ``n`` stacked axes as (its result is ``(slices, rows)``). Row-major, so
+  reshaping the leaf to it moves nothing."""
+  shape = _wide_view(shape, n) or tuple(shape)
+  keep, rows = _row_axes(shape, n)
+  return math.prod(shape[:n]), rows, math.prod(shape[keep:])
+
+
 def on_one_device() -> bool:
   """Whether jax sees one device: then no leaf is sharded, and a reduction may read leaves
   together or view a leaf across its axes without moving data."""
@@ -188,7 +200,7 @@ def on_one_device() -> bool:
 def rows_together(
     members: Sequence[Sequence[jax.Array]],
     ns: Sequence[int],
-    op: Callable[[jax.Array, jax.Array], jax.Array],
+    op: Callable[[jax.Array, jax.Array], jax.Array] | Sequence[Callable],
 ) -> list[tuple[jax.Array, ...]]:
   """The first stage of per-slice reductions of many leaves: each array reduced
   over the rows of its slices, those of one shape read together.
@@ -196,23 +208,27 @@ def rows_together(
   ``members[i]`` holds one or more arrays of leaf ``i``'s shape (e.g. its
   squares and its clip-count terms), ``ns[i]`` its stacked axes, which index
   the slices. A row is one index of the slice's first axis and everything
-  after it (a slice of rank 0 or 1 is one row). Each array is reduced over
-  the rows with ``op`` (``jax.lax.add``, or ``jax.lax.max`` of non-negative
-  values: 0 must be its identity) and comes back as ``(slices, rows)``, in
-  the order given.
+  after it (a slice of rank 0 or 1 is one row; :func:`row_view`). Each array
+  is reduced over the rows with ``op`` (``jax.lax.add``, or ``jax.lax.max``
+  of non-negative values: 0 must be its identity; a sequence gives the
+  ``j``-th array of every member its ``j``-th op) and comes back as
+  ``(slices, rows)``, in the order given.
 
-  Leaves of the same shapes, dtypes and stacked axes are reduced ``_GROUP``
+  Leaves of the same shapes, dtypes and stacked axes can be reduced ``_GROUP``
   at a time by one variadic reduction, whose outputs are each their own
-  operand's: on a GPU, one kernel reads them all instead of one small kernel
-  per leaf. Measured on an H200, Stable-SPAM's two statistics passes over a
-  1B LLaMA's 219 leaves ran at 3.1 TB/s, and over the 11 leaves of the same
-  model with its layers stacked at 4.4 TB/s. The reduction never reshapes an
-  operand, so a sharded leaf is reduced where it lies. With more than one
-  device each leaf is reduced alone: leaves of one shape may be sharded
-  differently (a column- and a row-parallel projection), and one reduction of
-  both would make XLA move one of them to the other's layout.
+  operand's (one kernel reads them all). Measured on an H200, one leaf a
+  reduction was the faster (see ``_GROUP``), so that is the default; the
+  arrays of one leaf (``members[i]``) are always read by one reduction. On
+  one device a matrix whose rows are not a power of two long is read in rows
+  of ``WIDE_ROW`` across its axes (:func:`wide_rows`, a free view); otherwise
+  the reduction never reshapes an operand, so a sharded leaf is reduced where
+  it lies. With more than one device each leaf is reduced alone: leaves of
+  one shape may be sharded differently (a column- and a row-parallel
+  projection), and one reduction of both would make XLA move one of them to
+  the other's layout.
   """
   group = _GROUP if on_one_device() else 1
+  ops = tuple(op) if isinstance(op, Sequence) else None
   out: list = [None] * len(members)
   groups: dict[tuple, list[int]] = {}
   for i, (arrays, n) in enumerate(zip(members, ns)):
@@ -229,8 +245,9 @@ def rows_together(
       operands = tuple(jnp.reshape(x, shape) if view else x
                        for i in chunk for x in members[i])
       zeros = tuple(jnp.zeros([], jnp.result_type(x)) for x in operands)
+      each = [ops[j] if ops else op for i in chunk for j in range(len(members[i]))]
       results = jax.lax.reduce(
-          operands, zeros, lambda a, b: tuple(op(p, q) for p, q in zip(a, b)),
+          operands, zeros, lambda a, b: tuple(f(p, q) for f, p, q in zip(each, a, b)),
           tuple(range(keep, len(shape))),
       )
       results = [jnp.reshape(r, (math.prod(shape[:n]), rows)) for r in results]
@@ -271,8 +288,8 @@ def global_norm(tree: Any) -> jax.Array:
   skipped), accumulated in float32 or wider whatever the leaves' dtype.
 
   The value of ``optax.tree.norm`` up to rounding, in two stages like the
-  statistics above: the squares of leaves of one shape summed over their rows
-  together (:func:`rows_together`), then the row sums of all leaves at once
+  statistics above: the squares of each leaf summed over its rows
+  (:func:`rows_together`), then the row sums of all leaves at once
   (:func:`combine_rows`). ``optax.tree.norm`` reduces each leaf to a scalar of
   the leaf's dtype and adds the scalars: on a GPU two small kernels per leaf
   (342 of the 1,307 kernels of a 350M LLaMA's bf16 training step compiled for
@@ -293,6 +310,6 @@ def global_norm(tree: Any) -> jax.Array:
 def sums_of_squares(arrays: Sequence[jax.Array], ns: Sequence[int]) -> jax.Array:
   """Each slice's sum of squares of ``arrays`` (the slices of ``ns`` stacked
   axes, as in :func:`rows_together`), one vector in the arrays' dtype: the
-  rows of same-shaped arrays reduced together, then all row sums at once."""
+  rows of each array reduced, then all row sums at once."""
   partials = rows_together([(jnp.square(x),) for x in arrays], ns, jax.lax.add)
   return combine_rows([p for (p,) in partials], jnp.sum)

@@ -1,4 +1,6 @@
 """AdaClip and AdaGN in one transformation equal the chain of the two pieces."""
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 import spam_optax
+from spam_optax import _clip_and_norm_history
 from spam_optax import _count
 from _piece_helpers import gradient_sequence
 from _piece_helpers import nested_params
@@ -113,6 +116,52 @@ class ClipAndNormHistoryTest(chex.TestCase):
     want_nan, want_state = chain(**HYPER, stacked_axes=axes).update(grads[7], want_state)
     np.testing.assert_array_equal(np.isnan(got_nan["layers"]), np.isnan(want_nan["layers"]))
     np.testing.assert_array_equal(got_state[0].clipped.values, want_state[0].clipped.values)
+
+
+class SkipUnclippedRowsTest(ClipAndNormHistoryTest):
+  """The tests above with the norm's pass reading only the rows that hold a clipped entry
+  (``_SKIP_UNCLIPPED_ROWS``): the same updates, states and counts as the chain."""
+
+  def setUp(self):
+    super().setUp()
+    patcher = mock.patch.object(_clip_and_norm_history, "_SKIP_UNCLIPPED_ROWS", True)
+    patcher.start()
+    self.addCleanup(patcher.stop)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_wide_rows_with_a_few_clipped(self):
+    """A 128×352 leaf (read as 22 rows of 2048) and a 2×3×352 stacked one, spikes in a few
+    rows: the same as the chain, and the rows are gathered (a jaxpr gather) rather than all
+    read again."""
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.zeros((128, 352)), "s": jnp.zeros((2, 3, 352))}
+    axes = {"w": 0, "s": 1}
+    grads = []
+    for t in range(6):
+      g = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+      if t in (2, 4):
+        g["w"][7, 11] *= 50.0
+        g["w"][100, 3] *= -80.0
+        g["s"][1, 2, 5] *= 60.0
+      grads.append(to_jnp(g))
+    fused = spam_optax.clip_by_running_max_and_grad_norm_history(**HYPER, stacked_axes=axes)
+    counts, want_counts = [], []
+    got, got_state = run(fused, grads, params, self.variant(fused.update), counts=counts)
+    want, want_state = run(chain(**HYPER, stacked_axes=axes), grads, params,
+                           counts=want_counts)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    assert_states_equal(got_state, want_state)
+    assert counts == want_counts and max(counts) > 0, counts
+    jaxpr = jax.make_jaxpr(fused.update)(grads[0], fused.init(params))
+    assert sum(e.primitive.name == "gather" for e in jaxpr.jaxpr.eqns) == 2
+
+  def test_with_several_devices_every_row_is_read(self):
+    # a gather of a sharded leaf's rows would move the leaf: not with more than one device
+    params = {"w": jnp.zeros((4, 6))}
+    fused = spam_optax.clip_by_running_max_and_grad_norm_history(**HYPER)
+    with mock.patch.object(jax, "device_count", return_value=2):
+      jaxpr = jax.make_jaxpr(fused.update)(params, fused.init(params))
+    assert not any(e.primitive.name == "gather" for e in jaxpr.jaxpr.eqns)
 
 
 def test_long_rows_are_counted_in_int32(monkeypatch):

@@ -71,6 +71,7 @@ class CombineRowsTest(chex.TestCase):
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @mock.patch.object(_leaf_stats, "_GROUP", 3)
   def test_rows_together_matches_numpy_per_leaf(self):
     """Leaves of one shape reduced together (more of them than one group holds), members
     of two arrays of different dtypes, max and sum: each result is its own leaf's."""
@@ -91,6 +92,7 @@ class CombineRowsTest(chex.TestCase):
                                     err_msg=str(x.shape))
       assert _leaf_stats.row_length(x.shape, n) * counts.size == x.size
 
+  @mock.patch.object(_leaf_stats, "_GROUP", 8)
   def test_rows_together_reads_leaves_of_one_shape_in_one_reduction(self):
     xs = [jnp.ones((3, 4))] * (2 * _leaf_stats._GROUP) + [jnp.ones((4, 3)), jnp.ones((3, 4))]
     ns = [0] * len(xs)
@@ -182,6 +184,7 @@ class LeafCountsTest(chex.TestCase):
 class GlobalNormTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @mock.patch.object(_leaf_stats, "_GROUP", 3)
   def test_matches_numpy_float64(self):
     """Every rank, empty and None leaves, more same-shaped leaves than one group holds,
     bfloat16 and complex leaves: the norm of all entries, as NumPy's in float64."""
@@ -215,6 +218,7 @@ class GlobalNormTest(chex.TestCase):
       assert got.dtype == jnp.float64
       assert float(got) == np.sqrt(1.0 + 1e-18)
 
+  @mock.patch.object(_leaf_stats, "_GROUP", 8)
   def test_leaves_of_one_shape_read_in_one_reduction(self):
     tree = [jnp.ones((3, 4))] * _leaf_stats._GROUP + [jnp.ones(5)]
     jaxpr = jax.make_jaxpr(_leaf_stats.global_norm)(tree)
