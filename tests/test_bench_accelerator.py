@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import tarfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -138,6 +139,38 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
     before = before + [name]
 
 
+def test_a_part_whose_flag_xla_rejects_runs_again_with_its_other_flag(tmp_path, monkeypatch):
+  """The never-updated graph's part, failed on its flag's older name (XLA prints "Flag
+  parsing failed"), runs once more with the newer one; the reason names the flags."""
+  runs = []
+
+  def fake_popen(cmd, cwd, env, stdout, stderr, start_new_session):
+    del cmd, cwd, stderr, start_new_session
+    rejected = "NEVER_UPDATE" in env.get("XLA_FLAGS", "")
+    runs.append(env.get("XLA_FLAGS", "").split()[-1])
+    stdout.write("F1127 parse_flags_from_env.cc:220] Check failed: Flag parsing failed.\n"
+                 "\t--xla_dump_hlo_as_dot=false\tbool\tDumps HLO modules\n" if rejected
+                 else "ok\n")
+    return mock.Mock(wait=lambda timeout: 1 if rejected else 0, pid=0)
+
+  monkeypatch.setattr(accelerator.subprocess, "Popen", fake_popen)
+  part = accelerator.Part("train_x_graphs_never_updated", ["-c", "pass"], 10, 1,
+                          env={"XLA_FLAGS": accelerator.GRAPHS_NEVER_UPDATED})
+  failed = accelerator.run_part(part, 10, str(tmp_path), {})
+  reason = f"Flag parsing failed in XLA_FLAGS='{accelerator.GRAPHS_NEVER_UPDATED}'"
+  assert failed["status"] == "failed" and failed["reason"] == reason
+  assert runs == ["--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"]
+  once = accelerator.run_with_retry(part, lambda: 100.0, str(tmp_path), {})  # no retry_env
+  assert once["status"] == "failed" and "retried_after" not in once and len(runs) == 2
+  part.retry_env = {"XLA_FLAGS": accelerator.GRAPHS_TEMPS_NEVER_MOVED}
+  result = accelerator.run_with_retry(part, lambda: 100.0, str(tmp_path), {})
+  assert result["status"] == "ok" and result["retried_after"] == reason
+  assert runs[-2:] == ["--xla_gpu_command_buffer_update_mode=NEVER_UPDATE",
+                       "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP"]
+  part.env = {"XLA_FLAGS": accelerator.GRAPHS_NEVER_UPDATED}  # not run again: no time left
+  assert accelerator.run_with_retry(part, lambda: 0.5, str(tmp_path), {})["status"] == "failed"
+
+
 def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   accelerator.main(["--tiny", "--budget_s", "1", "--out", str(tmp_path)])
   report, md = _report(tmp_path)
@@ -186,6 +219,8 @@ def test_the_device_plan(tmp_path):
   never_updated = by_name["train_350m_graphs_never_updated"]  # graphs kept, never re-recorded
   assert never_updated.env["XLA_FLAGS"].split()[-1] == (
       "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE")
+  assert never_updated.retry_env["XLA_FLAGS"].split()[-1] == (  # the later XLA's name
+      "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP")
   for name in ("model_350m", "model_60m", "model_60m_xla_norm", "model_350m_pallas_attention",
                "train_60m", "train_350m", "train_1b", "train_350m_no_cuda_graphs",
                "train_350m_graphs_never_updated", "train_350m_xla_norm"):
@@ -251,6 +286,16 @@ def test_targets_from_part_results():
       pytest.approx(1.75)
   assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m (no CUDA graphs)"]["value"] == \
       pytest.approx(2.0)
+  # With its steps' median (a record that has one), ours is compared on it, as the peer
+  # times its own: a slow step moves the mean, not the target; the table shows both.
+  slow = dict(model="llama_60m", tokens_per_s=600e3, step_s=0.020, step_s_in_flight_median=0.010,
+              batch=64, length=256)
+  timed = [dict(size="60m", tokens_per_s=400e3, step_ms=25.0)]
+  rows = {t["target"]: t for t in accelerator.targets(dict(optimizer=opt, model=model,
+                                                           train=[slow], peer=timed))}
+  assert rows["trainer tokens/s ÷ PyTorch peer, llama_60m"]["value"] == pytest.approx(2.5)
+  assert "| llama_60m | 64×256 | 20.0 | 10.0 | – | 600,000 |" in "\n".join(
+      accelerator.trainer_lines(dict(train=[slow], peer=timed)))
   assert accelerator.train_label(dict(model="m", attention="pallas",
                                      variant="Pallas attention")) == "m (Pallas attention)"
   assert accelerator.train_label(dict(model="m", attention="xla")) == "m (XLA attention)"

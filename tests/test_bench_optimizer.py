@@ -11,6 +11,7 @@ import optax
 
 import spam_optax
 from experiments.benchmarks import bench_optimizer
+from spam_optax import _clip_and_norm_history
 from spam_optax import _leaf_stats
 
 
@@ -253,27 +254,35 @@ def test_every_state_keeps_its_structure_across_an_update():
         (x.shape, x.dtype) for x in jax.tree.leaves(before)], name
 
 
-def test_stable_spam_with_a_reduction_per_leaf():
-  """The variants compute Stable-SPAM's update, with one reduction per leaf per statistic
-  (eight same-shaped leaves share one in the library), the second in rows of 2048 where a
-  matrix's rows are not a power of two, and leave the library as it was."""
+def test_stable_spam_skipping_unclipped_rows():
+  """Both variants compute Stable-SPAM's update (the second with its running max zeroed
+  first: every row of every leaf clipped, and gathered), gather the rows of each leaf, and
+  leave the library as it was."""
   shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
-  variants = bench_optimizer.leaf_reduction_optimizer()
-  assert list(variants) == ["stable_spam (a leaf per reduction)",
-                            "stable_spam (a leaf per reduction in rows of 2048)"]
+  variants = bench_optimizer.stable_spam_variants()
+  assert list(variants) == [bench_optimizer.SKIP, bench_optimizer.SKIP_ALL_CLIPPED]
   library = bench_optimizer.optimizers(0.25)["stable_spam"]
   keys = iter(jax.random.split(jax.random.key(0), 64))
   params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
   grads = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
-  settings = _leaf_stats._GROUP, _leaf_stats._WIDE_ROWS
-  want = jax.jit(library.update)(grads, library.init(params), params)
-  lowered = lambda o: jax.jit(o.update).lower(grads, o.init(params), params).as_text()
-  for opt in variants.values():
-    got = jax.jit(opt.update)(grads, opt.init(params), params)
-    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
-    assert lowered(opt).count("stablehlo.reduce") > lowered(library).count("stablehlo.reduce")
-  assert (_leaf_stats._GROUP, _leaf_stats._WIDE_ROWS) == settings
-  # the tiny model's 128×352 gate and up leaves, read as 22 rows of 2048 by the second
-  wide = variants["stable_spam (a leaf per reduction in rows of 2048)"]
-  assert "tensor<22x2048xf32>" in lowered(wide)
-  assert "tensor<22x2048xf32>" not in lowered(variants["stable_spam (a leaf per reduction)"])
+  leaves = len(jax.tree.leaves(params))
+  gathers = lambda o: jax.jit(o.update).lower(grads, o.init(params), params).as_text().count(
+      "#stablehlo.gather<")
+  state = library.init(params)
+  want = jax.jit(library.update)(grads, state, params)
+  got = jax.jit(variants[bench_optimizer.SKIP].update)(grads, state, params)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  # after an update, the second variant updates as the library does from that state with
+  # its running max set to 0
+  _, state = want
+  clip, scale = state[0]
+  assert np.all(np.asarray(clip.max_ema.values) > 0)
+  ema = _leaf_stats.LeafStats(jnp.zeros_like(clip.max_ema.values), clip.max_ema.layout)
+  zeroed = ((clip._replace(max_ema=ema), scale),) + tuple(state[1:])
+  got = jax.jit(variants[bench_optimizer.SKIP_ALL_CLIPPED].update)(grads, state, params)
+  chex.assert_trees_all_close(got, jax.jit(library.update)(grads, zeroed, params),
+                              rtol=1e-6, atol=1e-7)
+  assert gathers(variants[bench_optimizer.SKIP]) == leaves
+  assert gathers(variants[bench_optimizer.SKIP_ALL_CLIPPED]) == leaves
+  assert gathers(library) == 0
+  assert not _clip_and_norm_history._SKIP_UNCLIPPED_ROWS

@@ -50,6 +50,7 @@ import spam_optax
 from experiments import jax_settings, rundir
 from experiments import optimizers as train_optimizers
 from experiments.benchmarks import profile_summary, timing
+from spam_optax import _clip_and_norm_history
 from spam_optax import _leaf_stats
 from spam_optax import _periodic_reset
 from spam_optax._tree_util import tree_map_unzip
@@ -97,32 +98,39 @@ def loop_redraw_optimizer(density: float) -> dict:
       redraw_masks_in_update=False)}
 
 
-def leaf_reduction_optimizer(scan_layers: bool = False) -> dict:
-  """Stable-SPAM with each leaf's statistics taken by a reduction of its own, not eight
-  same-shaped leaves a reduction (``spam_optax._leaf_stats.rows_together``): on an H200
-  the library's 1B update spent 4.00 ms in its statistics passes, where an update whose
-  leaves had a reduction each (before the grouping) spent 3.45 ms, and the grouped
-  reductions compile to 4-byte loads for an H100. The second variant also reads each
-  matrix whose rows are not a power of two in rows of 2048 across its axes
-  (``_leaf_stats._WIDE_ROWS``; the 2048×5461 MLP leaves as 5461 rows of 2048), which
-  compiles to 8-byte loads for an H100. Selected by name with ``--optimizers``."""
+SKIP = "stable_spam (unclipped rows not read again)"
+SKIP_ALL_CLIPPED = "stable_spam (unclipped rows not read again, every row clipped)"
+
+
+def stable_spam_variants(scan_layers: bool = False) -> dict:
+  """Stable-SPAM with its norm's pass reading again only the rows that hold a clipped entry
+  (``spam_optax._clip_and_norm_history._SKIP_UNCLIPPED_ROWS``; the max's pass also sums
+  each row's squares), twice:
+
+  * ``SKIP``: on the benchmark's fixed gradient, whose running max is its max after the
+    first update, so that next to no row is clipped (as in training between spikes);
+  * ``SKIP_ALL_CLIPPED``: the running max set to 0 before each update, so that every row
+    holds a clipped entry and is gathered again (the most such a pass reads).
+
+  Selected by name with ``--optimizers``."""
   inner = optimizers(0.25, scan_layers)["stable_spam"]
 
-  def traced_with(**settings):
+  def skipping(every_row_clipped: bool) -> optax.GradientTransformation:
     def update(updates, state, params=None):
-      saved = {k: getattr(_leaf_stats, k) for k in settings}
-      for k, v in settings.items():  # read while the update is traced
-        setattr(_leaf_stats, k, v)
+      if every_row_clipped:
+        clip, scale = state[0]
+        ema = _leaf_stats.LeafStats(jnp.zeros_like(clip.max_ema.values),
+                                    clip.max_ema.layout)
+        state = ((clip._replace(max_ema=ema), scale),) + tuple(state[1:])
+      saved = _clip_and_norm_history._SKIP_UNCLIPPED_ROWS
+      _clip_and_norm_history._SKIP_UNCLIPPED_ROWS = True  # read while the update is traced
       try:
         return inner.update(updates, state, params)
       finally:
-        for k, v in saved.items():
-          setattr(_leaf_stats, k, v)
+        _clip_and_norm_history._SKIP_UNCLIPPED_ROWS = saved
     return optax.GradientTransformation(inner.init, update)
 
-  return {"stable_spam (a leaf per reduction)": traced_with(_GROUP=1),
-          "stable_spam (a leaf per reduction in rows of 2048)": traced_with(_GROUP=1,
-                                                                       _WIDE_ROWS=True)}
+  return {SKIP: skipping(False), SKIP_ALL_CLIPPED: skipping(True)}
 
 
 class _FusedState(NamedTuple):
@@ -557,7 +565,7 @@ def _main_optimizers(args, shapes, header: dict) -> None:
   opts = optimizers(args.density, args.scan_layers)
   if args.optimizers:
     known = {**block_optimizers(), **loop_redraw_optimizer(args.density),
-             **leaf_reduction_optimizer(args.scan_layers), **opts}
+             **stable_spam_variants(args.scan_layers), **opts}
     wanted = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in known]
     if unknown:

@@ -16,8 +16,9 @@ chips, e.g. 989 for an H100; n/a on CPU).
 
 It also times the host's part of each step that the loop does while the next step runs:
 the metrics writer's fetch and records (``writer_s``, ``metrics_writer_s``). Each timed
-interval in flight is kept too: ``step_s_in_flight_median`` and ``step_s_in_flight_max``
-beside the mean (``timing.in_flight_times``). ``--two_executables`` compiles the step twice
+interval in flight is kept too (``step_s_in_flight_each``), with its median and maximum
+(``step_s_in_flight_median``, ``step_s_in_flight_max``) beside the mean
+(``timing.in_flight_times``). ``--two_executables`` compiles the step twice
 and runs the two in turn (``alternating``), an experiment on the CUDA graphs' updates.
 
 Separately it times the real input pipeline (``data.make_loaders`` on ``--dataset``, default
@@ -248,6 +249,7 @@ def _bench_step(args, model_name: str, optimizer_name: str,
     r["two_executables"] = args.two_executables
     r["step_s_in_flight_median"] = statistics.median(intervals)
     r["step_s_in_flight_max"] = max(intervals)
+    r["step_s_in_flight_each"] = [round(t, 6) for t in intervals]  # which step was slow
     if args.hlo:
       r["hlo"] = _hlo(args, text, donation, label)
     if args.profile:
