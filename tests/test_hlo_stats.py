@@ -105,6 +105,9 @@ def test_kernel_traffic_reads_operands_and_writes_results_once():
                           "custom-call": dict(kernels=1, bytes=64),
                           "copy": dict(kernels=1, bytes=64)}
   assert t["by_category"] == {"attention": 64, "reduction": 36, "copy/transpose": 64}
+  # per launch, by instruction: the same bytes (the loop body's copy runs once here)
+  moved = hlo_stats.instruction_bytes(_HLO)
+  assert sorted(moved.values()) == [36, 64, 64] and sum(moved.values()) == t["bytes"]
 
 
 def test_type_bytes():

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments.benchmarks import hlo_stats
 from experiments.benchmarks import profile_summary as ps
 
 CALLS = 3
@@ -52,6 +53,14 @@ def test_summary_of_a_cpu_trace(traced):
     assert f"%{t['op']} = " in hlo or f" {t['op']} = " in hlo, t["op"]
   assert any(t["op"].startswith("while") for t in s["top"])  # the scan, its own time only
   assert sum(s["categories"].values()) == pytest.approx(s["kernel_ms_per_call"], abs=1e-3)
+  # each op's bytes, from the HLO, and the rate its time gives them
+  moved = hlo_stats.instruction_bytes(hlo)
+  rated = [t for t in s["top"] if "GBps" in t]
+  assert rated and all(t["op"] in moved for t in rated)
+  for t in rated:
+    assert t["GB_per_call"] == pytest.approx(moved[t["op"]] * t["count_per_call"] / 1e9,
+                                             rel=1e-3, abs=1e-4)
+    assert t["GBps"] == pytest.approx(t["GB_per_call"] / t["ms_per_call"] * 1e3, rel=1e-2)
 
 
 def test_top_and_module_filter(traced):

@@ -729,7 +729,8 @@ def profile_lines(res: dict) -> list:
            "Busy: the union of the kernels' intervals per call; busy ÷ span below 1 is time "
            "the device waited between kernels (launches, host work).", "",
            "| measured | kernels/call | busy ms | busy ÷ span | by category (ms) | largest ops "
-           "(ms, share of kernel time) |", "|---|---:|---:|---:|---|---|"]
+           "(ms, share of kernel time, the rate at which it moved the HLO's bytes) |",
+           "|---|---:|---:|---:|---|---|"]
   for name, p in rows:
     if p.get("error") or not p.get("source"):
       lines.append(f"| {name} | | | | profile failed: {_cell(p.get('error', '?'))} | |")
@@ -737,7 +738,8 @@ def profile_lines(res: dict) -> list:
     span = p.get("span_ms_per_call")
     cats = ", ".join(f"{k} {v:.2f}" for k, v in sorted(
         p.get("categories", {}).items(), key=lambda kv: -kv[1])[:4])
-    top = ", ".join(f"{_cell(t['op'])} {t['ms_per_call']:.2f} ({t['share']:.0%})"
+    top = ", ".join(f"{_cell(t['op'])} {t['ms_per_call']:.2f} ({t['share']:.0%}"
+                    + (f", {t['GBps']:,.0f} GB/s" if t.get("GBps") else "") + ")"
                     for t in p.get("top", [])[:4])
     lines.append(f"| {name} | {_f(p.get('kernels_per_call'), '{:.0f}')} | "
                  f"{_f(p.get('busy_ms_per_call'), '{:.2f}')} | "

@@ -169,12 +169,11 @@ def _sliced_io(fused: dict) -> tuple:
   return reads, written
 
 
-def _traffic_of(comp: dict, comps: dict | None = None, categories: dict | None = None) -> tuple:
-  """Kernels and bytes of one computation's own instructions, by kind, and the bytes by
-  category (``profile_summary.CATEGORIES``, from ``categories``: instruction → category)."""
+def _kernels_of(comp: dict, comps: dict | None = None):
+  """``(name, kind, bytes)`` of each kernel one computation's own instructions launch (see
+  ``kernel_traffic``)."""
   defs = hlo_parse.instructions(comp)
   types = {name: typ for name, typ, *_ in defs}
-  kernels, total, by_category = (collections.Counter() for _ in range(3))
   for name, typ, op, operands, line in defs:
     if op in _FREE:
       continue
@@ -191,10 +190,28 @@ def _traffic_of(comp: dict, comps: dict | None = None, categories: dict | None =
       reads, written = {0: 0.0}, type_bytes(types.get(operands[1], "")) if len(operands) > 1 else None
     moved = (type_bytes(typ) if written is None else written) + sum(
         reads.get(i, type_bytes(types.get(o, ""))) for i, o in enumerate(operands))
+    yield name, op, moved
+
+
+def _traffic_of(comp: dict, comps: dict | None = None, categories: dict | None = None) -> tuple:
+  """Kernels and bytes of one computation's own instructions, by kind, and the bytes by
+  category (``profile_summary.CATEGORIES``, from ``categories``: instruction → category)."""
+  kernels, total, by_category = (collections.Counter() for _ in range(3))
+  for name, op, moved in _kernels_of(comp, comps):
     kernels[op] += 1
     total[op] += moved
     by_category[(categories or {}).get(name, profile_summary.OTHER)] += moved
   return kernels, total, by_category
+
+
+def instruction_bytes(hlo_text: str) -> dict:
+  """The bytes each kernel moves per launch, as ``kernel_traffic`` counts them, by the name
+  of its instruction (what a profile's ``hlo_op`` names): with a profile's time of that
+  op, the rate it reached."""
+  comps = computations(hlo_text)
+  inner = _bodies(comps)
+  return {name: moved for cname, comp in comps.items() if cname not in inner
+          for name, _, moved in _kernels_of(comp, comps)}
 
 
 def _callees(comp: dict, inner: set) -> tuple:

@@ -352,10 +352,25 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
   per_plane = [[unwrap_command_buffers(line, by_kernel) for line in lines]
                for lines in per_plane]
   summary = _summary(per_plane, calls, top, categories, source, notes)
+  if hlo_text:
+    _add_rates(summary, hlo_text)
   # more host events than instructions: waits on the device (the loop's fetch of a step's
   # outputs) and the launch's outer events come first
-  summary["host_top"] = host_events(planes, calls, top=2 * top)
+  summary["host_top"] = host_events(planes, calls, top=min(2 * top, 24))
   return summary
+
+
+def _add_rates(summary: dict, hlo_text: str) -> None:
+  """Each top op's bytes per call (``GB_per_call``: the HLO's bytes of one launch times its
+  launches) and the rate its kernels moved them at (``GBps``), where the HLO names it."""
+  from experiments.benchmarks import hlo_stats  # pylint: disable=import-outside-toplevel
+  moved = hlo_stats.instruction_bytes(hlo_text)
+  for t in summary.get("top", []):
+    per_launch = moved.get(t["op"])
+    if per_launch and t["ms_per_call"] > 0:
+      gb = per_launch * t["count_per_call"] / 1e9
+      t["GB_per_call"] = float(f"{gb:.4g}")
+      t["GBps"] = float(f"{gb / t['ms_per_call'] * 1e3:.4g}")
 
 
 def host_events(planes, calls: int, *, top: int = 12) -> list[dict]:
@@ -444,7 +459,7 @@ def _summary(per_plane, calls, top, categories, source, notes) -> dict:
 
 
 def profile(run_once: Callable[[], object], calls: int, log_dir: str, *,
-            hlo_text: str | None = None, top: int = 12, in_flight: bool = False) -> dict:
+            hlo_text: str | None = None, top: int = 40, in_flight: bool = False) -> dict:
   """``capture`` then ``summarize`` (module and categories from ``hlo_text``), never raising.
 
   The summary gets the trace's path under ``xplane``; any failure (the profiler refusing
