@@ -22,8 +22,9 @@ skipping what no longer fits in ``--budget_s``:
    also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
    then the 350m step again without CUDA graphs (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``)
    and with its graph never updated (``--xla_gpu_command_buffer_update_mode=NEVER_UPDATE``;
-   ``VMM_PERSISTENT_TEMP`` where XLA rejects that name), both profiled, and the 60m step with ``--logits_dtype float32`` (the default, as HF LLaMA
-   in bf16, is bf16 logits); the rows of these variants are labeled and decide no target;
+   ``VMM_PERSISTENT_TEMP`` where XLA rejects that name), both profiled, and the 60m step
+   with ``--logits_dtype float32`` (the default, as HF LLaMA in bf16, is bf16 logits); the
+   rows of these variants are labeled and decide no target;
 5. ``bench_optimizer --size 1b --scan_layers``: spam and stable_spam beside adamw on the
    scanned-layers layout (each weight of all layers in one leaf, Stable-SPAM with per-layer
    statistics), profiled;
@@ -345,10 +346,9 @@ def plan(args, work: str) -> list:
   # its norm's pass reading again only the rows that hold a clipped entry, with next to no
   # row clipped and with every row clipped (bench_optimizer.stable_spam_variants; its two
   # statistics passes took 3.36 ms of 13.18 on the third H200 run). On an H200 the
-  # hand-fused Stable-SPAM reference (2.14×
-  # adamw, against the library's 1.41×) and the in-update redraw (3.19×, the host waiting on
-  # its conditional) were measured once; they stay in bench_optimizer and out of this part,
-  # which they made 40% longer.
+  # hand-fused Stable-SPAM reference (2.14× adamw, against the library's 1.41×) and the
+  # in-update redraw (3.19×, the host waiting on its conditional) were measured once; they
+  # stay in bench_optimizer and out of this part, which they made 40% longer.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
       "spam,stable_spam,stable_spam (unclipped rows not read again),"
@@ -389,8 +389,7 @@ def plan(args, work: str) -> list:
     argv = _module("bench_train") + [
         "--models", name, "--optimizers", "spam", "--dtype", dtype, "--batch", str(batch),
         "--length", str(length), "--steps", str(train_steps), "--warmup", str(warmup),
-        "--no_loader",
-        "--json", js(f"train_{size}")] + layout + prof(f"train_{size}")
+        "--no_loader", "--json", js(f"train_{size}")] + layout + prof(f"train_{size}")
     if size == hlo_size:  # the compiled step's HLO: kernels, cuDNN attention, donation
       argv += ["--hlo", os.path.join(work, "hlo")]
     cap, need = train_caps.get(size, (60, 10))
@@ -404,8 +403,7 @@ def plan(args, work: str) -> list:
     return Part(name, _module("bench_train") + [
         "--models", f"llama_{size}", "--optimizers", "spam", "--dtype", dtype, "--batch",
         str(batch), "--length", str(length), "--steps", str(train_steps), "--warmup",
-        str(warmup),
-        "--no_loader"] + layout + flags + ["--json", js(name)] + (prof(name) if profiled else []),
+        str(warmup), "--no_loader"] + layout + flags + ["--json", js(name)] + (prof(name) if profiled else []),
         *train_caps.get(size, (60, 10)), js(name), env=env or {})
 
   f32_logits_part = lambda size: train_variant(size, "f32_logits", ["--logits_dtype", "float32"])
