@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import accelerator
+from experiments.benchmarks import bench_optimizer
 
 import _processes
 
@@ -229,6 +230,14 @@ def test_the_device_plan(tmp_path):
     assert (value("--batch"), value("--seq_len" if name.startswith("model") else "--length")) == (
         "64", "256")
   assert "--size" in by_name["optimizer"].argv and "1b" in by_name["optimizer"].argv
+  # every optimizer the part names, bench_optimizer knows (its list is split at commas)
+  argv = by_name["optimizer"].argv
+  named = argv[argv.index("--optimizers") + 1].split(",")
+  known = {**bench_optimizer.optimizers(0.25), **bench_optimizer.block_optimizers(),
+           **bench_optimizer.loop_redraw_optimizer(0.25),
+           **bench_optimizer.stable_spam_variants()}
+  assert named and all(n in known for n in named), named
+  assert bench_optimizer.SKIP in named and bench_optimizer.SKIP_ALL_CLIPPED in named
   assert by_name["train_1b"].retry_argv[-1] == "--activation_checkpointing"
   assert by_name["model_1b"].retry_argv[-1] == "--remat"
   for part in parts:

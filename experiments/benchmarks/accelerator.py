@@ -352,7 +352,7 @@ def plan(args, work: str) -> list:
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
       "spam,stable_spam,stable_spam (unclipped rows not read again),"
-      "stable_spam (unclipped rows not read again, every row clipped),"
+      "stable_spam (unclipped rows not read again; every row clipped),"
       "spam d=0.25 (loop redraw)",
       "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))

@@ -99,7 +99,7 @@ def loop_redraw_optimizer(density: float) -> dict:
 
 
 SKIP = "stable_spam (unclipped rows not read again)"
-SKIP_ALL_CLIPPED = "stable_spam (unclipped rows not read again, every row clipped)"
+SKIP_ALL_CLIPPED = "stable_spam (unclipped rows not read again; every row clipped)"
 
 
 def stable_spam_variants(scan_layers: bool = False) -> dict:
