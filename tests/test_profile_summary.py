@@ -63,6 +63,17 @@ def test_summary_of_a_cpu_trace(traced):
     assert t["GBps"] == pytest.approx(t["GB_per_call"] / t["ms_per_call"] * 1e3, rel=1e-2)
 
 
+def test_rates_that_cannot_be_read_leave_the_summary(traced, monkeypatch):
+  """An HLO whose bytes cannot be read: the summary without rates, and a note saying so."""
+  path, _, hlo = traced
+  def unreadable(text):
+    raise ValueError("odd HLO")
+  monkeypatch.setattr(hlo_stats, "instruction_bytes", unreadable)
+  s = ps.summarize(path, CALLS, hlo_text=hlo)
+  assert s["top"] and not any("GBps" in t for t in s["top"])
+  assert "no rates: ValueError: odd HLO" in s["note"]
+
+
 def test_top_and_module_filter(traced):
   path, _, hlo = traced
   s = ps.summarize(path, CALLS, top=2, module=ps.module_name(hlo))

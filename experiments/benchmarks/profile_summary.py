@@ -353,7 +353,11 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
                for lines in per_plane]
   summary = _summary(per_plane, calls, top, categories, source, notes)
   if hlo_text:
-    _add_rates(summary, hlo_text)
+    try:
+      _add_rates(summary, hlo_text)
+    except Exception as e:  # pylint: disable=broad-except
+      notes = [summary.get("note"), f"no rates: {type(e).__name__}: {e}".splitlines()[0]]
+      summary["note"] = "; ".join(filter(None, notes))
   # more host events than instructions: waits on the device (the loop's fetch of a step's
   # outputs) and the launch's outer events come first
   summary["host_top"] = host_events(planes, calls, top=min(2 * top, 24))
