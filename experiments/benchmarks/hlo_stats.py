@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import re
@@ -204,10 +205,12 @@ def _traffic_of(comp: dict, comps: dict | None = None, categories: dict | None =
   return kernels, total, by_category
 
 
+@functools.lru_cache(maxsize=2)
 def instruction_bytes(hlo_text: str) -> dict:
   """The bytes each kernel moves per launch, as ``kernel_traffic`` counts them, by the name
   of its instruction (what a profile's ``hlo_op`` names): with a profile's time of that
-  op, the rate it reached."""
+  op, the rate it reached. Kept for the last texts read (a trainer step is profiled twice,
+  with the same HLO); the dict is shared, for reading."""
   comps = computations(hlo_text)
   inner = _bodies(comps)
   return {name: moved for cname, comp in comps.items() if cname not in inner
