@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from models import pallas_platform
@@ -23,6 +24,32 @@ def rope_frequencies(positions: jax.Array, head_dim: int, theta: float = 10000.0
   return jnp.cos(angles), jnp.sin(angles)
 
 
+def rotate_half(x: jax.Array) -> jax.Array:
+  """HF LLaMA's `rotate_half`: `concat(-x2, x1)` for the halves `x1, x2` of the last axis.
+
+  Computed as the halves' axis reversed and signed, `flip(x.reshape(…, 2, d/2))·(−1, 1)`:
+  the same values, but each element of the result reads its partner at the same offset of
+  the other half, so that XLA:GPU loads and stores it several elements at a time (slices
+  joined along the last axis load one bf16 at a time). Its transpose is `-rotate_half`.
+  """
+  d = x.shape[-1]
+  halves = x.reshape(x.shape[:-1] + (2, d // 2))
+  sign = np.array([[-1.0], [1.0]], dtype=np.float32).astype(x.dtype)
+  return (jnp.flip(halves, axis=-2) * sign).reshape(x.shape)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """`x·cos + rotate_half(x)·sin` in float32, returned in `x`'s dtype."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def _between(cos: jax.Array, sin: jax.Array, ndim: int):
+  """cos and sin of shape (batch, length, head_dim) broadcast over the axes between."""
+  between = tuple(range(2, ndim - 1))
+  return jnp.expand_dims(cos, between), jnp.expand_dims(sin, between)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
   """Rotates `x` of shape (batch, length, ..., head_dim) by its positions (`positions`:
   (batch, length)), the same rotation for every index of the axes between (heads).
@@ -31,12 +58,40 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
   ported from the PyTorch model need no permutation. Computed in float32.
   """
   cos, sin = rope_frequencies(positions, x.shape[-1], theta)
-  between = tuple(range(2, x.ndim - 1))  # broadcast over heads (and whatever else is between)
-  cos, sin = jnp.expand_dims(cos, between), jnp.expand_dims(sin, between)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  return _rotate(x, *_between(cos, sin, x.ndim))
+
+
+@jax.custom_vjp
+def rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
+  """q, k and v from the fused projection `qkv` (batch, length, 3, heads, head_dim), q and
+  k rotated by RoPE (`cos`, `sin`: (batch, length, head_dim), `rope_frequencies`).
+
+  The forward pass is `apply_rope` on q and k, v sliced out as it is. The backward pass is
+  written out so that the gradient of `qkv` is one element-wise pass over its stacked shape:
+  each element selects its own gradient (q's, k's or v's) and q's and k's are rotated back,
+  `g·cos − rotate_half(g·sin)`. (Differentiated automatically, the slices' gradients are
+  zero-padded to the stacked shape and added, and XLA:GPU reads padded operands one bf16 at
+  a time: the pass ran at half the bandwidth on an H200.) No cotangent for `cos`, `sin`.
+  """
+  qk = _rotate(qkv[..., :2, :, :], *_between(cos, sin, qkv.ndim))
+  return qk[..., 0, :, :], qk[..., 1, :, :], qkv[..., 2, :, :]
+
+
+def _rope_qkv_fwd(qkv, cos, sin):
+  return rope_qkv(qkv, cos, sin), (cos, sin)
+
+
+def _rope_qkv_bwd(res, grads):
+  cos, sin = _between(*res, len(grads[0].shape) + 1)
+  dq, dk, dv = (g[..., None, :, :] for g in grads)
+  which = np.arange(3).reshape(3, 1, 1)  # a constant: q, k, v along the stacked axis
+  g = jnp.where(which == 0, dq, jnp.where(which == 1, dk, dv)).astype(jnp.float32)
+  rotated = g * cos - rotate_half(g * sin)
+  dqkv = jnp.where(which < 2, rotated, g).astype(grads[2].dtype)
+  return dqkv, jnp.zeros_like(res[0]), jnp.zeros_like(res[1])
+
+
+rope_qkv.defvjp(_rope_qkv_fwd, _rope_qkv_bwd)
 
 
 def _compute_capability() -> float:
@@ -162,13 +217,10 @@ class Attention(nn.Module):
     qkv = fused_projections(x, [weights("q_proj"), weights("k_proj"), weights("v_proj")],
                             self.dtype)
     qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
-    # q and k rotated together, v sliced out as it is (cuDNN's attention takes each whole).
-    # On a GPU the rotation is one kernel writing q and k, and its backward is one
-    # element-wise pass that writes the gradient of the fused product. Rotating all three
-    # and selecting v back (`jnp.where`) made that backward a concatenation kernel: 3.35 ms
-    # of the 350m step on an H200, against 2.43 ms in this form's pass.
-    qk = apply_rope(qkv[..., :2, :, :], positions, self.rope_theta)
-    q, k, v = qk[..., 0, :, :], qk[..., 1, :, :], qkv[..., 2, :, :]
+    # q and k rotated together, v sliced out as it is (cuDNN's attention takes each whole):
+    # forward, one kernel writes q and k; backward, one element-wise pass writes the
+    # gradient of the fused product (`rope_qkv`).
+    q, k, v = rope_qkv(qkv, *rope_frequencies(positions, self.head_dim, self.rope_theta))
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
     q = checkpoint_name(q, "query")
     k = checkpoint_name(k, "key")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import models
-from models.attention import apply_rope
+from models.attention import apply_rope, rope_frequencies, rope_qkv, rotate_half
 
 TINY = models.LlamaConfig(
     name="tiny", hidden_size=64, intermediate_size=176, num_heads=4, num_layers=2,
@@ -182,6 +182,78 @@ def test_rope_of_stacked_heads_is_each_slice_rotated_bitwise():
       alone = jax.jit(apply_rope)(qk[:, :, i], positions)
       np.testing.assert_array_equal(np.asarray(stacked[:, :, i], np.float32),
                                     np.asarray(alone, np.float32))
+
+def _np_rotate_half(x):
+  half = x.shape[-1] // 2
+  return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def test_rotate_half_is_hf_rotate_half_bitwise():
+  """`rotate_half` (the halves' axis flipped and signed) is HF's `cat(-x2, x1)`."""
+  rng = np.random.default_rng(4)
+  for dtype in (np.float32, jnp.bfloat16):
+    for shape in ((8,), (3, 2, 16), (2, 5, 3, 4, 64)):
+      x = rng.normal(size=shape).astype(dtype)
+      got = jax.jit(rotate_half)(jnp.asarray(x))
+      assert got.dtype == x.dtype
+      np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                    _np_rotate_half(x.astype(np.float32)))
+
+
+class RopeQkvTest(chex.TestCase):
+  """`rope_qkv`: q, k and v out of the fused (batch, length, 3, heads, head_dim) product,
+  with its backward pass written out."""
+
+  def _inputs(self, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    qkv = rng.normal(size=(2, 5, 3, 4, 8)) * 3
+    grads = [rng.normal(size=(2, 5, 4, 8)) for _ in range(3)]
+    positions = jnp.asarray(np.array([np.arange(5), np.arange(40, 45)]))
+    cos, sin = rope_frequencies(positions, 8)
+    as_dtype = lambda a: jnp.asarray(a, dtype)
+    return as_dtype(qkv), [as_dtype(g) for g in grads], positions, cos, sin
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_forward_is_apply_rope_of_q_and_k_and_v_as_it_is(self):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      qkv, _, positions, cos, sin = self._inputs(dtype)
+      q, k, v = self.variant(rope_qkv)(qkv, cos, sin)
+      for got, i in ((q, 0), (k, 1)):
+        want = jax.jit(apply_rope)(qkv[:, :, i], positions)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+      np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(qkv[:, :, 2], np.float32))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradient_matches_numpy(self):
+    """The gradient of the stacked product: each slice's gradient, q's and k's rotated back
+    (RoPE's transpose: g·cos − rotate_half(g·sin)); none for the frequencies."""
+    qkv, grads, _, cos, sin = self._inputs(jnp.float32)
+    _, vjp = self.variant(lambda a, c, s: jax.vjp(rope_qkv, a, c, s))(qkv, cos, sin)
+    dqkv, dcos, dsin = vjp(tuple(grads))
+    c, s = (np.asarray(a, np.float64)[:, :, None] for a in (cos, sin))
+    g = [np.asarray(a, np.float64) for a in grads]
+    back = lambda d: d * c - _np_rotate_half(d * s)
+    want = np.stack([back(g[0]), back(g[1]), g[2]], axis=2)
+    np.testing.assert_allclose(np.asarray(dqkv), want, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(dcos)) and not np.any(np.asarray(dsin))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradient_is_autodiffs_of_the_sliced_form(self):
+    """The same gradient as autodiff of `apply_rope` on the slices, bit for bit in bfloat16
+    (both round one float32 result) and in float32 to a rounding."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+      qkv, grads, positions, cos, sin = self._inputs(dtype, seed=1)
+      sliced = lambda a: (apply_rope(a[:, :, 0], positions), apply_rope(a[:, :, 1], positions),
+                          a[:, :, 2])
+      got = self.variant(lambda a, g: jax.vjp(lambda x: rope_qkv(x, cos, sin), a)[1](g)[0])(
+          qkv, tuple(grads))
+      want = jax.jit(lambda a, g: jax.vjp(sliced, a)[1](g)[0])(qkv, tuple(grads))
+      assert got.dtype == dtype
+      if dtype == jnp.bfloat16:
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+      else:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
 
 def test_remat_matches():
   model, params, tokens = _init(TINY.replace(dtype="float32"))
