@@ -27,12 +27,20 @@ def _report(out):
   return report, (out / "accelerator.md").read_text(encoding="utf-8")
 
 
-def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
+# The trainer variants that differ from the trainer part only in XLA flags a CPU ignores
+# (CUDA graphs) or in a flag another test covers (`--norm xla`, test_attention_fallback):
+# the default run leaves them out; the slow run takes them too.
+GPU_ONLY_VARIANTS = ("train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
+                     "train_9m_xla_norm")
+
+
+def _tiny_run(tmp_path, skip=()):
   peer = tmp_path / "torch_peer.py"  # a stand-in: the peer is skipped on a CPU before it runs
   peer.write_text("raise SystemExit('must not run')\n")
   out = tmp_path / "out"
   accelerator.main(["--tiny", "--parts", "train,peer", "--torch_peer", str(peer),
-                    "--out", str(out), "--work", str(tmp_path / "work")])
+                    "--out", str(out), "--work", str(tmp_path / "work")]
+                   + (["--skip_parts", ",".join(skip)] if skip else []))
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
@@ -41,6 +49,37 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
                          "train_9m_no_cuda_graphs",
                          "train_9m_f32_logits", "optimizer_scan",
                          "train_9m_xla_norm", "hlo_optimizer", "blocks"]
+  for name in skip:
+    assert parts[name] == {"status": "skipped", "reason": "in --skip_parts"}
+  _check_tiny_run(report, md, parts, out)
+  return report, md, parts
+
+
+def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
+  report, md, parts = _tiny_run(tmp_path, skip=GPU_ONLY_VARIANTS)
+  train, two, f32_logits = report["results"]["train"]
+  assert two.get("variant") == "two executables in turn" and not f32_logits.get("variant")
+  assert "| llama_9m (no CUDA graphs) |" not in md
+
+
+@pytest.mark.slow
+def test_tiny_run_with_every_trainer_variant(tmp_path):
+  report, md, parts = _tiny_run(tmp_path)
+  for name in GPU_ONLY_VARIANTS:
+    assert parts[name]["status"] == "ok", parts[name]
+  train, never_updated, two, no_graphs, f32_logits, xla_norm = report["results"]["train"]
+  assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
+  assert never_updated["variant"] == "CUDA graphs never updated"
+  assert "profile_in_flight" in never_updated
+  # The norm kernels beside XLA's: on a CPU both are XLA's, the second tagged as the variant.
+  assert train["norm"] == xla_norm["norm"] == "xla" and xla_norm["variant"] == "XLA norm"
+  assert "| llama_9m (XLA norm) | 2×16 |" in md
+  assert "| llama_9m (no CUDA graphs) | 2×16 |" in md
+  assert "| llama_9m (CUDA graphs never updated) | 2×16 |" in md
+
+
+def _check_tiny_run(report, md, parts, out):
+  """What every tiny run shows: the trainer measured, the rest recorded."""
   assert parts["probe"]["status"] == "ok" and report["environment"]["backend"] == "cpu"
   assert report["environment"]["copy_GBps"] > 0 and report["environment"]["matmul_bf16_TFLOPs"] > 0
   no_torch = importlib.util.find_spec("torch") is None
@@ -48,21 +87,15 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
                            else "no CUDA GPU (jax backend: cpu)"}
   assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
   assert parts["train_9m_f32_logits"]["status"] == "ok", parts["train_9m_f32_logits"]
-  assert parts["train_9m_xla_norm"]["status"] == "ok", parts["train_9m_xla_norm"]
-  assert parts["train_9m_no_cuda_graphs"]["status"] == "ok", parts["train_9m_no_cuda_graphs"]
-  assert parts["train_9m_graphs_never_updated"]["status"] == "ok", (
-      parts["train_9m_graphs_never_updated"])
   for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
-  train, never_updated, two, no_graphs, f32_logits, xla_norm = report["results"]["train"]
+  train, *others = report["results"]["train"]
+  (two,) = [r for r in others if r.get("variant") == "two executables in turn"]
+  (f32_logits,) = [r for r in others if r["logits_dtype"] == "float32"]
+  assert train["norm"] == "xla"  # on a CPU the norm kernels are XLA's
   assert two["variant"] == "two executables in turn" and two["two_executables"]
   assert two["loss"] == train["loss"]  # the same steps, run by two executables in turn
-  assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
-  assert never_updated["variant"] == "CUDA graphs never updated"
-  assert "profile_in_flight" in never_updated
-  # The norm kernels beside XLA's: on a CPU both are XLA's, the second tagged as the variant.
-  assert train["norm"] == xla_norm["norm"] == "xla" and xla_norm["variant"] == "XLA norm"
   env = report["environment"]
   assert env["norm_pallas_ms"] > 0 and env["norm_xla_ms"] > 0
   assert env["norm_pallas_max_rel_diff"] < 2e-2
@@ -83,10 +116,8 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   assert train["model"] == "llama_9m" and train["optimizer"] == "spam"
   assert train["tokens_per_s"] > 0 and train["compile_s"] > 0 and (train["batch"], train["length"]) == (2, 16)
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
-  assert [t["status"] for t in peer_row] == ["not measured"] * 6
-  assert "| llama_9m (float32 logits) | 2×16 |" in md and "| llama_9m (XLA norm) | 2×16 |" in md
-  assert "| llama_9m (no CUDA graphs) | 2×16 |" in md
-  assert "| llama_9m (CUDA graphs never updated) | 2×16 |" in md
+  assert [t["status"] for t in peer_row] == ["not measured"] * len(report["results"]["train"])
+  assert "| llama_9m (float32 logits) | 2×16 |" in md
   assert "| llama_9m (two executables in turn) | 2×16 |" in md
   assert "The host's longest events per step in flight" in md
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md

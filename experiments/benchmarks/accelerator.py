@@ -285,6 +285,10 @@ def parse_args(argv=None):
   p.add_argument("--parts", default=None,
                  help="run only the parts whose name starts with one of these (comma-separated: "
                       "peer, train, optimizer, model, hlo, blocks); the others are recorded as skipped")
+  p.add_argument("--skip_parts", default=None,
+                 help="leave out the parts whose name starts with one of these (comma-separated, "
+                      "e.g. train_350m_xla_norm), recorded as skipped: what --parts selects, "
+                      "less these")
   args = p.parse_args(argv)
   if not args.out:
     p.error("give --out DIR (or set $OUT)")
@@ -1033,10 +1037,13 @@ def main(argv=None) -> dict:
   peer_skip = _peer_skip_reason(args, probe)
   done = {"probe": probe_part}
   write_report(args, argv, out, work, time.perf_counter() - start, probe, done)
-  selected = [p.strip() for p in (args.parts or "").split(",") if p.strip()]
+  names = lambda flag: [p.strip() for p in (flag or "").split(",") if p.strip()]
+  selected, left_out = names(args.parts), names(args.skip_parts)
   for part in parts:
     if selected and not any(part.name.startswith(p) for p in selected):
       part.result = dict(status="skipped", reason="not in --parts")
+    elif any(part.name.startswith(p) for p in left_out):
+      part.result = dict(status="skipped", reason="in --skip_parts")
     elif part.name == "peer" and peer_skip:
       part.result = dict(status="skipped", reason=peer_skip)
     elif left() < part.min_s:
