@@ -21,20 +21,21 @@ def _drop(argv, *flags):
   return tuple(out)
 
 
-def test_two_by_two_sweep_end_to_end(tiny_args, tmp_path, capsys):
+def test_sweep_end_to_end(tiny_args, tmp_path, capsys):
+  """Two runs side by side (jobs=2), one finishing and one diverging; the grid's expansion
+  over several optimizers, learning rates and precisions is the presets' test below."""
   base = _drop(tiny_args(num_training_steps=4, eval_every=2, save_every=2, lr=1e-2),
                "--save_dir", "--optimizer", "--lr")
   preset = presets.Preset(
-      "mini", "a 2 x 2 test grid", (presets.Grid(
-          optimizers=(presets.Arm("adam", ("--optimizer", "adam")),
-                      presets.Arm("sgd", ("--optimizer", "sgd"))),
+      "mini", "a 1 x 2 test grid", (presets.Grid(
+          optimizers=(presets.Arm("adam", ("--optimizer", "adam")),),
           lrs=(1e-2,), precisions=(presets.Arm("float32"),), base=base,
           extras=(presets.Arm("none"), presets.Arm("nan", ("--inject_nan_at_step", "3")))),),
       paper={("", "adam", "float32", "none"): 12.34}, paper_source="a paper")
   out = tmp_path / "sweep"
   table = sweep.run_sweep(preset, str(out), jobs=2)
   names = [r.name for r in sweep.expand(preset)]
-  assert [r["run"] for r in table] == names and len(names) == 4
+  assert [r["run"] for r in table] == names and len(names) == 2
 
   by_name = {r["run"]: r for r in table}
   for name in names:
