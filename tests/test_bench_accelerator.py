@@ -30,7 +30,7 @@ def _report(out):
 # The trainer variants that differ from the trainer part only in XLA flags a CPU ignores
 # (CUDA graphs) or in a flag another test covers (`--norm xla`, test_attention_fallback):
 # the default run leaves them out; the slow run takes them too.
-GPU_ONLY_VARIANTS = ("train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
+VARIANTS_LEFT_OUT = ("train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
                      "train_9m_xla_norm")
 
 
@@ -56,7 +56,7 @@ def _tiny_run(tmp_path, skip=()):
 
 
 def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
-  report, md, parts = _tiny_run(tmp_path, skip=GPU_ONLY_VARIANTS)
+  report, md, parts = _tiny_run(tmp_path, skip=VARIANTS_LEFT_OUT)
   train, two, f32_logits = report["results"]["train"]
   assert two.get("variant") == "two executables in turn" and not f32_logits.get("variant")
   assert "| llama_9m (no CUDA graphs) |" not in md
@@ -65,7 +65,7 @@ def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
 @pytest.mark.slow
 def test_tiny_run_with_every_trainer_variant(tmp_path):
   report, md, parts = _tiny_run(tmp_path)
-  for name in GPU_ONLY_VARIANTS:
+  for name in VARIANTS_LEFT_OUT:
     assert parts[name]["status"] == "ok", parts[name]
   train, never_updated, two, no_graphs, f32_logits, xla_norm = report["results"]["train"]
   assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
