@@ -50,6 +50,7 @@ class TrainConfig:
   logits_dtype: str = "auto"  # the compute dtype: bfloat16 unless --dtype float32
   attention: str = "auto"  # cuDNN's flash attention on a GPU where it applies, else XLA's
   norm: str = "auto"  # the residual add + RMSNorm kernels: Pallas on one GPU, else XLA's
+  elementwise: str = "auto"  # RoPE's q/k/v split, SwiGLU's backward: Pallas on one GPU
   # optimizer
   optimizer: str = "spam"
   lr: float = 3e-3
@@ -246,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the residual add + RMSNorm kernels: pallas (one Triton kernel each way, "
                       "one GPU only), xla, or auto: pallas on one GPU of compute capability "
                       ">= 8.0, xla otherwise")
+  g.add_argument("--elementwise", default=d.elementwise, choices=NORMS,
+                 help="RoPE's split of the fused q/k/v product and SwiGLU's backward: pallas "
+                      "(one Triton kernel each, one GPU only), xla, or auto: pallas on one GPU "
+                      "of compute capability >= 8.0, xla otherwise")
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")
@@ -558,7 +563,8 @@ def attention_implementation(attention: str) -> str | None:
 
 
 def norm_implementation(norm: str) -> str | None:
-  """``--norm`` as ``LlamaConfig.norm_implementation`` (auto: None, the model's own choice)."""
+  """``--norm`` (or ``--elementwise``) as ``LlamaConfig.norm_implementation``
+  (``elementwise_implementation``); auto: None, the model's own choice."""
   return None if norm == "auto" else norm
 
 
@@ -588,8 +594,9 @@ def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
   if cfg.attention == "pallas" and cfg.max_length > 128 and cfg.max_length % 128:
     fail(f"--attention pallas takes --max_length at most 128 or a multiple of 128, "
          f"got {cfg.max_length}")
-  if cfg.norm == "pallas" and backend != "gpu":
-    fail(f"--norm pallas needs a GPU (this JAX backend: {backend}); use auto or xla")
+  for flag, value in (("--norm", cfg.norm), ("--elementwise", cfg.elementwise)):
+    if value == "pallas" and backend != "gpu":
+      fail(f"{flag} pallas needs a GPU (this JAX backend: {backend}); use auto or xla")
   name = cfg.name or (
       f"{os.path.basename(os.path.normpath(cfg.model_config)).removesuffix('.json')}-"
       f"{cfg.optimizer}-{dtype}")

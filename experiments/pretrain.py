@@ -55,6 +55,7 @@ def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
                  logits_dtype=config.resolve_logits_dtype(cfg.logits_dtype, cfg.dtype),
                  attention_implementation=config.attention_implementation(cfg.attention),
                  norm_implementation=config.norm_implementation(cfg.norm),
+                 elementwise_implementation=config.norm_implementation(cfg.elementwise),
                  max_seq_len=max(mcfg.max_seq_len, cfg.max_length))
   return dataclasses.replace(mcfg, **changes)
 
@@ -81,7 +82,8 @@ def check_devices(cfg: config.TrainConfig, sizes: dict[str, int]) -> None:
   if cfg.batch_size % hosts:
     config.fail(f"--batch_size {cfg.batch_size} is not divisible by the {hosts} hosts")
   devices = math.prod(sizes.values())
-  for flag, value in (("--norm", cfg.norm), ("--attention", cfg.attention)):
+  for flag, value in (("--norm", cfg.norm), ("--elementwise", cfg.elementwise),
+                      ("--attention", cfg.attention)):
     if value == "pallas" and devices > 1:
       config.fail(f"{flag} pallas runs on one device (this mesh: {devices}); XLA cannot "
                   "partition its kernels: use auto or xla")
@@ -405,10 +407,14 @@ def main(argv=None) -> dict:
         first = models.attention.failure_line(error, 200)
         config.fail(f"cuDNN attention failed on this GPU ({first}); "
                     "rerun with --attention xla")
-      if inputs.cfg.norm == "auto" and models.is_pallas_failure(error):
+      blamed = [name for name in ("elementwise", "norm")
+                if getattr(inputs.cfg, name) == "auto" and models.is_pallas_failure(error, name)]
+      if blamed:
         first = models.attention.failure_line(error, 200)
-        config.fail(f"the Pallas norm kernels failed on this GPU ({first}); "
-                    "rerun with --norm xla")
+        what = ({"elementwise": "element-wise ", "norm": "norm "}[blamed[0]]
+                if len(blamed) == 1 else "")
+        config.fail(f"the Pallas {what}kernels failed on this GPU ({first}); "
+                    f"rerun with {' '.join(f'--{name} xla' for name in blamed)}")
       raise
 
 

@@ -30,7 +30,8 @@ RESUMABLE = frozenset({
     # layout / memory, same numbers (the number of processes must stay the same: each one's
     # loader position is saved apart, and a checkpoint restores only into as many)
     "mesh", "distributed", "activation_checkpointing", "remat_policy",
-    "attention", "norm",  # the same attention / residual add + RMSNorm by another kernel
+    # the same attention, residual add + RMSNorm, RoPE split and SwiGLU by another kernel
+    "attention", "norm", "elementwise",
     "resume", "name", "save_dir",  # where the run lives, not what it is
     "inject_nan_at_step", "inject_signal",  # debugging
 })

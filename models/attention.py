@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from models import pallas_platform
+from models import elementwise_kernels, pallas_platform
 from models.linears import DenseGeneral, ProjectionWeights, fused_projections
 from models.quantization import QuantConfig
 
@@ -61,27 +63,32 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
   return _rotate(x, *_between(cos, sin, x.ndim))
 
 
-@jax.custom_vjp
-def rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array, implementation: str = "xla"):
   """q, k and v from the fused projection `qkv` (batch, length, 3, heads, head_dim), q and
   k rotated by RoPE (`cos`, `sin`: (batch, length, head_dim), `rope_frequencies`).
 
-  The forward pass is `apply_rope` on q and k, v sliced out as it is. The backward pass is
-  written out so that the gradient of `qkv` is one element-wise pass over its stacked shape:
-  each element selects its own gradient (q's, k's or v's) and q's and k's are rotated back,
-  `g·cos − rotate_half(g·sin)`. (Differentiated automatically, the slices' gradients are
-  zero-padded to the stacked shape and added, and XLA:GPU reads padded operands one bf16 at
-  a time: the pass ran at half the bandwidth on an H200.) No cotangent for `cos`, `sin`.
+  The forward pass is `apply_rope` on q and k, v sliced out as it is; with `implementation`
+  "pallas", one kernel that writes all three (`elementwise_kernels.rope_split`, the same
+  values). The backward pass is written out so that the gradient of `qkv` is one
+  element-wise pass over its stacked shape: each element selects its own gradient (q's, k's
+  or v's) and q's and k's are rotated back, `g·cos − rotate_half(g·sin)`. (Differentiated
+  automatically, the slices' gradients are zero-padded to the stacked shape and added, and
+  XLA:GPU reads padded operands one bf16 at a time: the pass ran at half the bandwidth on
+  an H200.) No cotangent for `cos`, `sin`.
   """
+  if implementation == "pallas":
+    return elementwise_kernels.rope_split(qkv, cos, sin)
   qk = _rotate(qkv[..., :2, :, :], *_between(cos, sin, qkv.ndim))
   return qk[..., 0, :, :], qk[..., 1, :, :], qkv[..., 2, :, :]
 
 
-def _rope_qkv_fwd(qkv, cos, sin):
-  return rope_qkv(qkv, cos, sin), (cos, sin)
+def _rope_qkv_fwd(qkv, cos, sin, implementation):
+  return rope_qkv(qkv, cos, sin, implementation), (cos, sin)
 
 
-def _rope_qkv_bwd(res, grads):
+def _rope_qkv_bwd(implementation, res, grads):
+  del implementation
   cos, sin = _between(*res, len(grads[0].shape) + 1)
   dq, dk, dv = (g[..., None, :, :] for g in grads)
   which = np.arange(3).reshape(3, 1, 1)  # a constant: q, k, v along the stacked axis
@@ -96,10 +103,7 @@ rope_qkv.defvjp(_rope_qkv_fwd, _rope_qkv_bwd)
 
 def _compute_capability() -> float:
   """The first device's CUDA compute capability (e.g. 9.0 for an H100), 0 if unknown."""
-  try:
-    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
-  except (TypeError, ValueError):
-    return 0.0
+  return pallas_platform.compute_capability()
 
 
 _CUDNN_MARKERS = ("cudnn", "fmha", "dot_product_attention", "flash attention")
@@ -206,6 +210,9 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
   implementation: str | None = None
+  # RoPE's split of the fused product: "pallas" (`elementwise_kernels.rope_split`), "xla",
+  # or None (`pallas_platform.default_implementation`).
+  elementwise_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -220,7 +227,8 @@ class Attention(nn.Module):
     # q and k rotated together, v sliced out as it is (cuDNN's attention takes each whole):
     # forward, one kernel writes q and k; backward, one element-wise pass writes the
     # gradient of the fused product (`rope_qkv`).
-    q, k, v = rope_qkv(qkv, *rope_frequencies(positions, self.head_dim, self.rope_theta))
+    q, k, v = rope_qkv(qkv, *rope_frequencies(positions, self.head_dim, self.rope_theta),
+                       self.elementwise_implementation or pallas_platform.default_implementation())
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
     q = checkpoint_name(q, "query")
     k = checkpoint_name(k, "key")

@@ -64,11 +64,15 @@ class LlamaConfig:
   # one backward, `models.norm_kernels`; Triton on a GPU, interpreted elsewhere), "xla", or
   # None: "pallas" on one GPU of compute capability >= 8.0, "xla" otherwise.
   norm_implementation: str | None = None
+  # RoPE's split of the fused q/k/v product (forward) and SwiGLU's backward: "pallas" (one
+  # kernel each, `models.elementwise_kernels`; Triton on a GPU, interpreted elsewhere),
+  # "xla", or None: "pallas" on one GPU of compute capability >= 8.0, "xla" otherwise.
+  elementwise_implementation: str | None = None
 
   def __post_init__(self):
-    if self.norm_implementation not in (None, "xla", "pallas"):
-      raise ValueError(f"norm_implementation {self.norm_implementation!r} is not "
-                       "None, 'xla' or 'pallas'")
+    for field in ("norm_implementation", "elementwise_implementation"):
+      if getattr(self, field) not in (None, "xla", "pallas"):
+        raise ValueError(f"{field} {getattr(self, field)!r} is not None, 'xla' or 'pallas'")
     if self.attention_implementation not in (None, "xla", "cudnn", "pallas"):
       raise ValueError(f"attention_implementation {self.attention_implementation!r} is not "
                        "None, 'xla', 'cudnn' or 'pallas'")

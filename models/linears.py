@@ -11,6 +11,7 @@ projection; the MLP (gate, up) and attention (q, k, v) hold their kernels as
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from models import quantization
+from models import elementwise_kernels, pallas_platform, quantization
 from models.quantization import QuantConfig
 
 
@@ -158,6 +159,9 @@ class MLP(nn.Module):
   init_std: float = 0.02
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
+  # SwiGLU's backward: "pallas" (`elementwise_kernels.swiglu_grad`), "xla", or None
+  # (`pallas_platform.default_implementation`).
+  elementwise_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,7 +171,8 @@ class MLP(nn.Module):
     gate_up = fused_projections(x, [weights("gate_proj"), weights("up_proj")], self.dtype)
     gate_up = nn.with_logical_constraint(gate_up, ("batch", "length", None, "mlp"))
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
-    h = swiglu(checkpoint_name(gate_up, "mlp_gate_up"))
+    h = swiglu(checkpoint_name(gate_up, "mlp_gate_up"),
+               self.elementwise_implementation or pallas_platform.default_implementation())
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     return DenseGeneral(
         features=x.shape[-1],
@@ -180,8 +185,8 @@ class MLP(nn.Module):
     )(h)
 
 
-@jax.custom_vjp
-def swiglu(gate_up: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def swiglu(gate_up: jax.Array, implementation: str = "xla") -> jax.Array:
   """`silu(gate) · up` for `gate_up = stack([gate, up], axis=-2)`, in its dtype.
 
   The backward pass is written out so that it is one element-wise pass that reads
@@ -189,15 +194,24 @@ def swiglu(gate_up: jax.Array) -> jax.Array:
   layout, the operand of the one backward product of the stacked kernel; its factors are
   computed in float32. (Differentiated automatically, XLA computes the sigmoid into a
   separate buffer, writes the two halves of the gradient apart and concatenates them.)
+  With `implementation` "pallas" that pass is a Pallas kernel
+  (`elementwise_kernels.swiglu_grad`, the same values).
   """
+  del implementation
   return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
 
 
-def _swiglu_fwd(gate_up):
-  return swiglu(gate_up), gate_up
+def _swiglu_fwd(gate_up, implementation):
+  return swiglu(gate_up, implementation), gate_up
 
 
-def _swiglu_bwd(gate_up, dh):
+def _swiglu_bwd(implementation, gate_up, dh):
+  if implementation == "pallas":
+    return (elementwise_kernels.swiglu_grad(gate_up, dh),)
+  return _swiglu_grad_xla(gate_up, dh)
+
+
+def _swiglu_grad_xla(gate_up, dh):
   x = gate_up.astype(jnp.float32)
   first = (jnp.arange(2) == 0)[:, None]
   # The gate at every element of the stacked shape, selected from it rather than broadcast

@@ -67,6 +67,7 @@ class DecoderBlock(nn.Module):
         dtype=dtype,
         param_dtype=param_dtype,
         implementation=cfg.attention_implementation,
+        elementwise_implementation=cfg.elementwise_implementation,
         name="self_attn",
     )(h, positions)
     x, h = norm("post_attention_layernorm")(x, nn.with_logical_constraint(h, ACTIVATION_AXES))
@@ -77,6 +78,7 @@ class DecoderBlock(nn.Module):
         init_std=cfg.init_std,
         dtype=dtype,
         param_dtype=param_dtype,
+        elementwise_implementation=cfg.elementwise_implementation,
         name="mlp",
     )(h)
     carry = (x, nn.with_logical_constraint(h, ACTIVATION_AXES))

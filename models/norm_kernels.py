@@ -245,12 +245,4 @@ def _rms_norm_bwd(eps, out_dtype, residuals, dy):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
-_FAILURE_MARKERS = ("pallas", "triton", "norm_kernels")
-
-
-def is_pallas_failure(error: BaseException) -> bool:
-  """Whether ``error``, raised tracing, compiling or running a step, comes from these
-  kernels (Pallas's lowering or Triton's compiler), so that ``norm_implementation="xla"``
-  avoids it."""
-  text = f"{type(error).__name__}: {error}".lower()
-  return any(marker in text for marker in _FAILURE_MARKERS)
+is_pallas_failure = pallas_platform.is_pallas_failure

@@ -6,16 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import attention, norm_kernels
+from models import norm_kernels, pallas_platform
 
 
 def default_implementation() -> str:
   """What `implementation=None` runs: "pallas" on one GPU of compute capability ≥ 8.0
-  (Ampere, Hopper, ...), "xla" elsewhere. The Pallas kernels are opaque to XLA's sharding
-  propagation, so with several devices the norms stay XLA's, which partitions them."""
-  if jax.default_backend() != "gpu" or jax.device_count() != 1:
-    return "xla"
-  return "pallas" if attention._compute_capability() >= 8.0 else "xla"  # pylint: disable=protected-access
+  (Ampere, Hopper, ...), "xla" elsewhere (`pallas_platform.default_implementation`): with
+  several devices the norms stay XLA's, which partitions them."""
+  return pallas_platform.default_implementation()
 
 
 class RMSNorm(nn.Module):

@@ -32,6 +32,45 @@ def on_platform(call: Callable[[bool], T]) -> T:
   return jax.lax.platform_dependent(cuda=lambda: call(False), default=lambda: call(True))
 
 
+def default_implementation() -> str:
+  """What the models' kernel switches left at None run: "pallas" on one GPU of compute
+  capability ≥ 8.0 (Ampere, Hopper, ...), "xla" elsewhere. The Pallas kernels are opaque to
+  XLA's sharding propagation, so with several devices their operations stay XLA's, which
+  partitions them."""
+  if jax.default_backend() != "gpu" or jax.device_count() != 1:
+    return "xla"
+  return "pallas" if compute_capability() >= 8.0 else "xla"
+
+
+def compute_capability() -> float:
+  """The first device's CUDA compute capability (e.g. 9.0 for an H100), 0 if unknown."""
+  try:
+    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+  except (TypeError, ValueError):
+    return 0.0
+
+
+# What a failure of each group of the models' kernels names (its module, its functions).
+KERNEL_NAMES = {
+    "norm": ("norm_kernels", "rms_norm"),
+    "elementwise": ("elementwise_kernels", "rope_split", "swiglu_grad", "_rope_kernel",
+                    "_swiglu_kernel"),
+}
+
+
+def is_pallas_failure(error: BaseException, kernels: str | None = None) -> bool:
+  """Whether ``error``, raised tracing, compiling or running a step, comes from the models'
+  Pallas kernels (Pallas's lowering or Triton's compiler), so that their switch "xla"
+  (``norm_implementation``, ``elementwise_implementation``) avoids it. With ``kernels``
+  ("norm" or "elementwise"), whether it may come from that group: not if it names another."""
+  text = f"{type(error).__name__}: {error}".lower()
+  names = {k: tuple(n.lower() for n in v) for k, v in KERNEL_NAMES.items()}
+  if not any(m in text for m in ("pallas", "triton") + sum(names.values(), ())):
+    return False
+  return kernels is None or not any(n in text for k, v in names.items() if k != kernels
+                                    for n in v)
+
+
 def _copy_kernel(x_ref, o_ref):
   o_ref[...] = x_ref[...]
 

@@ -140,21 +140,22 @@ def test_trainer_attention_flag(tiny_args):
   assert "attention" in rundir.RESUMABLE  # the same attention by another kernel: resumable
 
 
-def test_trainer_norm_flag(tiny_args):
-  assert pretrain.model_config(config.parse_args(tiny_args())).norm_implementation is None
-  cfg = config.parse_args(tiny_args(norm="xla"))
-  assert pretrain.model_config(cfg).norm_implementation == "xla"
-  assert config.for_backend(config.parse_args(tiny_args(norm="pallas")), "gpu").norm == "pallas"
-  with pytest.raises(config.UsageError, match="--norm pallas needs a GPU"):
-    config.for_backend(config.parse_args(tiny_args(norm="pallas")), "cpu")
-  with pytest.raises(config.UsageError, match="--norm pallas runs on one device"):
-    pretrain.check_devices(config.parse_args(tiny_args(norm="pallas")),
-                           {"data": 2, "fsdp": 1, "tensor": 1})
-  pretrain.check_devices(config.parse_args(tiny_args(norm="pallas")),
-                         {"data": 1, "fsdp": 1, "tensor": 1})
+@pytest.mark.parametrize("flag", ["norm", "elementwise"])
+def test_trainer_pallas_kernel_flags(tiny_args, flag):
+  field = f"{flag}_implementation"
+  assert getattr(pretrain.model_config(config.parse_args(tiny_args())), field) is None
+  cfg = config.parse_args(tiny_args(**{flag: "xla"}))
+  assert getattr(pretrain.model_config(cfg), field) == "xla"
+  pallas = config.parse_args(tiny_args(**{flag: "pallas"}))
+  assert getattr(config.for_backend(pallas, "gpu"), flag) == "pallas"
+  with pytest.raises(config.UsageError, match=f"--{flag} pallas needs a GPU"):
+    config.for_backend(pallas, "cpu")
+  with pytest.raises(config.UsageError, match=f"--{flag} pallas runs on one device"):
+    pretrain.check_devices(pallas, {"data": 2, "fsdp": 1, "tensor": 1})
+  pretrain.check_devices(pallas, {"data": 1, "fsdp": 1, "tensor": 1})
   with pytest.raises(SystemExit):
-    config.parse_args(tiny_args(norm="triton"))
-  assert "norm" in rundir.RESUMABLE  # the same norm by another kernel: resumable
+    config.parse_args(tiny_args(**{flag: "triton"}))
+  assert flag in rundir.RESUMABLE  # the same operations by other kernels: resumable
 
 
 def test_trainer_names_the_flag_when_cudnn_attention_fails(tiny_args, cudnn_fails):
@@ -205,7 +206,9 @@ def test_run_falls_back_for_each_kernel_once():
       raise RuntimeError(TRITON_ERROR)
     return {"step_s": 1.0}
 
-  result = attention_fallback.run(measure, argparse.Namespace(attention="auto", norm="auto"))
+  result = attention_fallback.run(measure, argparse.Namespace(attention="auto", norm="auto",
+                                                             elementwise="auto"))
+  # The norm kernels' error names them: the element-wise kernels are not blamed.
   assert calls == [("auto", "auto"), ("xla", "auto"), ("xla", "xla")]
   assert result == {"step_s": 1.0, "attention_fallback": CUDNN_ERROR.splitlines()[0],
                     "norm_fallback": TRITON_ERROR.splitlines()[0]}
@@ -215,8 +218,43 @@ def test_run_falls_back_for_each_kernel_once():
   assert calls == [("xla", "pallas")]
 
 
-def test_trainer_names_the_flag_when_the_norm_kernels_fail(tiny_args, pallas_norm_fails):
-  with pytest.raises(config.UsageError, match=r"the Pallas norm kernels failed on this GPU "
-                     r"\(INTERNAL: Triton.*rerun with --norm xla"):
+def test_run_puts_an_anonymous_triton_failure_on_the_elementwise_kernels_first():
+  calls = []
+  anonymous = "INTERNAL: Triton compilation failed\nmore lines"
+
+  def measure(args):
+    calls.append((args.elementwise, args.norm))
+    if "auto" in calls[-1]:
+      raise RuntimeError(anonymous)
+    return {"step_s": 1.0}
+
+  result = attention_fallback.run(measure, argparse.Namespace(attention="auto", norm="auto",
+                                                             elementwise="auto"))
+  assert calls == [("auto", "auto"), ("xla", "auto"), ("xla", "xla")]
+  assert result == {"step_s": 1.0, "elementwise_fallback": anonymous.splitlines()[0],
+                    "norm_fallback": anonymous.splitlines()[0]}
+
+
+@pytest.fixture
+def pallas_elementwise_fails(monkeypatch):
+  """A GPU's default for RoPE's split and SwiGLU's backward (the Pallas kernels) that fails
+  as a Triton refusal would; the norms stay XLA's."""
+  def failing(*args, **kwargs):
+    raise RuntimeError(TRITON_ERROR.replace("add_rms_norm", "_rope_kernel"))
+
+  monkeypatch.setattr(models.pallas_platform, "default_implementation", lambda: "pallas")
+  monkeypatch.setattr(models.normalization, "default_implementation", lambda: "xla")
+  monkeypatch.setattr(models.elementwise_kernels, "rope_split", failing)
+  monkeypatch.setattr(models.elementwise_kernels, "swiglu_grad", failing)
+
+
+@pytest.mark.parametrize("failing, flag, what", [
+    ("pallas_norm_fails", "norm", "norm"),
+    ("pallas_elementwise_fails", "elementwise", "element-wise")], ids=["norm", "elementwise"])
+def test_trainer_names_the_flag_when_pallas_kernels_fail(tiny_args, request, failing, flag,
+                                                         what):
+  request.getfixturevalue(failing)
+  with pytest.raises(config.UsageError, match=rf"the Pallas {what} kernels failed on this GPU "
+                     rf"\(INTERNAL: Triton.*rerun with --{flag} xla$"):
     pretrain.main(tiny_args(num_training_steps=2))
-  assert pretrain.main(tiny_args(run="xla", norm="xla", num_training_steps=2)) is not None
+  assert pretrain.main(tiny_args(run="xla", num_training_steps=2, **{flag: "xla"})) is not None

@@ -176,12 +176,13 @@ def optimizer_updates(size: str, names: list, sharding, dump=None,
 def model_steps(model_name: str, quants: list, batch: int, length: int, sharding,
                 dump=None, logits_dtype: str = "auto", scan_layers: bool = False,
                 remat_policy: str | None = None, norm_implementation: str = "pallas",
-                attention: str = "cudnn") -> list:
+                attention: str = "cudnn", elementwise_implementation: str = "pallas") -> list:
   """Forward+backward of the token cross-entropy, as ``bench_model`` times it."""
   rows = []
   for quant_name in quants:
     config = models.get_config(model_name, attention_implementation=attention,
                                norm_implementation=norm_implementation,
+                               elementwise_implementation=elementwise_implementation,
                                scan_layers=scan_layers, remat=remat_policy is not None,
                                **({"remat_policy": remat_policy} if remat_policy else {}))
     config = config.replace(
@@ -209,12 +210,13 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
 
 def trainer_step(model_name: str, optimizer_name: str, batch: int, length: int, devices,
                  dump=None, scan_layers: bool = False, logits_dtype: str = "auto",
-                 norm: str = "auto", attention: str = "cudnn") -> dict:
+                 norm: str = "auto", attention: str = "cudnn", elementwise: str = "auto") -> dict:
   """The trainer's whole step (``bench_train.trainer_step``: mesh, shardings, donation), bf16."""
   ns = bench_train.parse_args(["--models", model_name, "--optimizers", optimizer_name,
                                "--batch", str(batch), "--length", str(length),
                                "--dtype", "bfloat16", "--logits_dtype", logits_dtype,
-                               "--norm", norm, "--attention", attention]
+                               "--norm", norm, "--attention", attention,
+                               "--elementwise", elementwise]
                               + (["--scan_layers"] if scan_layers else []))
   with bench_train.trainer_step(ns, model_name, optimizer_name,
                                 target_devices=devices) as (cfg, mcfg, init, step, tokens):
@@ -255,6 +257,9 @@ def main(argv=None) -> list:
   p.add_argument("--norm", default="pallas", choices=("pallas", "xla"),
                  help="--what model / train: the residual add + RMSNorm kernels (pallas: what "
                       "one GPU runs by default)")
+  p.add_argument("--elementwise", default="pallas", choices=("pallas", "xla"),
+                 help="--what model / train: RoPE's split and SwiGLU's backward (pallas: what "
+                      "one GPU runs by default)")
   p.add_argument("--attention", default="cudnn", choices=("cudnn", "pallas", "xla"),
                  help="--what model / train: the attention kernel (cudnn: what a GPU runs by "
                       "default; pallas: jax's Pallas flash attention)")
@@ -290,7 +295,7 @@ def main(argv=None) -> list:
   elif args.what == "train":
     r = trainer_step(args.model, args.optimizer, args.batch, args.length,
                      target_devices(args.target), args.dump, args.scan_layers,
-                     args.logits_dtype, args.norm, args.attention)
+                     args.logits_dtype, args.norm, args.attention, args.elementwise)
     rows = [r]
     calls = ", ".join(f"{k} ×{v}" for k, v in r["custom_calls"].items()) or "–"
     print(f"| train step ({args.target}) | kernels | GB moved | GB matmul / attention / rest "
@@ -307,7 +312,8 @@ def main(argv=None) -> list:
   else:
     rows = model_steps(args.model, [q.strip() for q in args.quant.split(",") if q.strip()],
                        args.batch, args.length, sharding, args.dump, args.logits_dtype,
-                       args.scan_layers, args.remat_policy, args.norm, args.attention)
+                       args.scan_layers, args.remat_policy, args.norm, args.attention,
+                       args.elementwise)
     print(f"| fwd+bwd ({args.target}) | kernels | GB moved | GB matmul / attention / rest "
           "| peak GiB | cuDNN attention | custom calls | compile s |")
     print("|---|---:|---:|---|---:|---|---|---:|")

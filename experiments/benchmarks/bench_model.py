@@ -64,6 +64,8 @@ def parse_args(argv=None):
                       "fails to compile is measured again with xla (attention_fallback)")
   p.add_argument("--norm", default="auto", choices=config_lib.NORMS,
                  help="as the trainer's --norm: the residual add + RMSNorm kernels")
+  p.add_argument("--elementwise", default="auto", choices=config_lib.NORMS,
+                 help="as the trainer's --elementwise: RoPE's split, SwiGLU's backward")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -83,7 +85,8 @@ def model_inputs(name: str, args):
   tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len), 0, config.vocab_size)
   # The quantized variants have the same parameters, and so has any attention kernel: XLA's
   # here, so that a cuDNN failure is met (and retried) where the step compiles.
-  model = models.Llama(config.replace(attention_implementation="xla", norm_implementation="xla"))
+  model = models.Llama(config.replace(attention_implementation="xla", norm_implementation="xla",
+                                      elementwise_implementation="xla"))
   if args.compile_only:  # shapes only: nothing allocated
     variables = jax.eval_shape(model.init, jax.random.key(1), tokens)
   else:
@@ -101,7 +104,9 @@ def bench_one(inputs, quant_name: str, args,
   config, tokens, params = inputs
   config = config.replace(  # the parameters do not depend on them
       attention_implementation=config_lib.attention_implementation(args.attention),
-      norm_implementation=config_lib.norm_implementation(getattr(args, "norm", "auto")))
+      norm_implementation=config_lib.norm_implementation(getattr(args, "norm", "auto")),
+      elementwise_implementation=config_lib.norm_implementation(
+          getattr(args, "elementwise", "auto")))
   model = models.Llama(config, quant=models.get_quant_config(quant_name))
 
   def loss_fn(params, tokens, key):
@@ -131,6 +136,8 @@ def bench_one(inputs, quant_name: str, args,
            scan_layers=config.scan_layers, remat=config.remat, logits_dtype=config.logits_dtype,
            attention=args.attention,
            norm=config.norm_implementation or models.normalization.default_implementation(),
+           elementwise=(config.elementwise_implementation
+                        or models.pallas_platform.default_implementation()),
            params=models.count_params(config), step_s=step_s,
            step_s_synced=statistics.median(synced),
            compile_s=compile_s, first_step_s=first_step_s,

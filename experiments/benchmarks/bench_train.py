@@ -96,6 +96,8 @@ def parse_args(argv=None):
                       "fails to compile is measured again with xla (attention_fallback)")
   p.add_argument("--norm", default="auto", choices=config.NORMS,
                  help="as the trainer's --norm: the residual add + RMSNorm kernels")
+  p.add_argument("--elementwise", default="auto", choices=config.NORMS,
+                 help="as the trainer's --elementwise: RoPE's split, SwiGLU's backward")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -129,7 +131,8 @@ def trainer_config(args, model: str, optimizer: str, backend: str | None = None
     argv.append("--scan_layers")
   argv += ["--logits_dtype", getattr(args, "logits_dtype", "auto"),
            "--attention", getattr(args, "attention", "auto"),
-           "--norm", getattr(args, "norm", "auto")]
+           "--norm", getattr(args, "norm", "auto"),
+           "--elementwise", getattr(args, "elementwise", "auto")]
   return config.for_backend(config.parse_args(argv), backend or jax.default_backend())
 
 
@@ -147,9 +150,10 @@ def trainer_step(args, model_name: str, optimizer_name: str, target_devices=None
   mcfg = pretrain.model_config(cfg)  # keeps the config's vocabulary (32000), as on C4
   if target_devices is not None and cfg.attention == "auto":
     mcfg = dataclasses.replace(mcfg, attention_implementation="cudnn")
-  if target_devices is not None and cfg.norm == "auto":  # what one GPU picks
-    mcfg = dataclasses.replace(mcfg, norm_implementation="pallas" if len(target_devices) == 1
-                               else "xla")
+  for flag in ("norm", "elementwise"):  # what one GPU picks
+    if target_devices is not None and getattr(cfg, flag) == "auto":
+      mcfg = dataclasses.replace(mcfg, **{f"{flag}_implementation":
+                                          "pallas" if len(target_devices) == 1 else "xla"})
   schedule = optimizers.make_schedule(cfg)
   optimizer = optimizers.make_optimizer(cfg, schedule)
   model = models.Llama(mcfg)
@@ -343,6 +347,8 @@ def _result(args, cfg, mcfg, optimizer_name, sizes, step_s, synced, compile_s, f
               scan_layers=mcfg.scan_layers, remat=mcfg.remat, logits_dtype=mcfg.logits_dtype,
               attention=cfg.attention, batch=cfg.batch_size, length=cfg.max_length, params=n_params,
               norm=mcfg.norm_implementation or models.normalization.default_implementation(),
+              elementwise=(mcfg.elementwise_implementation
+                           or models.pallas_platform.default_implementation()),
               step_s=step_s, step_s_synced=statistics.median(synced),
               step_s_synced_min=min(synced), compile_s=compile_s,
               first_step_s=first_step_s,

@@ -1,0 +1,182 @@
+"""RoPE's split of the fused q/k/v product and SwiGLU's backward as Pallas kernels (Triton on
+a GPU).
+
+Both are element-wise passes that XLA:GPU runs below the memory bandwidth, because of how it
+indexes them rather than of what they move (the PTX of the llama_350m training step compiled
+for an H100):
+
+* ``rope_split`` — forward, q and k are rotated out of the fused product (…, 3, heads, kv)
+  and v is copied out of it for cuDNN's attention. XLA writes q and k in one kernel from
+  the product's slices, loading a bf16 at a time where it cannot prove a slice aligned,
+  and v in a second. Here one kernel reads the product's three slices and cos/sin, and
+  writes q, k and v, with 16-byte loads and stores throughout.
+* ``swiglu_grad`` — backward of ``silu(gate) · up`` over ``gate_up`` (…, 2, mlp): XLA's
+  kernel (2.66 TB/s on an H200, 4.0 ms of the 350m step) loads part of its operands two
+  bytes at a time. Here each program reads a tile of gate, up and the output's gradient
+  and writes both halves of the gradient, 16 bytes at a time.
+
+The arithmetic is that of the XLA forms they replace (``models.attention.rope_qkv``,
+``models.linears.swiglu``), in float32 and rounded once to the output's dtype. On a backend
+other than a GPU the kernels run in Pallas's interpreter (slow; for tests), where they agree
+with the XLA forms bit for bit.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from models import pallas_platform
+
+_TILE_ELEMENTS = 8192  # elements of one array's tile (rows × the padded row)
+_SWIGLU_WIDTH = 1024  # columns of gate (and of up) one SwiGLU program takes
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _rows(n: int, row_elements: int) -> int:
+  """The largest power of two that divides ``n`` with ``rows · row_elements`` ≤ 8192."""
+  rows = 1
+  while rows * 2 * row_elements <= _TILE_ELEMENTS and n % (rows * 2) == 0:
+    rows *= 2
+  return rows
+
+
+def _triton():
+  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=import-outside-toplevel
+  return pl_triton
+
+
+def _compiler_params(interpret: bool):
+  if interpret:
+    return None
+  pl_triton = _triton()
+  params = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
+  return params(num_warps=4, num_stages=1)
+
+
+def _load(ref, index, mask):
+  """``ref[index]``; where ``mask`` is False (padding past the array) read as 0."""
+  if mask is None:
+    return ref[index]
+  load = getattr(_triton(), "load", None)
+  if load is None:  # jax < 0.5: pl.load takes the index
+    return pl.load(ref, index, mask=mask, other=0)
+  return load(ref.at[index], mask=mask, other=0)
+
+
+def _store(ref, index, value, mask):
+  if mask is None:
+    ref[index] = value
+    return
+  store = getattr(_triton(), "store", None)
+  if store is None:
+    pl.store(ref, index, value, mask=mask)
+  else:
+    store(ref.at[index], value, mask=mask)
+
+
+def _half(i: int):
+  return pl.ds(i, 1)
+
+
+# ------------------------------------------------------------------------------- RoPE split
+
+
+def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, half: int):
+  _, _, heads_p, _, half_p = qkv_ref.shape
+  mask = None
+  if (heads_p, half_p) != (heads, half):
+    mask = ((jnp.arange(heads_p) < heads)[None, None, :, None, None]
+            & (jnp.arange(half_p) < half)[None, None, None, None, :])
+  at = lambda part, i: (slice(None), _half(part), slice(None), _half(i), slice(None))
+  out_at = lambda i: (slice(None), slice(None), slice(None), _half(i), slice(None))
+  # cos, sin: (rows, 2, half) -> (rows, 1, 1, 1, half) per half, the same for every head.
+  table = lambda ref, i: _load(ref, (slice(None), _half(i), slice(None)),
+                               None if mask is None else mask[:, 0, 0])[:, None, None]
+  cos = [table(cos_ref, i).astype(jnp.float32) for i in (0, 1)]
+  sin = [table(sin_ref, i).astype(jnp.float32) for i in (0, 1)]
+  for part, out in ((0, q_out), (1, k_out)):
+    x1, x2 = (_load(qkv_ref, at(part, i), mask).astype(jnp.float32) for i in (0, 1))
+    # x·cos + rotate_half(x)·sin, rotate_half(x) = (−x2, x1): HF LLaMA's rotation.
+    _store(out, out_at(0), (x1 * cos[0] + (-x2) * sin[0]).astype(out.dtype), mask)
+    _store(out, out_at(1), (x2 * cos[1] + x1 * sin[1]).astype(out.dtype), mask)
+  for i in (0, 1):
+    _store(v_out, out_at(i), _load(qkv_ref, at(2, i), mask), mask)
+
+
+def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
+  """``(q, k, v)`` out of ``qkv`` (batch, length, 3, heads, head_dim), q and k rotated by
+  ``cos``, ``sin`` (batch, length, head_dim): ``models.attention.rope_qkv``'s forward as one
+  kernel. Each program takes rows of (batch × length) whole: the stacked axis, the heads
+  and each half of the head dimension padded to powers of two (the padding never read)."""
+  *lead, three, heads, head_dim = qkv.shape
+  if three != 3 or head_dim % 2:
+    raise ValueError(f"rope_split takes (…, 3, heads, even head_dim), got {qkv.shape}")
+  half = head_dim // 2
+  n = qkv.size // (3 * heads * head_dim)
+  heads_p, half_p = _pow2_at_least(heads), _pow2_at_least(half)
+  rows = _rows(n, heads_p * 2 * half_p)
+  out_spec = pl.BlockSpec((rows, 1, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0))
+  table_spec = pl.BlockSpec((rows, 2, half_p), lambda i: (i, 0, 0))
+  out = jax.ShapeDtypeStruct((n, 1, heads, 2, half), qkv.dtype)
+  q, k, v = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
+      functools.partial(_rope_kernel, heads=heads, half=half),
+      out_shape=(out, out, out),
+      grid=(n // rows,),
+      in_specs=[pl.BlockSpec((rows, 4, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0)),
+                table_spec, table_spec],
+      out_specs=(out_spec, out_spec, out_spec),
+      compiler_params=_compiler_params(interpret),
+      interpret=interpret,
+  )(qkv.reshape(n, 3, heads, 2, half), cos.reshape(n, 2, half), sin.reshape(n, 2, half)))
+  shape = tuple(lead) + (heads, head_dim)
+  return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+
+# --------------------------------------------------------------------------- SwiGLU backward
+
+
+def _swiglu_kernel(gate_up_ref, dh_ref, out_ref, *, features: int):
+  width = dh_ref.shape[-1]
+  mask = None
+  if features % width:
+    mask = ((pl.program_id(1) * width + jnp.arange(width)) < features)[None, None, :]
+  halves = [(slice(None), _half(i), slice(None)) for i in (0, 1)]
+  gate, up = (_load(gate_up_ref, h, mask).astype(jnp.float32) for h in halves)
+  dh = _load(dh_ref, (slice(None), slice(None)),
+             None if mask is None else mask[0]).astype(jnp.float32)[:, None, :]
+  sig = jax.nn.sigmoid(gate)
+  # d/dgate silu(gate)·up = up·σ·(1 + gate·(1 − σ));  d/dup = silu(gate) = gate·σ.
+  _store(out_ref, halves[0], (dh * (up * sig * (1.0 + gate * (1.0 - sig)))).astype(out_ref.dtype),
+         mask)
+  _store(out_ref, halves[1], (dh * (gate * sig)).astype(out_ref.dtype), mask)
+
+
+def swiglu_grad(gate_up: jax.Array, dh: jax.Array) -> jax.Array:
+  """The gradient of ``silu(gate) · up`` with respect to ``gate_up`` (…, 2, mlp), given the
+  output's gradient ``dh`` (…, mlp): ``models.linears.swiglu``'s backward as one kernel, in
+  ``gate_up``'s dtype. Each program takes rows × 1024 columns of gate, up and ``dh`` (the
+  last columns masked when 1024 does not divide the width)."""
+  *lead, two, features = gate_up.shape
+  if two != 2 or dh.shape != tuple(lead) + (features,):
+    raise ValueError(f"swiglu_grad takes gate_up (…, 2, f) and dh (…, f), got {gate_up.shape} "
+                     f"and {dh.shape}")
+  n = dh.size // features
+  width = min(_SWIGLU_WIDTH, _pow2_at_least(features))
+  rows = _rows(n, 2 * width)
+  spec = pl.BlockSpec((rows, 2, width), lambda i, j: (i, 0, j))
+  out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
+      functools.partial(_swiglu_kernel, features=features),
+      out_shape=jax.ShapeDtypeStruct((n, 2, features), gate_up.dtype),
+      grid=(n // rows, pl.cdiv(features, width)),
+      in_specs=[spec, pl.BlockSpec((rows, width), lambda i, j: (i, j))],
+      out_specs=spec,
+      compiler_params=_compiler_params(interpret),
+      interpret=interpret,
+  )(gate_up.reshape(n, 2, features), dh.reshape(n, features)))
+  return out.reshape(gate_up.shape)

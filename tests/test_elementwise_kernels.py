@@ -1,0 +1,160 @@
+"""RoPE's split and SwiGLU's backward as Pallas kernels (interpreted here) against the XLA
+forms they replace and against NumPy."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import models
+from models import attention, elementwise_kernels, linears, pallas_platform
+
+BF16 = jnp.bfloat16
+
+
+def _rope_inputs(shape, dtype, seed=0):
+  qkv = jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+  batch, length, head_dim = shape[0], shape[1], shape[-1]
+  positions = jnp.broadcast_to(jnp.arange(length) * 7 + 3, (batch, length))
+  return (qkv,) + attention.rope_frequencies(positions, head_dim)
+
+
+def _numpy_rope(qkv, cos, sin):
+  x = np.asarray(qkv, np.float64)
+  cos, sin = (np.asarray(a, np.float64)[:, :, None, :] for a in (cos, sin))
+  half = x.shape[-1] // 2
+  rot = lambda y: np.concatenate([-y[..., half:], y[..., :half]], -1)
+  return [x[:, :, i] * cos + rot(x[:, :, i]) * sin for i in (0, 1)] + [x[:, :, 2]]
+
+
+def _swiglu_inputs(lead, features, dtype, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  gate_up = (3 * jax.random.normal(k1, lead + (2, features))).astype(dtype)
+  return gate_up, jax.random.normal(k2, lead + (features,)).astype(dtype)
+
+
+def _numpy_swiglu_grad(gate_up, dh):
+  x, g = np.asarray(gate_up, np.float64), np.asarray(dh, np.float64)
+  gate, up = x[..., 0, :], x[..., 1, :]
+  sig = 1 / (1 + np.exp(-gate))
+  return np.stack([g * up * sig * (1 + gate * (1 - sig)), g * gate * sig], axis=-2)
+
+
+# Shapes: heads and half head dims that are powers of two, and ones padded (3 heads; a head
+# dimension of 12, halves of 6).
+ROPE_SHAPES = [(2, 8, 3, 4, 16), (1, 6, 3, 3, 12)]
+# Widths: one masked block (48 of 64), one whole block (32), and two blocks of 1024 of
+# which the second is partly masked (1100).
+SWIGLU_SHAPES = [((2, 3), 48), ((4,), 32), ((1, 2), 1100)]
+
+
+class RopeSplitTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*ROPE_SHAPES)
+  def test_bitwise_the_xla_forward(self, *shape):
+    qkv, cos, sin = _rope_inputs(shape, BF16)
+    got = self.variant(elementwise_kernels.rope_split)(qkv, cos, sin)
+    chex.assert_trees_all_equal(got, attention.rope_qkv(qkv, cos, sin, "xla"))
+
+  @parameterized.parameters(*ROPE_SHAPES)
+  def test_matches_numpy(self, *shape):
+    qkv, cos, sin = _rope_inputs(shape, jnp.float32, seed=1)
+    for got, want in zip(elementwise_kernels.rope_split(qkv, cos, sin),
+                         _numpy_rope(qkv, cos, sin)):
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+  def test_rope_qkv_takes_it_forward_and_keeps_its_backward(self):
+    qkv, cos, sin = _rope_inputs(ROPE_SHAPES[1], BF16)
+    grads = tuple(jax.random.normal(jax.random.key(i), qkv[:, :, 0].shape).astype(BF16)
+                  for i in (5, 6, 7))
+    out = {}
+    for impl in ("xla", "pallas"):
+      fwd, vjp = jax.vjp(lambda x, impl=impl: attention.rope_qkv(x, cos, sin, impl), qkv)
+      out[impl] = (fwd, vjp(grads))
+    chex.assert_trees_all_equal(out["pallas"], out["xla"])
+
+  def test_refuses_other_shapes(self):
+    with self.assertRaisesRegex(ValueError, "rope_split takes"):
+      elementwise_kernels.rope_split(jnp.zeros((1, 2, 2, 4, 8)), jnp.zeros((1, 2, 8)),
+                                     jnp.zeros((1, 2, 8)))
+
+
+class SwigluGradTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*SWIGLU_SHAPES)
+  def test_bitwise_the_xla_backward(self, lead, features):
+    gate_up, dh = _swiglu_inputs(lead, features, BF16)
+    got = self.variant(elementwise_kernels.swiglu_grad)(gate_up, dh)
+    want = linears._swiglu_grad_xla(gate_up, dh)[0]  # pylint: disable=protected-access
+    chex.assert_trees_all_equal(got, want)
+
+  @parameterized.parameters(*SWIGLU_SHAPES)
+  def test_matches_numpy(self, lead, features):
+    gate_up, dh = _swiglu_inputs(lead, features, jnp.float32, seed=2)
+    np.testing.assert_allclose(np.asarray(elementwise_kernels.swiglu_grad(gate_up, dh)),
+                               _numpy_swiglu_grad(gate_up, dh), rtol=1e-5, atol=1e-5)
+
+  def test_swiglu_takes_it_backward(self):
+    gate_up, dh = _swiglu_inputs((2, 3), 48, BF16)
+    out = {impl: jax.vjp(lambda x, impl=impl: linears.swiglu(x, impl), gate_up)
+           for impl in ("xla", "pallas")}
+    chex.assert_trees_all_equal(out["pallas"][0], out["xla"][0])
+    chex.assert_trees_all_equal(out["pallas"][1](dh), out["xla"][1](dh))
+
+  def test_refuses_other_shapes(self):
+    with self.assertRaisesRegex(ValueError, "swiglu_grad takes"):
+      elementwise_kernels.swiglu_grad(jnp.zeros((4, 3, 8)), jnp.zeros((4, 8)))
+    with self.assertRaisesRegex(ValueError, "swiglu_grad takes"):
+      elementwise_kernels.swiglu_grad(jnp.zeros((4, 2, 8)), jnp.zeros((4, 6)))
+
+
+def test_tiles():
+  """Rows a power of two dividing the rows given, within 8192 elements a tile."""
+  assert elementwise_kernels._rows(16384, 16 * 64) == 8  # pylint: disable=protected-access
+  assert elementwise_kernels._rows(16384, 2 * 1024) == 4  # pylint: disable=protected-access
+  assert elementwise_kernels._rows(6, 64) == 2  # pylint: disable=protected-access
+  assert elementwise_kernels._rows(5, 64) == 1  # pylint: disable=protected-access
+
+
+def test_the_config_picks_and_refuses():
+  assert pallas_platform.default_implementation() == "xla"  # a CPU
+  with pytest.raises(ValueError, match="elementwise_implementation 'triton' is not"):
+    models.get_config("llama_9m", elementwise_implementation="triton")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_llama_with_the_kernels_is_the_same_model(scan_layers):
+  """The whole model, unrolled and under `nn.scan` (the block rematerialised): the same
+  loss and gradients, bit for bit, with the kernels as with XLA's forms."""
+  config = models.LlamaConfig(name="tiny", hidden_size=48, intermediate_size=80, num_heads=3,
+                              num_layers=2, vocab_size=64, max_seq_len=8, dtype="bfloat16",
+                              param_dtype="float32", scan_layers=scan_layers,
+                              norm_implementation="xla", elementwise_implementation="xla")
+  tokens = jax.random.randint(jax.random.key(0), (2, config.max_seq_len), 0, config.vocab_size)
+  params = models.Llama(config).init(jax.random.key(1), tokens)["params"]
+
+  def loss_and_grads(cfg):
+    def loss(p):
+      logits = models.Llama(cfg).apply({"params": p}, tokens).astype(jnp.float32)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  chex.assert_trees_all_equal(
+      loss_and_grads(config.replace(elementwise_implementation="pallas")),
+      loss_and_grads(config))
+
+
+def test_failures_name_their_kernels():
+  triton = "INTERNAL: Triton compilation failed for pallas_call {}\nmore"
+  rope = RuntimeError(triton.format("_rope_kernel"))
+  norm = RuntimeError(triton.format("add_rms_norm"))
+  anonymous = RuntimeError("INTERNAL: Triton compilation failed")
+  failure = models.is_pallas_failure
+  assert failure(rope) and failure(norm)
+  assert failure(rope, "elementwise") and not failure(rope, "norm")
+  assert failure(norm, "norm") and not failure(norm, "elementwise")
+  assert failure(anonymous, "norm") and failure(anonymous, "elementwise")
+  assert not failure(MemoryError("out of memory"), "elementwise")
