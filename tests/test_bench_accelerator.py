@@ -28,10 +28,10 @@ def _report(out):
 
 
 # The trainer variants that differ from the trainer part only in XLA flags a CPU ignores
-# (CUDA graphs) or in a flag another test covers (`--norm xla`, test_attention_fallback):
-# the default run leaves them out; the slow run takes them too.
-VARIANTS_LEFT_OUT = ("train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
-                     "train_9m_xla_norm")
+# (CUDA graphs) or in a flag another test covers (`--norm xla`, `--elementwise xla`,
+# test_attention_fallback): the default run leaves them out; the slow run takes them too.
+VARIANTS_LEFT_OUT = ("train_9m_xla_elementwise", "train_9m_graphs_never_updated",
+                     "train_9m_no_cuda_graphs", "train_9m_xla_norm")
 
 
 def _tiny_run(tmp_path, skip=()):
@@ -44,7 +44,8 @@ def _tiny_run(tmp_path, skip=()):
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
-                         "model_9m_pallas_attention", "peer", "train_9m",
+                         "model_9m_xla_elementwise", "model_9m_pallas_attention", "peer",
+                         "train_9m", "train_9m_xla_elementwise",
                          "train_9m_graphs_never_updated", "train_9m_two_executables",
                          "train_9m_no_cuda_graphs",
                          "train_9m_f32_logits", "optimizer_scan",
@@ -67,7 +68,11 @@ def test_tiny_run_with_every_trainer_variant(tmp_path):
   report, md, parts = _tiny_run(tmp_path)
   for name in VARIANTS_LEFT_OUT:
     assert parts[name]["status"] == "ok", parts[name]
-  train, never_updated, two, no_graphs, f32_logits, xla_norm = report["results"]["train"]
+  train, xla_elementwise, never_updated, two, no_graphs, f32_logits, xla_norm = (
+      report["results"]["train"])
+  assert train["elementwise"] == xla_elementwise["elementwise"] == "xla"  # a CPU: XLA's
+  assert xla_elementwise["variant"] == "XLA element-wise"
+  assert "| llama_9m (XLA element-wise) | 2×16 |" in md
   assert no_graphs["variant"] == "no CUDA graphs" and "profile_in_flight" in no_graphs
   assert never_updated["variant"] == "CUDA graphs never updated"
   assert "profile_in_flight" in never_updated
@@ -87,8 +92,8 @@ def _check_tiny_run(report, md, parts, out):
                            else "no CUDA GPU (jax backend: cpu)"}
   assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
   assert parts["train_9m_f32_logits"]["status"] == "ok", parts["train_9m_f32_logits"]
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention",
-               "optimizer_scan", "hlo_optimizer", "blocks"):
+  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_elementwise",
+               "model_9m_pallas_attention", "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
   train, *others = report["results"]["train"]
   (two,) = [r for r in others if r.get("variant") == "two executables in turn"]
@@ -162,8 +167,9 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   accelerator.main(["--tiny", "--parts", "optimizer,model,train", "--out", str(tmp_path)])
   # Before each part, the report already holds every part before it.
   before = ["probe"]
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention", "peer",
-               "train_9m", "train_9m_graphs_never_updated", "train_9m_two_executables",
+  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_elementwise",
+               "model_9m_pallas_attention", "peer", "train_9m", "train_9m_xla_elementwise",
+               "train_9m_graphs_never_updated", "train_9m_two_executables",
                "train_9m_no_cuda_graphs", "train_9m_f32_logits", "optimizer_scan",
                "train_9m_xla_norm"):
     if name != "peer":  # skipped without a --torch_peer: not run
@@ -209,8 +215,9 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
   for name in ("train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
-               "train_9m_xla_norm", "train_9m_f32_logits",
-               "optimizer", "model_9m", "model_9m_xla_norm", "model_9m_pallas_attention",
+               "train_9m_xla_norm", "train_9m_f32_logits", "train_9m_xla_elementwise",
+               "optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_elementwise",
+               "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])
@@ -224,8 +231,10 @@ def test_the_device_plan(tmp_path):
   parts = accelerator.plan(args, str(tmp_path / "work"))
   names = [p.name for p in parts]
   assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm",
-                   "model_350m_pallas_attention", "peer", "train_60m", "train_130m", "train_350m",
-                   "train_1b", "train_350m_graphs_never_updated", "train_350m_two_executables",
+                   "model_350m_xla_elementwise", "model_350m_pallas_attention", "peer",
+                   "train_60m", "train_130m", "train_350m", "train_1b",
+                   "train_350m_xla_elementwise", "train_350m_graphs_never_updated",
+                   "train_350m_two_executables",
                    "train_350m_no_cuda_graphs",
                    "train_60m_f32_logits", "optimizer_scan", "train_130m_f32_logits",
                    "train_350m_xla_norm", "hlo_optimizer", "blocks", "model_1b"]
@@ -240,6 +249,10 @@ def test_the_device_plan(tmp_path):
     argv = by_name[name].argv
     assert argv[argv.index("--norm") + 1] == "xla"
     assert argv[argv.index("--models") + 1] == "llama_" + name.split("_")[1]
+  for name in ("model_350m_xla_elementwise", "train_350m_xla_elementwise"):  # XLA's RoPE, SwiGLU
+    argv = by_name[name].argv
+    assert argv[argv.index("--elementwise") + 1] == "xla" and "llama_350m" in argv
+    assert "--profile" not in argv
   argv = by_name["model_350m_pallas_attention"].argv  # the same step, Pallas attention
   assert argv[argv.index("--attention") + 1] == "pallas" and "llama_350m" in argv
   no_graphs = by_name["train_350m_no_cuda_graphs"]  # the same step, no CUDA graphs
@@ -254,8 +267,9 @@ def test_the_device_plan(tmp_path):
   assert never_updated.retry_env["XLA_FLAGS"].split()[-1] == (  # the later XLA's name
       "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP")
   for name in ("model_350m", "model_60m", "model_60m_xla_norm", "model_350m_pallas_attention",
-               "train_60m", "train_350m", "train_1b", "train_350m_no_cuda_graphs",
-               "train_350m_graphs_never_updated", "train_350m_xla_norm"):
+               "model_350m_xla_elementwise", "train_60m", "train_350m", "train_1b",
+               "train_350m_no_cuda_graphs", "train_350m_graphs_never_updated",
+               "train_350m_xla_norm", "train_350m_xla_elementwise"):
     argv = by_name[name].argv
     value = lambda flag, argv=argv: argv[argv.index(flag) + 1]
     assert (value("--batch"), value("--seq_len" if name.startswith("model") else "--length")) == (
