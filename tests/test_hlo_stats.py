@@ -210,6 +210,25 @@ def test_swiglu_backward_is_one_pass_for_both_targets():
     assert once <= moved < 1.05 * once, (target, moved / once)  # split: 2.2× as much
 
 
+def test_the_elementwise_kernels_compile_for_an_h100_as_one_pass_each():
+  """RoPE's split and SwiGLU's backward as Triton kernels at the 350m step's sizes: one
+  kernel each, reading and writing each byte once (skipped without the CUDA plugin)."""
+  _skip_without_the_cuda_plugin()
+  from experiments.benchmarks import aot_gpu
+  from models import elementwise_kernels
+
+  on = aot_gpu.target_sharding("h100")
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=on)
+  cases = [(elementwise_kernels.rope_split,  # q, k, v in and out, cos and sin in (float32)
+            (shape(64, 256, 3, 16, 64), shape(64, 256, 64, dtype=jnp.float32),
+             shape(64, 256, 64, dtype=jnp.float32)), 2 * 2 * 3 * 2**20 * 16 + 2 * 4 * 2**20),
+           (elementwise_kernels.swiglu_grad,  # gate/up and dh in, the gradient out
+            (shape(64, 256, 2, 2736), shape(64, 256, 2736)), 2 * 5 * 64 * 256 * 2736)]
+  for kernel, args, once in cases:
+    t = hlo_stats.kernel_traffic(jax.jit(kernel).lower(*args).compile().as_text())
+    assert t["kernels"] == 1 and t["bytes"] == once, (kernel.__name__, t["kernels"], t["bytes"])
+
+
 def test_spams_bfloat16_update_is_one_pass_a_leaf_for_both_targets():
   """SPAM's clip, count and update of bfloat16 gate/up gradients (slices of one stacked
   product, as the trainer's) read the parameter, both moments and the gradient and write the
