@@ -70,14 +70,15 @@ def rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array, implementation: str
 
   The forward pass is `apply_rope` on q and k, v sliced out as it is; with `implementation`
   "pallas", one kernel that writes all three (`elementwise_kernels.rope_split`, the same
-  values). The backward pass is written out so that the gradient of `qkv` is one
-  element-wise pass over its stacked shape: each element selects its own gradient (q's, k's
-  or v's) and q's and k's are rotated back, `g·cos − rotate_half(g·sin)`. (Differentiated
-  automatically, the slices' gradients are zero-padded to the stacked shape and added, and
-  XLA:GPU reads padded operands one bf16 at a time: the pass ran at half the bandwidth on
-  an H200.) No cotangent for `cos`, `sin`.
+  values), where half the head dimension keeps rows 16-byte aligned
+  (`elementwise_kernels.aligned`). The backward pass is written out so that the gradient of
+  `qkv` is one element-wise pass over its stacked shape: each element selects its own
+  gradient (q's, k's or v's) and q's and k's are rotated back, `g·cos − rotate_half(g·sin)`.
+  (Differentiated automatically, the slices' gradients are zero-padded to the stacked shape
+  and added, and XLA:GPU reads padded operands one bf16 at a time: the pass ran at half the
+  bandwidth on an H200.) No cotangent for `cos`, `sin`.
   """
-  if implementation == "pallas":
+  if implementation == "pallas" and elementwise_kernels.aligned(qkv.shape[-1] // 2, qkv.dtype):
     return elementwise_kernels.rope_split(qkv, cos, sin)
   qk = _rotate(qkv[..., :2, :, :], *_between(cos, sin, qkv.ndim))
   return qk[..., 0, :, :], qk[..., 1, :, :], qkv[..., 2, :, :]

@@ -34,6 +34,14 @@ _TILE_ELEMENTS = 8192  # elements of one array's tile (rows × the padded row)
 _SWIGLU_WIDTH = 1024  # columns of gate (and of up) one SwiGLU program takes
 
 
+def aligned(elements: int, dtype) -> bool:
+  """Whether runs of ``elements`` of ``dtype`` (a half of the head dimension for RoPE, the
+  MLP's width for SwiGLU) keep every row and half 16-byte aligned, which the kernels' wide
+  loads need: Triton loads a misaligned row (llama_1b's 5461-wide MLP) two bytes at a time,
+  where XLA's form still stores 8. The models run the kernels only where this holds."""
+  return elements * jnp.dtype(dtype).itemsize % 16 == 0
+
+
 def _pow2_at_least(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
@@ -89,15 +97,17 @@ def _half(i: int):
 
 def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, half: int):
   _, _, heads_p, _, half_p = qkv_ref.shape
-  mask = None
+  # Masks built, not sliced from one another: Triton's lowering has no slice of a value.
+  mask = table_mask = None
   if (heads_p, half_p) != (heads, half):
     mask = ((jnp.arange(heads_p) < heads)[None, None, :, None, None]
             & (jnp.arange(half_p) < half)[None, None, None, None, :])
+    table_mask = (jnp.arange(half_p) < half)[None, None, :]
   at = lambda part, i: (slice(None), _half(part), slice(None), _half(i), slice(None))
   out_at = lambda i: (slice(None), slice(None), slice(None), _half(i), slice(None))
   # cos, sin: (rows, 2, half) -> (rows, 1, 1, 1, half) per half, the same for every head.
   table = lambda ref, i: _load(ref, (slice(None), _half(i), slice(None)),
-                               None if mask is None else mask[:, 0, 0])[:, None, None]
+                               table_mask)[:, None, None]
   cos = [table(cos_ref, i).astype(jnp.float32) for i in (0, 1)]
   sin = [table(sin_ref, i).astype(jnp.float32) for i in (0, 1)]
   for part, out in ((0, q_out), (1, k_out)):
@@ -143,13 +153,13 @@ def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
 
 def _swiglu_kernel(gate_up_ref, dh_ref, out_ref, *, features: int):
   width = dh_ref.shape[-1]
-  mask = None
+  mask = dh_mask = None
   if features % width:
-    mask = ((pl.program_id(1) * width + jnp.arange(width)) < features)[None, None, :]
+    columns = (pl.program_id(1) * width + jnp.arange(width)) < features
+    mask, dh_mask = columns[None, None, :], columns[None, :]
   halves = [(slice(None), _half(i), slice(None)) for i in (0, 1)]
   gate, up = (_load(gate_up_ref, h, mask).astype(jnp.float32) for h in halves)
-  dh = _load(dh_ref, (slice(None), slice(None)),
-             None if mask is None else mask[0]).astype(jnp.float32)[:, None, :]
+  dh = _load(dh_ref, (slice(None), slice(None)), dh_mask).astype(jnp.float32)[:, None, :]
   sig = jax.nn.sigmoid(gate)
   # d/dgate silu(gate)·up = up·σ·(1 + gate·(1 − σ));  d/dup = silu(gate) = gate·σ.
   _store(out_ref, halves[0], (dh * (up * sig * (1.0 + gate * (1.0 - sig)))).astype(out_ref.dtype),

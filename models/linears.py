@@ -195,7 +195,8 @@ def swiglu(gate_up: jax.Array, implementation: str = "xla") -> jax.Array:
   computed in float32. (Differentiated automatically, XLA computes the sigmoid into a
   separate buffer, writes the two halves of the gradient apart and concatenates them.)
   With `implementation` "pallas" that pass is a Pallas kernel
-  (`elementwise_kernels.swiglu_grad`, the same values).
+  (`elementwise_kernels.swiglu_grad`, the same values) where the width keeps its rows
+  16-byte aligned (`elementwise_kernels.aligned`), XLA's form elsewhere.
   """
   del implementation
   return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
@@ -206,7 +207,7 @@ def _swiglu_fwd(gate_up, implementation):
 
 
 def _swiglu_bwd(implementation, gate_up, dh):
-  if implementation == "pallas":
+  if implementation == "pallas" and elementwise_kernels.aligned(gate_up.shape[-1], gate_up.dtype):
     return (elementwise_kernels.swiglu_grad(gate_up, dh),)
   return _swiglu_grad_xla(gate_up, dh)
 

@@ -119,6 +119,30 @@ def test_tiles():
   assert elementwise_kernels._rows(5, 64) == 1  # pylint: disable=protected-access
 
 
+def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkeypatch):
+  """llama_1b's 5461-wide MLP: Triton would load its misaligned rows two bytes at a time, so
+  the models keep XLA's form there (and for any width or half head dimension like it)."""
+  assert elementwise_kernels.aligned(2736, BF16) and elementwise_kernels.aligned(32, BF16)
+  assert not elementwise_kernels.aligned(5461, BF16)
+  assert not elementwise_kernels.aligned(1100, BF16) and elementwise_kernels.aligned(1100,
+                                                                                     jnp.float32)
+  called = []
+  real_swiglu, real_rope = elementwise_kernels.swiglu_grad, elementwise_kernels.rope_split
+  monkeypatch.setattr(elementwise_kernels, "swiglu_grad",
+                      lambda *a: called.append("swiglu") or real_swiglu(*a))
+  monkeypatch.setattr(elementwise_kernels, "rope_split",
+                      lambda *a: called.append("rope") or real_rope(*a))
+  for features, expected in ((1100, []), (48, ["swiglu"])):
+    gate_up, dh = _swiglu_inputs((1, 2), features, BF16)
+    jax.vjp(lambda x: linears.swiglu(x, "pallas"), gate_up)[1](dh)
+    assert called == expected, features
+    called.clear()
+  for shape, expected in (((1, 2, 3, 2, 12), []), ((1, 2, 3, 2, 16), ["rope"])):
+    attention.rope_qkv(*_rope_inputs(shape, BF16), "pallas")  # halves of 6 or 8 bf16
+    assert called == expected, shape
+    called.clear()
+
+
 def test_the_config_picks_and_refuses():
   assert pallas_platform.default_implementation() == "xla"  # a CPU
   with pytest.raises(ValueError, match="elementwise_implementation 'triton' is not"):
@@ -158,3 +182,25 @@ def test_failures_name_their_kernels():
   assert failure(norm, "norm") and not failure(norm, "elementwise")
   assert failure(anonymous, "norm") and failure(anonymous, "elementwise")
   assert not failure(MemoryError("out of memory"), "elementwise")
+
+
+@pytest.mark.parametrize("kernel, shapes", [
+    ("rope_split", [((2, 8, 3, 4, 64), BF16), ((2, 8, 64), jnp.float32),
+                    ((2, 8, 64), jnp.float32)]),
+    ("rope_split", [((2, 8, 3, 12, 96), BF16), ((2, 8, 96), jnp.float32),  # masked heads, halves
+                    ((2, 8, 96), jnp.float32)]),
+    ("swiglu_grad", [((2, 8, 2, 2736), BF16), ((2, 8, 2736), BF16)]),  # the last block masked
+    ("swiglu_grad", [((2, 8, 2, 64), BF16), ((2, 8, 64), BF16)]),
+], ids=["rope", "rope_masked", "swiglu_masked", "swiglu"])
+def test_the_kernels_lower_to_triton_for_a_gpu(kernel, shapes):
+  """Lowered for CUDA from this host, as a GPU compiles them: Triton's lowering takes fewer
+  primitives than Pallas's interpreter (no slice of a value, for one), which the tests
+  above run."""
+  if not pallas_platform.lowering_prunes_branches():
+    pytest.skip("this jax lowers every platform's branch: the interpreter's here")
+  from jax import export  # pylint: disable=import-outside-toplevel
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+  exported = export.export(
+      jax.jit(getattr(elementwise_kernels, kernel)), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()

@@ -211,8 +211,9 @@ def test_swiglu_backward_is_one_pass_for_both_targets():
 
 
 def test_the_elementwise_kernels_compile_for_an_h100_as_one_pass_each():
-  """RoPE's split and SwiGLU's backward as Triton kernels at the 350m step's sizes: one
-  kernel each, reading and writing each byte once (skipped without the CUDA plugin)."""
+  """RoPE's split and SwiGLU's backward as Triton kernels at the 350m step's sizes, and
+  RoPE's with masked heads (130m's 12) and halves (a head dimension of 96): one kernel
+  each, reading and writing each byte once (skipped without the CUDA plugin)."""
   _skip_without_the_cuda_plugin()
   from experiments.benchmarks import aot_gpu
   from models import elementwise_kernels
@@ -224,6 +225,11 @@ def test_the_elementwise_kernels_compile_for_an_h100_as_one_pass_each():
              shape(64, 256, 64, dtype=jnp.float32)), 2 * 2 * 3 * 2**20 * 16 + 2 * 4 * 2**20),
            (elementwise_kernels.swiglu_grad,  # gate/up and dh in, the gradient out
             (shape(64, 256, 2, 2736), shape(64, 256, 2736)), 2 * 5 * 64 * 256 * 2736)]
+  for heads, head_dim in ((12, 64), (16, 96)):
+    tables = shape(64, 256, head_dim, dtype=jnp.float32)
+    cases.append((elementwise_kernels.rope_split,
+                   (shape(64, 256, 3, heads, head_dim), tables, tables),
+                   2 * 2 * 3 * 64 * 256 * heads * head_dim + 2 * 4 * 64 * 256 * head_dim))
   for kernel, args, once in cases:
     t = hlo_stats.kernel_traffic(jax.jit(kernel).lower(*args).compile().as_text())
     assert t["kernels"] == 1 and t["bytes"] == once, (kernel.__name__, t["kernels"], t["bytes"])
