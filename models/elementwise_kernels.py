@@ -121,8 +121,8 @@ def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, 
 
 def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
   """``(q, k, v)`` out of ``qkv`` (batch, length, 3, heads, head_dim), q and k rotated by
-  ``cos``, ``sin`` (batch, length, head_dim): ``models.attention.rope_qkv``'s forward as one
-  kernel. Each program takes rows of (batch × length) whole: the stacked axis, the heads
+  ``cos``, ``sin`` (batch, length, head_dim, or any shape that broadcasts to it):
+  ``models.attention.rope_qkv``'s forward as one kernel. Each program takes rows of (batch × length) whole: the stacked axis, the heads
   and each half of the head dimension padded to powers of two (the padding never read)."""
   *lead, three, heads, head_dim = qkv.shape
   if three != 3 or head_dim % 2:
@@ -131,6 +131,7 @@ def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
   n = qkv.size // (3 * heads * head_dim)
   heads_p, half_p = _pow2_at_least(heads), _pow2_at_least(half)
   rows = _rows(n, heads_p * 2 * half_p)
+  cos, sin = (jnp.broadcast_to(a, tuple(lead) + (head_dim,)) for a in (cos, sin))
   out_spec = pl.BlockSpec((rows, 1, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0))
   table_spec = pl.BlockSpec((rows, 2, half_p), lambda i: (i, 0, 0))
   out = jax.ShapeDtypeStruct((n, 1, heads, 2, half), qkv.dtype)

@@ -75,6 +75,12 @@ class RopeSplitTest(parameterized.TestCase):
       out[impl] = (fwd, vjp(grads))
     chex.assert_trees_all_equal(out["pallas"], out["xla"])
 
+  def test_positions_shared_by_the_batch(self):
+    qkv, cos, sin = _rope_inputs((3, 4, 3, 2, 16), BF16)
+    cos, sin = cos[:1], sin[:1]  # (1, length, head_dim): every sequence at the same positions
+    chex.assert_trees_all_equal(elementwise_kernels.rope_split(qkv, cos, sin),
+                                attention.rope_qkv(qkv, cos, sin, "xla"))
+
   def test_refuses_other_shapes(self):
     with self.assertRaisesRegex(ValueError, "rope_split takes"):
       elementwise_kernels.rope_split(jnp.zeros((1, 2, 2, 4, 8)), jnp.zeros((1, 2, 8)),
