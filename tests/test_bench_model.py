@@ -32,7 +32,7 @@ def test_parameters_made_once_per_model(tmp_path, monkeypatch, capsys):
   rows = json.loads(out.read_text())
   assert [(r["model"], r["quant"]) for r in rows] == [("llama_9m", "bf16"), ("llama_9m", "int4")]
   assert list(rows[0]) == ["model", "quant", "batch", "seq_len", "scan_layers", "remat",
-                           "logits_dtype", "attention", "norm", "params",
+                           "logits_dtype", "attention", "norm", "elementwise", "params",
                            "step_s", "step_s_synced", "compile_s", "first_step_s", "tokens_per_s",
                            "model_tflops_per_s", "mfu", "loss"]
   assert rows[0]["params"] == rows[1]["params"] and rows[1]["step_s"] > 0
