@@ -42,10 +42,6 @@ def aligned(elements: int, dtype) -> bool:
   return elements * jnp.dtype(dtype).itemsize % 16 == 0
 
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def _rows(n: int, row_elements: int) -> int:
   """The largest power of two that divides ``n`` with ``rows · row_elements`` ≤ 8192."""
   rows = 1
@@ -54,38 +50,17 @@ def _rows(n: int, row_elements: int) -> int:
   return rows
 
 
-def _triton():
-  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=import-outside-toplevel
-  return pl_triton
-
-
 def _compiler_params(interpret: bool):
-  if interpret:
-    return None
-  pl_triton = _triton()
-  params = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
-  return params(num_warps=4, num_stages=1)
+  return pallas_platform.compiler_params(interpret, num_warps=4)
 
 
 def _load(ref, index, mask):
   """``ref[index]``; where ``mask`` is False (padding past the array) read as 0."""
-  if mask is None:
-    return ref[index]
-  load = getattr(_triton(), "load", None)
-  if load is None:  # jax < 0.5: pl.load takes the index
-    return pl.load(ref, index, mask=mask, other=0)
-  return load(ref.at[index], mask=mask, other=0)
+  return pallas_platform.load(ref, mask, index)
 
 
 def _store(ref, index, value, mask):
-  if mask is None:
-    ref[index] = value
-    return
-  store = getattr(_triton(), "store", None)
-  if store is None:
-    pl.store(ref, index, value, mask=mask)
-  else:
-    store(ref.at[index], value, mask=mask)
+  pallas_platform.store(ref, value, mask, index)
 
 
 def _half(i: int):
@@ -122,14 +97,15 @@ def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, 
 def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
   """``(q, k, v)`` out of ``qkv`` (batch, length, 3, heads, head_dim), q and k rotated by
   ``cos``, ``sin`` (batch, length, head_dim, or any shape that broadcasts to it):
-  ``models.attention.rope_qkv``'s forward as one kernel. Each program takes rows of (batch × length) whole: the stacked axis, the heads
-  and each half of the head dimension padded to powers of two (the padding never read)."""
+  ``models.attention.rope_qkv``'s forward as one kernel. Each program takes rows of (batch ×
+  length) whole: the stacked axis, the heads and each half of the head dimension padded to
+  powers of two (the padding never read)."""
   *lead, three, heads, head_dim = qkv.shape
   if three != 3 or head_dim % 2:
     raise ValueError(f"rope_split takes (…, 3, heads, even head_dim), got {qkv.shape}")
   half = head_dim // 2
   n = qkv.size // (3 * heads * head_dim)
-  heads_p, half_p = _pow2_at_least(heads), _pow2_at_least(half)
+  heads_p, half_p = pallas_platform.pow2_at_least(heads), pallas_platform.pow2_at_least(half)
   rows = _rows(n, heads_p * 2 * half_p)
   cos, sin = (jnp.broadcast_to(a, tuple(lead) + (head_dim,)) for a in (cos, sin))
   out_spec = pl.BlockSpec((rows, 1, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0))
@@ -178,7 +154,7 @@ def swiglu_grad(gate_up: jax.Array, dh: jax.Array) -> jax.Array:
     raise ValueError(f"swiglu_grad takes gate_up (…, 2, f) and dh (…, f), got {gate_up.shape} "
                      f"and {dh.shape}")
   n = dh.size // features
-  width = min(_SWIGLU_WIDTH, _pow2_at_least(features))
+  width = min(_SWIGLU_WIDTH, pallas_platform.pow2_at_least(features))
   rows = _rows(n, 2 * width)
   spec = pl.BlockSpec((rows, 2, width), lambda i, j: (i, 0, j))
   out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(

@@ -32,10 +32,6 @@ _TILE_ELEMENTS = 8192  # elements of a row tile: rows × padded width
 _MAX_STEPS = 8  # row tiles one backward program walks, accumulating the scale's gradient
 
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def tile(n: int, d: int) -> tuple[int, int, int]:
   """``(rows, width, steps)`` for ``n`` rows of ``d`` features.
 
@@ -44,7 +40,7 @@ def tile(n: int, d: int) -> tuple[int, int, int]:
   ``n`` and keeps the tile within 8192 elements. A backward program walks ``steps`` tiles
   (≤ 8, dividing ``n / rows``), so the scale's partial sums have ``n / (rows · steps)`` rows.
   """
-  width = _pow2_at_least(d)
+  width = pallas_platform.pow2_at_least(d)
   rows = 1
   while rows * 2 * width <= _TILE_ELEMENTS and n % (rows * 2) == 0:
     rows *= 2
@@ -55,42 +51,17 @@ def tile(n: int, d: int) -> tuple[int, int, int]:
 
 
 def _compiler_params(interpret: bool):
-  if interpret:
-    return None
-  pl_triton = _triton()
-  params = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
-  return params(num_warps=8, num_stages=1)  # 8192-element tiles: 32 per thread per array
-
-
-def _triton():
-  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=import-outside-toplevel
-  return pl_triton
-
-
-def _index(ref, rows):
-  """The whole of ``ref``, or its rows ``rows`` (a ``pl.ds``)."""
-  return (rows if rows is not None else slice(None),) + (slice(None),) * (len(ref.shape) - 1)
+  # 8192-element tiles: 32 per thread per array
+  return pallas_platform.compiler_params(interpret, num_warps=8)
 
 
 def _load(ref, mask, rows=None):
   """A tile of ``ref`` (its rows ``rows``), the padded columns (``mask`` False) read as 0."""
-  if mask is None:
-    return ref[_index(ref, rows)]
-  load = getattr(_triton(), "load", None)
-  if load is None:  # jax < 0.5: pl.load takes the index
-    return pl.load(ref, _index(ref, rows), mask=mask, other=0)
-  return load(ref if rows is None else ref.at[rows], mask=mask, other=0)
+  return pallas_platform.load(ref, mask, None if rows is None else (rows,))
 
 
 def _store(ref, value, mask, rows=None):
-  if mask is None:
-    ref[_index(ref, rows)] = value
-    return
-  store = getattr(_triton(), "store", None)
-  if store is None:
-    pl.store(ref, _index(ref, rows), value, mask=mask)
-  else:
-    store(ref if rows is None else ref.at[rows], value, mask=mask)
+  pallas_platform.store(ref, value, mask, None if rows is None else (rows,))
 
 
 def _column_mask(width: int, d: int):

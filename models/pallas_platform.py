@@ -71,6 +71,55 @@ def is_pallas_failure(error: BaseException, kernels: str | None = None) -> bool:
                                     for n in v)
 
 
+def pow2_at_least(n: int) -> int:
+  """The least power of two ≥ ``n``: Triton's arrays have power-of-two sizes."""
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def triton():
+  """``jax.experimental.pallas.triton``, imported when a kernel is built."""
+  from jax.experimental.pallas import triton as pl_triton  # pylint: disable=import-outside-toplevel
+  return pl_triton
+
+
+def compiler_params(interpret: bool, num_warps: int):
+  """Triton's parameters for a kernel (``num_warps``, one stage); None interpreted."""
+  if interpret:
+    return None
+  pl_triton = triton()
+  params = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
+  return params(num_warps=num_warps, num_stages=1)
+
+
+def _whole(ref, index):
+  """``index`` (a tuple of leading indices, or None) completed with whole axes."""
+  index = () if index is None else tuple(index)
+  return index + (slice(None),) * (len(ref.shape) - len(index))
+
+
+def load(ref, mask, index=None):
+  """``ref[index]`` (all of ``ref`` when None); where ``mask`` is False (padding past the
+  array) read as 0."""
+  if mask is None:
+    return ref[_whole(ref, index)]
+  masked = getattr(triton(), "load", None)
+  if masked is None:  # jax < 0.5: pl.load takes the index
+    return pl.load(ref, _whole(ref, index), mask=mask, other=0)
+  return masked(ref if index is None else ref.at[index], mask=mask, other=0)
+
+
+def store(ref, value, mask, index=None):
+  """``ref[index] = value`` where ``mask`` is True (everywhere when None)."""
+  if mask is None:
+    ref[_whole(ref, index)] = value
+    return
+  masked = getattr(triton(), "store", None)
+  if masked is None:
+    pl.store(ref, _whole(ref, index), value, mask=mask)
+  else:
+    masked(ref if index is None else ref.at[index], value, mask=mask)
+
+
 def _copy_kernel(x_ref, o_ref):
   o_ref[...] = x_ref[...]
 
