@@ -562,10 +562,10 @@ def attention_implementation(attention: str) -> str | None:
   return None if attention == "auto" else attention
 
 
-def norm_implementation(norm: str) -> str | None:
-  """``--norm`` (or ``--elementwise``) as ``LlamaConfig.norm_implementation``
-  (``elementwise_implementation``); auto: None, the model's own choice."""
-  return None if norm == "auto" else norm
+def kernel_implementation(flag: str) -> str | None:
+  """``--norm`` or ``--elementwise`` as ``LlamaConfig.norm_implementation`` or
+  ``elementwise_implementation`` (auto: None, the model's own choice)."""
+  return None if flag == "auto" else flag
 
 
 def resolve_logits_dtype(logits_dtype: str, dtype: str) -> str:

@@ -54,8 +54,8 @@ def model_config(cfg: config.TrainConfig) -> models.LlamaConfig:
                  scan_layers=cfg.scan_layers,
                  logits_dtype=config.resolve_logits_dtype(cfg.logits_dtype, cfg.dtype),
                  attention_implementation=config.attention_implementation(cfg.attention),
-                 norm_implementation=config.norm_implementation(cfg.norm),
-                 elementwise_implementation=config.norm_implementation(cfg.elementwise),
+                 norm_implementation=config.kernel_implementation(cfg.norm),
+                 elementwise_implementation=config.kernel_implementation(cfg.elementwise),
                  max_seq_len=max(mcfg.max_seq_len, cfg.max_length))
   return dataclasses.replace(mcfg, **changes)
 

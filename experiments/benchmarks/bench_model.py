@@ -104,8 +104,8 @@ def bench_one(inputs, quant_name: str, args,
   config, tokens, params = inputs
   config = config.replace(  # the parameters do not depend on them
       attention_implementation=config_lib.attention_implementation(args.attention),
-      norm_implementation=config_lib.norm_implementation(getattr(args, "norm", "auto")),
-      elementwise_implementation=config_lib.norm_implementation(
+      norm_implementation=config_lib.kernel_implementation(getattr(args, "norm", "auto")),
+      elementwise_implementation=config_lib.kernel_implementation(
           getattr(args, "elementwise", "auto")))
   model = models.Llama(config, quant=models.get_quant_config(quant_name))
 
