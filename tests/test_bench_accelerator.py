@@ -11,6 +11,7 @@ import pytest
 from experiments.benchmarks import accelerator
 from experiments.benchmarks import bench_optimizer
 
+import _fake_nvidia_smi
 import _processes
 
 
@@ -126,6 +127,8 @@ def _check_tiny_run(report, md, parts, out):
   assert "| llama_9m (two executables in turn) | 2×16 |" in md
   assert "The host's longest events per step in flight" in md
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
+  # no nvidia-smi on a CPU host (or one that answers): each part says why it has no clocks
+  assert "error" in parts["train_9m"]["gpu_clocks"] and "| train_9m | ok |" in md
   # The compiled trainer step, from the same process: the donated state is reused in place.
   (hlo,) = report["results"]["hlo"]
   assert hlo["what"] == "train-llama_9m-spam"
@@ -207,6 +210,22 @@ def test_a_part_whose_flag_xla_rejects_runs_again_with_its_other_flag(tmp_path, 
                        "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP"]
   part.env = {"XLA_FLAGS": accelerator.GRAPHS_NEVER_UPDATED}  # not run again: no time left
   assert accelerator.run_with_retry(part, lambda: 0.5, str(tmp_path), {})["status"] == "failed"
+
+
+def test_a_part_keeps_the_gpu_clocks_sampled_while_it_ran(tmp_path, monkeypatch):
+  _fake_nvidia_smi.install(tmp_path, monkeypatch, "1755, 3201, 690, 61, 0x4")
+  monkeypatch.setattr(accelerator, "PART_CLOCKS_MS", 20)
+  part = accelerator.Part("peer", ["-c", "import time; time.sleep(1.0)"], 30, 1)
+  result = accelerator.run_part(part, 30, str(tmp_path), {**os.environ})
+  assert result["status"] == "ok"
+  clocks = result["gpu_clocks"]
+  assert clocks["samples"] >= 3 and clocks["sm_mhz_median"] == 1755.0, clocks
+  assert clocks["reasons"] == {"software power cap": 1.0}
+  report = dict(date="d", command="c", wall_s=1.0, budget_s=2.0, tiny=True, environment={},
+                parts=[dict(name="peer", **dict(result, wall_s=1.0))],
+                results=accelerator.collect({}))
+  assert ("| peer | ok | 1.0 | 30.0 | SM 1755 MHz (1755–1755), 690 W, 61 °C, software power "
+          "cap 100% |  |") in accelerator.markdown(report)
 
 
 def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
@@ -413,7 +432,8 @@ def test_memory_floor_and_profile_table():
       dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=in_flight,
            step_s_in_flight_median=0.011, step_s_in_flight_max=0.0141),
       dict(model="llama_1b", optimizer="spam", step_s=0.3, profile_in_flight={"error": "x"})]))
-  assert "| llama_350m spam | 11.20 | 11.00 / 14.10 | 11.00 | 8.00 | 10.00 | 1.00 |" in lines
+  assert ("| llama_350m spam | 11.20 | 11.00 / 14.10 | 11.00 | 8.00 | 10.00 | 1.00 | – / – |"
+          in lines)
   assert ("- llama_350m spam: `command_buffer::update` 3.50 (×1); `cuGraphLaunch` 0.25 (×1)"
           in lines)
   assert not any("llama_1b" in l for l in lines)
@@ -421,7 +441,13 @@ def test_memory_floor_and_profile_table():
   lines = accelerator.in_flight_lines(dict(train=[
       dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=no_host)]))
   assert not any("longest events" in l for l in lines)
-  assert "| llama_350m spam | 11.20 | – | 11.00 | 8.00 | 10.00 | 1.00 |" in lines  # no spread
+  assert "| llama_350m spam | 11.20 | – | 11.00 | 8.00 | 10.00 | 1.00 | – / – |" in lines
+  # the GPU's clocks while timed and while traced: the timed steps ran 5% slower clocks
+  clocked = dict(no_host, gpu_clocks=dict(samples=4, sm_mhz_median=1980.0))
+  lines = accelerator.in_flight_lines(dict(train=[
+      dict(model="llama_350m", optimizer="spam", step_s=0.0112, profile_in_flight=clocked,
+           gpu_clocks_in_flight=dict(samples=30, sm_mhz_median=1881.0))]))
+  assert "| llama_350m spam | 11.20 | – | 11.00 | 8.00 | 10.00 | 1.00 | 1881 / 1980 |" in lines
   assert accelerator.in_flight_lines(dict(train=[])) == []
 
 

@@ -5,7 +5,20 @@ import os
 
 import pytest
 
-from experiments.benchmarks import bench_train, profile_summary
+from experiments.benchmarks import bench_train, gpu_clocks, profile_summary
+
+
+class _Clocks:
+  """A stand-in sampler: records which phase it sampled (what the profiler was doing then)."""
+  phases = []
+
+  def __init__(self, profiling):
+    self.n = len(self.phases)
+    self.phases.append(profiling)
+
+  def summary(self):
+    mhz = 1000.0 + self.n
+    return {"samples": 1, "sm_mhz_median": mhz, "sm_mhz_min": mhz, "sm_mhz_max": mhz}
 
 
 def test_bench_train_smoke(tmp_path, capsys):
@@ -22,6 +35,12 @@ def test_bench_train_smoke(tmp_path, capsys):
   assert 0 < step["step_s_synced_min"] <= step["step_s_synced"]
   assert loader["tokens_per_s"] > 0 and loader["batch"] == 2 and loader["length"] == 16
   assert step["writer_s"] > 0
+  # no nvidia-smi on this machine's PATH (or one that answers): said, and the step timed anyway
+  assert set(step["gpu_clocks_in_flight"]) <= {"error", "samples", "sm_mhz_median",
+                                               "sm_mhz_min", "sm_mhz_max", "mem_mhz_median",
+                                               "power_w_median", "power_w_max",
+                                               "temperature_c_max", "reasons", "seconds"}
+  assert "llama_9m-spam in flight: clocks: " in text
   assert "metrics writer, host ms per step (while the next step runs): llama_9m/spam " in text
 
 
@@ -35,6 +54,14 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
     return real(*a, **kw)
 
   monkeypatch.setattr(profile_summary, "profile", spy)
+  profiling = []
+  import contextlib  # pylint: disable=import-outside-toplevel
+
+  @contextlib.contextmanager
+  def sampling():
+    yield _Clocks(bool(seen))  # the phases before the first profile, then the profile's
+  monkeypatch.setattr(_Clocks, "phases", profiling)
+  monkeypatch.setattr(gpu_clocks, "sampling", sampling)
   bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
                     "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
                     "--profile", str(prof), "--profile_calls", "2", "--hlo", str(hlo),
@@ -56,6 +83,11 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
   assert 0 < f["busy_ms_per_call"] <= f["span_ms_per_call"] <= f["period_ms_per_call"]
   assert f["between_ms_per_call"] == pytest.approx(
       f["period_ms_per_call"] - f["span_ms_per_call"], abs=1e-3)
+  # the GPU's clocks while the steps were timed (waited for, in flight) and profiled in flight
+  assert profiling == [False, False, True]
+  assert step["gpu_clocks_synced"]["sm_mhz_median"] == 1000.0
+  assert step["gpu_clocks_in_flight"]["sm_mhz_median"] == 1001.0
+  assert f["gpu_clocks"]["sm_mhz_median"] == 1002.0
   h = step["hlo"]
   assert h["file"] == str(hlo / "train-llama_9m-spam.hlo.txt") and os.path.isfile(h["file"])
   assert h["ops"]["fusion"] > 0 and h["aliased_outputs"] > 0  # the donated state

@@ -39,7 +39,10 @@ MFU ≥ 40% at 350m in bf16; the int4 step ≤ 1.3× the bf16 step; the trainer 
 tokens/s at every size (ratios only between measurements of this run). Compilation is timed
 apart from the steps. Each profile (``experiments.benchmarks.profile_summary``) says how long
 the device was busy per call, how much it waited between kernels, and which ops took the
-time: what a missed target needs to be explained without another run.
+time: what a missed target needs to be explained without another run. While each part runs,
+``nvidia-smi`` samples the GPU's clocks, power and clock-event reasons (``gpu_clocks``; the
+trainer parts also while their steps are timed and traced): a step timed at a lower clock
+than its profile ran at is told apart from a slower step.
 
 ``--out`` (default ``$OUT``) receives three files, rewritten after every part so that a run
 stopped from outside keeps what it finished: ``accelerator.json`` (everything),
@@ -72,6 +75,7 @@ import time
 from typing import Callable
 
 from experiments import rundir
+from experiments.benchmarks import gpu_clocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZES = ("60m", "130m", "350m", "1b")
@@ -484,28 +488,37 @@ def _peer_skip_reason(args, probe: dict) -> str | None:
   return None
 
 
+# How often the GPU's clocks are sampled while a part runs (``gpu_clocks``; the trainer
+# samples its own timed steps more often).
+PART_CLOCKS_MS = 200
+
+
 def run_part(part: Part, timeout_s: float, logs_dir: str, env: dict) -> dict:
-  """Runs one part; returns its status, wall time and, on failure, the log's last line."""
+  """Runs one part; returns its status, wall time, the GPU's clocks meanwhile
+  (``gpu_clocks``: the whole part, compilation included) and, on failure, the log's last
+  line."""
   cmd = [sys.executable] + part.argv
   log_path = os.path.join(logs_dir, part.name + ".log")
   t0 = time.perf_counter()
   with open(log_path, "w", encoding="utf-8") as log:
     log.write("$ " + shlex.join(cmd) + "\n")
     log.flush()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **part.env}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-      rc = proc.wait(timeout=timeout_s)
-      status = "ok" if rc == 0 else "failed"
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, 9)  # the part's own process group (start_new_session)
-      proc.wait()
-      rc, status = None, "timeout"
+    with gpu_clocks.sampling(interval_ms=PART_CLOCKS_MS) as clocks:
+      proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **part.env}, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+      try:
+        rc = proc.wait(timeout=timeout_s)
+        status = "ok" if rc == 0 else "failed"
+      except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the part's own process group (start_new_session)
+        proc.wait()
+        rc, status = None, "timeout"
   wall_s = time.perf_counter() - t0
   with open(log_path, encoding="utf-8", errors="replace") as f:
     text = f.read()
   result = dict(status=status, rc=rc, wall_s=round(wall_s, 1), limit_s=round(timeout_s, 1),
-                cmd=shlex.join(cmd), log=os.path.relpath(log_path, os.path.dirname(logs_dir)))
+                cmd=shlex.join(cmd), log=os.path.relpath(log_path, os.path.dirname(logs_dir)),
+                gpu_clocks=clocks.summary())
   if status != "ok":
     lines = [l for l in text.splitlines() if l.strip()]
     if _oom(text):
@@ -773,9 +786,12 @@ def in_flight_lines(res: dict) -> list:
            "between steps: the period less each step's own span.", "",
            "Timed: the mean of the timed steps in flight, then their median and longest "
            "(a mean above the median comes from a few slow steps).", "",
+           "SM MHz: the GPU's median SM clock while the steps were timed in flight, then "
+           "while they were traced (`nvidia-smi`; a step timed at a lower clock than it was "
+           "traced at takes longer than the trace's period).", "",
            "| step | timed ms | median / longest ms | period ms | busy ms | span ms | "
-           "idle between steps ms |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "idle between steps ms | SM MHz timed / traced |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     p = r["profile_in_flight"]
     spread = (f"{1e3 * r['step_s_in_flight_median']:.2f} / "
@@ -783,7 +799,8 @@ def in_flight_lines(res: dict) -> list:
               if r.get("step_s_in_flight_median") is not None else "–")
     lines.append(f"| {train_label(r)} {r['optimizer']} | {1e3 * r['step_s']:.2f} | {spread} | "
                  f"{p['period_ms_per_call']:.2f} | {p['busy_ms_per_call']:.2f} | "
-                 f"{p['span_ms_per_call']:.2f} | {p['between_ms_per_call']:.2f} |")
+                 f"{p['span_ms_per_call']:.2f} | {p['between_ms_per_call']:.2f} | "
+                 f"{_mhz(r.get('gpu_clocks_in_flight'))} / {_mhz(p.get('gpu_clocks'))} |")
   hosts = [(r, r["profile_in_flight"].get("host_top")) for r in rows]
   if any(top for _, top in hosts):
     lines += ["", "The host's longest events per step in flight (inclusive ms, × count):", ""]
@@ -796,6 +813,12 @@ def in_flight_lines(res: dict) -> list:
 
 
 HOST_EVENTS_LISTED = 16  # per trainer row of the in-flight table
+
+
+def _mhz(clocks: dict | None) -> str:
+  """A sampled median SM clock, or – where none was sampled."""
+  mhz = (clocks or {}).get("sm_mhz_median")
+  return "–" if mhz is None else f"{mhz:.0f}"
 
 
 def _cell(text) -> str:
@@ -1007,12 +1030,17 @@ def markdown(report: dict) -> str:
                    f"{r['compile_s']:.1f} |")
   lines += profile_lines(res)
   lines += in_flight_lines(res)
-  lines += ["", "## Parts", "", "| part | status | wall s | limit s | note |",
-           "|---|---|---:|---:|---|"]
+  lines += ["", "## Parts", "",
+            "GPU clocks: `nvidia-smi` sampled while the part ran, compilation included.", "",
+            "| part | status | wall s | limit s | GPU clocks | note |",
+            "|---|---|---:|---:|---|---|"]
   for p in report["parts"]:
     note = (p.get("reason") or "").replace("|", "\\|")
+    clocks = p.get("gpu_clocks")
+    clocks = "–" if not clocks or clocks.get("error") else gpu_clocks.one_line(clocks)[
+        len("clocks: "):]
     lines.append(f"| {p['name']} | {p['status']} | {_f(p.get('wall_s'))} | "
-                 f"{_f(p.get('limit_s'))} | {note} |")
+                 f"{_f(p.get('limit_s'))} | {clocks} | {note} |")
   return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,10 @@ It also times the host's part of each step that the loop does while the next ste
 the metrics writer's fetch and records (``writer_s``, ``metrics_writer_s``). Each timed
 interval in flight is kept too (``step_s_in_flight_each``), with its median and maximum
 (``step_s_in_flight_median``, ``step_s_in_flight_max``) beside the mean
-(``timing.in_flight_times``). ``--two_executables`` compiles the step twice
+(``timing.in_flight_times``). While the steps are timed, ``nvidia-smi`` samples the GPU's
+clocks, power and clock-event reasons (``gpu_clocks``: ``gpu_clocks_synced``,
+``gpu_clocks_in_flight``, and under ``profile_in_flight`` its own), so that a timing and a
+profile taken at different clocks are told apart. ``--two_executables`` compiles the step twice
 and runs the two in turn (``alternating``), an experiment on the CUDA graphs' updates.
 
 Separately it times the real input pipeline (``data.make_loaders`` on ``--dataset``, default
@@ -70,7 +73,7 @@ import models
 from experiments import (config, data, jax_settings, metrics, optimizers, pretrain, rundir,
                          sharding, tokenizer)
 from experiments import train_step as ts
-from experiments.benchmarks import attention_fallback, profile_summary, timing
+from experiments.benchmarks import attention_fallback, gpu_clocks, profile_summary, timing
 
 # HF LLaMA + official SPAM, one H100, batch 64×256, tokens/s.
 PEER_TOKENS_PER_S = {"llama_60m": 417e3, "llama_130m": 226e3, "llama_350m": 95e3,
@@ -242,8 +245,10 @@ def _bench_step(args, model_name: str, optimizer_name: str,
       holder[0], out = step(holder[0], batch)
       return out
 
-    synced = timing.synced_times(run_once, args.steps)
-    intervals = timing.in_flight_times(run_once, args.steps)  # as the trainer's loop runs
+    with gpu_clocks.sampling() as clocks_synced:
+      synced = timing.synced_times(run_once, args.steps)
+    with gpu_clocks.sampling() as clocks_in_flight:
+      intervals = timing.in_flight_times(run_once, args.steps)  # as the trainer's loop runs
     in_flight = sum(intervals) / len(intervals)
     writer_s = metrics_writer_s([run_once() for _ in range(args.steps)])
     loss = float(run_once()["loss"])
@@ -254,6 +259,11 @@ def _bench_step(args, model_name: str, optimizer_name: str,
     r["step_s_in_flight_median"] = statistics.median(intervals)
     r["step_s_in_flight_max"] = max(intervals)
     r["step_s_in_flight_each"] = [round(t, 6) for t in intervals]  # which step was slow
+    # What the GPU ran at while each was timed: a profile's few steps can run at higher
+    # clocks than the timed loop's many.
+    r["gpu_clocks_synced"] = clocks_synced.summary()
+    r["gpu_clocks_in_flight"] = clocks_in_flight.summary()
+    print(f"{label} in flight: {gpu_clocks.one_line(r['gpu_clocks_in_flight'])}", flush=True)
     if args.hlo:
       r["hlo"] = _hlo(args, text, donation, label)
     if args.profile:
@@ -266,9 +276,11 @@ def _bench_step(args, model_name: str, optimizer_name: str,
       print(profile_summary.one_line(label, r["profile"]), flush=True)
       # The same number of steps in flight, as the loop runs them: how long the device
       # waits between one step and the next.
-      r["profile_in_flight"] = profile_summary.profile(
-          run_once, args.profile_calls, os.path.join(args.profile, label + "-in-flight"),
-          hlo_text=text, in_flight=True)
+      with gpu_clocks.sampling() as clocks:
+        r["profile_in_flight"] = profile_summary.profile(
+            run_once, args.profile_calls, os.path.join(args.profile, label + "-in-flight"),
+            hlo_text=text, in_flight=True)
+      r["profile_in_flight"]["gpu_clocks"] = clocks.summary()
       print(in_flight_line(label, r["profile_in_flight"]), flush=True)
     holder.clear()  # frees the state before the next model is built
   return r
