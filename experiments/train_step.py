@@ -28,7 +28,9 @@ def lm_loss(model, params, tokens, pad_id: int, rng):
   # The loss takes the logits whole: slicing off the last position would make the backward
   # pass pad a full-vocabulary float32 gradient back to the sequence length.
   targets = jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], pad_id)], axis=1)
-  loss, _ = models.cross_entropy_loss(logits, targets, targets != pad_id)
+  loss, _ = models.cross_entropy_loss(
+      logits, targets, targets != pad_id,
+      implementation=model.config.elementwise_implementation)  # the model's kernel switch
   return loss
 
 

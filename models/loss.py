@@ -8,12 +8,25 @@ Written with `jnp.max`, `logsumexp` and a pick of the target, XLA reads the
 full-vocabulary logits three times in the forward pass (the maximum, the exponentials,
 the pick); at 60M parameters and 64×256 tokens that is 2.1 GB of a 31 GB training step
 with bf16 logits, twice that with float32 ones.
+
+The forward's reduction has two implementations (``implementation``): "xla", the
+``lax.reduce`` above, and "pallas", one Pallas kernel (``models.loss_kernels``) that
+reads the logits with 16-byte loads, used only where each row of logits is 16-byte aligned
+(else XLA's form runs). None takes ``pallas_platform.default_implementation()``: Pallas on
+one GPU of compute capability ≥ 8.0. The models' ``LlamaConfig.elementwise_implementation``
+is the trainer's choice for it, with RoPE's split and SwiGLU's backward.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from models import loss_kernels, pallas_platform
+
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def _combine(a, b):
@@ -42,23 +55,42 @@ def _reduce(logits: jax.Array, targets: jax.Array):
                     (x.ndim - 1,))
 
 
-@jax.custom_vjp
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def _resolve(implementation: str | None, logits: jax.Array) -> str:
+  """The implementation that runs: ``implementation`` (None: the platform's default), XLA's
+  where the logits' rows are not 16-byte aligned."""
+  implementation = implementation or pallas_platform.default_implementation()
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "pallas" and not loss_kernels.aligned(logits.shape[-1], logits.dtype):
+    return "xla"
+  return implementation
+
+
+def token_nll(logits: jax.Array, targets: jax.Array,
+              implementation: str | None = None) -> jax.Array:
   """−log softmax(logits)[..., target] in float32, shape `targets.shape`.
 
   `logits` (…, vocab) in any float dtype (computed in float32); `targets` (…) integer. The
   gradient with respect to `logits` is `softmax − one_hot(target)` in the logits' dtype;
-  `targets` get none.
+  `targets` get none. `implementation`: the forward's reduction, "xla" or "pallas" (None:
+  the platform's default; see the module's docstring).
   """
-  return _token_nll_fwd(logits, targets)[0]
+  return _token_nll(logits, targets, _resolve(implementation, logits))
 
 
-def _token_nll_fwd(logits, targets):
-  m, s, picked = _reduce(logits, targets)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_nll(logits, targets, implementation):
+  return _token_nll_fwd(logits, targets, implementation)[0]
+
+
+def _token_nll_fwd(logits, targets, implementation):
+  reduce = loss_kernels.softmax_stats if implementation == "pallas" else _reduce
+  m, s, picked = reduce(logits, targets)
   return m + jnp.log(s) - picked, (logits, targets, m, s)
 
 
-def _token_nll_bwd(res, g):
+def _token_nll_bwd(implementation, res, g):
+  del implementation  # one element-wise pass either way
   logits, targets, m, s = res
   x = logits.astype(jnp.float32)
   vocab = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
@@ -70,19 +102,21 @@ def _token_nll_bwd(res, g):
   return grad.astype(logits.dtype), zero_targets
 
 
-token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
 def cross_entropy_loss(
-    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Mean token cross-entropy in float32 and the number of tokens it averages over.
 
   `targets[b, t]` is the label for `logits[b, t]` (shift before calling: for a
   language model, logits of tokens[:, :-1] against tokens[:, 1:]). `mask` (same
   shape as `targets`, 0/1 or bool) selects the tokens counted; None counts all.
+  `implementation`: `token_nll`'s.
   """
-  nll = token_nll(logits, targets)
+  nll = token_nll(logits, targets, implementation)
   mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
   n_tokens = jnp.sum(mask)
   loss = jnp.sum(nll * mask) / jnp.maximum(n_tokens, 1.0)

@@ -109,6 +109,8 @@ def _check_tiny_run(report, md, parts, out):
   assert env["loss_one_pass_ms"] > 0 and env["loss_two_pass_ms"] > 0
   assert env["loss_one_pass_grad_ms"] > 0 and "loss_error" not in env
   assert "**Loss over the vocabulary** (256×512 bf16 logits" in md
+  assert env["loss_pallas_max_rel_diff"] < 1e-5 and env["loss_pallas_ms"] > 0  # interpreted
+  assert "Forward as the Pallas kernel: tile 2x2048w8 (tokens × columns, warps)" in md
   # Attention: on a CPU XLA's and the Pallas kernel interpreted (cuDNN needs a GPU), the
   # Pallas result within bf16 rounding of XLA's.
   assert env["attention_xla_ms"] > 0 and env["attention_pallas_ms"] > 0
@@ -459,6 +461,16 @@ def test_probe_lines():
       "**Loss over the vocabulary** (16384×32000 bf16 logits, 1.05 GB): forward, one pass "
       "0.350 ms (3,000 GB/s of logits read), `jax.nn.logsumexp` (two reads) 0.420 ms "
       "(2,500 GB/s of logits read); forward and backward 1.200 ms.")
+  # the Pallas kernel's tiles: the default first, a failed one with its reason
+  env.update(loss_pallas_tile=[2, 2048, 8], loss_pallas_ms=0.35, loss_pallas_max_rel_diff=2e-7,
+             loss_pallas_1x4096w8_ms=0.7, loss_pallas_1x4096w8_max_rel_diff=1e-7,
+             loss_pallas_4x2048w8_error="INTERNAL: Triton | x")
+  assert accelerator.loss_line(env, tiny=False).endswith(
+      "forward and backward 1.200 ms. Forward as the Pallas kernel: tile 2x2048w8 (tokens × "
+      "columns, warps) 0.350 ms (3,000 GB/s of logits read), max rel. diff from XLA's 2.0e-07; "
+      "tile 1x4096w8 (tokens × columns, warps) 0.700 ms (1,500 GB/s of logits read), max rel. "
+      "diff from XLA's 1.0e-07; tile 4x2048w8 (tokens × columns, warps) failed: INTERNAL: "
+      "Triton \\| x.")
   assert accelerator.loss_line({"loss_error": "OOM | x"}, tiny=False) == (
       "**The loss failed in the probe:** OOM \\| x")
   assert accelerator.loss_line({}, tiny=True) is None

@@ -40,14 +40,17 @@ class TokenNllTest(chex.TestCase):
                                rtol=1e-5, atol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_extreme_logits(self):
-    # Huge values (no overflow), −inf entries (probability 0), all-equal rows.
+  @parameterized.parameters("xla", "pallas")
+  def test_extreme_logits(self, implementation):
+    # Huge values (no overflow), −inf entries (probability 0), all-equal rows; rows of four
+    # float32 are 16-byte aligned, so "pallas" runs the kernel (interpreted here).
     logits = np.array([[1e4, -1e4, 3e3, 1e4],
                        [-np.inf, 0.0, -np.inf, 1.0],
                        [2.5, 2.5, 2.5, 2.5]], np.float32)
     targets = np.array([0, 3, 2], np.int32)
-    nll, vjp = self.variant(lambda x, t: jax.vjp(lambda y: models.token_nll(y, t), x))(
-        jnp.asarray(logits), jnp.asarray(targets))
+    nll, vjp = self.variant(lambda x, t: jax.vjp(
+        lambda y: models.token_nll(y, t, implementation), x))(
+            jnp.asarray(logits), jnp.asarray(targets))
     # Row 0 is lse − picked at 1e4, where a float32 step is 1e-3.
     np.testing.assert_allclose(nll, [np.log(2.0), np.log1p(np.exp(-1.0)), np.log(4.0)],
                                rtol=1e-6, atol=1e-3)

@@ -1,0 +1,158 @@
+"""The loss's reduction over the vocabulary as a Pallas kernel (interpreted here) against
+NumPy in float64 and against XLA's form, and the loss that runs it."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import models
+from models import loss, loss_kernels, pallas_platform
+
+from experiments import train_step
+
+
+def _inputs(lead, vocab, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=lead + (vocab,)) * 4
+  logits[..., 1] = -np.inf  # probability 0: adds nothing to the sum
+  targets = rng.integers(0, vocab, size=lead)
+  targets.flat[0] = -1  # outside the vocabulary (a padding id): picks nothing
+  targets.flat[-1] = vocab  # the first column past the row: picks nothing either
+  return jnp.asarray(logits, dtype), jnp.asarray(targets, jnp.int32)
+
+
+def _numpy_stats(logits, targets):
+  x = np.asarray(logits.astype(jnp.float32), np.float64)
+  m = x.max(-1)
+  s = np.exp(x - m[..., None]).sum(-1)
+  t = np.asarray(targets)
+  inside = (t >= 0) & (t < x.shape[-1])
+  picked = np.where(inside, np.take_along_axis(x, np.clip(t, 0, x.shape[-1] - 1)[..., None],
+                                               -1)[..., 0], 0.0)
+  return m, s, picked
+
+
+# Vocabularies: one block, masked (100 of 128); two whole blocks of 2048 (4096); two blocks,
+# the second masked (2500); one block, whole (64). Leading shapes: rows in programs of two
+# (2 × 4), of one (5: odd), and a batch of sequences (2, 3).
+SHAPES = [((2, 4), 100, jnp.float32), ((2, 4), 4096, jnp.bfloat16), ((5,), 2500, jnp.float32),
+          ((2, 3), 64, jnp.bfloat16)]
+
+
+class SoftmaxStatsTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*SHAPES)
+  def test_matches_numpy(self, lead, vocab, dtype):
+    logits, targets = _inputs(lead, vocab, dtype)
+    m, s, p = self.variant(loss_kernels.softmax_stats)(logits, targets)
+    want_m, want_s, want_p = _numpy_stats(logits, targets)
+    for got in (m, s, p):
+      assert got.dtype == jnp.float32 and got.shape == lead
+    np.testing.assert_array_equal(np.asarray(m), want_m.astype(np.float32))  # a max: exact
+    np.testing.assert_allclose(np.asarray(s), want_s, rtol=2e-6)
+    np.testing.assert_array_equal(np.asarray(p), want_p.astype(np.float32))  # one logit
+    assert np.asarray(p).flat[0] == 0 and np.asarray(p).flat[-1] == 0
+
+  @parameterized.parameters(*SHAPES)
+  def test_equals_the_xla_reduction_up_to_the_order_of_its_sums(self, lead, vocab, dtype):
+    logits, targets = _inputs(lead, vocab, dtype, seed=1)
+    got = jax.jit(loss_kernels.softmax_stats)(logits, targets)
+    want = jax.jit(loss._reduce)(logits, targets)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(got[0], want[0])
+    # XLA's form rescales its sum at every merge (above: the kernel is within 2e-6 of float64)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    np.testing.assert_array_equal(got[2], want[2])
+
+  def test_a_nan_logit_makes_the_loss_nan(self):
+    """As XLA's form: the trainer skips a step whose loss is not finite."""
+    logits, targets = _inputs((4,), 64, jnp.float32)
+    logits = logits.at[2, 40].set(jnp.nan)
+    nll = loss.token_nll(logits, targets, "pallas")
+    assert np.isnan(nll[2]) and np.isfinite(np.delete(np.asarray(nll), 2)).all()
+
+  def test_refuses_other_shapes(self):
+    with pytest.raises(ValueError, match=r"softmax_stats takes logits \(…, vocab\) and targets"):
+      loss_kernels.softmax_stats(jnp.zeros((2, 3, 8)), jnp.zeros((2,), jnp.int32))
+
+
+def test_tiles():
+  assert loss_kernels._rows(16384) == 2  # pylint: disable=protected-access
+  assert loss_kernels._rows(5) == 1  # pylint: disable=protected-access
+
+
+class TokenNllTest(parameterized.TestCase):
+
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_pallas_and_xla_give_the_same_loss_and_gradient(self, dtype):
+    logits, targets = _inputs((3, 8), 2048 + 64, dtype)  # two blocks, the second masked
+    mask = jnp.ones(targets.shape).at[0, 1].set(0)
+
+    def value_and_grad(implementation):
+      f = lambda x: models.cross_entropy_loss(x, targets, mask,
+                                              implementation=implementation)[0]
+      return jax.jit(jax.value_and_grad(f))(logits)
+
+    (value, grad), (want, want_grad) = value_and_grad("pallas"), value_and_grad("xla")
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want_grad, np.float32),
+                               rtol=1e-5 if dtype == jnp.float32 else 8e-3, atol=1e-9)
+
+  def test_the_kernel_runs_only_where_rows_are_16_byte_aligned(self):
+    called = []
+    real = loss_kernels.softmax_stats
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(loss_kernels, "softmax_stats", lambda *a: called.append(1) or real(*a))
+      for vocab, dtype, runs in ((33, jnp.bfloat16, False), (40, jnp.bfloat16, True),
+                                 (6, jnp.float32, False), (32000, jnp.bfloat16, True)):
+        logits, targets = _inputs((2,), vocab, dtype)
+        loss.token_nll(logits, targets, "pallas")
+        assert bool(called) == runs, (vocab, dtype)
+        assert loss_kernels.aligned(vocab, dtype) == runs
+        called.clear()
+      loss.token_nll(*_inputs((2,), 64, jnp.float32), None)  # a CPU's default: XLA's
+      assert not called and pallas_platform.default_implementation() == "xla"
+
+  def test_refuses_an_unknown_implementation(self):
+    with pytest.raises(ValueError, match="implementation must be one of"):
+      loss.token_nll(*_inputs((2,), 64, jnp.float32), "triton")
+
+
+def test_the_trainer_loss_takes_the_models_switch(monkeypatch):
+  """`train_step.lm_loss` runs the kernel when the model's `elementwise_implementation` is
+  "pallas", and gives the loss of XLA's form."""
+  config = models.LlamaConfig(name="tiny", hidden_size=32, intermediate_size=64, num_heads=2,
+                              num_layers=1, vocab_size=256, max_seq_len=8, dtype="float32",
+                              param_dtype="float32", norm_implementation="xla",
+                              elementwise_implementation="xla")
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, config.vocab_size)
+  params = models.Llama(config).init(jax.random.key(1), tokens)["params"]
+  called = []
+  real = loss_kernels.softmax_stats
+  monkeypatch.setattr(loss_kernels, "softmax_stats", lambda *a: called.append(1) or real(*a))
+  losses = {}
+  for implementation in ("xla", "pallas"):
+    model = models.Llama(config.replace(elementwise_implementation=implementation))
+    losses[implementation] = train_step.lm_loss(model, params, tokens, -1, jax.random.key(2))
+    assert bool(called) == (implementation == "pallas")
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shapes", [
+    [((2, 8, 32000), jnp.bfloat16), ((2, 8), jnp.int32)],  # the models' vocabulary
+    [((6, 100), jnp.float32), ((6,), jnp.int32)],  # one masked block, rows in pairs
+])
+def test_the_kernel_lowers_to_triton_for_a_gpu(shapes):
+  """Lowered for CUDA from this host, as a GPU compiles it (Triton's lowering takes fewer
+  primitives than Pallas's interpreter)."""
+  if not pallas_platform.lowering_prunes_branches():
+    pytest.skip("this jax lowers every platform's branch: the interpreter's here")
+  from jax import export  # pylint: disable=import-outside-toplevel
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+  exported = export.export(
+      jax.jit(loss_kernels.softmax_stats), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
