@@ -403,10 +403,11 @@ def plan(args, work: str) -> list:
   # The smaller model's bf16 step again with XLA's residual add + RMSNorm: what the Pallas
   # norm kernels (the default on one GPU) gain, measured beside them in the same run.
   parts.append(model_variant(model_sizes[-1], "xla_norm", ["--norm", "xla"]))
-  # The larger model's bf16 step with XLA's RoPE split and SwiGLU backward instead of the
-  # Pallas kernels (the default on one GPU): what they gain, beside them. (Compiled for an
-  # H100, they load and store 16 bytes at a time where XLA's kernels loaded part of their
-  # operands a bf16 at a time; SwiGLU's backward ran at 2.66 TB/s on an H200.)
+  # The larger model's bf16 step with XLA's RoPE split, SwiGLU backward and loss reduction
+  # instead of the Pallas kernels (the default on one GPU): what they gain, beside them.
+  # (Compiled for an H100, they load and store 16 bytes at a time where XLA's kernels loaded
+  # part of their operands two or four bytes at a time; SwiGLU's backward ran at 2.66 TB/s
+  # on an H200, the loss's reduction at 1.27.)
   parts.append(model_variant(model_sizes[0], "xla_elementwise", ["--elementwise", "xla"]))
   # The larger model's bf16 step with jax's Pallas flash attention instead of cuDNN's: at
   # 256 tokens and head_dim 64, cuDNN's forward and backward moved 1.45 TB/s on an H200 (6.7
@@ -447,9 +448,9 @@ def plan(args, work: str) -> list:
 
   f32_logits_part = lambda size: train_variant(size, "f32_logits", ["--logits_dtype", "float32"])
   deciding = "350m" if "350m" in train_sizes else train_sizes[-1]
-  # The size that decides the trainer target again with XLA's RoPE split and SwiGLU
-  # backward: whether the Pallas kernels (the default on one GPU) make the step faster,
-  # measured first among the variants, as it decides that default.
+  # The size that decides the trainer target again with XLA's RoPE split, SwiGLU backward
+  # and loss reduction: whether the Pallas kernels (the default on one GPU) make the step
+  # faster, measured first among the variants, as it decides that default.
   parts.append(train_variant(deciding, "xla_elementwise", ["--elementwise", "xla"]))
   # The size that decides the trainer target again with its CUDA graph never updated,
   # profiled in flight. On the H200 its step in flight took 79.6 ms, the waited-for step's
@@ -709,7 +710,7 @@ def peer_ratio(ours: dict, peer: dict) -> float:
 # tagged with the label and never decide a target.
 VARIANTS = {
     "_xla_norm": "XLA norm",            # XLA's residual add + RMSNorm beside the Pallas kernels
-    "_xla_elementwise": "XLA element-wise",  # XLA's RoPE split, SwiGLU backward, beside Pallas's
+    "_xla_elementwise": "XLA element-wise",  # XLA's RoPE split, SwiGLU backward, loss reduction
     "_pallas_attention": "Pallas attention",  # jax's Pallas flash attention beside cuDNN's
     "_no_cuda_graphs": "no CUDA graphs",  # XLA:GPU launching each kernel itself
     "_graphs_never_updated": "CUDA graphs never updated",  # buffers remapped instead
