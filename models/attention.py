@@ -211,8 +211,9 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
   implementation: str | None = None
-  # RoPE's split of the fused product: "pallas" (`elementwise_kernels.rope_split`), "xla",
-  # or None (`pallas_platform.default_implementation`).
+  # The stack of q's, k's and v's kernels and RoPE's split of the fused product: "pallas"
+  # (`elementwise_kernels.stack`, `rope_split`), "xla", or None
+  # (`pallas_platform.default_implementation`).
   elementwise_implementation: str | None = None
 
   @nn.compact
@@ -222,14 +223,16 @@ class Attention(nn.Module):
     weights = lambda name: ProjectionWeights(heads, ("embed", "heads", "kv"), self.quant,
                                              self.init_std, self.param_dtype,
                                              name=name)(x.shape[-1])
+    implementation = (self.elementwise_implementation
+                      or pallas_platform.default_implementation())
     qkv = fused_projections(x, [weights("q_proj"), weights("k_proj"), weights("v_proj")],
-                            self.dtype)
+                            self.dtype, implementation)
     qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
     # q and k rotated together, v sliced out as it is (cuDNN's attention takes each whole):
     # forward, one kernel writes q and k; backward, one element-wise pass writes the
     # gradient of the fused product (`rope_qkv`).
     q, k, v = rope_qkv(qkv, *rope_frequencies(positions, self.head_dim, self.rope_theta),
-                       self.elementwise_implementation or pallas_platform.default_implementation())
+                       implementation)
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
     q = checkpoint_name(q, "query")
     k = checkpoint_name(k, "key")

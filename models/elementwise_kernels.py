@@ -1,7 +1,7 @@
-"""RoPE's split of the fused q/k/v product and SwiGLU's backward as Pallas kernels (Triton on
-a GPU).
+"""RoPE's split of the fused q/k/v product, SwiGLU's backward and the stack of the projections'
+kernels as Pallas kernels (Triton on a GPU).
 
-Both are element-wise passes that XLA:GPU runs below the memory bandwidth, because of how it
+All three are element-wise passes that XLA:GPU runs below the memory bandwidth, because of how it
 indexes them rather than of what they move (the PTX of the llama_350m training step compiled
 for an H100):
 
@@ -14,9 +14,12 @@ for an H100):
   kernel (2.66 TB/s on an H200, 4.0 ms of the 350m step) loads part of its operands two
   bytes at a time. Here each program reads a tile of gate, up and the output's gradient
   and writes both halves of the gradient, 16 bytes at a time.
+* ``stack`` — the projections' kernels stacked for ``models.linears.fused_projections``'
+  one product (gate and up; q, k and v): XLA's concatenation loads and stores a bf16 at a
+  time. Here each program copies a tile of every kernel into its place, 16 bytes at a time.
 
 The arithmetic is that of the XLA forms they replace (``models.attention.rope_qkv``,
-``models.linears.swiglu``), in float32 and rounded once to the output's dtype. On a backend
+``models.linears.swiglu``, ``jnp.stack``), in float32 and rounded once to the output's dtype. On a backend
 other than a GPU the kernels run in Pallas's interpreter (slow; for tests), where they agree
 with the XLA forms bit for bit.
 """
@@ -167,3 +170,72 @@ def swiglu_grad(gate_up: jax.Array, dh: jax.Array) -> jax.Array:
       interpret=interpret,
   )(gate_up.reshape(n, 2, features), dh.reshape(n, features)))
   return out.reshape(gate_up.shape)
+
+
+# ------------------------------------------------------------------- stacked projection kernels
+
+
+def _stack_kernel(*refs, features: int):
+  *in_refs, out_ref = refs
+  width = in_refs[0].shape[-1]
+  mask = None
+  if features % width:
+    mask = ((pl.program_id(1) * width + jnp.arange(width)) < features)[None, :]
+  at = lambda j: (slice(None), _half(j), slice(None))
+  for j, ref in enumerate(in_refs):
+    value = _load(ref, (slice(None), slice(None)), mask).astype(out_ref.dtype)
+    _store(out_ref, at(j), value[:, None, :], None if mask is None else mask[:, None, :])
+
+
+def _stack_pallas(kernels, dtype):
+  rows_in, *features = kernels[0].shape
+  n, size = len(kernels), 1
+  for f in features:
+    size *= f
+  width = min(_SWIGLU_WIDTH, pallas_platform.pow2_at_least(size))
+  rows = _rows(rows_in, pallas_platform.pow2_at_least(n) * width)
+  in_spec = pl.BlockSpec((rows, width), lambda i, j: (i, j))
+  out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
+      functools.partial(_stack_kernel, features=size),
+      out_shape=jax.ShapeDtypeStruct((rows_in, n, size), dtype),
+      grid=(rows_in // rows, pl.cdiv(size, width)),
+      in_specs=[in_spec] * n,
+      out_specs=pl.BlockSpec((rows, pallas_platform.pow2_at_least(n), width),
+                             lambda i, j: (i, 0, j)),
+      compiler_params=_compiler_params(interpret),
+      interpret=interpret,
+  )(*(k.reshape(rows_in, size) for k in kernels)))
+  return out.reshape((rows_in, n) + tuple(features))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _stack(dtype, dtypes, *kernels):
+  del dtypes
+  return _stack_pallas(kernels, dtype)
+
+
+def _stack_fwd(dtype, dtypes, *kernels):
+  del dtypes
+  return _stack_pallas(kernels, dtype), None
+
+
+def _stack_bwd(dtype, dtypes, residuals, g):
+  del dtype, residuals
+  return tuple(g[:, j].astype(d) for j, d in enumerate(dtypes))
+
+
+_stack.defvjp(_stack_fwd, _stack_bwd)
+
+
+def stack(kernels, dtype) -> jax.Array:
+  """``jnp.stack([k.astype(dtype) for k in kernels], axis=1)`` as one kernel: projection
+  kernels of one shape (in, *features) stacked as (in, n, *features) for
+  ``models.linears.fused_projections``' one product, each read in tiles of rows × 1024
+  columns of its flattened features and written into its place 16 bytes at a time (XLA's
+  concatenation loads and stores a bf16 at a time). Its gradient is the stacked gradient's
+  slices, each in its kernel's dtype, as ``jnp.stack``'s."""
+  kernels = tuple(kernels)
+  if not kernels or any(k.shape != kernels[0].shape for k in kernels) or kernels[0].ndim < 2:
+    raise ValueError("stack takes kernels of one shape (in, *features), got "
+                     f"{[k.shape for k in kernels]}")
+  return _stack(jnp.dtype(dtype), tuple(jnp.dtype(k.dtype) for k in kernels), *kernels)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -117,7 +118,8 @@ class ProjectionWeights(nn.Module):
     return (kernel,) + _quant_and_key(self, self.quant)
 
 
-def fused_projections(x: jax.Array, weights: Sequence[tuple], dtype) -> jax.Array:
+def fused_projections(x: jax.Array, weights: Sequence[tuple], dtype,
+                      implementation: str = "xla") -> jax.Array:
   """Several projections of the same `x` (last axis contracted) as one product.
 
   `weights` are `ProjectionWeights` results `(kernel, quant, noise_key)` whose kernels
@@ -126,7 +128,10 @@ def fused_projections(x: jax.Array, weights: Sequence[tuple], dtype) -> jax.Arra
   axis and the backward one (the input gradient) its trailing ones, so both read that one
   buffer. With quantization each kernel is quantized on its own (as separate `nn.Linear`s
   are) and `x` once; stochastic rounding draws its noise per projection, so there the
-  products stay apart and their results are stacked.
+  products stay apart and their results are stacked. Without quantization,
+  `implementation` "pallas" stacks the kernels with `elementwise_kernels.stack` (16-byte
+  loads and stores; XLA's concatenation moves a bf16 at a time) where their features stay
+  16-byte aligned, "xla" with `jnp.stack`: the same values.
   """
   x = x.astype(dtype)
   axis = x.ndim - 1
@@ -139,7 +144,12 @@ def fused_projections(x: jax.Array, weights: Sequence[tuple], dtype) -> jax.Arra
   if quant is not None:
     x = quantization.fake_quant_activation(quant, x, (), (axis,))
     kernels = [quantization.fake_quant_weight(quant, w, (0,)) for w in kernels]
-  w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
+  features = math.prod(kernels[0].shape[1:])
+  if (implementation == "pallas" and quant is None
+      and all(elementwise_kernels.aligned(features, d) for d in (dtype, kernels[0].dtype))):
+    w = elementwise_kernels.stack(kernels, dtype)
+  else:
+    w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
   return lax.dot_general(x, w, (((axis,), (0,)), ((), ())), preferred_element_type=dtype)
 
 
@@ -159,7 +169,8 @@ class MLP(nn.Module):
   init_std: float = 0.02
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
-  # SwiGLU's backward: "pallas" (`elementwise_kernels.swiglu_grad`), "xla", or None
+  # The stack of gate's and up's kernels and SwiGLU's backward: "pallas"
+  # (`elementwise_kernels.stack`, `swiglu_grad`), "xla", or None
   # (`pallas_platform.default_implementation`).
   elementwise_implementation: str | None = None
 
@@ -168,11 +179,13 @@ class MLP(nn.Module):
     weights = lambda name: ProjectionWeights(
         self.intermediate_size, ("embed", "mlp"), self.quant, self.init_std, self.param_dtype,
         name=name)(x.shape[-1])
-    gate_up = fused_projections(x, [weights("gate_proj"), weights("up_proj")], self.dtype)
+    implementation = (self.elementwise_implementation
+                      or pallas_platform.default_implementation())
+    gate_up = fused_projections(x, [weights("gate_proj"), weights("up_proj")], self.dtype,
+                                implementation)
     gate_up = nn.with_logical_constraint(gate_up, ("batch", "length", None, "mlp"))
     # Named for `models.remat.block_residuals`: kept for the backward pass, not recomputed.
-    h = swiglu(checkpoint_name(gate_up, "mlp_gate_up"),
-               self.elementwise_implementation or pallas_platform.default_implementation())
+    h = swiglu(checkpoint_name(gate_up, "mlp_gate_up"), implementation)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     return DenseGeneral(
         features=x.shape[-1],

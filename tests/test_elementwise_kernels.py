@@ -117,6 +117,37 @@ class SwigluGradTest(parameterized.TestCase):
       elementwise_kernels.swiglu_grad(jnp.zeros((4, 2, 8)), jnp.zeros((4, 6)))
 
 
+# Kernels stacked: two of 48 features (one masked block of 64), cast from float32; three of
+# (2, 8) features; two of 1100 (the second block of 1024 masked), five rows (one a program).
+STACK_SHAPES = [(2, (6, 48), jnp.float32, BF16), (3, (8, 2, 8), BF16, BF16),
+                (2, (5, 1100), BF16, BF16), (3, (4, 3, 16), jnp.float32, jnp.float32)]
+
+
+class StackTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*STACK_SHAPES)
+  def test_bitwise_jnp_stack_and_its_gradient(self, n, shape, dtype, out_dtype):
+    keys = jax.random.split(jax.random.key(n), n)
+    kernels = tuple(jax.random.normal(k, shape).astype(dtype) for k in keys)
+    got = self.variant(lambda *k: elementwise_kernels.stack(k, out_dtype))(*kernels)
+    want = jnp.stack([k.astype(out_dtype) for k in kernels], axis=1)
+    assert got.dtype == want.dtype
+    chex.assert_trees_all_equal(got, want)
+    weights = jnp.arange(want.size, dtype=jnp.float32).reshape(want.shape) % 7 - 3
+    grad = lambda f: jax.grad(lambda *k: jnp.sum(f(k).astype(jnp.float32) * weights),
+                              argnums=tuple(range(n)))(*kernels)
+    got_grads = self.variant(lambda: grad(lambda k: elementwise_kernels.stack(k, out_dtype)))()
+    want_grads = grad(lambda k: jnp.stack([x.astype(out_dtype) for x in k], axis=1))
+    chex.assert_trees_all_equal(got_grads, want_grads)  # each in its kernel's dtype
+
+  def test_refuses_other_shapes(self):
+    with pytest.raises(ValueError, match="stack takes kernels of one shape"):
+      elementwise_kernels.stack([jnp.zeros((4, 8)), jnp.zeros((4, 16))], BF16)
+    with pytest.raises(ValueError, match="stack takes kernels of one shape"):
+      elementwise_kernels.stack([jnp.zeros((8,))], BF16)
+
+
 def test_tiles():
   """Rows a power of two dividing the rows given, within 8192 elements a tile."""
   assert elementwise_kernels._rows(16384, 16 * 64) == 8  # pylint: disable=protected-access
@@ -147,6 +178,18 @@ def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkey
     attention.rope_qkv(*_rope_inputs(shape, BF16), "pallas")  # halves of 6 or 8 bf16
     assert called == expected, shape
     called.clear()
+  real_stack = elementwise_kernels.stack
+  monkeypatch.setattr(elementwise_kernels, "stack",
+                      lambda *a: called.append("stack") or real_stack(*a))
+  x = jnp.ones((2, 16), BF16)
+  for features, quant, expected in ((1100, None, []), (48, None, ["stack"]),
+                                    (48, models.QuantConfig(weight_group=16), [])):
+    weights = [(jnp.ones((16, features), jnp.float32), quant, None) for _ in range(2)]
+    linears.fused_projections(x, weights, BF16, "pallas")
+    assert called == expected, (features, quant)
+    called.clear()
+  linears.fused_projections(x, weights[:1] * 2, BF16, "xla")
+  assert not called
 
 
 def test_the_config_picks_and_refuses():
@@ -197,7 +240,9 @@ def test_failures_name_their_kernels():
                     ((2, 8, 96), jnp.float32)]),
     ("swiglu_grad", [((2, 8, 2, 2736), BF16), ((2, 8, 2736), BF16)]),  # the last block masked
     ("swiglu_grad", [((2, 8, 2, 64), BF16), ((2, 8, 64), BF16)]),
-], ids=["rope", "rope_masked", "swiglu_masked", "swiglu"])
+    ("stack", [((1024, 2736), BF16)] * 2),  # llama_350m's gate and up, the last block masked
+    ("stack", [((64, 4, 16), jnp.float32)] * 3),  # three, cast to bf16
+], ids=["rope", "rope_masked", "swiglu_masked", "swiglu", "stack_masked", "stack3"])
 def test_the_kernels_lower_to_triton_for_a_gpu(kernel, shapes):
   """Lowered for CUDA from this host, as a GPU compiles them: Triton's lowering takes fewer
   primitives than Pallas's interpreter (no slice of a value, for one), which the tests
@@ -206,7 +251,10 @@ def test_the_kernels_lower_to_triton_for_a_gpu(kernel, shapes):
     pytest.skip("this jax lowers every platform's branch: the interpreter's here")
   from jax import export  # pylint: disable=import-outside-toplevel
   args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+  f = getattr(elementwise_kernels, kernel)
+  if kernel == "stack":
+    f = lambda *kernels: elementwise_kernels.stack(kernels, BF16)
   exported = export.export(
-      jax.jit(getattr(elementwise_kernels, kernel)), platforms=["cuda"],
+      jax.jit(f), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
