@@ -403,8 +403,8 @@ def plan(args, work: str) -> list:
   # The smaller model's bf16 step again with XLA's residual add + RMSNorm: what the Pallas
   # norm kernels (the default on one GPU) gain, measured beside them in the same run.
   parts.append(model_variant(model_sizes[-1], "xla_norm", ["--norm", "xla"]))
-  # The larger model's bf16 step with XLA's RoPE split, SwiGLU backward and loss reduction
-  # instead of the Pallas kernels (the default on one GPU): what they gain, beside them.
+  # The larger model's bf16 step with XLA's RoPE split, SwiGLU backward, projections' stacks
+  # and loss reduction instead of the Pallas kernels (the default on one GPU): what they gain, beside them.
   # (Compiled for an H100, they load and store 16 bytes at a time where XLA's kernels loaded
   # part of their operands two or four bytes at a time; SwiGLU's backward ran at 2.66 TB/s
   # on an H200, the loss's reduction at 1.27.)
@@ -448,8 +448,8 @@ def plan(args, work: str) -> list:
 
   f32_logits_part = lambda size: train_variant(size, "f32_logits", ["--logits_dtype", "float32"])
   deciding = "350m" if "350m" in train_sizes else train_sizes[-1]
-  # The size that decides the trainer target again with XLA's RoPE split, SwiGLU backward
-  # and loss reduction: whether the Pallas kernels (the default on one GPU) make the step
+  # The size that decides the trainer target again with XLA's RoPE split, SwiGLU backward,
+  # projections' stacks and loss reduction: whether the Pallas kernels (the default on one GPU) make the step
   # faster, measured first among the variants, as it decides that default.
   parts.append(train_variant(deciding, "xla_elementwise", ["--elementwise", "xla"]))
   # The size that decides the trainer target again with its CUDA graph never updated,
@@ -710,7 +710,7 @@ def peer_ratio(ours: dict, peer: dict) -> float:
 # tagged with the label and never decide a target.
 VARIANTS = {
     "_xla_norm": "XLA norm",            # XLA's residual add + RMSNorm beside the Pallas kernels
-    "_xla_elementwise": "XLA element-wise",  # XLA's RoPE split, SwiGLU backward, loss reduction
+    "_xla_elementwise": "XLA element-wise",  # XLA's RoPE split, SwiGLU backward, stacks, loss
     "_pallas_attention": "Pallas attention",  # jax's Pallas flash attention beside cuDNN's
     "_no_cuda_graphs": "no CUDA graphs",  # XLA:GPU launching each kernel itself
     "_graphs_never_updated": "CUDA graphs never updated",  # buffers remapped instead
