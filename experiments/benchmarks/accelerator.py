@@ -3,7 +3,7 @@
 First a probe records the device and the library versions and measures the two ceilings
 (device-memory bandwidth, bf16 matrix-product rate), then times a few pieces alone (random
 draws both ways, the Pallas and XLA norms, the loss's one-pass reduction beside
-``jax.nn.logsumexp``, causal attention at the 350m step's shapes as cuDNN's, XLA's and jax's
+``jax.nn.logsumexp`` and as the Pallas kernel with four tiles, causal attention at the 350m step's shapes as cuDNN's, XLA's and jax's
 Pallas flash-attention kernel). Then, each part in its own subprocess
 with its own time limit (so a slow or out-of-memory part loses only itself), in this order,
 skipping what no longer fits in ``--budget_s``:
