@@ -14,7 +14,8 @@ The forward's reduction has two implementations (``implementation``): "xla", the
 reads the logits with 16-byte loads, used only where each row of logits is 16-byte aligned
 (else XLA's form runs). None takes ``pallas_platform.default_implementation()``: Pallas on
 one GPU of compute capability ≥ 8.0. The models' ``LlamaConfig.elementwise_implementation``
-is the trainer's choice for it, with RoPE's split and SwiGLU's backward.
+is the trainer's choice for it, with the other element-wise kernels (RoPE's split, SwiGLU's
+backward, the projections' stacks).
 """
 from __future__ import annotations
 
