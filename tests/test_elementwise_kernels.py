@@ -10,6 +10,8 @@ from absl.testing import parameterized
 import models
 from models import attention, elementwise_kernels, linears, pallas_platform
 
+import _triton_lowering
+
 BF16 = jnp.bfloat16
 
 
@@ -247,14 +249,8 @@ def test_the_kernels_lower_to_triton_for_a_gpu(kernel, shapes):
   """Lowered for CUDA from this host, as a GPU compiles them: Triton's lowering takes fewer
   primitives than Pallas's interpreter (no slice of a value, for one), which the tests
   above run."""
-  if not pallas_platform.lowering_prunes_branches():
-    pytest.skip("this jax lowers every platform's branch: the interpreter's here")
-  from jax import export  # pylint: disable=import-outside-toplevel
   args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
   f = getattr(elementwise_kernels, kernel)
   if kernel == "stack":
     f = lambda *kernels: elementwise_kernels.stack(kernels, BF16)
-  exported = export.export(
-      jax.jit(f), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+  assert _triton_lowering.TRITON in _triton_lowering.mlir_for_cuda(f, *args)

@@ -10,6 +10,8 @@ from absl.testing import parameterized
 import models
 from models import loss, loss_kernels, pallas_platform
 
+import _triton_lowering
+
 
 def _inputs(lead, vocab, dtype, seed=0):
   rng = np.random.default_rng(seed)
@@ -126,11 +128,6 @@ class TokenNllTest(parameterized.TestCase):
 def test_the_kernel_lowers_to_triton_for_a_gpu(shapes):
   """Lowered for CUDA from this host, as a GPU compiles it (Triton's lowering takes fewer
   primitives than Pallas's interpreter)."""
-  if not pallas_platform.lowering_prunes_branches():
-    pytest.skip("this jax lowers every platform's branch: the interpreter's here")
-  from jax import export  # pylint: disable=import-outside-toplevel
   args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-  exported = export.export(
-      jax.jit(loss_kernels.softmax_stats), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+  mlir = _triton_lowering.mlir_for_cuda(loss_kernels.softmax_stats, *args)
+  assert _triton_lowering.TRITON in mlir

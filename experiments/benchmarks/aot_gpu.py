@@ -115,6 +115,17 @@ def target_sharding(target: str = "h100") -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def lowering_on(device):
+  """The lowering's default device: ``device``. jax ≥ 0.11 reads the GPU's kind for Pallas's
+  Triton kernels from the default device, which on a host without a GPU is the CPU; only the
+  lowering and the compilation run inside, as concrete arrays cannot live on ``device``."""
+  return jax.default_device(device)
+
+
+def _device(sharding):
+  return next(iter(sharding.device_set))
+
+
 def _on(tree, sharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -166,7 +177,8 @@ def optimizer_updates(size: str, names: list, sharding, dump=None,
 
     state = _on(jax.eval_shape(opt.init, shapes), sharding)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile()
+    with lowering_on(_device(sharding)):
+      compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile()
     label = f"optimizer-{size}{'-scan' if scan_layers else ''}-{name.replace(' ', '_')}"
     rows.append(dict(name=name, params=bench_optimizer.tree_bytes(shapes) // 4,
                      **_summary(label, compiled, time.perf_counter() - t0, dump)))
@@ -196,7 +208,8 @@ def model_steps(model_name: str, quants: list, batch: int, length: int, sharding
 
     key = _on(jax.eval_shape(lambda: jax.random.key(0)), sharding)
     t0 = time.perf_counter()
-    compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
+    with lowering_on(_device(sharding)):
+      compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params, tokens, key).compile()
     label = (f"model-{config.name}-{quant_name}-{batch}x{length}"
              f"{'-scan' if scan_layers else ''}{f'-remat_{remat_policy}' if remat_policy else ''}"
              f"{'-f32logits' if config.logits_dtype == 'float32' else ''}")
@@ -222,7 +235,8 @@ def trainer_step(model_name: str, optimizer_name: str, batch: int, length: int, 
                                 target_devices=devices) as (cfg, mcfg, init, step, tokens):
     state = jax.eval_shape(init, jax.eval_shape(lambda: jax.random.PRNGKey(cfg.seed)))
     t0 = time.perf_counter()
-    compiled, donation = hlo_stats._compile(step.lower(state, tokens))  # pylint: disable=protected-access
+    with lowering_on(devices[0]):
+      compiled, donation = hlo_stats._compile(step.lower(state, tokens))  # pylint: disable=protected-access
     label = (f"train-{mcfg.name}-{optimizer_name}-{batch}x{length}"
              f"{'-scan' if scan_layers else ''}"
              f"{'-f32logits' if mcfg.logits_dtype == 'float32' else ''}")
