@@ -435,3 +435,36 @@ def test_static_slices_through_bitcasts_read_only_the_slices():
   third = 16 * 8 * 4 + 16 * 8 * 2 + 16 * 8 * 4
   assert t["bytes"] == first + second + third
   assert t["by_category"] == {"reduction": second, "other elementwise/fusion": first + third}
+
+
+# Newer XLA writes a use of one element of a tuple as "%name#index", with no
+# get-tuple-element: a kernel that takes one of a custom call's three results reads that one.
+_TUPLE_ELEMENT_HLO = """HloModule m
+
+%fused_add (p0: f32[8], p1: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  %p1 = f32[8]{0} parameter(1)
+  ROOT %add = f32[8]{0} add(%p0, %p1)
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %cc = (f32[8]{0}, bf16[1024]{0}, (s32[], f32[4]{0})) custom-call(%x), custom_call_target="k"
+  ROOT %loop_add_fusion = f32[8]{0} fusion(%cc#0, %x), kind=kLoop, calls=%fused_add
+}
+"""
+
+
+def test_an_operand_that_is_one_element_of_a_tuple_is_read_alone():
+  t = hlo_stats.kernel_traffic(_TUPLE_ELEMENT_HLO)
+  # the custom call: 32 in, 32 + 2048 + 4 + 16 out; the fusion: 32 + 32 in, 32 out
+  assert hlo_stats.instruction_bytes(_TUPLE_ELEMENT_HLO) == {"cc": 2132, "loop_add_fusion": 96}
+  assert t["kernels"] == 2 and t["bytes"] == 2132 + 96
+  from experiments.benchmarks import hlo_parse  # pylint: disable=import-outside-toplevel
+  assert hlo_parse.tuple_elements("(f32[8]{0}, bf16[1024]{0}, (s32[], f32[4]{0}))") == [
+      "f32[8]{0}", "bf16[1024]{0}", "(s32[], f32[4]{0})"]
+  assert hlo_parse.tuple_elements("f32[8]{0}") == ["f32[8]{0}"]
+  types = {"cc": "(f32[8]{0}, bf16[1024]{0}, (s32[], f32[4]{0}))", "x": "f32[8]{0}"}
+  assert hlo_parse.operand_type(types, "cc#2") == "(s32[], f32[4]{0})"
+  assert hlo_parse.operand_type(types, "x") == "f32[8]{0}"
+  assert hlo_parse.operand_type(types, "cc#5") == hlo_parse.operand_type(types, "y") == ""

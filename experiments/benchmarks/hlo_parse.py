@@ -37,15 +37,51 @@ def computations(hlo_text: str) -> dict:
   return comps
 
 
+# An operand: an instruction's name, or one element of a tuple an instruction returns, as
+# newer XLA writes it in place of a get-tuple-element ("%fusion.3#1").
+OPERAND = re.compile(r"%([\w.\-]+(?:#\d+)?)")
+
+
 def instructions(comp: dict) -> list:
-  """``(name, type, opcode, operand names, line)`` of each instruction line of ``comp``."""
+  """``(name, type, opcode, operand names, line)`` of each instruction line of ``comp``; an
+  operand that is one element of a tuple is named ``name#index`` (``operand_type``)."""
   out = []
   for line in comp["lines"]:
     m = DEFINITION.match(line)
     if m:
       args = m.group(4).split(")", 1)[0]
-      out.append((m.group(1), m.group(2), m.group(3), re.findall(r"%([\w.\-]+)", args), line))
+      out.append((m.group(1), m.group(2), m.group(3), OPERAND.findall(args), line))
   return out
+
+
+def tuple_elements(hlo_type: str) -> list:
+  """The element types of a tuple type, ``(f32[2]{0}, (s32[], bf16[4]))`` → ``["f32[2]{0}",
+  "(s32[], bf16[4])"]``; a type that is not a tuple is its only element."""
+  t = hlo_type.strip()
+  if not t.startswith("("):
+    return [t]
+  parts, depth, start = [], 0, 1
+  for i, c in enumerate(t):
+    if c in "([{":
+      depth += 1
+    elif c in ")]}":
+      depth -= 1
+    elif c == "," and depth == 1:
+      parts.append(t[start:i].strip())
+      start = i + 1
+  last = t[start:t.rfind(")")].strip()
+  return parts + ([last] if last else [])
+
+
+def operand_type(types: dict, operand: str) -> str:
+  """The type of ``operand`` (from ``instructions``) given each instruction's type:
+  ``name#index`` is that element of ``name``'s tuple; "" where unknown."""
+  name, _, index = operand.partition("#")
+  typ = types.get(name, "")
+  if not index or not typ:
+    return typ
+  elements = tuple_elements(typ)
+  return elements[int(index)] if int(index) < len(elements) else ""
 
 
 def opcode(line: str) -> str | None:

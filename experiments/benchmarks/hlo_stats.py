@@ -166,7 +166,7 @@ def _sliced_io(fused: dict) -> tuple:
     elif uses and all(user in in_place and i == 0 for user, _, i, _ in uses):
       reads[index] = 0.0
   if in_place and len(in_place) == len(roots):
-    written = sum(type_bytes(types.get(d[3][1], "")) for d in in_place.values())
+    written = sum(type_bytes(hlo_parse.operand_type(types, d[3][1])) for d in in_place.values())
   return reads, written
 
 
@@ -188,9 +188,10 @@ def _kernels_of(comp: dict, comps: dict | None = None):
     elif op == "dynamic-slice":  # reads the slice it returns
       reads = {0: type_bytes(typ)}
     elif op == "dynamic-update-slice":  # in place: reads and writes the update
-      reads, written = {0: 0.0}, type_bytes(types.get(operands[1], "")) if len(operands) > 1 else None
+      reads, written = {0: 0.0}, (type_bytes(hlo_parse.operand_type(types, operands[1]))
+                                  if len(operands) > 1 else None)
     moved = (type_bytes(typ) if written is None else written) + sum(
-        reads.get(i, type_bytes(types.get(o, ""))) for i, o in enumerate(operands))
+        reads.get(i, type_bytes(hlo_parse.operand_type(types, o))) for i, o in enumerate(operands))
     yield name, op, moved
 
 
