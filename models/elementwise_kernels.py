@@ -26,6 +26,7 @@ with the XLA forms bit for bit.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from jax.experimental import pallas as pl
 from models import pallas_platform
 
 _TILE_ELEMENTS = 8192  # elements of one array's tile (rows × the padded row)
-_SWIGLU_WIDTH = 1024  # columns of gate (and of up) one SwiGLU program takes
+_WIDTH = 1024  # columns one program takes: of gate and of up (SwiGLU), of each kernel (stack)
 
 
 def aligned(elements: int, dtype) -> bool:
@@ -157,7 +158,7 @@ def swiglu_grad(gate_up: jax.Array, dh: jax.Array) -> jax.Array:
     raise ValueError(f"swiglu_grad takes gate_up (…, 2, f) and dh (…, f), got {gate_up.shape} "
                      f"and {dh.shape}")
   n = dh.size // features
-  width = min(_SWIGLU_WIDTH, pallas_platform.pow2_at_least(features))
+  width = min(_WIDTH, pallas_platform.pow2_at_least(features))
   rows = _rows(n, 2 * width)
   spec = pl.BlockSpec((rows, 2, width), lambda i, j: (i, 0, j))
   out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
@@ -189,10 +190,8 @@ def _stack_kernel(*refs, features: int):
 
 def _stack_pallas(kernels, dtype):
   rows_in, *features = kernels[0].shape
-  n, size = len(kernels), 1
-  for f in features:
-    size *= f
-  width = min(_SWIGLU_WIDTH, pallas_platform.pow2_at_least(size))
+  n, size = len(kernels), math.prod(features)
+  width = min(_WIDTH, pallas_platform.pow2_at_least(size))
   rows = _rows(rows_in, pallas_platform.pow2_at_least(n) * width)
   in_spec = pl.BlockSpec((rows, width), lambda i, j: (i, j))
   out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(

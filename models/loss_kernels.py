@@ -26,10 +26,8 @@ from jax.experimental import pallas as pl
 
 from models import pallas_platform
 
-_WIDTH = 2048  # columns of each block of a row
-_ROWS = 2  # tokens (rows) of one program, at most
-_WARPS = 8
-_STAGES = 1
+# The tile: tokens (rows) of one program at most, columns of each block of a row, warps.
+TILE = (2, 2048, 8)
 
 
 def aligned(vocab: int, dtype) -> bool:
@@ -38,10 +36,10 @@ def aligned(vocab: int, dtype) -> bool:
   return vocab * jnp.dtype(dtype).itemsize % 16 == 0
 
 
-def _rows(n: int) -> int:
-  """The largest power of two ≤ ``_ROWS`` that divides ``n``."""
+def _rows(n: int, most: int) -> int:
+  """The largest power of two ≤ ``most`` that divides ``n``."""
   rows = 1
-  while rows * 2 <= _ROWS and n % (rows * 2) == 0:
+  while rows * 2 <= most and n % (rows * 2) == 0:
     rows *= 2
   return rows
 
@@ -73,17 +71,20 @@ def _stats_kernel(logits_ref, targets_ref, m_ref, s_ref, p_ref, *, vocab: int, w
   m_ref[...], s_ref[...], p_ref[...] = m, s, p
 
 
-def softmax_stats(logits: jax.Array, targets: jax.Array):
+def softmax_stats(logits: jax.Array, targets: jax.Array, tile: tuple = TILE):
   """Per token of ``logits`` (…, vocab), in float32 and of shape ``targets.shape``: the
   largest logit ``m``, ``s = Σ exp(logit − m)`` and the logit of ``targets`` (…) (0 where a
-  target lies outside the vocabulary): ``models.loss``'s reduction as one kernel."""
+  target lies outside the vocabulary): ``models.loss``'s reduction as one kernel. ``tile``:
+  ``(tokens a program at most, columns a block, warps)``, ``TILE`` unless a benchmark
+  compares others."""
   *lead, vocab = logits.shape
   if tuple(lead) != tuple(targets.shape):
     raise ValueError(f"softmax_stats takes logits (…, vocab) and targets (…), got "
                      f"{logits.shape} and {targets.shape}")
+  most_rows, most_width, warps = tile
   n = targets.size
-  rows = _rows(n)
-  width = min(_WIDTH, pallas_platform.pow2_at_least(vocab))
+  rows = _rows(n, most_rows)
+  width = min(most_width, pallas_platform.pow2_at_least(vocab))
   row_spec = pl.BlockSpec((rows,), lambda i: (i,))
   out = jax.ShapeDtypeStruct((n,), jnp.float32)
   m, s, p = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
@@ -92,7 +93,7 @@ def softmax_stats(logits: jax.Array, targets: jax.Array):
       grid=(n // rows,),
       in_specs=[pl.BlockSpec((rows, vocab), lambda i: (i, 0)), row_spec],
       out_specs=(row_spec, row_spec, row_spec),
-      compiler_params=pallas_platform.compiler_params(interpret, num_warps=_WARPS, num_stages=_STAGES),
+      compiler_params=pallas_platform.compiler_params(interpret, num_warps=warps),
       interpret=interpret,
   )(logits.reshape(n, vocab), targets.reshape(n).astype(jnp.int32)))
   return m.reshape(targets.shape), s.reshape(targets.shape), p.reshape(targets.shape)

@@ -83,14 +83,13 @@ def triton():
   return pl_triton
 
 
-def compiler_params(interpret: bool, num_warps: int, num_stages: int = 1):
-  """Triton's parameters for a kernel (``num_warps``; ``num_stages`` > 1 lets Triton load a
-  loop's next blocks while it computes on the current one); None interpreted."""
+def compiler_params(interpret: bool, num_warps: int):
+  """Triton's parameters for a kernel (``num_warps``, one stage); None interpreted."""
   if interpret:
     return None
   pl_triton = triton()
   params = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
-  return params(num_warps=num_warps, num_stages=num_stages)
+  return params(num_warps=num_warps, num_stages=1)
 
 
 def _whole(ref, index):

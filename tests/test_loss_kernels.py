@@ -79,8 +79,14 @@ class SoftmaxStatsTest(parameterized.TestCase):
 
 
 def test_tiles():
-  assert loss_kernels._rows(16384) == 2  # pylint: disable=protected-access
-  assert loss_kernels._rows(5) == 1  # pylint: disable=protected-access
+  assert loss_kernels._rows(16384, 2) == 2  # pylint: disable=protected-access
+  assert loss_kernels._rows(16384, 4) == 4  # pylint: disable=protected-access
+  assert loss_kernels._rows(5, 2) == 1  # pylint: disable=protected-access
+  # another tile gives the same statistics: four tokens a program, blocks of 64 columns
+  logits, targets = _inputs((4, 2), 100, jnp.float32)
+  for got, want in zip(loss_kernels.softmax_stats(logits, targets, (4, 64, 4)),
+                       loss_kernels.softmax_stats(logits, targets)):
+    np.testing.assert_allclose(got, want, rtol=2e-6)
 
 
 class TokenNllTest(parameterized.TestCase):

@@ -204,26 +204,23 @@ try:
       jax.jit(jax.grad(lambda x, t: jnp.sum(one_pass(x, t)))), logits, targets)
   info["loss_logits_GB"] = tokens * vocab * 2 / 1e9
   reference = jax.jit(one_pass)(logits, targets)
-  tile = lambda: (loss_kernels._ROWS, loss_kernels._WIDTH, loss_kernels._WARPS)
-  default = tile()
-  info["loss_pallas_tile"] = list(default)
-  for rows, width, warps in (default, (4, 2048, 8), (1, 4096, 8), (2, 2048, 4)):
-    if (rows, width, warps) != default and tiny:
+  info["loss_pallas_tile"] = list(loss_kernels.TILE)
+  def pallas_nll(x, t, tile):
+    m, s, picked = loss_kernels.softmax_stats(x, t, tile)
+    return m + jnp.log(s) - picked
+  for tile in (loss_kernels.TILE, (4, 2048, 8), (1, 4096, 8), (2, 2048, 4)):
+    if tile != loss_kernels.TILE and tiny:
       continue
-    loss_kernels._ROWS, loss_kernels._WIDTH, loss_kernels._WARPS = rows, width, warps
-    key = "" if (rows, width, warps) == default else f"_{rows}x{width}w{warps}"
+    key = "" if tile == loss_kernels.TILE else "_{}x{}w{}".format(*tile)
     try:
-      pallas = jax.jit(lambda x, t: token_nll(x, t, "pallas"))
-      got = pallas(logits, targets)
+      got = jax.jit(pallas_nll, static_argnums=2)(logits, targets, tile)
       info[f"loss_pallas{key}_max_rel_diff"] = float(
           jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
       info[f"loss_pallas{key}_ms"] = 1e3 * queued_s(
-          jax.jit(lambda x, t: jnp.sum(token_nll(x, t, "pallas"))), logits, targets)
+          jax.jit(lambda x, t, tile=tile: jnp.sum(pallas_nll(x, t, tile))), logits, targets)
     except Exception as e:
       info[f"loss_pallas{key}_error"] = (
           f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-    finally:
-      loss_kernels._ROWS, loss_kernels._WIDTH, loss_kernels._WARPS = default
 except Exception as e:
   info["loss_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 print("PROBE " + json.dumps(info), flush=True)
