@@ -113,6 +113,9 @@ def _query(executable: str, field: str) -> list[str]:
           "--query-gpu=" + ",".join(VALUES + (field,)), "--format=csv,noheader,nounits"]
 
 
+_FIELDS: dict = {}  # nvidia-smi's path → the reasons' field it answers
+
+
 class Sampler:
   """``nvidia-smi`` sampling every ``interval_ms`` from ``start()`` to ``stop()``."""
 
@@ -125,10 +128,13 @@ class Sampler:
     self._file = None
     self._samples: list[dict] = []
     self._error = None
-    self._wall_s = None
+    self._t0 = self._wall_s = None
 
   def _field(self, path: str) -> str | None:
-    """The reasons' field this nvidia-smi answers with a sample, by a one-shot query."""
+    """The reasons' field this nvidia-smi answers with a sample, by a one-shot query (once
+    per executable)."""
+    if path in _FIELDS:
+      return _FIELDS[path]
     for field in REASON_FIELDS:
       try:
         done = subprocess.run(_query(path, field), capture_output=True, text=True, timeout=10)
@@ -136,6 +142,7 @@ class Sampler:
         self._error = f"{self.executable}: {type(e).__name__}: {e}"
         return None
       if done.returncode == 0 and parse(done.stdout.splitlines()):
+        _FIELDS[path] = field
         return field
       last = (done.stdout + done.stderr).strip().splitlines()[-1:]
       self._error = f"{self.executable} --query-gpu={field} answered {done.returncode}: " + (
