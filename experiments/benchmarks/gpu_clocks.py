@@ -2,7 +2,7 @@
 
 A step timed on the host can take longer than the same step in a short profile when the GPU
 lowers its clocks under a long, power-hungry load (its power cap, or heat). ``sampling()``
-runs ``nvidia-smi --query-gpu=... --loop-ms=N`` beside the timed work and ``summary`` says what
+queries ``nvidia-smi --query-gpu=...`` every N ms beside the timed work and ``summary`` says what
 the GPU ran at meanwhile: the SM and memory clocks (median, least, most), the power drawn and
 the temperature, and which of NVML's clock-event reasons were active in what share of the
 samples (``software power cap``, ``hardware slowdown``, ``software thermal slowdown``...).
@@ -23,7 +23,7 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
+import threading
 import time
 
 # NVML's clock-event reasons (``nvidia-smi -q -d PERFORMANCE``), by bit of the active mask.
@@ -117,15 +117,18 @@ _FIELDS: dict = {}  # nvidia-smi's path → the reasons' field it answers
 
 
 class Sampler:
-  """``nvidia-smi`` sampling every ``interval_ms`` from ``start()`` to ``stop()``."""
+  """``nvidia-smi`` queried every ``interval_ms`` (after the previous answer) from ``start()``
+  to ``stop()``, by a thread of this process. Each query is its own ``nvidia-smi`` call that
+  exits after answering: a looping one (``--loop-ms``) writes to a file through a buffer
+  that stopping it may lose."""
 
   def __init__(self, interval_ms: int = 50, executable: str = "nvidia-smi"):
     if interval_ms < 1:
       raise ValueError(f"interval_ms must be >= 1, got {interval_ms}")
     self.interval_ms = interval_ms
     self.executable = executable
-    self._proc = None
-    self._file = None
+    self._thread = None
+    self._stop = threading.Event()
     self._samples: list[dict] = []
     self._error = None
     self._t0 = self._wall_s = None
@@ -149,6 +152,15 @@ class Sampler:
           last[0][:200] if last else "nothing")
     return None
 
+  def _sample(self, query: list) -> None:
+    while not self._stop.is_set():
+      try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=5)
+        self._samples.extend(parse(done.stdout.splitlines()))
+      except (OSError, subprocess.SubprocessError):
+        pass  # a missed sample; the next query tries again
+      self._stop.wait(self.interval_ms / 1e3)
+
   def start(self) -> "Sampler":
     path = shutil.which(self.executable)
     if path is None:
@@ -158,26 +170,19 @@ class Sampler:
     if field is None:
       return self
     self._error = None
-    self._file = tempfile.TemporaryFile(mode="w+")
     self._t0 = time.perf_counter()
-    self._proc = subprocess.Popen(_query(path, field) + [f"--loop-ms={self.interval_ms}"],
-                                  stdout=self._file, stderr=subprocess.DEVNULL)
+    self._thread = threading.Thread(target=self._sample, args=(_query(path, field),),
+                                    daemon=True)
+    self._thread.start()
     return self
 
   def stop(self) -> "Sampler":
-    if self._proc is None:
+    if self._thread is None:
       return self
-    self._proc.terminate()
-    try:
-      self._proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-      self._proc.kill()
-      self._proc.wait()
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
     self._wall_s = time.perf_counter() - self._t0
-    self._file.seek(0)
-    self._samples = parse(self._file.read().splitlines())
-    self._file.close()
-    self._proc = self._file = None
     return self
 
   def summary(self) -> dict:
