@@ -243,16 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "at most 128 or a multiple of 128), or auto: cudnn on a GPU where cuDNN "
                       "accepts the shapes and dtypes while tracing, xla otherwise; pass xla if "
                       "cuDNN fails when the step compiles")
+  # The kernel switches' choices, alike for --norm and --elementwise.
+  choices = ("pallas ({}, one GPU only), xla, or auto: pallas on one GPU of compute "
+             "capability >= 8.0, xla otherwise")
   g.add_argument("--norm", default=d.norm, choices=NORMS,
-                 help="the residual add + RMSNorm kernels: pallas (one Triton kernel each way, "
-                      "one GPU only), xla, or auto: pallas on one GPU of compute capability "
-                      ">= 8.0, xla otherwise")
+                 help="the residual add + RMSNorm kernels: "
+                      + choices.format("one Triton kernel each way"))
   g.add_argument("--elementwise", default=d.elementwise, choices=NORMS,
                  help="RoPE's split of the fused q/k/v product, SwiGLU's backward, the stack "
                       "of the projections' kernels and the loss's reduction over the "
-                      "vocabulary: pallas (one Triton kernel each, "
-                      "one GPU only), xla, or auto: pallas on one GPU of compute capability "
-                      ">= 8.0, xla otherwise")
+                      "vocabulary: " + choices.format("one Triton kernel each"))
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")
   g = p.add_argument_group("optimizer")
