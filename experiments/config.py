@@ -50,7 +50,7 @@ class TrainConfig:
   logits_dtype: str = "auto"  # the compute dtype: bfloat16 unless --dtype float32
   attention: str = "auto"  # cuDNN's flash attention on a GPU where it applies, else XLA's
   norm: str = "auto"  # the residual add + RMSNorm kernels: Pallas on one GPU, else XLA's
-  elementwise: str = "auto"  # RoPE, SwiGLU's backward, the stacks, the loss: Pallas on one GPU
+  elementwise: str = "auto"  # RoPE, SwiGLU, the stacks, the loss: Pallas on one GPU
   # optimizer
   optimizer: str = "spam"
   lr: float = 3e-3
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the residual add + RMSNorm kernels: "
                       + choices.format("one Triton kernel each way"))
   g.add_argument("--elementwise", default=d.elementwise, choices=NORMS,
-                 help="RoPE's split of the fused q/k/v product, SwiGLU's backward, the stack "
-                      "of the projections' kernels and the loss's reduction over the "
+                 help="RoPE's split of the fused q/k/v product, SwiGLU forward and backward, "
+                      "the stack of the projections' kernels and the loss's reduction over the "
                       "vocabulary: " + choices.format("one Triton kernel each"))
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")

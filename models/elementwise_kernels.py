@@ -1,27 +1,31 @@
-"""RoPE's split of the fused q/k/v product, SwiGLU's backward and the stack of the projections'
-kernels as Pallas kernels (Triton on a GPU).
+"""RoPE's split of the fused q/k/v product, SwiGLU forward and backward and the stack of the
+projections' kernels as Pallas kernels (Triton on a GPU).
 
-All three are element-wise passes that XLA:GPU runs below the memory bandwidth, because of how it
-indexes them rather than of what they move (the PTX of the llama_350m training step compiled
-for an H100):
+All four are element-wise passes that XLA:GPU runs below the memory bandwidth, or may, because
+of how it indexes them rather than of what they move (the PTX of the llama_350m training step
+compiled for an H100):
 
 * ``rope_split`` — forward, q and k are rotated out of the fused product (…, 3, heads, kv)
   and v is copied out of it for cuDNN's attention. XLA writes q and k in one kernel from
   the product's slices, loading a bf16 at a time where it cannot prove a slice aligned,
   and v in a second. Here one kernel reads the product's three slices and cos/sin, and
   writes q, k and v, with 16-byte loads and stores throughout.
-* ``swiglu_grad`` — backward of ``silu(gate) · up`` over ``gate_up`` (…, 2, mlp): XLA's
-  kernel (2.66 TB/s on an H200, 4.0 ms of the 350m step) loads part of its operands two
-  bytes at a time. Here each program reads a tile of gate, up and the output's gradient
-  and writes both halves of the gradient, 16 bytes at a time.
+* ``swiglu`` — ``silu(gate) · up`` out of ``gate_up`` (…, 2, mlp), the larger of the
+  forward's element-wise passes (6.5 GB a 350m step): XLA's kernel loads and stores 8 bytes
+  at a time, this one 16.
+* ``swiglu_grad`` — backward of ``silu(gate) · up`` over ``gate_up``: XLA's kernel (2.66
+  TB/s on an H200, 4.0 ms of the 350m step) loads part of its operands two bytes at a
+  time. Here each program reads a tile of gate, up and the output's gradient and writes
+  both halves of the gradient, 16 bytes at a time.
 * ``stack`` — the projections' kernels stacked for ``models.linears.fused_projections``'
   one product (gate and up; q, k and v): XLA's concatenation loads and stores a bf16 at a
   time. Here each program copies a tile of every kernel into its place, 16 bytes at a time.
 
 The arithmetic is that of the XLA forms they replace (``models.attention.rope_qkv``,
-``models.linears.swiglu``, ``jnp.stack``), in float32 and rounded once to the output's dtype. On a backend
-other than a GPU the kernels run in Pallas's interpreter (slow; for tests), where they agree
-with the XLA forms bit for bit.
+``models.linears.swiglu``, ``jnp.stack``): the backward passes in float32, rounded once to
+the output's dtype; SwiGLU's forward rounded after each operation, as XLA computes
+``silu(gate) · up`` in bf16. On a backend other than a GPU the kernels run in Pallas's
+interpreter (slow; for tests), where they agree with the XLA forms bit for bit.
 """
 from __future__ import annotations
 
@@ -127,6 +131,49 @@ def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
   )(qkv.reshape(n, 3, heads, 2, half), cos.reshape(n, 2, half), sin.reshape(n, 2, half)))
   shape = tuple(lead) + (heads, head_dim)
   return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+
+# ---------------------------------------------------------------------------- SwiGLU forward
+
+
+def _swiglu_fwd_kernel(gate_up_ref, out_ref, *, features: int):
+  width = out_ref.shape[-1]
+  mask = out_mask = None
+  if features % width:
+    columns = (pl.program_id(1) * width + jnp.arange(width)) < features
+    mask, out_mask = columns[None, None, :], columns[None, :]
+  gate, up = (_load(gate_up_ref, (slice(None), _half(i), slice(None)), mask)[:, 0, :]
+              for i in (0, 1))
+  # XLA's `silu(gate) · up` as it computes it in gate_up's dtype: σ(g) = 1 / (1 + exp(−g)),
+  # then g·σ, then ·up, each operation in float32 and rounded to the dtype.
+  rounded = lambda v: v.astype(gate.dtype).astype(jnp.float32)
+  g, u = gate.astype(jnp.float32), up.astype(jnp.float32)
+  sig = rounded(1.0 / rounded(rounded(jnp.exp(-g)) + 1.0))
+  _store(out_ref, (slice(None), slice(None)), (rounded(g * sig) * u).astype(out_ref.dtype),
+         out_mask)
+
+
+def swiglu(gate_up: jax.Array) -> jax.Array:
+  """``silu(gate) · up`` of ``gate_up`` (…, 2, mlp), in its dtype: ``models.linears.swiglu``'s
+  forward as one kernel. Each program takes rows × 1024 columns of gate and up and writes
+  that tile of the output, 16 bytes at a time (XLA's kernel moves 8); the last columns are
+  masked when 1024 does not divide the width."""
+  *lead, two, features = gate_up.shape
+  if two != 2:
+    raise ValueError(f"swiglu takes gate_up (…, 2, f), got {gate_up.shape}")
+  n = gate_up.size // (2 * features)
+  width = min(_WIDTH, pallas_platform.pow2_at_least(features))
+  rows = _rows(n, 2 * width)
+  out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
+      functools.partial(_swiglu_fwd_kernel, features=features),
+      out_shape=jax.ShapeDtypeStruct((n, features), gate_up.dtype),
+      grid=(n // rows, pl.cdiv(features, width)),
+      in_specs=[pl.BlockSpec((rows, 2, width), lambda i, j: (i, 0, j))],
+      out_specs=pl.BlockSpec((rows, width), lambda i, j: (i, j)),
+      compiler_params=_compiler_params(interpret),
+      interpret=interpret,
+  )(gate_up.reshape(n, 2, features)))
+  return out.reshape(tuple(lead) + (features,))
 
 
 # --------------------------------------------------------------------------- SwiGLU backward

@@ -169,8 +169,8 @@ class MLP(nn.Module):
   init_std: float = 0.02
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
-  # The stack of gate's and up's kernels and SwiGLU's backward: "pallas"
-  # (`elementwise_kernels.stack`, `swiglu_grad`), "xla", or None
+  # The stack of gate's and up's kernels and SwiGLU forward and backward: "pallas"
+  # (`elementwise_kernels.stack`, `swiglu`, `swiglu_grad`), "xla", or None
   # (`pallas_platform.default_implementation`).
   elementwise_implementation: str | None = None
 
@@ -207,11 +207,12 @@ def swiglu(gate_up: jax.Array, implementation: str = "xla") -> jax.Array:
   layout, the operand of the one backward product of the stacked kernel; its factors are
   computed in float32. (Differentiated automatically, XLA computes the sigmoid into a
   separate buffer, writes the two halves of the gradient apart and concatenates them.)
-  With `implementation` "pallas" that pass is a Pallas kernel
-  (`elementwise_kernels.swiglu_grad`, the same values) where the width keeps its rows
-  16-byte aligned (`elementwise_kernels.aligned`), XLA's form elsewhere.
+  With `implementation` "pallas" the forward and that pass are Pallas kernels
+  (`elementwise_kernels.swiglu`, `swiglu_grad`, the same values) where the width keeps its
+  rows 16-byte aligned (`elementwise_kernels.aligned`), XLA's forms elsewhere.
   """
-  del implementation
+  if implementation == "pallas" and elementwise_kernels.aligned(gate_up.shape[-1], gate_up.dtype):
+    return elementwise_kernels.swiglu(gate_up)
   return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
 
 

@@ -54,8 +54,8 @@ def compute_capability() -> float:
 KERNEL_NAMES = {
     "norm": ("norm_kernels", "rms_norm"),
     "elementwise": ("elementwise_kernels", "rope_split", "swiglu_grad", "_rope_kernel",
-                    "_swiglu_kernel", "_stack_kernel", "loss_kernels", "softmax_stats",
-                    "_stats_kernel"),
+                    "_swiglu_kernel", "_swiglu_fwd_kernel", "_stack_kernel", "loss_kernels",
+                    "softmax_stats", "_stats_kernel"),
 }
 
 

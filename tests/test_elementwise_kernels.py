@@ -1,5 +1,5 @@
-"""RoPE's split and SwiGLU's backward as Pallas kernels (interpreted here) against the XLA
-forms they replace and against NumPy."""
+"""RoPE's split, SwiGLU's forward and backward and the projections' stack as Pallas kernels
+(interpreted here) against the XLA forms they replace and against NumPy."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,53 @@ class RopeSplitTest(parameterized.TestCase):
                                      jnp.zeros((1, 2, 8)))
 
 
+def _xla_swiglu(gate_up):
+  return linears.swiglu(gate_up, "xla")
+
+
+class SwigluTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*SWIGLU_SHAPES)
+  def test_bitwise_the_xla_forward(self, lead, features):
+    for dtype in (BF16, jnp.float32):
+      gate_up = _swiglu_inputs(lead, features, dtype)[0]
+      chex.assert_trees_all_equal(self.variant(elementwise_kernels.swiglu)(gate_up),
+                                  self.variant(_xla_swiglu)(gate_up))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bitwise_the_xla_forward_at_the_extremes(self):
+    """exp(−gate) overflowing (gate ≪ 0: σ = 0 and −0 out), σ = 1, infinities and NaN."""
+    gate = jnp.array([-200., -90., -20., -1e-3, 0., 1e-3, 20., 90., 200., jnp.inf, -jnp.inf,
+                      jnp.nan, 3., -3., 0.5, -0.5])
+    up = jnp.array([1., -2., 3., 4., jnp.inf, 5., -6., 7., 0., 2., 2., 1., jnp.nan, -jnp.inf,
+                    1e30, -1e-30])
+    for dtype in (BF16, jnp.float32):
+      gate_up = jnp.stack([gate, up])[None].astype(dtype)
+      got, want = (self.variant(f)(gate_up) for f in (elementwise_kernels.swiglu, _xla_swiglu))
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+      np.testing.assert_array_equal(np.signbit(np.asarray(got, np.float32)),
+                                    np.signbit(np.asarray(want, np.float32)))
+
+  @parameterized.parameters(*SWIGLU_SHAPES)
+  def test_matches_numpy(self, lead, features):
+    gate_up = np.asarray(_swiglu_inputs(lead, features, jnp.float32, seed=3)[0], np.float64)
+    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+    np.testing.assert_allclose(np.asarray(elementwise_kernels.swiglu(jnp.asarray(gate_up,
+                                                                                 jnp.float32))),
+                               gate / (1 + np.exp(-gate)) * up, rtol=1e-6, atol=1e-6)
+
+  def test_swiglu_takes_it_forward(self):
+    gate_up = _swiglu_inputs((2, 3), 48, BF16)[0]
+    jaxpr = lambda impl: str(jax.make_jaxpr(lambda x: linears.swiglu(x, impl))(gate_up))
+    assert "pallas_call" in jaxpr("pallas")
+    assert "pallas_call" not in jaxpr("xla")
+
+  def test_refuses_other_shapes(self):
+    with self.assertRaisesRegex(ValueError, "swiglu takes"):
+      elementwise_kernels.swiglu(jnp.zeros((4, 3, 8)))
+
+
 class SwigluGradTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -167,11 +214,14 @@ def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkey
                                                                                      jnp.float32)
   called = []
   real_swiglu, real_rope = elementwise_kernels.swiglu_grad, elementwise_kernels.rope_split
+  real_forward = elementwise_kernels.swiglu
   monkeypatch.setattr(elementwise_kernels, "swiglu_grad",
                       lambda *a: called.append("swiglu") or real_swiglu(*a))
+  monkeypatch.setattr(elementwise_kernels, "swiglu",
+                      lambda *a: called.append("swiglu_forward") or real_forward(*a))
   monkeypatch.setattr(elementwise_kernels, "rope_split",
                       lambda *a: called.append("rope") or real_rope(*a))
-  for features, expected in ((1100, []), (48, ["swiglu"])):
+  for features, expected in ((1100, []), (48, ["swiglu_forward", "swiglu"])):
     gate_up, dh = _swiglu_inputs((1, 2), features, BF16)
     jax.vjp(lambda x: linears.swiglu(x, "pallas"), gate_up)[1](dh)
     assert called == expected, features
@@ -242,9 +292,12 @@ def test_failures_name_their_kernels():
                     ((2, 8, 96), jnp.float32)]),
     ("swiglu_grad", [((2, 8, 2, 2736), BF16), ((2, 8, 2736), BF16)]),  # the last block masked
     ("swiglu_grad", [((2, 8, 2, 64), BF16), ((2, 8, 64), BF16)]),
+    ("swiglu", [((2, 8, 2, 2736), BF16)]),  # the last block masked
+    ("swiglu", [((2, 8, 2, 64), jnp.float32)]),
     ("stack", [((1024, 2736), BF16)] * 2),  # llama_350m's gate and up, the last block masked
     ("stack", [((64, 4, 16), jnp.float32)] * 3),  # three, cast to bf16
-], ids=["rope", "rope_masked", "swiglu_masked", "swiglu", "stack_masked", "stack3"])
+], ids=["rope", "rope_masked", "swiglu_masked", "swiglu", "swiglu_forward_masked",
+        "swiglu_forward", "stack_masked", "stack3"])
 def test_the_kernels_lower_to_triton_for_a_gpu(kernel, shapes):
   """Lowered for CUDA from this host, as a GPU compiles them: Triton's lowering takes fewer
   primitives than Pallas's interpreter (no slice of a value, for one), which the tests

@@ -225,6 +225,58 @@ except Exception as e:
   info["loss_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 print("PROBE " + json.dumps(info), flush=True)
 
+# The models' element-wise Pallas kernels each alone at the 350m trainer step's shapes (a
+# layer's: 64×256 tokens, width 1024, MLP 2736, 16 heads of 64; the projections' float32
+# kernels stacked into bf16), beside the XLA form each replaces, both jitted, and the
+# largest difference of their results: each kernel's own decision, whatever the whole
+# step's timing says of the set.
+try:
+  from models import attention as model_attention, elementwise_kernels, linears
+  tokens, mlp, heads = (256, 96, 2) if tiny else (16384, 2736, 16)
+  embed = heads * 64
+  keys = jax.random.split(jax.random.key(5), 6)
+  bf16 = lambda k, shape, scale=1.0: (scale * jax.random.normal(k, shape)).astype(jnp.bfloat16)
+  gate_up, dh = bf16(keys[0], (tokens, 2, mlp), 3.0), bf16(keys[1], (tokens, mlp))
+  batch = 64 if not tiny else 2
+  qkv = bf16(keys[2], (batch, tokens // batch, 3, heads, 64))
+  positions = jnp.broadcast_to(jnp.arange(tokens // batch), (batch, tokens // batch))
+  cos, sin = model_attention.rope_frequencies(positions, 64)
+  mlp_kernels = [jax.random.normal(k, (embed, mlp)) for k in jax.random.split(keys[3], 2)]
+  qkv_kernels = [jax.random.normal(k, (embed, heads, 64)) for k in jax.random.split(keys[4], 3)]
+  size = lambda *arrays: sum(a.size * a.dtype.itemsize for a in arrays)
+  cases = {  # name: (XLA's form, the Pallas kernel, arguments, GB read + written)
+      "swiglu": (lambda x: linears.swiglu(x, "xla"), elementwise_kernels.swiglu, (gate_up,),
+                 size(gate_up) * 1.5),
+      "swiglu_grad": (lambda x, g: linears._swiglu_grad_xla(x, g)[0],
+                      elementwise_kernels.swiglu_grad, (gate_up, dh), 2 * size(gate_up) + size(dh)),
+      "rope_split": (lambda x, c, s: model_attention.rope_qkv(x, c, s, "xla"),
+                     elementwise_kernels.rope_split, (qkv, cos, sin),
+                     2 * size(qkv) + size(cos, sin)),
+      "stack_gate_up": (lambda *k: jnp.stack([x.astype(jnp.bfloat16) for x in k], axis=1),
+                        lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), mlp_kernels,
+                        1.5 * size(*mlp_kernels)),
+      "stack_qkv": (lambda *k: jnp.stack([x.astype(jnp.bfloat16) for x in k], axis=1),
+                    lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), qkv_kernels,
+                    1.5 * size(*qkv_kernels)),
+  }
+  kernels = info["elementwise_kernels"] = {}
+  for name, (xla_form, kernel, args, nbytes) in cases.items():
+    row = kernels[name] = {"GB": nbytes / 1e9}
+    try:
+      outs = {}
+      for impl, f in (("xla", xla_form), ("pallas", kernel)):
+        f = jax.jit(f)
+        row[f"{impl}_ms"] = 1e3 * queued_s(f, *args, n=2 if tiny else 20)  # interpreted: few
+        outs[impl] = [x.astype(jnp.float32) for x in jax.tree.leaves(f(*args))]
+      row["max_rel_diff"] = max(float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) or 1.0))
+                                for a, r in zip(outs["pallas"], outs["xla"]))
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+except Exception as e:
+  info["elementwise_kernels_error"] = (
+      f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+print("PROBE " + json.dumps(info), flush=True)
+
 # Causal attention at the 350m step's shapes (64×256 tokens, 16 heads of 64, bf16), forward
 # with backward, each as one jit: cuDNN's fused kernel (the models' choice on a GPU), XLA's,
 # and the Pallas (Triton) flash attention jax ships in jax.experimental.pallas.ops.gpu as
@@ -400,7 +452,7 @@ def plan(args, work: str) -> list:
   # The smaller model's bf16 step again with XLA's residual add + RMSNorm: what the Pallas
   # norm kernels (the default on one GPU) gain, measured beside them in the same run.
   parts.append(model_variant(model_sizes[-1], "xla_norm", ["--norm", "xla"]))
-  # The larger model's bf16 step with XLA's RoPE split, SwiGLU backward, projections' stacks
+  # The larger model's bf16 step with XLA's RoPE split, SwiGLU, projections' stacks
   # and loss reduction instead of the Pallas kernels (the default on one GPU): what they gain, beside them.
   # (Compiled for an H100, they load and store 16 bytes at a time where XLA's kernels loaded
   # part of their operands two or four bytes at a time; SwiGLU's backward ran at 2.66 TB/s
@@ -882,6 +934,27 @@ def loss_line(env: dict, tiny: bool) -> str | None:
   return line
 
 
+def elementwise_line(env: dict) -> str | None:
+  """The probe's element-wise kernels, each alone beside XLA's form, as one line of the report
+  (None if it timed none)."""
+  kernels = env.get("elementwise_kernels")
+  if not kernels:
+    return (f"**The element-wise kernels failed in the probe:** "
+            f"{_cell(env['elementwise_kernels_error'])}"
+            if env.get("elementwise_kernels_error") else None)
+
+  def one(name, row):
+    if row.get("error"):
+      return f"`{name}` failed: {_cell(row['error'])}"
+    rate = lambda ms: f"{ms:.3f} ms ({row['GB'] / ms * 1e3:,.0f} GB/s)"
+    return (f"`{name}` ({row['GB']:.3f} GB) Pallas {rate(row['pallas_ms'])}, XLA "
+            f"{rate(row['xla_ms'])}, Pallas ÷ XLA {row['pallas_ms'] / row['xla_ms']:.2f}, "
+            f"largest difference {row['max_rel_diff']:.1e}")
+
+  return ("**The models' element-wise kernels, each alone** (one layer of the 350m step; "
+          "bytes read + written): " + "; ".join(one(n, r) for n, r in kernels.items()) + ".")
+
+
 _ATTENTION_LABELS = {"cudnn": "cuDNN", "pallas": "Pallas (Triton; the model's blocks)",
                      "pallas_bwd64": "Pallas (backward blocks of 64)",
                      "pallas_bwd128": "Pallas (backward blocks of 128)",
@@ -972,13 +1045,14 @@ def markdown(report: dict) -> str:
                  "of the largest value.")
   elif env.get("norm_pallas_error"):
     lines.append(f"**Pallas norm kernels failed in the probe:** {_cell(env['norm_pallas_error'])}")
-  for line in (loss_line(env, report["tiny"]), attention_line(env)):
+  for line in (loss_line(env, report["tiny"]), elementwise_line(env), attention_line(env)):
     if line:
       lines.append(line)
   if any(env.get(k) is not None for k in ("norm_pallas_ms", "loss_one_pass_ms",
-                                          "attention_xla_ms")):
-    lines.append("(The norm, loss and attention times: ms a call of 20 calls queued back to "
-                 "back, the last waited for; the device's time, not the launch's.)")
+                                          "elementwise_kernels", "attention_xla_ms")):
+    lines.append("(The norm, loss, element-wise and attention times: ms a call of 20 calls "
+                 "queued back to back, the last waited for; the device's time, not the "
+                 "launch's.)")
   if report["tiny"]:
     lines.append("**Tiny sizes (`--tiny`):** a test of the script, not a measurement of "
                  "the targets.")

@@ -5,7 +5,7 @@ cuDNN reports while tracing fall back to XLA's attention there (``models.attenti
 are only reported when XLA compiles the step (a cuDNN build without the kernel for this GPU,
 a graph it cannot plan). Likewise ``--norm auto`` runs the residual add + RMSNorm as Pallas
 kernels on one GPU (``models.norm_kernels``), and ``--elementwise auto`` RoPE's split and
-SwiGLU's backward (``models.elementwise_kernels``), which Triton compiles with the step. A
+SwiGLU (``models.elementwise_kernels``), which Triton compiles with the step. A
 benchmark run on a lent device must not lose the measurement to any of them: :func:`run`
 repeats it with ``--attention xla``, ``--elementwise xla`` or ``--norm xla`` and records why
 in the result. A Triton failure that names neither group of kernels is put on the

@@ -65,7 +65,7 @@ def parse_args(argv=None):
   p.add_argument("--norm", default="auto", choices=config_lib.NORMS,
                  help="as the trainer's --norm: the residual add + RMSNorm kernels")
   p.add_argument("--elementwise", default="auto", choices=config_lib.NORMS,
-                 help="as the trainer's --elementwise: RoPE's split, SwiGLU's backward, "
+                 help="as the trainer's --elementwise: RoPE's split, SwiGLU, "
                       "the projections' stack, the loss's reduction")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")

@@ -100,7 +100,7 @@ def parse_args(argv=None):
   p.add_argument("--norm", default="auto", choices=config.NORMS,
                  help="as the trainer's --norm: the residual add + RMSNorm kernels")
   p.add_argument("--elementwise", default="auto", choices=config.NORMS,
-                 help="as the trainer's --elementwise: RoPE's split, SwiGLU's backward, "
+                 help="as the trainer's --elementwise: RoPE's split, SwiGLU, "
                       "the projections' stack, the loss's reduction")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
