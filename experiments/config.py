@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                       + choices.format("one Triton kernel each way"))
   g.add_argument("--elementwise", default=d.elementwise, choices=NORMS,
                  help="RoPE's split of the fused q/k/v product, SwiGLU forward and backward, "
-                      "the stack of the projections' kernels and the loss's reduction over the "
+                      "the stack of the projections' kernels and the loss's passes over the "
                       "vocabulary: " + choices.format("one Triton kernel each"))
   _bool_flag(g, "scan_layers", "one decoder block scanned over the layers (compiled once; "
              f"parameters stacked on a leading axis); with {', '.join(SCAN_OPTIMIZERS)}")

@@ -65,7 +65,7 @@ class LlamaConfig:
   # None: "pallas" on one GPU of compute capability >= 8.0, "xla" otherwise.
   norm_implementation: str | None = None
   # RoPE's split of the fused q/k/v product (forward), SwiGLU (forward and backward), the
-  # stack of the projections' kernels for the fused products and the loss's reduction over
+  # stack of the projections' kernels for the fused products and the loss's passes over
   # the vocabulary (which the trainer's loss takes from here): "pallas" (one kernel each,
   # `models.elementwise_kernels`, `models.loss_kernels`; Triton on a GPU, interpreted
   # elsewhere), "xla", or None: "pallas" on one GPU of compute capability >= 8.0, "xla"

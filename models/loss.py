@@ -9,13 +9,15 @@ full-vocabulary logits three times in the forward pass (the maximum, the exponen
 the pick); at 60M parameters and 64×256 tokens that is 2.1 GB of a 31 GB training step
 with bf16 logits, twice that with float32 ones.
 
-The forward's reduction has two implementations (``implementation``): "xla", the
-``lax.reduce`` above, and "pallas", one Pallas kernel (``models.loss_kernels``) that
-reads the logits with 16-byte loads, used only where each row of logits is 16-byte aligned
-(else XLA's form runs). None takes ``pallas_platform.default_implementation()``: Pallas on
+The forward's reduction and the backward's pass have two implementations
+(``implementation``): "xla", the ``lax.reduce`` above and XLA's element-wise pass, and
+"pallas", one Pallas kernel each way (``models.loss_kernels``: ``softmax_stats``,
+``softmax_grad``) that reads and writes the logits 16 bytes at a time (XLA's reduction
+loads 4, its backward pass 8), used only where each row of logits is 16-byte aligned (else
+XLA's forms run). None takes ``pallas_platform.default_implementation()``: Pallas on
 one GPU of compute capability ≥ 8.0. The models' ``LlamaConfig.elementwise_implementation``
-is the trainer's choice for it, with the other element-wise kernels (RoPE's split, SwiGLU's
-backward, the projections' stacks).
+is the trainer's choice for it, with the other element-wise kernels (RoPE's split, SwiGLU,
+the projections' stacks).
 """
 from __future__ import annotations
 
@@ -73,8 +75,8 @@ def token_nll(logits: jax.Array, targets: jax.Array,
 
   `logits` (…, vocab) in any float dtype (computed in float32); `targets` (…) integer. The
   gradient with respect to `logits` is `softmax − one_hot(target)` in the logits' dtype;
-  `targets` get none. `implementation`: the forward's reduction, "xla" or "pallas" (None:
-  the platform's default; see the module's docstring).
+  `targets` get none. `implementation`: the forward's reduction and the backward's pass,
+  "xla" or "pallas" (None: the platform's default; see the module's docstring).
   """
   return _token_nll(logits, targets, _resolve(implementation, logits))
 
@@ -91,15 +93,16 @@ def _token_nll_fwd(logits, targets, implementation):
 
 
 def _token_nll_bwd(implementation, res, g):
-  del implementation  # one element-wise pass either way
   logits, targets, m, s = res
+  zero_targets = jnp.zeros(targets.shape, jax.dtypes.float0) \
+      if jnp.issubdtype(targets.dtype, jnp.integer) else jnp.zeros_like(targets)
+  if implementation == "pallas":
+    return loss_kernels.softmax_grad(logits, targets, m, s, g), zero_targets
   x = logits.astype(jnp.float32)
   vocab = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   one_hot = vocab == targets[..., None].astype(jnp.int32)
   softmax = jnp.exp(x - m[..., None]) / s[..., None]
   grad = g[..., None] * (softmax - one_hot.astype(jnp.float32))
-  zero_targets = jnp.zeros(targets.shape, jax.dtypes.float0) \
-      if jnp.issubdtype(targets.dtype, jnp.integer) else jnp.zeros_like(targets)
   return grad.astype(logits.dtype), zero_targets
 
 

@@ -1,4 +1,4 @@
-"""The loss's pass over the vocabulary as a Pallas kernel (Triton on a GPU).
+"""The loss's passes over the vocabulary as Pallas kernels (Triton on a GPU).
 
 ``models.loss.token_nll``'s forward reduces each token's logits to three numbers: the largest
 logit, the sum of exponentials relative to it and the target's logit. XLA:GPU runs that
@@ -8,12 +8,18 @@ is loaded 4 bytes at a time, and it applies the whole combine, an exponential an
 selects, to every logit. On an H200 that kernel moved 1.27 TB/s (0.84 ms of the llama_350m
 step for 1.07 GB).
 
-Here each program takes a few tokens and walks their rows in blocks of columns: per block
-the largest logit, then the sum rescaled once to the new maximum, ``exp(x − m)`` for every
-logit, and the target's logit picked where its column is. The loads are 16 bytes wide
-where a row is 16-byte aligned (``aligned``); the models call the kernel only there. The
-values are those of the XLA form up to the order of the float32 sums. On a backend other
-than a GPU the kernel runs in Pallas's interpreter (slow; for tests).
+``softmax_stats``: each program takes a few tokens and walks their rows in blocks of
+columns: per block the largest logit, then the sum rescaled once to the new maximum,
+``exp(x − m)`` for every logit, and the target's logit picked where its column is. The
+values are those of the XLA form up to the order of the float32 sums.
+
+``softmax_grad``: the backward, ``g · (softmax − one_hot)``, a tile of tokens × columns a
+program, which XLA's element-wise kernel reads and writes 8 bytes at a time; the same
+values as XLA's form bit for bit in the interpreter.
+
+The loads and stores are 16 bytes wide where a row is 16-byte aligned (``aligned``); the
+models call the kernels only there. On a backend other than a GPU the kernels run in
+Pallas's interpreter (slow; for tests).
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from models import pallas_platform
 
 # The tile: tokens (rows) of one program at most, columns of each block of a row, warps.
 TILE = (2, 2048, 8)
+# The gradient's tile: tokens and columns of one program (at most), warps.
+GRAD_TILE = (4, 2048, 8)
 
 
 def aligned(vocab: int, dtype) -> bool:
@@ -97,3 +105,45 @@ def softmax_stats(logits: jax.Array, targets: jax.Array, tile: tuple = TILE):
       interpret=interpret,
   )(logits.reshape(n, vocab), targets.reshape(n).astype(jnp.int32)))
   return m.reshape(targets.shape), s.reshape(targets.shape), p.reshape(targets.shape)
+
+
+def _softmax_grad_kernel(logits_ref, targets_ref, m_ref, s_ref, g_ref, out_ref, *, vocab: int):
+  width = out_ref.shape[1]
+  columns = pl.program_id(1) * width + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+  inside = None if vocab % width == 0 else columns < vocab
+  x = pallas_platform.load(logits_ref, inside).astype(jnp.float32)
+  column = lambda ref: ref[...][:, None]
+  # XLA's form in ``models.loss``: g · (exp(x − m) / s − one_hot(target)), in float32.
+  one_hot = (columns == column(targets_ref)).astype(jnp.float32)
+  softmax = jnp.exp(x - column(m_ref)) / column(s_ref)
+  pallas_platform.store(out_ref, (column(g_ref) * (softmax - one_hot)).astype(out_ref.dtype),
+                        inside)
+
+
+def softmax_grad(logits: jax.Array, targets: jax.Array, m: jax.Array, s: jax.Array,
+                 g: jax.Array, tile: tuple = GRAD_TILE) -> jax.Array:
+  """``g · (softmax(logits) − one_hot(targets))`` in the logits' dtype, given the forward's
+  ``m`` and ``s`` (``softmax_stats``) and the loss's gradient ``g`` per token (all of
+  ``targets.shape``): ``models.loss.token_nll``'s backward as one kernel, each program a
+  tile of tokens × columns read and written 16 bytes at a time (the last columns masked)."""
+  *lead, vocab = logits.shape
+  if any(tuple(a.shape) != tuple(lead) for a in (targets, m, s, g)):
+    raise ValueError(f"softmax_grad takes logits (…, vocab) and targets, m, s, g (…), got "
+                     f"{logits.shape} and {[tuple(a.shape) for a in (targets, m, s, g)]}")
+  most_rows, most_width, warps = tile
+  n = targets.size
+  rows = _rows(n, most_rows)
+  width = min(most_width, pallas_platform.pow2_at_least(vocab))
+  row_spec = pl.BlockSpec((rows,), lambda i, j: (i,))
+  tile_spec = pl.BlockSpec((rows, width), lambda i, j: (i, j))
+  flat = lambda a, dtype=jnp.float32: a.reshape(n).astype(dtype)
+  out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
+      functools.partial(_softmax_grad_kernel, vocab=vocab),
+      out_shape=jax.ShapeDtypeStruct((n, vocab), logits.dtype),
+      grid=(n // rows, pl.cdiv(vocab, width)),
+      in_specs=[tile_spec, row_spec, row_spec, row_spec, row_spec],
+      out_specs=tile_spec,
+      compiler_params=pallas_platform.compiler_params(interpret, num_warps=warps),
+      interpret=interpret,
+  )(logits.reshape(n, vocab), flat(targets, jnp.int32), flat(m), flat(s), flat(g)))
+  return out.reshape(logits.shape)

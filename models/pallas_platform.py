@@ -55,7 +55,7 @@ KERNEL_NAMES = {
     "norm": ("norm_kernels", "rms_norm"),
     "elementwise": ("elementwise_kernels", "rope_split", "swiglu_grad", "_rope_kernel",
                     "_swiglu_kernel", "_swiglu_fwd_kernel", "_stack_kernel", "loss_kernels",
-                    "softmax_stats", "_stats_kernel"),
+                    "softmax_stats", "_stats_kernel", "softmax_grad", "_softmax_grad_kernel"),
 }
 
 

@@ -1,5 +1,5 @@
-"""The loss's reduction over the vocabulary as a Pallas kernel (interpreted here) against
-NumPy in float64 and against XLA's form, and the loss that runs it."""
+"""The loss's reduction over the vocabulary and its gradient as Pallas kernels (interpreted
+here) against NumPy in float64 and against XLA's forms, and the loss that runs them."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,44 @@ class SoftmaxStatsTest(parameterized.TestCase):
       loss_kernels.softmax_stats(jnp.zeros((2, 3, 8)), jnp.zeros((2,), jnp.int32))
 
 
+def _grad_inputs(lead, vocab, dtype, seed=0):
+  logits, targets = _inputs(lead, vocab, dtype, seed)
+  m, s, _ = loss._reduce(logits, targets)  # pylint: disable=protected-access
+  g = jnp.asarray(np.random.default_rng(seed + 7).normal(size=lead), jnp.float32)
+  return logits, targets, m, s, g.at[(0,) * len(lead)].set(0.0)  # a masked token: 0
+
+
+class SoftmaxGradTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*SHAPES)
+  def test_bitwise_the_xla_backward(self, lead, vocab, dtype):
+    logits, targets, m, s, g = _grad_inputs(lead, vocab, dtype)
+    got = self.variant(loss_kernels.softmax_grad)(logits, targets, m, s, g)
+    bwd = loss._token_nll_bwd  # pylint: disable=protected-access
+    want = self.variant(lambda *a: bwd("xla", a[:4], a[4])[0])(logits, targets, m, s, g)
+    assert got.dtype == dtype and got.shape == logits.shape
+    chex.assert_trees_all_equal(got, want)
+
+  @parameterized.parameters(*SHAPES)
+  def test_matches_numpy(self, lead, vocab, dtype):
+    logits, targets, m, s, g = _grad_inputs(lead, vocab, dtype, seed=3)
+    x = np.asarray(logits.astype(jnp.float32), np.float64)
+    softmax = np.exp(x - x.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    one_hot = np.arange(vocab) == np.asarray(targets)[..., None]  # none outside the vocabulary
+    want = np.asarray(g, np.float64)[..., None] * (softmax - one_hot)
+    got = np.asarray(loss_kernels.softmax_grad(logits, targets, m, s, g), np.float32)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2**-8  # m, s: XLA's reduction, within 1e-5
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max())
+    assert (got[..., 1] == 0).all()  # the −inf logit: probability 0, no target there
+
+  def test_refuses_other_shapes(self):
+    logits, targets, m, s, g = _grad_inputs((2, 3), 64, jnp.float32)
+    with pytest.raises(ValueError, match=r"softmax_grad takes logits \(…, vocab\)"):
+      loss_kernels.softmax_grad(logits, targets, m, s, g[0])
+
+
 def test_tiles():
   assert loss_kernels._rows(16384, 2) == 2  # pylint: disable=protected-access
   assert loss_kernels._rows(16384, 4) == 4  # pylint: disable=protected-access
@@ -87,6 +125,10 @@ def test_tiles():
   for got, want in zip(loss_kernels.softmax_stats(logits, targets, (4, 64, 4)),
                        loss_kernels.softmax_stats(logits, targets)):
     np.testing.assert_allclose(got, want, rtol=2e-6)
+  # and the gradient's: one token a program, 32 columns (four blocks, the last masked)
+  args = _grad_inputs((4, 2), 100, jnp.float32)
+  chex.assert_trees_all_equal(loss_kernels.softmax_grad(*args, tile=(1, 32, 4)),
+                              loss_kernels.softmax_grad(*args))
 
 
 class TokenNllTest(parameterized.TestCase):
@@ -109,14 +151,15 @@ class TokenNllTest(parameterized.TestCase):
 
   def test_the_kernel_runs_only_where_rows_are_16_byte_aligned(self):
     called = []
-    real = loss_kernels.softmax_stats
+    real, real_grad = loss_kernels.softmax_stats, loss_kernels.softmax_grad
     with pytest.MonkeyPatch.context() as patch:
       patch.setattr(loss_kernels, "softmax_stats", lambda *a: called.append(1) or real(*a))
+      patch.setattr(loss_kernels, "softmax_grad", lambda *a: called.append(2) or real_grad(*a))
       for vocab, dtype, runs in ((33, jnp.bfloat16, False), (40, jnp.bfloat16, True),
                                  (6, jnp.float32, False), (32000, jnp.bfloat16, True)):
         logits, targets = _inputs((2,), vocab, dtype)
-        loss.token_nll(logits, targets, "pallas")
-        assert bool(called) == runs, (vocab, dtype)
+        jax.grad(lambda x: jnp.sum(loss.token_nll(x, targets, "pallas")))(logits)
+        assert called == ([1, 2] if runs else []), (vocab, dtype)
         assert loss_kernels.aligned(vocab, dtype) == runs
         called.clear()
       loss.token_nll(*_inputs((2,), 64, jnp.float32), None)  # a CPU's default: XLA's
@@ -136,4 +179,8 @@ def test_the_kernel_lowers_to_triton_for_a_gpu(shapes):
   primitives than Pallas's interpreter)."""
   args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
   mlir = _triton_lowering.mlir_for_cuda(loss_kernels.softmax_stats, *args)
+  assert _triton_lowering.TRITON in mlir
+  per_token = jax.ShapeDtypeStruct(shapes[1][0], jnp.float32)
+  mlir = _triton_lowering.mlir_for_cuda(loss_kernels.softmax_grad, *args, per_token, per_token,
+                                        per_token)
   assert _triton_lowering.TRITON in mlir

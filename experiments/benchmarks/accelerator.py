@@ -189,6 +189,7 @@ print("PROBE " + json.dumps(info), flush=True)
 # warps), and three other tiles, each with its largest difference from XLA's loss.
 try:
   from models import loss_kernels
+  from models import loss
   from models.loss import token_nll
   tokens, vocab = (256, 512) if tiny else (16384, 32000)
   logits = jax.random.normal(jax.random.key(3), (tokens, vocab), jnp.bfloat16) * 4
@@ -259,6 +260,13 @@ try:
                     lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), qkv_kernels,
                     1.5 * size(*qkv_kernels)),
   }
+  # The loss's backward over the loss's logits above, g · (softmax − one_hot), if it made them.
+  if "logits" in globals() and "loss" in globals():
+    m, s, _ = loss._reduce(logits, targets)
+    g = jnp.full(targets.shape, 1.0 / targets.size, jnp.float32)
+    cases["softmax_grad"] = (lambda *a: loss._token_nll_bwd("xla", a[:4], a[4])[0],
+                             loss_kernels.softmax_grad, (logits, targets, m, s, g),
+                             2 * size(logits) + size(targets, m, s, g))
   kernels = info["elementwise_kernels"] = {}
   for name, (xla_form, kernel, args, nbytes) in cases.items():
     row = kernels[name] = {"GB": nbytes / 1e9}

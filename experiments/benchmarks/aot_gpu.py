@@ -273,7 +273,7 @@ def main(argv=None) -> list:
                       "one GPU runs by default)")
   p.add_argument("--elementwise", default="pallas", choices=("pallas", "xla"),
                  help="--what model / train: RoPE's split, SwiGLU, the projections' "
-                      "stack and the loss's reduction (pallas: what one GPU runs by default)")
+                      "stack and the loss's passes (pallas: what one GPU runs by default)")
   p.add_argument("--attention", default="cudnn", choices=("cudnn", "pallas", "xla"),
                  help="--what model / train: the attention kernel (cudnn: what a GPU runs by "
                       "default; pallas: jax's Pallas flash attention)")

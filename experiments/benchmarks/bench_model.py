@@ -66,7 +66,7 @@ def parse_args(argv=None):
                  help="as the trainer's --norm: the residual add + RMSNorm kernels")
   p.add_argument("--elementwise", default="auto", choices=config_lib.NORMS,
                  help="as the trainer's --elementwise: RoPE's split, SwiGLU, "
-                      "the projections' stack, the loss's reduction")
+                      "the projections' stack, the loss's passes")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -101,7 +101,7 @@ def parse_args(argv=None):
                  help="as the trainer's --norm: the residual add + RMSNorm kernels")
   p.add_argument("--elementwise", default="auto", choices=config.NORMS,
                  help="as the trainer's --elementwise: RoPE's split, SwiGLU, "
-                      "the projections' stack, the loss's reduction")
+                      "the projections' stack, the loss's passes")
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
