@@ -115,6 +115,7 @@ class TrainConfig:
   stop_after: int | None = None
   peak_tflops: float | None = None
   progress: bool = True
+  gc_every: int = 100  # Python's garbage collection every N steps (experiments/gc_policy.py)
   # scale-out
   mesh: str | None = None
   distributed: bool = False
@@ -366,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU (default: known accelerators only)")
   _bool_flag(g, "progress", "tqdm progress bar")
+  g.add_argument("--gc_every", type=int, default=d.gc_every,
+                 help="Python's garbage collection only every this many steps, between steps, "
+                      "the heap built before the loop frozen (a full pass mid-step stalls "
+                      "it); 0: Python's automatic collection")
   g = p.add_argument_group("scale-out")
   g.add_argument("--mesh", default=None, help="e.g. data=4,fsdp=2 (default: data=all devices)")
   _bool_flag(g, "distributed", "call jax.distributed.initialize() (auto on multi-host TPU)")
@@ -424,7 +429,7 @@ RANGES: dict[str, Range] = {
     "eval_tokens": _AT_LEAST_1, "eval_batches": _AT_LEAST_1,
     "seed": _NON_NEGATIVE, "eval_every": _AT_LEAST_1, "save_every": _AT_LEAST_1,
     "keep_checkpoints": _AT_LEAST_1, "stop_after": _AT_LEAST_1, "peak_tflops": _POSITIVE,
-    "inject_nan_at_step": _AT_LEAST_1,
+    "inject_nan_at_step": _AT_LEAST_1, "gc_every": _NON_NEGATIVE,
     "rank": _AT_LEAST_1, "galore_scale": _POSITIVE, "skip_threshold": _POSITIVE,
 }
 

@@ -32,8 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 import spam_optax
-from experiments import (checkpointing, config, data, metrics, optimizers, plot, preemption,
-                         jax_settings, rundir, sharding, tokenizer, warm_start)
+from experiments import (checkpointing, config, data, gc_policy, jax_settings, metrics,
+                         optimizers, plot, preemption, rundir, sharding, tokenizer, warm_start)
 from experiments import summary as run_summary
 from experiments import train_step as ts
 
@@ -337,33 +337,35 @@ def train(run: Run, steps: Steps, start: int, state, stop: preemption.Preemption
   t0 = time.perf_counter()
   writer.reset_clock()
   try:
-    for step in range(start + 1, end + 1):
-      batch = sharding.to_global(run.train_loader.next_batch(), steps.batch_sharding,
-                                 steps.batch_shape)
-      if cfg.inject_nan_at_step == step:  # debugging: poison the parameters
-        state["params"] = jax.tree.map(lambda p: p * jnp.nan, state["params"])
-      state, step_metrics = steps.train(state, batch)
-      state = steps.after_step(step, state)
-      fetched(writer.push(step, step_metrics))  # step - 1's, fetched while this step runs
-      interrupted = stop.reached(step)  # on every host at the same step
-      due_eval = step % cfg.eval_every == 0 or step == cfg.num_training_steps
-      due_save = step % cfg.save_every == 0 or step == end or interrupted
-      if due_eval or due_save:
-        fetched(writer.flush(hold=True))
-      if due_eval:
-        last_eval = evaluate(steps.eval, state["params"], run.val_batches, run.mesh, cfg)
-        writer.annotate(last_eval)
-        summ.update(latest=last_record)
-        log(f"\nstep {step}: val loss {last_eval['eval_loss']:.4f}, "
-            f"perplexity {last_eval['eval_perplexity']:.2f}")
-      if due_save:
-        _save(run, steps, step, state)
-      _inject_signal(cfg, step)
-      if interrupted:
-        interrupted_at = step
-        break
-      if due_eval or due_save:
-        writer.reset_clock()
+    with gc_policy.scheduled(cfg.gc_every) as collect:  # not in the middle of a step
+      for step in range(start + 1, end + 1):
+        batch = sharding.to_global(run.train_loader.next_batch(), steps.batch_sharding,
+                                   steps.batch_shape)
+        if cfg.inject_nan_at_step == step:  # debugging: poison the parameters
+          state["params"] = jax.tree.map(lambda p: p * jnp.nan, state["params"])
+        state, step_metrics = steps.train(state, batch)
+        state = steps.after_step(step, state)
+        fetched(writer.push(step, step_metrics))  # step - 1's, fetched while this step runs
+        collect(step)  # Python's garbage, at a step boundary while the device runs this step
+        interrupted = stop.reached(step)  # on every host at the same step
+        due_eval = step % cfg.eval_every == 0 or step == cfg.num_training_steps
+        due_save = step % cfg.save_every == 0 or step == end or interrupted
+        if due_eval or due_save:
+          fetched(writer.flush(hold=True))
+        if due_eval:
+          last_eval = evaluate(steps.eval, state["params"], run.val_batches, run.mesh, cfg)
+          writer.annotate(last_eval)
+          summ.update(latest=last_record)
+          log(f"\nstep {step}: val loss {last_eval['eval_loss']:.4f}, "
+              f"perplexity {last_eval['eval_perplexity']:.2f}")
+        if due_save:
+          _save(run, steps, step, state)
+        _inject_signal(cfg, step)
+        if interrupted:
+          interrupted_at = step
+          break
+        if due_eval or due_save:
+          writer.reset_clock()
     fetched(writer.flush())
   except NonFiniteLoss as e:
     writer.close()  # metrics.jsonl complete before the summary reads it

@@ -27,6 +27,7 @@ RESUMABLE = frozenset({
     "num_training_steps",  # extend (or shorten) the run; the schedule follows the new length
     "eval_every", "save_every", "keep_checkpoints", "stop_after",
     "progress", "peak_tflops",  # reporting only
+    "gc_every",  # when Python collects its garbage, between steps
     # layout / memory, same numbers (the number of processes must stay the same: each one's
     # loader position is saved apart, and a checkpoint restores only into as many)
     "mesh", "distributed", "activation_checkpointing", "remat_policy",

@@ -122,6 +122,8 @@ def _check_tiny_run(report, md, parts, out):
     assert row["pallas_ms"] > 0 and row["xla_ms"] > 0 and row["GB"] > 0, name
     assert row["max_rel_diff"] <= 2**-8, name
   assert "**The models' element-wise kernels, each alone**" in md and "`swiglu` (" in md
+  assert "## Python's garbage collector beside the trainer steps" in md
+  assert train["gc"]["every"] == 100 and train["gc"]["full_collection_s"] > 0
   # Attention: on a CPU XLA's and the Pallas kernel interpreted (cuDNN needs a GPU), the
   # Pallas result within bf16 rounding of XLA's.
   assert env["attention_xla_ms"] > 0 and env["attention_pallas_ms"] > 0
@@ -462,6 +464,21 @@ def test_memory_floor_and_profile_table():
            gpu_clocks_in_flight=dict(samples=30, sm_mhz_median=1881.0))]))
   assert "| llama_350m spam | 11.20 | – | 11.00 | 8.00 | 10.00 | 1.00 | 1881 / 1980 |" in lines
   assert accelerator.in_flight_lines(dict(train=[])) == []
+  # Python's collector: a 210 ms full pass; scheduled, 3 ms; while timed with automatic
+  # collection, one oldest-generation pass of 205 ms in call 7.
+  timed = dict(passes={"0": 12, "1": 1, "2": 1}, total_s=0.21,
+               longest=dict(generation=2, step=7, s=0.205))
+  lines = accelerator.gc_lines(dict(train=[
+      dict(model="llama_130m", optimizer="spam", gc=dict(
+          every=100, full_collection_s=0.21, scheduled_collection_s=0.003,
+          in_flight=dict(passes={"0": 0, "1": 0, "2": 0}, total_s=0.0, longest=None))),
+      dict(model="llama_130m", optimizer="spam", gc=dict(
+          every=0, full_collection_s=0.21, scheduled_collection_s=None, in_flight=timed)),
+      dict(model="llama_1b", optimizer="spam")]))
+  assert "| llama_130m spam | 100 | 210.0 | 3.0 | 0 / 0 / 0 | – |" in lines
+  assert "| llama_130m spam | 0 | 210.0 | – | 12 / 1 / 1 | 205.0 (7) |" in lines
+  assert not any("llama_1b" in l for l in lines)
+  assert accelerator.gc_lines(dict(train=[dict(model="llama_1b", optimizer="spam")])) == []
 
 
 def test_probe_lines():

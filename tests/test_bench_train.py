@@ -42,6 +42,26 @@ def test_bench_train_smoke(tmp_path, capsys):
                                                "temperature_c_max", "reasons", "seconds"}
   assert "llama_9m-spam in flight: clocks: " in text
   assert "metrics writer, host ms per step (while the next step runs): llama_9m/spam " in text
+  # Python's collector: the trainer's schedule (every 100 steps: none while 1 step is timed)
+  gc_row = step["gc"]
+  assert gc_row["every"] == 100 and gc_row["full_collection_s"] > 0
+  assert gc_row["scheduled_collection_s"] > 0
+  for phase in ("synced", "in_flight"):
+    assert gc_row[phase]["passes"] == {"0": 0, "1": 0, "2": 0}, phase  # automatic: off
+
+
+def test_bench_train_with_pythons_automatic_collection(tmp_path):
+  out = tmp_path / "bench.json"
+  bench_train.main(["--models", "llama_9m", "--optimizers", "adamw", "--batch", "2",
+                    "--length", "16", "--steps", "2", "--warmup", "0", "--no_loader",
+                    "--gc_every", "0", "--json", str(out)])
+  gc_row = json.loads(out.read_text())["steps"][0]["gc"]
+  assert gc_row["every"] == 0 and gc_row["scheduled_collection_s"] is None
+  for phase in ("synced", "in_flight"):  # whatever passes ran, each with its call
+    for p in gc_row[phase]["passes"].values():
+      assert p >= 0
+    longest = gc_row[phase]["longest"]
+    assert longest is None or 1 <= longest["step"] <= 3
 
 
 def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):

@@ -899,6 +899,35 @@ def in_flight_lines(res: dict) -> list:
 HOST_EVENTS_LISTED = 16  # per trainer row of the in-flight table
 
 
+def gc_lines(res: dict) -> list:
+  """The table of Python's collector beside each trainer step: a full pass over the heap
+  (the pause automatic collection puts into a step), the trainer's scheduled pass with the
+  heap frozen, and the passes that ran while the steps were timed."""
+  rows = [r for r in res["train"] if r.get("gc")]
+  if not rows:
+    return []
+  lines = ["", "## Python's garbage collector beside the trainer steps", "",
+           "Full pass: one `gc.collect()` over the process's heap after compilation, what "
+           "automatic collection stalls a step for when it reaches the oldest generation; "
+           "scheduled: the trainer's pass every `--gc_every` steps with the heap frozen "
+           "(`experiments/gc_policy.py`); while timed: the passes during the timed steps in "
+           "flight (generations 0 / 1 / 2) and the longest, with its call.", "",
+           "| step | --gc_every | full pass ms | scheduled pass ms | passes while timed | "
+           "longest ms (call) |", "|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    g = r["gc"]
+    timed = g.get("in_flight") or {}
+    passes = " / ".join(str(timed.get("passes", {}).get(k, 0)) for k in ("0", "1", "2"))
+    longest = timed.get("longest")
+    longest = "–" if not longest else f"{1e3 * longest['s']:.1f} ({longest['step']})"
+    scheduled = g.get("scheduled_collection_s")
+    lines.append(f"| {train_label(r)} {r['optimizer']} | {g['every']} | "
+                 f"{1e3 * g['full_collection_s']:.1f} | "
+                 f"{'–' if scheduled is None else f'{1e3 * scheduled:.1f}'} | {passes} | "
+                 f"{longest} |")
+  return lines
+
+
 def _mhz(clocks: dict | None) -> str:
   """A sampled median SM clock, or – where none was sampled."""
   mhz = (clocks or {}).get("sm_mhz_median")
@@ -1152,6 +1181,7 @@ def markdown(report: dict) -> str:
                    f"{r['compile_s']:.1f} |")
   lines += profile_lines(res)
   lines += in_flight_lines(res)
+  lines += gc_lines(res)
   lines += ["", "## Parts", "",
             "GPU clocks: `nvidia-smi` sampled while the part ran, compilation included.", "",
             "| part | status | wall s | limit s | GPU clocks | note |",

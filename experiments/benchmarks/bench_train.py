@@ -70,8 +70,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from experiments import (config, data, jax_settings, metrics, optimizers, pretrain, rundir,
-                         sharding, tokenizer)
+from experiments import (config, data, gc_policy, jax_settings, metrics, optimizers, pretrain,
+                         rundir, sharding, tokenizer)
 from experiments import train_step as ts
 from experiments.benchmarks import attention_fallback, gpu_clocks, profile_summary, timing
 
@@ -105,6 +105,9 @@ def parse_args(argv=None):
   p.add_argument("--density", type=float, default=1.0, help="SPAM sparse-momentum density")
   p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--gc_every", type=int, default=config.TrainConfig.gc_every,
+                 help="as the trainer's --gc_every: Python's garbage collection every this "
+                      "many steps, the heap frozen (0: automatic collection)")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="per-device peak for MFU; default: known chips (metrics.PEAK_TFLOPS)")
   p.add_argument("--dataset", default="stdlib", help="the loader's --dataset (default stdlib)")
@@ -241,18 +244,30 @@ def _bench_step(args, model_name: str, optimizer_name: str,
     jax.block_until_ready((state, step_metrics))
     holder = [state]
     del state
+    # What one full pass of Python's collector takes over this process's heap now: the pause
+    # automatic collection puts into whichever step it lands on (the trainer's --gc_every
+    # keeps it out of the steps, as below).
+    gc_full_s = gc_policy.full_collection_s()
+    calls = [0]
 
     def run_once():  # one step; its metrics (the state is the next step's input)
+      calls[0] += 1
       holder[0], out = step(holder[0], batch)
+      collect(calls[0])  # as the trainer's loop, after the dispatch
       return out
 
-    with gpu_clocks.sampling() as clocks_synced:
-      synced = timing.synced_times(run_once, args.steps)
-    with gpu_clocks.sampling() as clocks_in_flight:
-      intervals = timing.in_flight_times(run_once, args.steps)  # as the trainer's loop runs
-    in_flight = sum(intervals) / len(intervals)
-    writer_s = metrics_writer_s([run_once() for _ in range(args.steps)])
-    loss = float(run_once()["loss"])
+    with gc_policy.scheduled(args.gc_every) as collect:
+      call = lambda: calls[0]
+      with gpu_clocks.sampling() as clocks_synced, gc_policy.Pauses(call) as gc_synced:
+        calls[0] = 0
+        synced = timing.synced_times(run_once, args.steps)
+      with gpu_clocks.sampling() as clocks_in_flight, gc_policy.Pauses(call) as gc_in_flight:
+        calls[0] = 0
+        intervals = timing.in_flight_times(run_once, args.steps)  # as the trainer's loop runs
+      in_flight = sum(intervals) / len(intervals)
+      writer_s = metrics_writer_s([run_once() for _ in range(args.steps)])
+      loss = float(run_once()["loss"])
+      gc_scheduled_s = gc_policy.full_collection_s() if args.gc_every else None
     r = _result(args, cfg, mcfg, optimizer_name, sizes, in_flight, synced, compile_s,
                 first_step_s, loss)
     r["writer_s"] = writer_s
@@ -260,6 +275,14 @@ def _bench_step(args, model_name: str, optimizer_name: str,
     r["step_s_in_flight_median"] = statistics.median(intervals)
     r["step_s_in_flight_max"] = max(intervals)
     r["step_s_in_flight_each"] = [round(t, 6) for t in intervals]  # which step was slow
+    # Python's collector: a full pass over the heap as automatic collection would run it, a
+    # scheduled pass with the heap frozen, and each pass while the steps were timed with
+    # the call it fell in (counted from 1; in flight the first two calls are untimed, and
+    # a pause in call c shows in interval c − 3 or c − 2 of step_s_in_flight_each).
+    r["gc"] = {"every": args.gc_every, "full_collection_s": round(gc_full_s, 6),
+               "scheduled_collection_s": None if gc_scheduled_s is None
+               else round(gc_scheduled_s, 6),
+               "synced": gc_synced.summary(), "in_flight": gc_in_flight.summary()}
     # What the GPU ran at while each was timed: a profile's few steps can run at higher
     # clocks than the timed loop's many.
     r["gpu_clocks_synced"] = clocks_synced.summary()
