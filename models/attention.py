@@ -76,7 +76,9 @@ def rope_qkv(qkv: jax.Array, cos: jax.Array, sin: jax.Array, implementation: str
   gradient (q's, k's or v's) and q's and k's are rotated back, `g·cos − rotate_half(g·sin)`.
   (Differentiated automatically, the slices' gradients are zero-padded to the stacked shape
   and added, and XLA:GPU reads padded operands one bf16 at a time: the pass ran at half the
-  bandwidth on an H200.) No cotangent for `cos`, `sin`.
+  bandwidth on an H200.) With "pallas" that pass is one kernel too
+  (`elementwise_kernels.rope_grad`, 16-byte loads and stores where XLA's moves 8). No
+  cotangent for `cos`, `sin`.
   """
   if implementation == "pallas" and elementwise_kernels.aligned(qkv.shape[-1] // 2, qkv.dtype):
     return elementwise_kernels.rope_split(qkv, cos, sin)
@@ -89,14 +91,17 @@ def _rope_qkv_fwd(qkv, cos, sin, implementation):
 
 
 def _rope_qkv_bwd(implementation, res, grads):
-  del implementation
+  zeros = jnp.zeros_like(res[0]), jnp.zeros_like(res[1])
+  if implementation == "pallas" and elementwise_kernels.aligned(grads[0].shape[-1] // 2,
+                                                                grads[0].dtype):
+    return (elementwise_kernels.rope_grad(*grads, *res),) + zeros
   cos, sin = _between(*res, len(grads[0].shape) + 1)
   dq, dk, dv = (g[..., None, :, :] for g in grads)
   which = np.arange(3).reshape(3, 1, 1)  # a constant: q, k, v along the stacked axis
   g = jnp.where(which == 0, dq, jnp.where(which == 1, dk, dv)).astype(jnp.float32)
   rotated = g * cos - rotate_half(g * sin)
   dqkv = jnp.where(which < 2, rotated, g).astype(grads[2].dtype)
-  return dqkv, jnp.zeros_like(res[0]), jnp.zeros_like(res[1])
+  return (dqkv,) + zeros
 
 
 rope_qkv.defvjp(_rope_qkv_fwd, _rope_qkv_bwd)

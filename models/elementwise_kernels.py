@@ -40,6 +40,10 @@ from models import pallas_platform
 
 _TILE_ELEMENTS = 8192  # elements of one array's tile (rows × the padded row)
 _WIDTH = 1024  # columns one program takes: of gate and of up (SwiGLU), of each kernel (stack)
+# RoPE's kernels: (elements of one array's tile at most, warps). Compiled for an H100 at the
+# 350m step's shapes, 8192 and 4 warps hold 216–220 registers a thread (2048: 56).
+ROPE_TILE = (8192, 4)
+ROPE_GRAD_TILE = (2048, 4)
 
 
 def aligned(elements: int, dtype) -> bool:
@@ -50,16 +54,17 @@ def aligned(elements: int, dtype) -> bool:
   return elements * jnp.dtype(dtype).itemsize % 16 == 0
 
 
-def _rows(n: int, row_elements: int) -> int:
-  """The largest power of two that divides ``n`` with ``rows · row_elements`` ≤ 8192."""
+def _rows(n: int, row_elements: int, most: int = _TILE_ELEMENTS) -> int:
+  """The largest power of two that divides ``n`` with ``rows · row_elements`` ≤ ``most``
+  (at least 1)."""
   rows = 1
-  while rows * 2 * row_elements <= _TILE_ELEMENTS and n % (rows * 2) == 0:
+  while rows * 2 * row_elements <= most and n % (rows * 2) == 0:
     rows *= 2
   return rows
 
 
-def _compiler_params(interpret: bool):
-  return pallas_platform.compiler_params(interpret, num_warps=4)
+def _compiler_params(interpret: bool, warps: int = 4):
+  return pallas_platform.compiler_params(interpret, num_warps=warps)
 
 
 def _load(ref, index, mask):
@@ -102,19 +107,20 @@ def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, 
     _store(v_out, out_at(i), _load(qkv_ref, at(2, i), mask), mask)
 
 
-def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
+def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array, tile: tuple = ROPE_TILE):
   """``(q, k, v)`` out of ``qkv`` (batch, length, 3, heads, head_dim), q and k rotated by
   ``cos``, ``sin`` (batch, length, head_dim, or any shape that broadcasts to it):
   ``models.attention.rope_qkv``'s forward as one kernel. Each program takes rows of (batch ×
   length) whole: the stacked axis, the heads and each half of the head dimension padded to
-  powers of two (the padding never read)."""
+  powers of two (the padding never read). ``tile``: (elements of an array's tile at most,
+  warps), ``ROPE_TILE`` unless a benchmark compares others."""
   *lead, three, heads, head_dim = qkv.shape
   if three != 3 or head_dim % 2:
     raise ValueError(f"rope_split takes (…, 3, heads, even head_dim), got {qkv.shape}")
   half = head_dim // 2
   n = qkv.size // (3 * heads * head_dim)
   heads_p, half_p = pallas_platform.pow2_at_least(heads), pallas_platform.pow2_at_least(half)
-  rows = _rows(n, heads_p * 2 * half_p)
+  rows = _rows(n, heads_p * 2 * half_p, tile[0])
   cos, sin = (jnp.broadcast_to(a, tuple(lead) + (head_dim,)) for a in (cos, sin))
   out_spec = pl.BlockSpec((rows, 1, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0))
   table_spec = pl.BlockSpec((rows, 2, half_p), lambda i: (i, 0, 0))
@@ -126,11 +132,65 @@ def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
       in_specs=[pl.BlockSpec((rows, 4, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0)),
                 table_spec, table_spec],
       out_specs=(out_spec, out_spec, out_spec),
-      compiler_params=_compiler_params(interpret),
+      compiler_params=_compiler_params(interpret, tile[1]),
       interpret=interpret,
   )(qkv.reshape(n, 3, heads, 2, half), cos.reshape(n, 2, half), sin.reshape(n, 2, half)))
   shape = tuple(lead) + (heads, head_dim)
   return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+
+def _rope_grad_kernel(dq_ref, dk_ref, dv_ref, cos_ref, sin_ref, out_ref, *, heads: int,
+                      half: int):
+  _, _, heads_p, _, half_p = dq_ref.shape
+  mask = table_mask = None
+  if (heads_p, half_p) != (heads, half):
+    mask = ((jnp.arange(heads_p) < heads)[None, None, :, None, None]
+            & (jnp.arange(half_p) < half)[None, None, None, None, :])
+    table_mask = (jnp.arange(half_p) < half)[None, None, :]
+  at = lambda i: (slice(None), slice(None), slice(None), _half(i), slice(None))
+  out_at = lambda part, i: (slice(None), _half(part), slice(None), _half(i), slice(None))
+  table = lambda ref, i: _load(ref, (slice(None), _half(i), slice(None)),
+                               table_mask)[:, None, None]
+  cos = [table(cos_ref, i).astype(jnp.float32) for i in (0, 1)]
+  sin = [table(sin_ref, i).astype(jnp.float32) for i in (0, 1)]
+  for part, ref in ((0, dq_ref), (1, dk_ref)):
+    g1, g2 = (_load(ref, at(i), mask).astype(jnp.float32) for i in (0, 1))
+    # g·cos − rotate_half(g·sin), rotate_half(y) = (−y2, y1): RoPE's transpose.
+    _store(out_ref, out_at(part, 0), (g1 * cos[0] + g2 * sin[1]).astype(out_ref.dtype), mask)
+    _store(out_ref, out_at(part, 1), (g2 * cos[1] - g1 * sin[0]).astype(out_ref.dtype), mask)
+  for i in (0, 1):
+    _store(out_ref, out_at(2, i), _load(dv_ref, at(i), mask).astype(out_ref.dtype), mask)
+
+
+def rope_grad(dq: jax.Array, dk: jax.Array, dv: jax.Array, cos: jax.Array, sin: jax.Array,
+              tile: tuple = ROPE_GRAD_TILE):
+  """The gradient of ``rope_split``'s ``qkv`` (…, 3, heads, head_dim), in ``dv``'s dtype,
+  from the gradients of q, k and v (…, heads, head_dim): q's and k's rotated back,
+  ``g·cos − rotate_half(g·sin)``, and v's as it is, stacked. ``models.attention.rope_qkv``'s
+  backward as one kernel, each program rows of (batch × length) whole, 16 bytes at a time
+  (XLA's kernel moves 8). ``tile`` as ``rope_split``'s, ``ROPE_GRAD_TILE`` by default."""
+  *lead, heads, head_dim = dq.shape
+  if dk.shape != dq.shape or dv.shape != dq.shape or head_dim % 2:
+    raise ValueError(f"rope_grad takes dq, dk, dv of one shape (…, heads, even head_dim), got "
+                     f"{dq.shape}, {dk.shape}, {dv.shape}")
+  half = head_dim // 2
+  n = dq.size // (heads * head_dim)
+  heads_p, half_p = pallas_platform.pow2_at_least(heads), pallas_platform.pow2_at_least(half)
+  rows = _rows(n, heads_p * 2 * half_p, tile[0])
+  cos, sin = (jnp.broadcast_to(a, tuple(lead) + (head_dim,)) for a in (cos, sin))
+  grad_spec = pl.BlockSpec((rows, 1, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0))
+  table_spec = pl.BlockSpec((rows, 2, half_p), lambda i: (i, 0, 0))
+  grads = tuple(g.reshape(n, 1, heads, 2, half) for g in (dq, dk, dv))
+  out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
+      functools.partial(_rope_grad_kernel, heads=heads, half=half),
+      out_shape=jax.ShapeDtypeStruct((n, 3, heads, 2, half), dv.dtype),
+      grid=(n // rows,),
+      in_specs=[grad_spec, grad_spec, grad_spec, table_spec, table_spec],
+      out_specs=pl.BlockSpec((rows, 4, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0)),
+      compiler_params=_compiler_params(interpret, tile[1]),
+      interpret=interpret,
+  )(*grads, cos.reshape(n, 2, half), sin.reshape(n, 2, half)))
+  return out.reshape(tuple(lead) + (3, heads, head_dim))
 
 
 # ---------------------------------------------------------------------------- SwiGLU forward

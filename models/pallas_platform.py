@@ -53,7 +53,8 @@ def compute_capability() -> float:
 # What a failure of each group of the models' kernels names (its module, its functions).
 KERNEL_NAMES = {
     "norm": ("norm_kernels", "rms_norm"),
-    "elementwise": ("elementwise_kernels", "rope_split", "swiglu_grad", "_rope_kernel",
+    "elementwise": ("elementwise_kernels", "rope_split", "rope_grad", "_rope_grad_kernel",
+                    "swiglu_grad", "_rope_kernel",
                     "_swiglu_kernel", "_swiglu_fwd_kernel", "_stack_kernel", "loss_kernels",
                     "softmax_stats", "_stats_kernel", "softmax_grad", "_softmax_grad_kernel"),
 }

@@ -1,5 +1,5 @@
-"""RoPE's split, SwiGLU's forward and backward and the projections' stack as Pallas kernels
-(interpreted here) against the XLA forms they replace and against NumPy."""
+"""RoPE's split and its gradient, SwiGLU's forward and backward and the projections' stack as
+Pallas kernels (interpreted here) against the XLA forms they replace and against NumPy."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -67,15 +67,19 @@ class RopeSplitTest(parameterized.TestCase):
                          _numpy_rope(qkv, cos, sin)):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
-  def test_rope_qkv_takes_it_forward_and_keeps_its_backward(self):
-    qkv, cos, sin = _rope_inputs(ROPE_SHAPES[1], BF16)
-    grads = tuple(jax.random.normal(jax.random.key(i), qkv[:, :, 0].shape).astype(BF16)
-                  for i in (5, 6, 7))
-    out = {}
-    for impl in ("xla", "pallas"):
-      fwd, vjp = jax.vjp(lambda x, impl=impl: attention.rope_qkv(x, cos, sin, impl), qkv)
-      out[impl] = (fwd, vjp(grads))
-    chex.assert_trees_all_equal(out["pallas"], out["xla"])
+  def test_rope_qkv_takes_it_forward_and_rope_grad_backward(self):
+    qkv, cos, sin = _rope_inputs(ROPE_SHAPES[0], BF16)  # halves of 8 bf16: aligned
+    grads = _rope_grads(qkv)
+
+    def forward_and_backward(impl_is_pallas, qkv, grads):
+      impl = "pallas" if impl_is_pallas else "xla"
+      fwd, vjp = jax.vjp(lambda x: attention.rope_qkv(x, cos, sin, impl), qkv)
+      return fwd, vjp(grads)
+
+    f = lambda impl: jax.jit(forward_and_backward, static_argnums=0)(impl, qkv, grads)
+    chex.assert_trees_all_equal(f(True), f(False))
+    assert "pallas_call" in str(jax.make_jaxpr(
+        lambda g: jax.vjp(lambda x: attention.rope_qkv(x, cos, sin, "pallas"), qkv)[1](g))(grads))
 
   def test_positions_shared_by_the_batch(self):
     qkv, cos, sin = _rope_inputs((3, 4, 3, 2, 16), BF16)
@@ -87,6 +91,63 @@ class RopeSplitTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "rope_split takes"):
       elementwise_kernels.rope_split(jnp.zeros((1, 2, 2, 4, 8)), jnp.zeros((1, 2, 8)),
                                      jnp.zeros((1, 2, 8)))
+
+
+def _rope_grads(qkv, seed=5):
+  return tuple(jax.random.normal(jax.random.key(seed + i), qkv[:, :, 0].shape).astype(qkv.dtype)
+               for i in range(3))
+
+
+def _xla_rope_grad(dq, dk, dv, cos, sin):
+  bwd = attention._rope_qkv_bwd  # pylint: disable=protected-access
+  return bwd("xla", (cos, sin), (dq, dk, dv))[0]
+
+
+class RopeGradTest(parameterized.TestCase):
+
+  @parameterized.parameters(*ROPE_SHAPES, (2, 128, 3, 2, 64))
+  def test_the_xla_backward_up_to_a_fused_multiply_add(self, *shape):
+    """Both jitted. g1·cos + g2·sin in float32 is rounded once or twice depending on whether
+    XLA contracts it into a fused multiply-add, which differs between XLA's versions and
+    between the kernel and XLA's form: where the bf16 results differ (a handful of ties in
+    10⁵), by one bf16 step. v's gradient is copied: equal."""
+    qkv, cos, sin = _rope_inputs(shape, BF16)
+    grads = _rope_grads(qkv)
+    got = jax.jit(elementwise_kernels.rope_grad)(*grads, cos, sin)
+    want = jax.jit(_xla_rope_grad)(*grads, cos, sin)
+    assert got.shape == qkv.shape and got.dtype == BF16
+    got, want = (np.asarray(a, np.float32) for a in (got, want))
+    differ = got != want
+    assert differ.mean() < 1e-3
+    np.testing.assert_array_less(np.abs(got - want)[differ], np.abs(want[differ]) * 2**-7 + 1e-30)
+    np.testing.assert_array_equal(got[:, :, 2], want[:, :, 2])
+
+  @parameterized.parameters(*ROPE_SHAPES)
+  def test_matches_numpy(self, *shape):
+    """The transpose of the rotation: ⟨rope(x), g⟩ = ⟨x, rope_grad(g)⟩ for q and k; v's
+    gradient as it is."""
+    qkv, cos, sin = _rope_inputs(shape, jnp.float32, seed=3)
+    grads = _rope_grads(qkv)
+    got = np.asarray(elementwise_kernels.rope_grad(*grads, cos, sin), np.float64)
+    c, s_ = (np.asarray(a, np.float64)[:, :, None, :] for a in (cos, sin))
+    half = shape[-1] // 2
+    for part in (0, 1):
+      g = np.asarray(grads[part], np.float64)
+      g1, g2 = g[..., :half], g[..., half:]
+      want = np.concatenate([g1 * c[..., :half] + g2 * s_[..., half:],
+                             g2 * c[..., half:] - g1 * s_[..., :half]], -1)
+      np.testing.assert_allclose(got[:, :, part], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[:, :, 2], np.asarray(grads[2]))
+    x = np.asarray(qkv, np.float64)  # the adjoint identity, in float64
+    for part, rotated in zip((0, 1), _numpy_rope(qkv, cos, sin)):
+      lhs = np.sum(rotated * np.asarray(grads[part], np.float64))
+      np.testing.assert_allclose(lhs, np.sum(x[:, :, part] * got[:, :, part]), rtol=1e-5)
+
+  def test_refuses_other_shapes(self):
+    with self.assertRaisesRegex(ValueError, "rope_grad takes"):
+      elementwise_kernels.rope_grad(jnp.zeros((1, 2, 4, 8)), jnp.zeros((1, 2, 4, 8)),
+                                    jnp.zeros((1, 2, 4, 6)), jnp.zeros((1, 2, 8)),
+                                    jnp.zeros((1, 2, 8)))
 
 
 def _xla_swiglu(gate_up):
@@ -203,6 +264,15 @@ def test_tiles():
   assert elementwise_kernels._rows(16384, 2 * 1024) == 4  # pylint: disable=protected-access
   assert elementwise_kernels._rows(6, 64) == 2  # pylint: disable=protected-access
   assert elementwise_kernels._rows(5, 64) == 1  # pylint: disable=protected-access
+  assert elementwise_kernels._rows(16384, 1024, 2048) == 2  # pylint: disable=protected-access
+  # RoPE's kernels with another tile (rows a program, warps): the same values
+  qkv, cos, sin = _rope_inputs((2, 8, 3, 4, 16), BF16)
+  for tile in ((64, 4), (2048, 8)):
+    chex.assert_trees_all_equal(elementwise_kernels.rope_split(qkv, cos, sin, tile=tile),
+                                elementwise_kernels.rope_split(qkv, cos, sin))
+    grads = _rope_grads(qkv)
+    chex.assert_trees_all_equal(elementwise_kernels.rope_grad(*grads, cos, sin, tile=tile),
+                                elementwise_kernels.rope_grad(*grads, cos, sin))
 
 
 def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkeypatch):
@@ -221,13 +291,17 @@ def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkey
                       lambda *a: called.append("swiglu_forward") or real_forward(*a))
   monkeypatch.setattr(elementwise_kernels, "rope_split",
                       lambda *a: called.append("rope") or real_rope(*a))
+  real_rope_grad = elementwise_kernels.rope_grad
+  monkeypatch.setattr(elementwise_kernels, "rope_grad",
+                      lambda *a: called.append("rope_grad") or real_rope_grad(*a))
   for features, expected in ((1100, []), (48, ["swiglu_forward", "swiglu"])):
     gate_up, dh = _swiglu_inputs((1, 2), features, BF16)
     jax.vjp(lambda x: linears.swiglu(x, "pallas"), gate_up)[1](dh)
     assert called == expected, features
     called.clear()
-  for shape, expected in (((1, 2, 3, 2, 12), []), ((1, 2, 3, 2, 16), ["rope"])):
-    attention.rope_qkv(*_rope_inputs(shape, BF16), "pallas")  # halves of 6 or 8 bf16
+  for shape, expected in (((1, 2, 3, 2, 12), []), ((1, 2, 3, 2, 16), ["rope", "rope_grad"])):
+    qkv, cos, sin = _rope_inputs(shape, BF16)  # halves of 6 or 8 bf16
+    jax.vjp(lambda x: attention.rope_qkv(x, cos, sin, "pallas"), qkv)[1](_rope_grads(qkv))
     assert called == expected, shape
     called.clear()
   real_stack = elementwise_kernels.stack
@@ -292,11 +366,14 @@ def test_failures_name_their_kernels():
                     ((2, 8, 96), jnp.float32)]),
     ("swiglu_grad", [((2, 8, 2, 2736), BF16), ((2, 8, 2736), BF16)]),  # the last block masked
     ("swiglu_grad", [((2, 8, 2, 64), BF16), ((2, 8, 64), BF16)]),
+    ("rope_grad", [((2, 8, 4, 64), BF16)] * 3 + [((2, 8, 64), jnp.float32)] * 2),
+    ("rope_grad", [((2, 8, 12, 96), BF16)] * 3 + [((2, 8, 96), jnp.float32)] * 2),  # masked
     ("swiglu", [((2, 8, 2, 2736), BF16)]),  # the last block masked
     ("swiglu", [((2, 8, 2, 64), jnp.float32)]),
     ("stack", [((1024, 2736), BF16)] * 2),  # llama_350m's gate and up, the last block masked
     ("stack", [((64, 4, 16), jnp.float32)] * 3),  # three, cast to bf16
-], ids=["rope", "rope_masked", "swiglu_masked", "swiglu", "swiglu_forward_masked",
+], ids=["rope", "rope_masked", "swiglu_masked", "swiglu", "rope_grad", "rope_grad_masked",
+        "swiglu_forward_masked",
         "swiglu_forward", "stack_masked", "stack3"])
 def test_the_kernels_lower_to_triton_for_a_gpu(kernel, shapes):
   """Lowered for CUDA from this host, as a GPU compiles them: Triton's lowering takes fewer

@@ -253,6 +253,10 @@ try:
       "rope_split": (lambda x, c, s: model_attention.rope_qkv(x, c, s, "xla"),
                      elementwise_kernels.rope_split, (qkv, cos, sin),
                      2 * size(qkv) + size(cos, sin)),
+      "rope_grad": (lambda dq, dk, dv, c, s: model_attention._rope_qkv_bwd(
+                        "xla", (c, s), (dq, dk, dv))[0],
+                    elementwise_kernels.rope_grad, tuple(qkv[:, :, i] for i in range(3)) + (
+                        cos, sin), 2 * size(qkv) + size(cos, sin)),
       "stack_gate_up": (lambda *k: jnp.stack([x.astype(jnp.bfloat16) for x in k], axis=1),
                         lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), mlp_kernels,
                         1.5 * size(*mlp_kernels)),
@@ -260,6 +264,16 @@ try:
                     lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), qkv_kernels,
                     1.5 * size(*qkv_kernels)),
   }
+  # RoPE's kernels with other tiles (elements of an array's tile, warps): the defaults hold
+  # 216–220 registers a thread at 8192 elements and 4 warps, 56 at 2048 (compiled, H100).
+  for name in ("rope_split", "rope_grad"):
+    xla_form, kernel, args, nbytes = cases[name]
+    default = (elementwise_kernels.ROPE_TILE if name == "rope_split"
+               else elementwise_kernels.ROPE_GRAD_TILE)
+    for tile in ((8192, 4), (2048, 4), (4096, 8)):
+      if tile != tuple(default) and not tiny:
+        cases[f"{name}@{tile[0]}w{tile[1]}"] = (
+            xla_form, lambda *a, kernel=kernel, tile=tile: kernel(*a, tile=tile), args, nbytes)
   # The loss's backward over the loss's logits above, g · (softmax − one_hot), if it made them.
   if "logits" in globals() and "loss" in globals():
     m, s, _ = loss._reduce(logits, targets)
