@@ -1,7 +1,7 @@
-"""RoPE's split of the fused q/k/v product, SwiGLU forward and backward and the stack of the
-projections' kernels as Pallas kernels (Triton on a GPU).
+"""RoPE's split of the fused q/k/v product and its backward, SwiGLU forward and backward and
+the stack of the projections' kernels as Pallas kernels (Triton on a GPU).
 
-All four are element-wise passes that XLA:GPU runs below the memory bandwidth, or may, because
+All five are element-wise passes that XLA:GPU runs below the memory bandwidth, or may, because
 of how it indexes them rather than of what they move (the PTX of the llama_350m training step
 compiled for an H100):
 
@@ -10,6 +10,9 @@ compiled for an H100):
   the product's slices, loading a bf16 at a time where it cannot prove a slice aligned,
   and v in a second. Here one kernel reads the product's three slices and cos/sin, and
   writes q, k and v, with 16-byte loads and stores throughout.
+* ``rope_grad`` — RoPE's backward: q's and k's gradients rotated back and v's copied into
+  the stacked gradient of the fused product, which XLA's one kernel loads and stores 8
+  bytes at a time, this one 16.
 * ``swiglu`` — ``silu(gate) · up`` out of ``gate_up`` (…, 2, mlp), the larger of the
   forward's element-wise passes (6.5 GB a 350m step): XLA's kernel loads and stores 8 bytes
   at a time, this one 16.
@@ -24,7 +27,8 @@ compiled for an H100):
 The arithmetic is that of the XLA forms they replace (``models.attention.rope_qkv``,
 ``models.linears.swiglu``, ``jnp.stack``): the backward passes in float32, rounded once to
 the output's dtype; SwiGLU's forward rounded after each operation, as XLA computes
-``silu(gate) · up`` in bf16. On a backend other than a GPU the kernels run in Pallas's
+``silu(gate) · up`` in bf16. (RoPE's sums of two products may be rounded once or twice, as
+XLA contracts them into a fused multiply-add or not: rarely one bf16 step apart.) On a backend other than a GPU the kernels run in Pallas's
 interpreter (slow; for tests), where they agree with the XLA forms bit for bit.
 """
 from __future__ import annotations
