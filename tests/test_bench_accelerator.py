@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from unittest import mock
 
@@ -550,3 +552,18 @@ def test_the_archive_drops_traces_then_hlo_to_stay_under_its_limit(tmp_path):
   assert "a.xplane.pb" not in names(500_000) and "step.hlo.txt" in names(500_000)
   small = names(100_000)
   assert "step.hlo.txt" not in small and "x.json" in small
+
+
+def test_the_probe_leaves_out_the_sections_asked(tmp_path):
+  """--skip_probe: a second call need not measure the kernels the first measured."""
+  with pytest.raises(SystemExit):
+    accelerator.parse_args(["--out", str(tmp_path), "--skip_probe", "loss,kernels"])
+  assert accelerator.parse_args(["--out", str(tmp_path), "--skip_probe",
+                                 "loss,attention"]).skip_probe == "loss,attention"
+  probe = accelerator._PROBE  # pylint: disable=protected-access
+  done = subprocess.run([sys.executable, "-c", probe, "tiny", ",".join(accelerator.PROBE_SECTIONS)],
+                        capture_output=True, text=True, check=True, cwd=accelerator.ROOT,
+                        env=dict(os.environ, PYTHONPATH=accelerator.ROOT, JAX_PLATFORMS="cpu"))
+  info = json.loads([l for l in done.stdout.splitlines() if l.startswith("PROBE ")][-1][6:])
+  assert info["copy_GBps"] > 0 and info["matmul_bf16_TFLOPs"] > 0
+  assert not any(k.startswith(("norm_", "loss_", "elementwise_", "attention_")) for k in info)

@@ -126,6 +126,7 @@ def queued_s(f, *a, n=20):
   return statistics.median(times)
 
 tiny = sys.argv[1] == "tiny"
+skip = set(sys.argv[2].split(",")) if len(sys.argv) > 2 and sys.argv[2] else set()
 n = 2**22 if tiny else 2**29  # float32 elements: 16 MiB or 2 GiB
 x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
 s = median_s(jax.jit(lambda x: x * 1.5 + 0.5), x)
@@ -159,25 +160,26 @@ if len(draws) == 2:
 
 # The residual add + RMSNorm, forward and backward, as the Pallas kernels the models run on
 # one GPU and as XLA compiles it: time of each, and how far apart their results.
-try:
-  from models.normalization import RMSNorm
-  rows, width = (256, 96) if tiny else (16384, 1024)
-  x, h, ds, dy = (jax.random.normal(k, (rows, width), jnp.bfloat16)
-                  for k in jax.random.split(jax.random.key(2), 4))
-  params = {"params": {"scale": jnp.ones((width,), jnp.float32)}}
-  outs = {}
-  for name in ("xla", "pallas"):
-    norm = RMSNorm(1e-6, jnp.bfloat16, jnp.float32, implementation=name)
-    f = lambda x, h, p, norm=norm: norm.apply(p, x, h)
-    step = jax.jit(lambda x, h, p, f=f: (lambda o, vjp: (o, vjp((ds, dy))))(*jax.vjp(f, x, h, p)))
-    info[f"norm_{name}_ms"] = 1e3 * queued_s(step, x, h, params)
-    outs[name] = jax.device_get(step(x, h, params))
-  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                                         / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) or 1.0)),
-                      outs["pallas"], outs["xla"])
-  info["norm_pallas_max_rel_diff"] = max(jax.tree.leaves(diff))
-except Exception as e:  # recorded, not fatal: the parts say whether the models still run
-  info["norm_pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+if "norm" not in skip:
+  try:
+    from models.normalization import RMSNorm
+    rows, width = (256, 96) if tiny else (16384, 1024)
+    x, h, ds, dy = (jax.random.normal(k, (rows, width), jnp.bfloat16)
+                    for k in jax.random.split(jax.random.key(2), 4))
+    params = {"params": {"scale": jnp.ones((width,), jnp.float32)}}
+    outs = {}
+    for name in ("xla", "pallas"):
+      norm = RMSNorm(1e-6, jnp.bfloat16, jnp.float32, implementation=name)
+      f = lambda x, h, p, norm=norm: norm.apply(p, x, h)
+      step = jax.jit(lambda x, h, p, f=f: (lambda o, vjp: (o, vjp((ds, dy))))(*jax.vjp(f, x, h, p)))
+      info[f"norm_{name}_ms"] = 1e3 * queued_s(step, x, h, params)
+      outs[name] = jax.device_get(step(x, h, params))
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                                           / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) or 1.0)),
+                        outs["pallas"], outs["xla"])
+    info["norm_pallas_max_rel_diff"] = max(jax.tree.leaves(diff))
+  except Exception as e:  # recorded, not fatal: the parts say whether the models still run
+    info["norm_pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 print("PROBE " + json.dumps(info), flush=True)
 
 # The loss over the vocabulary at the trainer's 64×256 tokens and 32000 entries, bf16 logits:
@@ -187,43 +189,44 @@ print("PROBE " + json.dumps(info), flush=True)
 # sum). Then the same forward as the Pallas kernel (models.loss_kernels; an H200 ran XLA's
 # at 1.27 TB/s inside the 350m step) with its tile (tokens a program, columns a block,
 # warps), and three other tiles, each with its largest difference from XLA's loss.
-try:
-  from models import loss_kernels
-  from models import loss
-  from models.loss import token_nll
-  tokens, vocab = (256, 512) if tiny else (16384, 32000)
-  logits = jax.random.normal(jax.random.key(3), (tokens, vocab), jnp.bfloat16) * 4
-  targets = jax.random.randint(jax.random.key(4), (tokens,), 0, vocab)
-  def two_pass(x, t):
-    x = x.astype(jnp.float32)
-    return jax.nn.logsumexp(x, axis=-1) - jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0]
-  one_pass = lambda x, t: token_nll(x, t, "xla")
-  for name, f in (("one_pass", one_pass), ("two_pass", two_pass)):
-    info[f"loss_{name}_ms"] = 1e3 * queued_s(jax.jit(lambda x, t, f=f: jnp.sum(f(x, t))),
-                                             logits, targets)
-  info["loss_one_pass_grad_ms"] = 1e3 * queued_s(
-      jax.jit(jax.grad(lambda x, t: jnp.sum(one_pass(x, t)))), logits, targets)
-  info["loss_logits_GB"] = tokens * vocab * 2 / 1e9
-  reference = jax.jit(one_pass)(logits, targets)
-  info["loss_pallas_tile"] = list(loss_kernels.TILE)
-  def pallas_nll(x, t, tile):
-    m, s, picked = loss_kernels.softmax_stats(x, t, tile)
-    return m + jnp.log(s) - picked
-  for tile in (loss_kernels.TILE, (4, 2048, 8), (1, 4096, 8), (2, 2048, 4)):
-    if tile != loss_kernels.TILE and tiny:
-      continue
-    key = "" if tile == loss_kernels.TILE else "_{}x{}w{}".format(*tile)
-    try:
-      got = jax.jit(pallas_nll, static_argnums=2)(logits, targets, tile)
-      info[f"loss_pallas{key}_max_rel_diff"] = float(
-          jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
-      info[f"loss_pallas{key}_ms"] = 1e3 * queued_s(
-          jax.jit(lambda x, t, tile=tile: jnp.sum(pallas_nll(x, t, tile))), logits, targets)
-    except Exception as e:
-      info[f"loss_pallas{key}_error"] = (
-          f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-except Exception as e:
-  info["loss_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+if "loss" not in skip:
+  try:
+    from models import loss_kernels
+    from models import loss
+    from models.loss import token_nll
+    tokens, vocab = (256, 512) if tiny else (16384, 32000)
+    logits = jax.random.normal(jax.random.key(3), (tokens, vocab), jnp.bfloat16) * 4
+    targets = jax.random.randint(jax.random.key(4), (tokens,), 0, vocab)
+    def two_pass(x, t):
+      x = x.astype(jnp.float32)
+      return jax.nn.logsumexp(x, axis=-1) - jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0]
+    one_pass = lambda x, t: token_nll(x, t, "xla")
+    for name, f in (("one_pass", one_pass), ("two_pass", two_pass)):
+      info[f"loss_{name}_ms"] = 1e3 * queued_s(jax.jit(lambda x, t, f=f: jnp.sum(f(x, t))),
+                                               logits, targets)
+    info["loss_one_pass_grad_ms"] = 1e3 * queued_s(
+        jax.jit(jax.grad(lambda x, t: jnp.sum(one_pass(x, t)))), logits, targets)
+    info["loss_logits_GB"] = tokens * vocab * 2 / 1e9
+    reference = jax.jit(one_pass)(logits, targets)
+    info["loss_pallas_tile"] = list(loss_kernels.TILE)
+    def pallas_nll(x, t, tile):
+      m, s, picked = loss_kernels.softmax_stats(x, t, tile)
+      return m + jnp.log(s) - picked
+    for tile in (loss_kernels.TILE, (4, 2048, 8), (1, 4096, 8), (2, 2048, 4)):
+      if tile != loss_kernels.TILE and tiny:
+        continue
+      key = "" if tile == loss_kernels.TILE else "_{}x{}w{}".format(*tile)
+      try:
+        got = jax.jit(pallas_nll, static_argnums=2)(logits, targets, tile)
+        info[f"loss_pallas{key}_max_rel_diff"] = float(
+            jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
+        info[f"loss_pallas{key}_ms"] = 1e3 * queued_s(
+            jax.jit(lambda x, t, tile=tile: jnp.sum(pallas_nll(x, t, tile))), logits, targets)
+      except Exception as e:
+        info[f"loss_pallas{key}_error"] = (
+            f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+  except Exception as e:
+    info["loss_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 print("PROBE " + json.dumps(info), flush=True)
 
 # The models' element-wise Pallas kernels each alone at the 350m trainer step's shapes (a
@@ -231,72 +234,74 @@ print("PROBE " + json.dumps(info), flush=True)
 # kernels stacked into bf16), beside the XLA form each replaces, both jitted, and the
 # largest difference of their results: each kernel's own decision, whatever the whole
 # step's timing says of the set.
-try:
-  from models import attention as model_attention, elementwise_kernels, linears
-  tokens, mlp, heads = (256, 96, 2) if tiny else (16384, 2736, 16)
-  embed = heads * 64
-  keys = jax.random.split(jax.random.key(5), 6)
-  bf16 = lambda k, shape, scale=1.0: (scale * jax.random.normal(k, shape)).astype(jnp.bfloat16)
-  gate_up, dh = bf16(keys[0], (tokens, 2, mlp), 3.0), bf16(keys[1], (tokens, mlp))
-  batch = 64 if not tiny else 2
-  qkv = bf16(keys[2], (batch, tokens // batch, 3, heads, 64))
-  positions = jnp.broadcast_to(jnp.arange(tokens // batch), (batch, tokens // batch))
-  cos, sin = model_attention.rope_frequencies(positions, 64)
-  mlp_kernels = [jax.random.normal(k, (embed, mlp)) for k in jax.random.split(keys[3], 2)]
-  qkv_kernels = [jax.random.normal(k, (embed, heads, 64)) for k in jax.random.split(keys[4], 3)]
-  size = lambda *arrays: sum(a.size * a.dtype.itemsize for a in arrays)
-  cases = {  # name: (XLA's form, the Pallas kernel, arguments, GB read + written)
-      "swiglu": (lambda x: linears.swiglu(x, "xla"), elementwise_kernels.swiglu, (gate_up,),
-                 size(gate_up) * 1.5),
-      "swiglu_grad": (lambda x, g: linears._swiglu_grad_xla(x, g)[0],
-                      elementwise_kernels.swiglu_grad, (gate_up, dh), 2 * size(gate_up) + size(dh)),
-      "rope_split": (lambda x, c, s: model_attention.rope_qkv(x, c, s, "xla"),
-                     elementwise_kernels.rope_split, (qkv, cos, sin),
-                     2 * size(qkv) + size(cos, sin)),
-      "rope_grad": (lambda dq, dk, dv, c, s: model_attention._rope_qkv_bwd(
-                        "xla", (c, s), (dq, dk, dv))[0],
-                    elementwise_kernels.rope_grad, tuple(qkv[:, :, i] for i in range(3)) + (
-                        cos, sin), 2 * size(qkv) + size(cos, sin)),
-      "stack_gate_up": (lambda *k: jnp.stack([x.astype(jnp.bfloat16) for x in k], axis=1),
-                        lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), mlp_kernels,
-                        1.5 * size(*mlp_kernels)),
-      "stack_qkv": (lambda *k: jnp.stack([x.astype(jnp.bfloat16) for x in k], axis=1),
-                    lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), qkv_kernels,
-                    1.5 * size(*qkv_kernels)),
-  }
-  # RoPE's kernels with other tiles (elements of an array's tile, warps): the defaults hold
-  # 216–220 registers a thread at 8192 elements and 4 warps, 56 at 2048 (compiled, H100).
-  for name in ("rope_split", "rope_grad"):
-    xla_form, kernel, args, nbytes = cases[name]
-    default = (elementwise_kernels.ROPE_TILE if name == "rope_split"
-               else elementwise_kernels.ROPE_GRAD_TILE)
-    for tile in ((8192, 4), (2048, 4), (4096, 8)):
-      if tile != tuple(default) and not tiny:
-        cases[f"{name}@{tile[0]}w{tile[1]}"] = (
-            xla_form, lambda *a, kernel=kernel, tile=tile: kernel(*a, tile=tile), args, nbytes)
-  # The loss's backward over the loss's logits above, g · (softmax − one_hot), if it made them.
-  if "logits" in globals() and "loss" in globals():
-    m, s, _ = loss._reduce(logits, targets)
-    g = jnp.full(targets.shape, 1.0 / targets.size, jnp.float32)
-    cases["softmax_grad"] = (lambda *a: loss._token_nll_bwd("xla", a[:4], a[4])[0],
-                             loss_kernels.softmax_grad, (logits, targets, m, s, g),
-                             2 * size(logits) + size(targets, m, s, g))
-  kernels = info["elementwise_kernels"] = {}
-  for name, (xla_form, kernel, args, nbytes) in cases.items():
-    row = kernels[name] = {"GB": nbytes / 1e9}
-    try:
-      outs = {}
-      for impl, f in (("xla", xla_form), ("pallas", kernel)):
-        f = jax.jit(f)
-        row[f"{impl}_ms"] = 1e3 * queued_s(f, *args, n=2 if tiny else 20)  # interpreted: few
-        outs[impl] = [x.astype(jnp.float32) for x in jax.tree.leaves(f(*args))]
-      row["max_rel_diff"] = max(float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) or 1.0))
-                                for a, r in zip(outs["pallas"], outs["xla"]))
-    except Exception as e:
-      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-except Exception as e:
-  info["elementwise_kernels_error"] = (
-      f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+if "elementwise" not in skip:
+  try:
+    from models import attention as model_attention, elementwise_kernels, linears
+    tokens, mlp, heads = (256, 96, 2) if tiny else (16384, 2736, 16)
+    embed = heads * 64
+    keys = jax.random.split(jax.random.key(5), 6)
+    bf16 = lambda k, shape, scale=1.0: (scale * jax.random.normal(k, shape)).astype(jnp.bfloat16)
+    gate_up, dh = bf16(keys[0], (tokens, 2, mlp), 3.0), bf16(keys[1], (tokens, mlp))
+    batch = 64 if not tiny else 2
+    qkv = bf16(keys[2], (batch, tokens // batch, 3, heads, 64))
+    positions = jnp.broadcast_to(jnp.arange(tokens // batch), (batch, tokens // batch))
+    cos, sin = model_attention.rope_frequencies(positions, 64)
+    mlp_kernels = [jax.random.normal(k, (embed, mlp)) for k in jax.random.split(keys[3], 2)]
+    qkv_kernels = [jax.random.normal(k, (embed, heads, 64)) for k in jax.random.split(keys[4], 3)]
+    size = lambda *arrays: sum(a.size * a.dtype.itemsize for a in arrays)
+    cases = {  # name: (XLA's form, the Pallas kernel, arguments, GB read + written)
+        "swiglu": (lambda x: linears.swiglu(x, "xla"), elementwise_kernels.swiglu, (gate_up,),
+                   size(gate_up) * 1.5),
+        "swiglu_grad": (lambda x, g: linears._swiglu_grad_xla(x, g)[0],
+                        elementwise_kernels.swiglu_grad, (gate_up, dh),
+                        2 * size(gate_up) + size(dh)),
+        "rope_split": (lambda x, c, s: model_attention.rope_qkv(x, c, s, "xla"),
+                       elementwise_kernels.rope_split, (qkv, cos, sin),
+                       2 * size(qkv) + size(cos, sin)),
+        "rope_grad": (lambda dq, dk, dv, c, s: model_attention._rope_qkv_bwd(
+                          "xla", (c, s), (dq, dk, dv))[0],
+                      elementwise_kernels.rope_grad, tuple(qkv[:, :, i] for i in range(3)) + (
+                          cos, sin), 2 * size(qkv) + size(cos, sin)),
+        "stack_gate_up": (lambda *k: jnp.stack([x.astype(jnp.bfloat16) for x in k], axis=1),
+                          lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), mlp_kernels,
+                          1.5 * size(*mlp_kernels)),
+        "stack_qkv": (lambda *k: jnp.stack([x.astype(jnp.bfloat16) for x in k], axis=1),
+                      lambda *k: elementwise_kernels.stack(k, jnp.bfloat16), qkv_kernels,
+                      1.5 * size(*qkv_kernels)),
+    }
+    # RoPE's kernels with other tiles (elements of an array's tile, warps): the defaults hold
+    # 216–220 registers a thread at 8192 elements and 4 warps, 56 at 2048 (compiled, H100).
+    for name in ("rope_split", "rope_grad"):
+      xla_form, kernel, args, nbytes = cases[name]
+      default = (elementwise_kernels.ROPE_TILE if name == "rope_split"
+                 else elementwise_kernels.ROPE_GRAD_TILE)
+      for tile in ((8192, 4), (2048, 4), (4096, 8)):
+        if tile != tuple(default) and not tiny:
+          cases[f"{name}@{tile[0]}w{tile[1]}"] = (
+              xla_form, lambda *a, kernel=kernel, tile=tile: kernel(*a, tile=tile), args, nbytes)
+    # The loss's backward over the loss's logits above, g · (softmax − one_hot), if it made them.
+    if "logits" in globals() and "loss" in globals():
+      m, s, _ = loss._reduce(logits, targets)
+      g = jnp.full(targets.shape, 1.0 / targets.size, jnp.float32)
+      cases["softmax_grad"] = (lambda *a: loss._token_nll_bwd("xla", a[:4], a[4])[0],
+                               loss_kernels.softmax_grad, (logits, targets, m, s, g),
+                               2 * size(logits) + size(targets, m, s, g))
+    kernels = info["elementwise_kernels"] = {}
+    for name, (xla_form, kernel, args, nbytes) in cases.items():
+      row = kernels[name] = {"GB": nbytes / 1e9}
+      try:
+        outs = {}
+        for impl, f in (("xla", xla_form), ("pallas", kernel)):
+          f = jax.jit(f)
+          row[f"{impl}_ms"] = 1e3 * queued_s(f, *args, n=2 if tiny else 20)  # interpreted: few
+          outs[impl] = [x.astype(jnp.float32) for x in jax.tree.leaves(f(*args))]
+        row["max_rel_diff"] = max(float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) or 1.0))
+                                  for a, r in zip(outs["pallas"], outs["xla"]))
+      except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+  except Exception as e:
+    info["elementwise_kernels_error"] = (
+        f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
 print("PROBE " + json.dumps(info), flush=True)
 
 # Causal attention at the 350m step's shapes (64×256 tokens, 16 heads of 64, bf16), forward
@@ -306,42 +311,45 @@ print("PROBE " + json.dumps(info), flush=True)
 # models' blocks and three other choices of them. Each one's largest difference from XLA's,
 # relative to XLA's largest value; the bytes fused kernels move at least: q, k, v read and o
 # written forward, q, k, v, o, dO read and dq, dk, dv written backward.
-try:
-  b, l, h, hd = (2, 16, 2, 16) if tiny else (64, 256, 16, 64)
-  q, k, v, do = (jax.random.normal(key, (b, l, h, hd), jnp.bfloat16)
-                 for key in jax.random.split(jax.random.key(7), 4))
-  gpu = jax.default_backend() == "gpu"
-  from models import attention as model_attention
-  default = model_attention.PALLAS_BLOCKS  # the model's; then other blocks of the same kernel
-  backward = lambda n: dict(default, block_q_dkv=n, block_kv_dkv=n, block_q_dq=n, block_kv_dq=n)
-  impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                               implementation="xla")}
-  for name, blocks in (("pallas", default), ("pallas_bwd64", backward(64)),
-                       ("pallas_bwd128", backward(128)),
-                       ("pallas_all64", {n: 64 for n in default})):
-    impls[name] = lambda q, k, v, blocks=blocks: model_attention.pallas_attention(q, k, v, blocks)
-  if gpu:
-    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                  implementation="cudnn")
-  outs = {}
-  for name, f in impls.items():
-    try:
-      step = jax.jit(lambda q, k, v, do, f=f: (lambda o, vjp: (o, vjp(do)))(*jax.vjp(f, q, k, v)))
-      info[f"attention_{name}_ms"] = 1e3 * queued_s(step, q, k, v, do)
-      outs[name] = [x.astype(jnp.float32) for x in jax.tree.leaves(step(q, k, v, do))]
-    except Exception as e:
-      info[f"attention_{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-  for name, leaves in outs.items():
-    if name != "xla" and "xla" in outs:
-      info[f"attention_{name}_max_rel_diff"] = max(
-          float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) or 1.0))
-          for a, r in zip(leaves, outs["xla"]))
-  info["attention_shape"] = [b, l, h, hd]
-  info["attention_min_GB"] = 12 * b * l * h * hd * 2 / 1e9
-except Exception as e:
-  info["attention_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+if "attention" not in skip:
+  try:
+    b, l, h, hd = (2, 16, 2, 16) if tiny else (64, 256, 16, 64)
+    q, k, v, do = (jax.random.normal(key, (b, l, h, hd), jnp.bfloat16)
+                   for key in jax.random.split(jax.random.key(7), 4))
+    gpu = jax.default_backend() == "gpu"
+    from models import attention as model_attention
+    default = model_attention.PALLAS_BLOCKS  # the model's; then other blocks of the same kernel
+    backward = lambda n: dict(default, block_q_dkv=n, block_kv_dkv=n, block_q_dq=n, block_kv_dq=n)
+    impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                 implementation="xla")}
+    for name, blocks in (("pallas", default), ("pallas_bwd64", backward(64)),
+                         ("pallas_bwd128", backward(128)),
+                         ("pallas_all64", {n: 64 for n in default})):
+      impls[name] = lambda q, k, v, blocks=blocks: model_attention.pallas_attention(q, k, v, blocks)
+    if gpu:
+      impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                    implementation="cudnn")
+    outs = {}
+    for name, f in impls.items():
+      try:
+        step = jax.jit(lambda q, k, v, do, f=f: (lambda o, vjp: (o, vjp(do)))(*jax.vjp(f, q, k, v)))
+        info[f"attention_{name}_ms"] = 1e3 * queued_s(step, q, k, v, do)
+        outs[name] = [x.astype(jnp.float32) for x in jax.tree.leaves(step(q, k, v, do))]
+      except Exception as e:
+        info[f"attention_{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    for name, leaves in outs.items():
+      if name != "xla" and "xla" in outs:
+        info[f"attention_{name}_max_rel_diff"] = max(
+            float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) or 1.0))
+            for a, r in zip(leaves, outs["xla"]))
+    info["attention_shape"] = [b, l, h, hd]
+    info["attention_min_GB"] = 12 * b * l * h * hd * 2 / 1e9
+  except Exception as e:
+    info["attention_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 print("PROBE " + json.dumps(info), flush=True)
 """
+# The probe's sections that --skip_probe may leave out.
+PROBE_SECTIONS = ("norm", "loss", "elementwise", "attention")
 # Bytes one update must move per float32 parameter at least: read p, g, m, v and write p, m, v
 # (Adam, and SPAM, whose clip reads the v that Adam reads anyway); Stable-SPAM reads g twice
 # more before its element-wise pass: for max |g| (AdaClip), then for the norm of the clipped
@@ -390,9 +398,17 @@ def parse_args(argv=None):
                  help="leave out the parts whose name starts with one of these (comma-separated, "
                       "e.g. train_350m_xla_norm), recorded as skipped: what --parts selects, "
                       "less these")
+  p.add_argument("--skip_probe", default="",
+                 help="leave out these sections of the probe (comma-separated: "
+                      f"{', '.join(PROBE_SECTIONS)}), e.g. in a second call whose first "
+                      "measured them; the device and the ceilings are always probed")
   args = p.parse_args(argv)
   if not args.out:
     p.error("give --out DIR (or set $OUT)")
+  unknown = sorted(set(filter(None, args.skip_probe.split(","))) - set(PROBE_SECTIONS))
+  if unknown:
+    p.error(f"--skip_probe: unknown sections {', '.join(unknown)} "
+            f"(of {', '.join(PROBE_SECTIONS)})")
   if args.budget_s <= 0:
     p.error(f"--budget_s must be > 0, got {args.budget_s}")
   if args.torch_peer and not os.path.isfile(args.torch_peer):
@@ -1230,7 +1246,8 @@ def main(argv=None) -> dict:
 
   print(f"# accelerator benchmarks: budget {args.budget_s:.0f} s, out {out}, work {work}",
         flush=True)
-  probe_part = Part("probe", ["-c", _PROBE, "tiny" if args.tiny else "full"], 90, 5)
+  probe_part = Part("probe", ["-c", _PROBE, "tiny" if args.tiny else "full", args.skip_probe],
+                    90, 5)
   probe_part.result = run_part(probe_part, min(90.0, max(left(), 1.0)), logs_dir, env)
   probe = {}
   for line in probe_part.result["stdout"].splitlines():
