@@ -5,8 +5,8 @@ generation) pass walks every tracked object of the process: the model's and the 
 pytrees, jax's traced and compiled functions, the data pipeline. In a jax training process
 that pass can take a few hundred milliseconds, and it lands on whichever step happens to
 allocate past the threshold: that step's dispatch waits, the device drains its queue and
-the step time spikes (e.g. jax-ml/jax#30185, patrick-kidger/equinox#1145). The loop
-allocates little that is cyclic; reference counting frees the rest.
+the step time spikes (reported for jax training loops in patrick-kidger/equinox#1145). The
+loop allocates little that is cyclic; reference counting frees the rest.
 
 :func:`scheduled` is what large training codebases do about it: one full collection, then
 ``gc.freeze()`` (everything alive before the loop, which lives as long as the run, is never
