@@ -1,5 +1,6 @@
 """experiments/benchmarks/bench_train.py runs end to end at a tiny size and reports both
 measurements; with --profile and --hlo it keeps the trace's summary and the HLO's counts."""
+import gc
 import json
 import os
 
@@ -69,8 +70,11 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
   seen = []
   real = profile_summary.profile
 
+  collector_on = []
+
   def spy(*a, **kw):  # what the JSON held when the profiler started
     seen.append(json.loads(out.read_text()))
+    collector_on.append(gc.isenabled())
     return real(*a, **kw)
 
   monkeypatch.setattr(profile_summary, "profile", spy)
@@ -87,6 +91,8 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
                     "--profile", str(prof), "--profile_calls", "2", "--hlo", str(hlo),
                     "--json", str(out)])
   assert len(seen) == 2  # the steps waited for, then in flight
+  assert collector_on == [False, False]  # profiled on the trainer's collection schedule
+  assert gc.isenabled()  # and Python's collector as it was after the benchmark
   before = seen[0]["steps"]
   assert len(before) == 1 and before[0]["step_s"] > 0 and "profile" not in before[0]
   (step,) = json.loads(out.read_text())["steps"]

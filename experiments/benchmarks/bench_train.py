@@ -226,7 +226,8 @@ def _bench_step(args, model_name: str, optimizer_name: str,
                 checkpoint: Callable[[dict], None] | None) -> dict:
   label = f"{model_name}-{optimizer_name}"
   sizes = _sizes(args, model_name, optimizer_name)  # outside the mesh: unboxes the parameters
-  with trainer_step(args, model_name, optimizer_name) as (cfg, mcfg, init, step, batch):
+  with (trainer_step(args, model_name, optimizer_name) as (cfg, mcfg, init, step, batch),
+        contextlib.ExitStack() as gc_scope):
     state = init(jax.random.PRNGKey(cfg.seed))
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -256,18 +257,19 @@ def _bench_step(args, model_name: str, optimizer_name: str,
       collect(calls[0])  # as the trainer's loop, after the dispatch
       return out
 
-    with gc_policy.scheduled(args.gc_every) as collect:
-      call = lambda: calls[0]
-      with gpu_clocks.sampling() as clocks_synced, gc_policy.Pauses(call) as gc_synced:
-        calls[0] = 0
-        synced = timing.synced_times(run_once, args.steps)
-      with gpu_clocks.sampling() as clocks_in_flight, gc_policy.Pauses(call) as gc_in_flight:
-        calls[0] = 0
-        intervals = timing.in_flight_times(run_once, args.steps)  # as the trainer's loop runs
-      in_flight = sum(intervals) / len(intervals)
-      writer_s = metrics_writer_s([run_once() for _ in range(args.steps)])
-      loss = float(run_once()["loss"])
-      gc_scheduled_s = gc_policy.full_collection_s() if args.gc_every else None
+    # From here to the end of the model's measurement, the trainer's collection schedule.
+    collect = gc_scope.enter_context(gc_policy.scheduled(args.gc_every))
+    call = lambda: calls[0]
+    with gpu_clocks.sampling() as clocks_synced, gc_policy.Pauses(call) as gc_synced:
+      calls[0] = 0
+      synced = timing.synced_times(run_once, args.steps)
+    with gpu_clocks.sampling() as clocks_in_flight, gc_policy.Pauses(call) as gc_in_flight:
+      calls[0] = 0
+      intervals = timing.in_flight_times(run_once, args.steps)  # as the trainer's loop runs
+    in_flight = sum(intervals) / len(intervals)
+    writer_s = metrics_writer_s([run_once() for _ in range(args.steps)])
+    loss = float(run_once()["loss"])
+    gc_scheduled_s = gc_policy.full_collection_s() if args.gc_every else None
     r = _result(args, cfg, mcfg, optimizer_name, sizes, in_flight, synced, compile_s,
                 first_step_s, loss)
     r["writer_s"] = writer_s
