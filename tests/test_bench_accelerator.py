@@ -441,6 +441,12 @@ def test_memory_floor_and_profile_table():
          "fusion.1 6.00 (75%) |" in lines
   assert any(l.startswith("| train step llama_1b spam |") and "CUPTI \\| not found" in l
              for l in lines)
+  # with each category's rate: 5.4 GB of reductions in 2 ms
+  rated = dict(prof, category_GBps={"reduction": 2700.0})
+  lines = accelerator.profile_lines(dict(optimizer=None, model=[], train=[
+      dict(model="llama_350m", optimizer="spam", profile=rated)]))
+  assert "| train step llama_350m spam | 12 | 8.00 | 0.80 | matmul 6.00, reduction 2.00 " \
+         "(2,700 GB/s) | fusion.1 6.00 (75%) |" in lines
   # the trainer steps traced in flight
   in_flight = dict(prof, period_ms_per_call=11.0, between_ms_per_call=1.0, host_top=[
       dict(name="command_buffer::update", ms_per_call=3.5, count_per_call=1),

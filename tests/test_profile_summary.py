@@ -61,6 +61,18 @@ def test_summary_of_a_cpu_trace(traced):
     assert t["GB_per_call"] == pytest.approx(moved[t["op"]] * t["count_per_call"] / 1e9,
                                              rel=1e-3, abs=1e-4)
     assert t["GBps"] == pytest.approx(t["GB_per_call"] / t["ms_per_call"] * 1e3, rel=1e-2)
+  # each category's bytes over all its ops (listed in the top or not), and its rate
+  top2 = ps.summarize(path, CALLS, top=2, hlo_text=hlo)
+  assert top2["category_GB_per_call"] == s["category_GB_per_call"]  # not from the top alone
+  by_category = {}
+  for t in s["top"]:  # top=50: every op of this small module
+    by_category[t["category"]] = (by_category.get(t["category"], 0.0)
+                                  + moved.get(t["op"], 0) * t["count_per_call"] / 1e9)
+  assert s["category_GB_per_call"] == pytest.approx(
+      {c: v for c, v in by_category.items() if v}, rel=1e-3)
+  for c, gbps in s["category_GBps"].items():
+    assert gbps == pytest.approx(s["category_GB_per_call"][c] / s["categories"][c] * 1e3,
+                                 rel=1e-2)
 
 
 def test_rates_that_cannot_be_read_leave_the_summary(traced, monkeypatch):
@@ -71,6 +83,7 @@ def test_rates_that_cannot_be_read_leave_the_summary(traced, monkeypatch):
   monkeypatch.setattr(hlo_stats, "instruction_bytes", unreadable)
   s = ps.summarize(path, CALLS, hlo_text=hlo)
   assert s["top"] and not any("GBps" in t for t in s["top"])
+  assert "category_GBps" not in s
   assert "no rates: ValueError: odd HLO" in s["note"]
 
 

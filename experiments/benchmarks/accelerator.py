@@ -867,7 +867,8 @@ def profile_lines(res: dict) -> list:
   lines = ["", "## Where the device time goes (jax.profiler trace of a few calls)", "",
            "Busy: the union of the kernels' intervals per call; busy ÷ span below 1 is time "
            "the device waited between kernels (launches, host work).", "",
-           "| measured | kernels/call | busy ms | busy ÷ span | by category (ms) | largest ops "
+           "| measured | kernels/call | busy ms | busy ÷ span | by category (ms; the rate at "
+           "which its kernels together moved the HLO's bytes) | largest ops "
            "(ms, share of kernel time, the rate at which it moved the HLO's bytes) |",
            "|---|---:|---:|---:|---|---|"]
   for name, p in rows:
@@ -875,8 +876,10 @@ def profile_lines(res: dict) -> list:
       lines.append(f"| {name} | | | | profile failed: {_cell(p.get('error', '?'))} | |")
       continue
     span = p.get("span_ms_per_call")
-    cats = ", ".join(f"{k} {v:.2f}" for k, v in sorted(
-        p.get("categories", {}).items(), key=lambda kv: -kv[1])[:4])
+    rates = p.get("category_GBps") or {}
+    cats = ", ".join(f"{k} {v:.2f}" + (f" ({rates[k]:,.0f} GB/s)" if rates.get(k) else "")
+                     for k, v in sorted(p.get("categories", {}).items(),
+                                        key=lambda kv: -kv[1])[:4])
     top = ", ".join(f"{_cell(t['op'])} {t['ms_per_call']:.2f} ({t['share']:.0%}"
                     + (f", {t['GBps']:,.0f} GB/s" if t.get("GBps") else "") + ")"
                     for t in p.get("top", [])[:4])

@@ -351,10 +351,10 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
   by_kernel = kernel_names(categories)
   per_plane = [[unwrap_command_buffers(line, by_kernel) for line in lines]
                for lines in per_plane]
-  summary = _summary(per_plane, calls, top, categories, source, notes)
+  summary, counts = _summary(per_plane, calls, top, categories, source, notes)
   if hlo_text:
     try:
-      _add_rates(summary, hlo_text)
+      _add_rates(summary, hlo_text, counts)
     except Exception as e:  # pylint: disable=broad-except
       notes = [summary.get("note"), f"no rates: {type(e).__name__}: {e}".splitlines()[0]]
       summary["note"] = "; ".join(filter(None, notes))
@@ -364,9 +364,12 @@ def summarize(xplane_path: str, calls: int, *, top: int = 12, module: str | None
   return summary
 
 
-def _add_rates(summary: dict, hlo_text: str) -> None:
+def _add_rates(summary: dict, hlo_text: str, counts: dict | None = None) -> None:
   """Each top op's bytes per call (``GB_per_call``: the HLO's bytes of one launch times its
-  launches) and the rate its kernels moved them at (``GBps``), where the HLO names it."""
+  launches) and the rate its kernels moved them at (``GBps``), where the HLO names it; with
+  ``counts`` (op → launches per call, category) the same for each category over all its
+  ops (``category_GB_per_call``, ``category_GBps``): the rate of, say, every reduction
+  kernel together, hundreds of small ones that no top list shows."""
   from experiments.benchmarks import hlo_stats  # pylint: disable=import-outside-toplevel
   moved = hlo_stats.instruction_bytes(hlo_text)
   for t in summary.get("top", []):
@@ -375,6 +378,14 @@ def _add_rates(summary: dict, hlo_text: str) -> None:
       gb = per_launch * t["count_per_call"] / 1e9
       t["GB_per_call"] = float(f"{gb:.4g}")
       t["GBps"] = float(f"{gb / t['ms_per_call'] * 1e3:.4g}")
+  if counts:
+    gb = collections.Counter()
+    for op, (count, category) in counts.items():
+      gb[category] += moved.get(op, 0) * count / 1e9
+    summary["category_GB_per_call"] = {c: float(f"{v:.4g}") for c, v in gb.items() if v}
+    summary["category_GBps"] = {
+        c: float(f"{v / summary['categories'][c] * 1e3:.4g}") for c, v in gb.items()
+        if v and summary["categories"].get(c)}
 
 
 def host_events(planes, calls: int, *, top: int = 12) -> list[dict]:
@@ -459,7 +470,8 @@ def _summary(per_plane, calls, top, categories, source, notes) -> dict:
            for op in ranked])
   if notes:
     summary["note"] = "; ".join(notes)
-  return summary
+  counts = {op: (op_count[op] / n, category_of[op]) for op in op_ns}
+  return summary, counts
 
 
 def profile(run_once: Callable[[], object], calls: int, log_dir: str, *,
