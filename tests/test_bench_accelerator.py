@@ -46,7 +46,7 @@ def _tiny_run(tmp_path, skip=()):
                    + (["--skip_parts", ",".join(skip)] if skip else []))
   report, md = _report(out)
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
-  assert list(parts) == ["probe", "optimizer", "model_9m", "model_9m_xla_norm",
+  assert list(parts) == ["probe", "optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
                          "model_9m_xla_elementwise", "model_9m_pallas_attention", "peer",
                          "train_9m", "train_9m_xla_elementwise",
                          "train_9m_graphs_never_updated", "train_9m_two_executables",
@@ -95,8 +95,9 @@ def _check_tiny_run(report, md, parts, out):
                            else "no CUDA GPU (jax backend: cpu)"}
   assert parts["train_9m"]["status"] == "ok", parts["train_9m"]
   assert parts["train_9m_f32_logits"]["status"] == "ok", parts["train_9m_f32_logits"]
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_elementwise",
-               "model_9m_pallas_attention", "optimizer_scan", "hlo_optimizer", "blocks"):
+  for name in ("optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
+               "model_9m_xla_elementwise", "model_9m_pallas_attention", "optimizer_scan",
+               "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
   train, *others = report["results"]["train"]
   (two,) = [r for r in others if r.get("variant") == "two executables in turn"]
@@ -187,8 +188,9 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   accelerator.main(["--tiny", "--parts", "optimizer,model,train", "--out", str(tmp_path)])
   # Before each part, the report already holds every part before it.
   before = ["probe"]
-  for name in ("optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_elementwise",
-               "model_9m_pallas_attention", "peer", "train_9m", "train_9m_xla_elementwise",
+  for name in ("optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
+               "model_9m_xla_elementwise", "model_9m_pallas_attention", "peer", "train_9m",
+               "train_9m_xla_elementwise",
                "train_9m_graphs_never_updated", "train_9m_two_executables",
                "train_9m_no_cuda_graphs", "train_9m_f32_logits", "optimizer_scan",
                "train_9m_xla_norm"):
@@ -252,8 +254,8 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
   for name in ("train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
                "train_9m_xla_norm", "train_9m_f32_logits", "train_9m_xla_elementwise",
-               "optimizer", "model_9m", "model_9m_xla_norm", "model_9m_xla_elementwise",
-               "model_9m_pallas_attention",
+               "optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
+               "model_9m_xla_elementwise", "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
   assert all(t["status"] == "not measured" for t in report["results"]["targets"])
@@ -266,7 +268,7 @@ def test_the_device_plan(tmp_path):
   args = accelerator.parse_args(["--out", str(tmp_path)])
   parts = accelerator.plan(args, str(tmp_path / "work"))
   names = [p.name for p in parts]
-  assert names == ["optimizer", "model_350m", "model_60m", "model_60m_xla_norm",
+  assert names == ["optimizer", "optimizer_bf16", "model_350m", "model_60m", "model_60m_xla_norm",
                    "model_350m_xla_elementwise", "model_350m_pallas_attention", "peer",
                    "train_60m", "train_130m", "train_350m", "train_1b",
                    "train_350m_xla_elementwise", "train_350m_graphs_never_updated",
@@ -276,7 +278,8 @@ def test_the_device_plan(tmp_path):
                    "train_350m_xla_norm", "hlo_optimizer", "blocks", "model_1b"]
   by_name = dict(zip(names, parts))
   profiled = {n for n, p in by_name.items() if "--profile" in p.argv}
-  assert profiled == {"optimizer", "model_350m", "model_60m", "train_60m", "train_130m",
+  assert profiled == {"optimizer", "optimizer_bf16", "model_350m", "model_60m", "train_60m",
+                      "train_130m",
                       "train_350m", "train_1b", "train_350m_no_cuda_graphs",
                       "train_350m_graphs_never_updated", "train_350m_two_executables",
                       "optimizer_scan"}
@@ -311,6 +314,9 @@ def test_the_device_plan(tmp_path):
     assert (value("--batch"), value("--seq_len" if name.startswith("model") else "--length")) == (
         "64", "256")
   assert "--size" in by_name["optimizer"].argv and "1b" in by_name["optimizer"].argv
+  argv = by_name["optimizer_bf16"].argv  # the bf16 trainer's update at its deciding size
+  assert argv[argv.index("--size") + 1] == "350m" and "350m" in bench_optimizer.SIZES
+  assert argv[argv.index("--dtype") + 1] == "bfloat16"
   # every optimizer the part names, bench_optimizer knows (its list is split at commas)
   argv = by_name["optimizer"].argv
   named = argv[argv.index("--optimizers") + 1].split(",")

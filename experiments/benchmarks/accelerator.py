@@ -477,6 +477,15 @@ def plan(args, work: str) -> list:
       "spam d=0.25 (loop redraw)",
       "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
+  # The update as the bf16 trainer runs it, at its deciding size: parameters and moments in
+  # bf16, which XLA:GPU loads 4 at a time (8 bytes, where float32 loads 16), writing them
+  # in place. In the third H200 run the 350m step's reductions, SPAM's update most of
+  # them, moved ≈ 6.4 GB in ≈ 4 ms (≈ 1.6 TB/s): this part times adamw's and spam's bf16
+  # updates alone, with each kernel category's rate in their profiles.
+  parts.append(Part("optimizer_bf16", _module("bench_optimizer") + [
+      "--size", "tiny" if args.tiny else "350m", "--dtype", "bfloat16", "--sequential",
+      "--optimizers", "spam", "--json", js("optimizer_bf16")]
+      + opt_iters + prof("optimizer_bf16"), 90, 30, js("optimizer_bf16")))
   parts += [model_part(s) for s in model_sizes]
   def model_variant(size, suffix, flags):
     """The bf16 model step at ``size`` again with ``flags`` (no profile): its own part."""
@@ -692,9 +701,9 @@ def _peer_rows(part: Part) -> list:
 
 def collect(parts: dict) -> dict:
   """Results of every part and the targets they decide."""
-  res = {"optimizer": None, "optimizer_scan": None, "blocks": None, "model": [], "train": [],
-         "peer": [], "hlo": []}
-  for name in ("optimizer", "optimizer_scan"):
+  res = {"optimizer": None, "optimizer_scan": None, "optimizer_bf16": None, "blocks": None,
+         "model": [], "train": [], "peer": [], "hlo": []}
+  for name in ("optimizer", "optimizer_scan", "optimizer_bf16"):
     if name in parts:
       res[name] = _read_json(parts[name].json_file)
   if "blocks" in parts:
@@ -857,6 +866,9 @@ def profile_lines(res: dict) -> list:
     rows.append((f"update {r['name']}", r.get("profile")))
   for r in (res.get("optimizer_scan") or {}).get("optimizers", []):
     rows.append((f"update {r['name']}, scanned layers", r.get("profile")))
+  bf16_opt = res.get("optimizer_bf16") or {}
+  for r in bf16_opt.get("optimizers", []):
+    rows.append((f"update {r['name']}, {bf16_opt.get('size')} bf16", r.get("profile")))
   for r in res["model"]:
     rows.append((f"fwd+bwd {r['model']} {r['quant']}", r.get("profile")))
   for r in res["train"]:
@@ -1134,7 +1146,7 @@ def markdown(report: dict) -> str:
         f"{t['limit']:.0%}" if pct else f"{t['limit']:.2f}×")
     note = f" ({t['note']})" if t["note"] else ""
     lines.append(f"| {t['target']} | {value} | {limit} | {t['status']}{note} |")
-  for opt in (res["optimizer"], res.get("optimizer_scan")):
+  for opt in (res["optimizer"], res.get("optimizer_scan"), res.get("optimizer_bf16")):
     if not opt:
       continue
     layout = ", scanned layers" if opt.get("scan_layers") else ""
@@ -1157,7 +1169,7 @@ def markdown(report: dict) -> str:
                    f"{_f(r['x_adamw'], '{:.2f}')} | {_f(floor, '{:.2f}')} | "
                    f"{_f(over, '{:.2f}')} | {_f(r['compile_s'])} | "
                    f"{r['state_bytes'] / 2**20:,.1f} |")
-  if res["optimizer"] or res.get("optimizer_scan"):
+  if res["optimizer"] or res.get("optimizer_scan") or res.get("optimizer_bf16"):
     lines += ["", "The memory floor: the bytes an update must move at least (float32: "
               "p, g, m, v read and p, m, v written, 28 B per parameter; Stable-SPAM 36 B, as "
               "its max |g| and then the norm of the clipped g read g twice more) over the "

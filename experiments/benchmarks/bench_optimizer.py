@@ -59,6 +59,9 @@ from spam_optax._tree_util import tree_map_unzip
 SIZES = {
     # LLaMA-60M of the SPAM paper's 60M run (58,073,600 params).
     "small": models.get_config("llama_60m"),
+    # LLaMA-350M, the trainer's deciding size (with --dtype bfloat16, its update as the
+    # bf16 trainer runs it: parameters and moments in bf16).
+    "350m": models.get_config("llama_350m"),
     # LLaMA-1B (1,339,082,752 params).
     "1b": models.get_config("llama_1b"),
     # For the tests: the same layout, seconds to run.
