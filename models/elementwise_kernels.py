@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,21 +88,27 @@ def _half(i: int):
 # ------------------------------------------------------------------------------- RoPE split
 
 
-def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, half: int):
-  _, _, heads_p, _, half_p = qkv_ref.shape
-  # Masks built, not sliced from one another: Triton's lowering has no slice of a value.
+def _rope_masks_and_tables(cos_ref, sin_ref, heads: int, half: int, padded: tuple):
+  """The mask of the real heads and half-dimensions within a program's padded (…, heads_p,
+  2, half_p) block (None when nothing is padded), and cos and sin for each half, as
+  (rows, 1, 1, 1, half_p) float32 (the same for every head)."""
+  heads_p, half_p = padded
   mask = table_mask = None
   if (heads_p, half_p) != (heads, half):
+    # Masks built, not sliced from one another: Triton's lowering has no slice of a value.
     mask = ((jnp.arange(heads_p) < heads)[None, None, :, None, None]
             & (jnp.arange(half_p) < half)[None, None, None, None, :])
     table_mask = (jnp.arange(half_p) < half)[None, None, :]
+  table = lambda ref, i: _load(ref, (slice(None), _half(i), slice(None)),
+                               table_mask)[:, None, None].astype(jnp.float32)
+  return mask, [table(cos_ref, i) for i in (0, 1)], [table(sin_ref, i) for i in (0, 1)]
+
+
+def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, half: int):
+  _, _, heads_p, _, half_p = qkv_ref.shape
+  mask, cos, sin = _rope_masks_and_tables(cos_ref, sin_ref, heads, half, (heads_p, half_p))
   at = lambda part, i: (slice(None), _half(part), slice(None), _half(i), slice(None))
   out_at = lambda i: (slice(None), slice(None), slice(None), _half(i), slice(None))
-  # cos, sin: (rows, 2, half) -> (rows, 1, 1, 1, half) per half, the same for every head.
-  table = lambda ref, i: _load(ref, (slice(None), _half(i), slice(None)),
-                               table_mask)[:, None, None]
-  cos = [table(cos_ref, i).astype(jnp.float32) for i in (0, 1)]
-  sin = [table(sin_ref, i).astype(jnp.float32) for i in (0, 1)]
   for part, out in ((0, q_out), (1, k_out)):
     x1, x2 = (_load(qkv_ref, at(part, i), mask).astype(jnp.float32) for i in (0, 1))
     # x·cos + rotate_half(x)·sin, rotate_half(x) = (−x2, x1): HF LLaMA's rotation.
@@ -109,6 +116,39 @@ def _rope_kernel(qkv_ref, cos_ref, sin_ref, q_out, k_out, v_out, *, heads: int, 
     _store(out, out_at(1), (x2 * cos[1] + x1 * sin[1]).astype(out.dtype), mask)
   for i in (0, 1):
     _store(v_out, out_at(i), _load(qkv_ref, at(2, i), mask), mask)
+
+
+class _RopeLayout(NamedTuple):
+  """How RoPE's kernels see (…, heads, head_dim) arrays: ``n`` rows of (…), each as (heads,
+  2, half), padded to powers of two in a program's block, ``rows`` of them a program."""
+  lead: tuple
+  n: int
+  heads: int
+  half: int
+  padded: tuple
+  rows: int
+
+
+def _rope_layout(lead, heads: int, head_dim: int, tile: tuple) -> _RopeLayout:
+  half = head_dim // 2
+  padded = pallas_platform.pow2_at_least(heads), pallas_platform.pow2_at_least(half)
+  n = math.prod(lead)
+  return _RopeLayout(tuple(lead), n, heads, half, padded,
+                     _rows(n, padded[0] * 2 * padded[1], tile[0]))
+
+
+def _rope_tables(layout: _RopeLayout, cos: jax.Array, sin: jax.Array):
+  """cos and sin broadcast to (…, head_dim) and viewed as (n, 2, half), and their spec."""
+  shape = layout.lead + (2 * layout.half,)
+  tables = tuple(jnp.broadcast_to(a, shape).reshape(layout.n, 2, layout.half)
+                 for a in (cos, sin))
+  return tables, pl.BlockSpec((layout.rows, 2, layout.padded[1]), lambda i: (i, 0, 0))
+
+
+def _rope_block(layout: _RopeLayout, stacked: int):
+  """The spec of a program's block of ``stacked`` (1, or 3 padded to 4) arrays' rows."""
+  return pl.BlockSpec((layout.rows, stacked, layout.padded[0], 2, layout.padded[1]),
+                      lambda i: (i, 0, 0, 0, 0))
 
 
 def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array, tile: tuple = ROPE_TILE):
@@ -121,24 +161,19 @@ def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array, tile: tuple = ROP
   *lead, three, heads, head_dim = qkv.shape
   if three != 3 or head_dim % 2:
     raise ValueError(f"rope_split takes (…, 3, heads, even head_dim), got {qkv.shape}")
-  half = head_dim // 2
-  n = qkv.size // (3 * heads * head_dim)
-  heads_p, half_p = pallas_platform.pow2_at_least(heads), pallas_platform.pow2_at_least(half)
-  rows = _rows(n, heads_p * 2 * half_p, tile[0])
-  cos, sin = (jnp.broadcast_to(a, tuple(lead) + (head_dim,)) for a in (cos, sin))
-  out_spec = pl.BlockSpec((rows, 1, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0))
-  table_spec = pl.BlockSpec((rows, 2, half_p), lambda i: (i, 0, 0))
+  layout = _rope_layout(lead, heads, head_dim, tile)
+  n, half = layout.n, layout.half
+  tables, table_spec = _rope_tables(layout, cos, sin)
   out = jax.ShapeDtypeStruct((n, 1, heads, 2, half), qkv.dtype)
   q, k, v = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
       functools.partial(_rope_kernel, heads=heads, half=half),
       out_shape=(out, out, out),
-      grid=(n // rows,),
-      in_specs=[pl.BlockSpec((rows, 4, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0)),
-                table_spec, table_spec],
-      out_specs=(out_spec, out_spec, out_spec),
+      grid=(n // layout.rows,),
+      in_specs=[_rope_block(layout, 4), table_spec, table_spec],
+      out_specs=(_rope_block(layout, 1),) * 3,
       compiler_params=_compiler_params(interpret, tile[1]),
       interpret=interpret,
-  )(qkv.reshape(n, 3, heads, 2, half), cos.reshape(n, 2, half), sin.reshape(n, 2, half)))
+  )(qkv.reshape(n, 3, heads, 2, half), *tables))
   shape = tuple(lead) + (heads, head_dim)
   return q.reshape(shape), k.reshape(shape), v.reshape(shape)
 
@@ -146,17 +181,9 @@ def rope_split(qkv: jax.Array, cos: jax.Array, sin: jax.Array, tile: tuple = ROP
 def _rope_grad_kernel(dq_ref, dk_ref, dv_ref, cos_ref, sin_ref, out_ref, *, heads: int,
                       half: int):
   _, _, heads_p, _, half_p = dq_ref.shape
-  mask = table_mask = None
-  if (heads_p, half_p) != (heads, half):
-    mask = ((jnp.arange(heads_p) < heads)[None, None, :, None, None]
-            & (jnp.arange(half_p) < half)[None, None, None, None, :])
-    table_mask = (jnp.arange(half_p) < half)[None, None, :]
+  mask, cos, sin = _rope_masks_and_tables(cos_ref, sin_ref, heads, half, (heads_p, half_p))
   at = lambda i: (slice(None), slice(None), slice(None), _half(i), slice(None))
   out_at = lambda part, i: (slice(None), _half(part), slice(None), _half(i), slice(None))
-  table = lambda ref, i: _load(ref, (slice(None), _half(i), slice(None)),
-                               table_mask)[:, None, None]
-  cos = [table(cos_ref, i).astype(jnp.float32) for i in (0, 1)]
-  sin = [table(sin_ref, i).astype(jnp.float32) for i in (0, 1)]
   for part, ref in ((0, dq_ref), (1, dk_ref)):
     g1, g2 = (_load(ref, at(i), mask).astype(jnp.float32) for i in (0, 1))
     # g·cos − rotate_half(g·sin), rotate_half(y) = (−y2, y1): RoPE's transpose.
@@ -177,23 +204,19 @@ def rope_grad(dq: jax.Array, dk: jax.Array, dv: jax.Array, cos: jax.Array, sin: 
   if dk.shape != dq.shape or dv.shape != dq.shape or head_dim % 2:
     raise ValueError(f"rope_grad takes dq, dk, dv of one shape (…, heads, even head_dim), got "
                      f"{dq.shape}, {dk.shape}, {dv.shape}")
-  half = head_dim // 2
-  n = dq.size // (heads * head_dim)
-  heads_p, half_p = pallas_platform.pow2_at_least(heads), pallas_platform.pow2_at_least(half)
-  rows = _rows(n, heads_p * 2 * half_p, tile[0])
-  cos, sin = (jnp.broadcast_to(a, tuple(lead) + (head_dim,)) for a in (cos, sin))
-  grad_spec = pl.BlockSpec((rows, 1, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0))
-  table_spec = pl.BlockSpec((rows, 2, half_p), lambda i: (i, 0, 0))
+  layout = _rope_layout(lead, heads, head_dim, tile)
+  n, half = layout.n, layout.half
+  tables, table_spec = _rope_tables(layout, cos, sin)
   grads = tuple(g.reshape(n, 1, heads, 2, half) for g in (dq, dk, dv))
   out = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
       functools.partial(_rope_grad_kernel, heads=heads, half=half),
       out_shape=jax.ShapeDtypeStruct((n, 3, heads, 2, half), dv.dtype),
-      grid=(n // rows,),
-      in_specs=[grad_spec, grad_spec, grad_spec, table_spec, table_spec],
-      out_specs=pl.BlockSpec((rows, 4, heads_p, 2, half_p), lambda i: (i, 0, 0, 0, 0)),
+      grid=(n // layout.rows,),
+      in_specs=[_rope_block(layout, 1)] * 3 + [table_spec, table_spec],
+      out_specs=_rope_block(layout, 4),
       compiler_params=_compiler_params(interpret, tile[1]),
       interpret=interpret,
-  )(*grads, cos.reshape(n, 2, half), sin.reshape(n, 2, half)))
+  )(*grads, *tables))
   return out.reshape(tuple(lead) + (3, heads, head_dim))
 
 

@@ -44,6 +44,13 @@ def aligned(vocab: int, dtype) -> bool:
   return vocab * jnp.dtype(dtype).itemsize % 16 == 0
 
 
+def _tiling(n: int, vocab: int, tile: tuple) -> tuple[int, int, int]:
+  """Tokens a program (the largest power of two ≤ the tile's that divides ``n``), columns a
+  block (the tile's, at most the vocabulary's next power of two), warps."""
+  most_rows, most_width, warps = tile
+  return _rows(n, most_rows), min(most_width, pallas_platform.pow2_at_least(vocab)), warps
+
+
 def _rows(n: int, most: int) -> int:
   """The largest power of two ≤ ``most`` that divides ``n``."""
   rows = 1
@@ -89,10 +96,8 @@ def softmax_stats(logits: jax.Array, targets: jax.Array, tile: tuple = TILE):
   if tuple(lead) != tuple(targets.shape):
     raise ValueError(f"softmax_stats takes logits (…, vocab) and targets (…), got "
                      f"{logits.shape} and {targets.shape}")
-  most_rows, most_width, warps = tile
   n = targets.size
-  rows = _rows(n, most_rows)
-  width = min(most_width, pallas_platform.pow2_at_least(vocab))
+  rows, width, warps = _tiling(n, vocab, tile)
   row_spec = pl.BlockSpec((rows,), lambda i: (i,))
   out = jax.ShapeDtypeStruct((n,), jnp.float32)
   m, s, p = pallas_platform.on_platform(lambda interpret: pl.pallas_call(
@@ -130,10 +135,8 @@ def softmax_grad(logits: jax.Array, targets: jax.Array, m: jax.Array, s: jax.Arr
   if any(tuple(a.shape) != tuple(lead) for a in (targets, m, s, g)):
     raise ValueError(f"softmax_grad takes logits (…, vocab) and targets, m, s, g (…), got "
                      f"{logits.shape} and {[tuple(a.shape) for a in (targets, m, s, g)]}")
-  most_rows, most_width, warps = tile
   n = targets.size
-  rows = _rows(n, most_rows)
-  width = min(most_width, pallas_platform.pow2_at_least(vocab))
+  rows, width, warps = _tiling(n, vocab, tile)
   row_spec = pl.BlockSpec((rows,), lambda i, j: (i,))
   tile_spec = pl.BlockSpec((rows, width), lambda i, j: (i, j))
   flat = lambda a, dtype=jnp.float32: a.reshape(n).astype(dtype)
