@@ -33,9 +33,8 @@ def _report(out):
 # The trainer variants that differ from the trainer part only in XLA flags a CPU ignores
 # (CUDA graphs) or in a flag another test covers (`--norm xla`, `--elementwise xla`,
 # test_attention_fallback): the default run leaves them out; the slow run takes them too.
-VARIANTS_LEFT_OUT = ("train_9m_xla_elementwise", "train_9m_scan_layers",
-                     "train_9m_graphs_never_updated", "train_9m_no_cuda_graphs",
-                     "train_9m_xla_norm")
+VARIANTS_LEFT_OUT = ("train_9m_xla_elementwise", "train_9m_graphs_never_updated",
+                     "train_9m_no_cuda_graphs", "train_9m_xla_norm")
 
 
 def _tiny_run(tmp_path, skip=()):
@@ -49,7 +48,7 @@ def _tiny_run(tmp_path, skip=()):
   parts = {p["name"]: {k: v for k, v in p.items() if k != "name"} for p in report["parts"]}
   assert list(parts) == ["probe", "optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
                          "model_9m_xla_elementwise", "model_9m_pallas_attention", "peer",
-                         "train_9m", "train_9m_xla_elementwise", "train_9m_scan_layers",
+                         "train_9m", "train_9m_xla_elementwise",
                          "train_9m_graphs_never_updated", "train_9m_two_executables",
                          "train_9m_no_cuda_graphs",
                          "train_9m_f32_logits", "optimizer_scan",
@@ -191,7 +190,7 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
   before = ["probe"]
   for name in ("optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
                "model_9m_xla_elementwise", "model_9m_pallas_attention", "peer", "train_9m",
-               "train_9m_xla_elementwise", "train_9m_scan_layers",
+               "train_9m_xla_elementwise",
                "train_9m_graphs_never_updated", "train_9m_two_executables",
                "train_9m_no_cuda_graphs", "train_9m_f32_logits", "optimizer_scan",
                "train_9m_xla_norm"):
@@ -255,7 +254,7 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path):
   assert parts["peer"]["reason"].startswith("no --torch_peer given")
   for name in ("train_9m", "train_9m_no_cuda_graphs", "train_9m_graphs_never_updated",
                "train_9m_xla_norm", "train_9m_f32_logits", "train_9m_xla_elementwise",
-               "train_9m_scan_layers", "optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
+               "optimizer", "optimizer_bf16", "model_9m", "model_9m_xla_norm",
                "model_9m_xla_elementwise", "model_9m_pallas_attention",
                "optimizer_scan", "hlo_optimizer", "blocks"):
     assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("budget:")
@@ -272,8 +271,7 @@ def test_the_device_plan(tmp_path):
   assert names == ["optimizer", "optimizer_bf16", "model_350m", "model_60m", "model_60m_xla_norm",
                    "model_350m_xla_elementwise", "model_350m_pallas_attention", "peer",
                    "train_60m", "train_130m", "train_350m", "train_1b",
-                   "train_350m_xla_elementwise", "train_350m_scan_layers",
-                   "train_350m_graphs_never_updated",
+                   "train_350m_xla_elementwise", "train_350m_graphs_never_updated",
                    "train_350m_two_executables",
                    "train_350m_no_cuda_graphs",
                    "train_60m_f32_logits", "optimizer_scan", "train_130m_f32_logits",
@@ -284,12 +282,7 @@ def test_the_device_plan(tmp_path):
                       "train_130m",
                       "train_350m", "train_1b", "train_350m_no_cuda_graphs",
                       "train_350m_graphs_never_updated", "train_350m_two_executables",
-                      "train_350m_scan_layers", "optimizer_scan"}
-  argv = by_name["train_350m_scan_layers"].argv  # the deciding step with its layers scanned
-  assert argv.count("--scan_layers") == 1 and "llama_350m" in argv
-  with_scan = accelerator.plan(accelerator.parse_args(["--out", str(tmp_path), "--scan_layers"]),
-                               str(tmp_path / "work"))
-  assert "train_350m_scan_layers" not in [p.name for p in with_scan]  # scanned already
+                      "optimizer_scan"}
   assert [n for n, p in by_name.items() if "--hlo" in p.argv] == ["train_350m"]
   for name in ("model_60m_xla_norm", "train_350m_xla_norm"):  # the same step, XLA's norm
     argv = by_name[name].argv

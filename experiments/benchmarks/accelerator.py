@@ -22,8 +22,8 @@ skipping what no longer fits in ``--budget_s``:
 4. ``bench_train``: the trainer's whole step, spam, bf16, 64×256, at 60m, 130m, 350m, 1b,
    each profiled (1b again with activation checkpointing if it runs out of memory); at 350m
    also the compiled step's HLO (kernels, cuDNN attention or not, loops, donated buffers);
-   then the 350m step again with XLA's element-wise forms, with its layers scanned
-   (profiled), without CUDA graphs (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``)
+   then the 350m step again with XLA's element-wise forms, without CUDA graphs
+   (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``)
    and with its graph never updated (``--xla_gpu_command_buffer_update_mode=NEVER_UPDATE``;
    ``VMM_PERSISTENT_TEMP`` where XLA rejects that name), both profiled, and the 60m step
    with ``--logits_dtype float32`` (the default, as HF LLaMA in bf16, is bf16 logits); the
@@ -551,15 +551,6 @@ def plan(args, work: str) -> list:
   # projections' stacks and loss reduction: whether the Pallas kernels (the default on one GPU) make the step
   # faster, measured first among the variants, as it decides that default.
   parts.append(train_variant(deciding, "xla_elementwise", ["--elementwise", "xla"]))
-  # ... and with its layers scanned (one block compiled, parameters stacked on a leading
-  # axis; the trainer's --scan_layers), profiled. Per layer, the bf16 update of the 350m
-  # step is 532 kernels of 10 MB on average, each a few microseconds, whose ramp and tail
-  # weigh (its reductions moved ≈ 1.6 TB/s on the third H200 run); stacked, each kind of
-  # leaf is one kernel. The model's scan costs its own (dynamic slices of the stacked
-  # parameters, the loop).
-  if not args.scan_layers:
-    parts.append(train_variant(deciding, "scan_layers", ["--scan_layers"], env=with_flags(),
-                               profiled=True))
   # The size that decides the trainer target again with its CUDA graph never updated,
   # profiled in flight. On the H200 its step in flight took 79.6 ms, the waited-for step's
   # best (79.5), while its 3-step trace in flight ran one every 76.3 ms; the host spent 3.2
@@ -823,7 +814,6 @@ VARIANTS = {
     "_no_cuda_graphs": "no CUDA graphs",  # XLA:GPU launching each kernel itself
     "_graphs_never_updated": "CUDA graphs never updated",  # buffers remapped instead
     "_two_executables": "two executables in turn",  # each keeps its buffers' addresses
-    "_scan_layers": "scanned layers",  # one block scanned over the stacked layers
 }
 NO_CUDA_GRAPHS = "--xla_gpu_enable_command_buffer="
 GRAPHS_NEVER_UPDATED = "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"
@@ -858,8 +848,7 @@ def _tags(row: dict, *extra) -> str:
   row."""
   variant = row.get("variant")
   return "".join(f" ({tag})" for tag, on in (
-      ("remat", row.get("remat")),
-      ("scan", row.get("scan_layers") and variant != "scanned layers"), *extra,
+      ("remat", row.get("remat")), ("scan", row.get("scan_layers")), *extra,
       ("XLA attention", row.get("attention") == "xla"),
       ("Pallas attention", row.get("attention") == "pallas" and variant != "Pallas attention"),
       (variant, variant is not None)) if on)
