@@ -317,6 +317,10 @@ def test_the_device_plan(tmp_path):
   argv = by_name["optimizer_bf16"].argv  # the bf16 trainer's update at its deciding size
   assert argv[argv.index("--size") + 1] == "350m" and "350m" in bench_optimizer.SIZES
   assert argv[argv.index("--dtype") + 1] == "bfloat16"
+  named = argv[argv.index("--optimizers") + 1].split(",")
+  assert named == ["spam", "scale_by_spam (no clip)"]
+  assert all(n in {**bench_optimizer.optimizers(0.25), **bench_optimizer.block_optimizers()}
+             for n in named)
   # every optimizer the part names, bench_optimizer knows (its list is split at commas)
   argv = by_name["optimizer"].argv
   named = argv[argv.index("--optimizers") + 1].split(",")

@@ -484,10 +484,12 @@ def plan(args, work: str) -> list:
   # bf16, which XLA:GPU loads 4 at a time (8 bytes, where float32 loads 16), writing them
   # in place. In the third H200 run the 350m step's reductions, SPAM's update most of
   # them, moved ≈ 6.4 GB in ≈ 4 ms (≈ 1.6 TB/s): this part times adamw's and spam's bf16
-  # updates alone, with each kernel category's rate in their profiles.
+  # updates alone, with each kernel category's rate in their profiles, and SPAM's moments
+  # without its clip (statically off: no clip count, so no reduction in the update's
+  # kernels) to tell the count's reduction from bf16's loads.
   parts.append(Part("optimizer_bf16", _module("bench_optimizer") + [
       "--size", "tiny" if args.tiny else "350m", "--dtype", "bfloat16", "--sequential",
-      "--optimizers", "spam", "--json", js("optimizer_bf16")]
+      "--optimizers", "spam,scale_by_spam (no clip)", "--json", js("optimizer_bf16")]
       + opt_iters + prof("optimizer_bf16"), 90, 30, js("optimizer_bf16")))
   parts += [model_part(s) for s in model_sizes]
   def model_variant(size, suffix, flags):
