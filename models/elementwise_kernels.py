@@ -27,9 +27,10 @@ compiled for an H100):
 The arithmetic is that of the XLA forms they replace (``models.attention.rope_qkv``,
 ``models.linears.swiglu``, ``jnp.stack``): the backward passes in float32, rounded once to
 the output's dtype; SwiGLU's forward rounded after each operation, as XLA computes
-``silu(gate) · up`` in bf16. (RoPE's sums of two products may be rounded once or twice, as
-XLA contracts them into a fused multiply-add or not: rarely one bf16 step apart.) On a backend other than a GPU the kernels run in Pallas's
-interpreter (slow; for tests), where they agree with the XLA forms bit for bit.
+``silu(gate) · up`` in bf16. On a backend other than a GPU the kernels run in Pallas's
+interpreter (slow; for tests), where they agree with the XLA forms bit for bit, but for
+RoPE's sums of two products, which XLA may round once (a fused multiply-add) or twice:
+there, rarely, one bf16 step apart.
 """
 from __future__ import annotations
 
