@@ -51,20 +51,6 @@ def test_bench_train_smoke(tmp_path, capsys):
     assert gc_row[phase]["passes"] == {"0": 0, "1": 0, "2": 0}, phase  # automatic: off
 
 
-def test_bench_train_with_pythons_automatic_collection(tmp_path):
-  out = tmp_path / "bench.json"
-  bench_train.main(["--models", "llama_9m", "--optimizers", "adamw", "--batch", "2",
-                    "--length", "16", "--steps", "2", "--warmup", "0", "--no_loader",
-                    "--gc_every", "0", "--json", str(out)])
-  gc_row = json.loads(out.read_text())["steps"][0]["gc"]
-  assert gc_row["every"] == 0 and gc_row["scheduled_collection_s"] is None
-  for phase in ("synced", "in_flight"):  # whatever passes ran, each with its call
-    for p in gc_row[phase]["passes"].values():
-      assert p >= 0
-    longest = gc_row[phase]["longest"]
-    assert longest is None or 1 <= longest["step"] <= 3
-
-
 def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
   out, prof, hlo = tmp_path / "bench.json", tmp_path / "prof", tmp_path / "hlo"
   seen = []

