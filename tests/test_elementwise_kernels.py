@@ -296,12 +296,14 @@ def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkey
                       lambda *a: called.append("rope_grad") or real_rope_grad(*a))
   for features, expected in ((1100, []), (48, ["swiglu_forward", "swiglu"])):
     gate_up, dh = _swiglu_inputs((1, 2), features, BF16)
-    jax.vjp(lambda x: linears.swiglu(x, "pallas"), gate_up)[1](dh)
+    jax.eval_shape(lambda x, d: jax.vjp(lambda y: linears.swiglu(y, "pallas"), x)[1](d),
+                   gate_up, dh)  # traced: the kernels taken, nothing computed
     assert called == expected, features
     called.clear()
   for shape, expected in (((1, 2, 3, 2, 12), []), ((1, 2, 3, 2, 16), ["rope", "rope_grad"])):
     qkv, cos, sin = _rope_inputs(shape, BF16)  # halves of 6 or 8 bf16
-    jax.vjp(lambda x: attention.rope_qkv(x, cos, sin, "pallas"), qkv)[1](_rope_grads(qkv))
+    jax.eval_shape(lambda x, d: jax.vjp(lambda y: attention.rope_qkv(y, cos, sin, "pallas"),
+                                        x)[1](d), qkv, _rope_grads(qkv))
     assert called == expected, shape
     called.clear()
   real_stack = elementwise_kernels.stack
@@ -311,10 +313,10 @@ def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkey
   for features, quant, expected in ((1100, None, []), (48, None, ["stack"]),
                                     (48, models.QuantConfig(weight_group=16), [])):
     weights = [(jnp.ones((16, features), jnp.float32), quant, None) for _ in range(2)]
-    linears.fused_projections(x, weights, BF16, "pallas")
+    jax.eval_shape(lambda: linears.fused_projections(x, weights, BF16, "pallas"))
     assert called == expected, (features, quant)
     called.clear()
-  linears.fused_projections(x, weights[:1] * 2, BF16, "xla")
+  jax.eval_shape(lambda: linears.fused_projections(x, weights[:1] * 2, BF16, "xla"))
   assert not called
 
 
@@ -333,7 +335,7 @@ def test_llama_with_the_kernels_is_the_same_model():
                               param_dtype="float32", scan_layers=True,
                               norm_implementation="xla", elementwise_implementation="xla")
   tokens = jax.random.randint(jax.random.key(0), (2, config.max_seq_len), 0, config.vocab_size)
-  params = models.Llama(config).init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(models.Llama(config).init)(jax.random.key(1), tokens)["params"]
 
   def loss_and_grads(cfg):
     def loss(p):
