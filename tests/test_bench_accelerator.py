@@ -32,9 +32,10 @@ def _report(out):
 
 # The trainer variants that differ from the trainer part only in XLA flags a CPU ignores
 # (CUDA graphs) or in a flag another test covers (`--norm xla`, `--elementwise xla`,
-# test_attention_fallback): the default run leaves them out; the slow run takes them too.
+# test_attention_fallback; `--two_executables`, test_bench_train): the default run leaves
+# them out; the slow run takes them too.
 VARIANTS_LEFT_OUT = ("train_9m_xla_elementwise", "train_9m_graphs_never_updated",
-                     "train_9m_no_cuda_graphs", "train_9m_xla_norm")
+                     "train_9m_two_executables", "train_9m_no_cuda_graphs", "train_9m_xla_norm")
 
 
 def _tiny_run(tmp_path, skip=()):
@@ -61,8 +62,8 @@ def _tiny_run(tmp_path, skip=()):
 
 def test_tiny_run_measures_the_trainer_and_records_the_rest(tmp_path):
   report, md, parts = _tiny_run(tmp_path, skip=VARIANTS_LEFT_OUT)
-  train, two, f32_logits = report["results"]["train"]
-  assert two.get("variant") == "two executables in turn" and not f32_logits.get("variant")
+  train, f32_logits = report["results"]["train"]
+  assert not train.get("variant") and not f32_logits.get("variant")
   assert "| llama_9m (no CUDA graphs) |" not in md
 
 
@@ -84,6 +85,9 @@ def test_tiny_run_with_every_trainer_variant(tmp_path):
   assert "| llama_9m (XLA norm) | 2×16 |" in md
   assert "| llama_9m (no CUDA graphs) | 2×16 |" in md
   assert "| llama_9m (CUDA graphs never updated) | 2×16 |" in md
+  assert two["variant"] == "two executables in turn" and two["two_executables"]
+  assert two["loss"] == train["loss"]  # the same steps, run by two executables in turn
+  assert "| llama_9m (two executables in turn) | 2×16 |" in md
 
 
 def _check_tiny_run(report, md, parts, out):
@@ -100,11 +104,9 @@ def _check_tiny_run(report, md, parts, out):
                "hlo_optimizer", "blocks"):
     assert parts[name] == {"status": "skipped", "reason": "not in --parts"}
   train, *others = report["results"]["train"]
-  (two,) = [r for r in others if r.get("variant") == "two executables in turn"]
   (f32_logits,) = [r for r in others if r["logits_dtype"] == "float32"]
+  assert not f32_logits.get("variant")
   assert train["norm"] == "xla"  # on a CPU the norm kernels are XLA's
-  assert two["variant"] == "two executables in turn" and two["two_executables"]
-  assert two["loss"] == train["loss"]  # the same steps, run by two executables in turn
   env = report["environment"]
   assert env["norm_pallas_ms"] > 0 and env["norm_xla_ms"] > 0
   assert env["norm_pallas_max_rel_diff"] < 2e-2
@@ -141,7 +143,6 @@ def _check_tiny_run(report, md, parts, out):
   peer_row = [t for t in report["results"]["targets"] if "PyTorch peer" in t["target"]]
   assert [t["status"] for t in peer_row] == ["not measured"] * len(report["results"]["train"])
   assert "| llama_9m (float32 logits) | 2×16 |" in md
-  assert "| llama_9m (two executables in turn) | 2×16 |" in md
   assert "The host's longest events per step in flight" in md
   assert "| train_9m | ok |" in md and "| peer | skipped |" in md
   # no nvidia-smi on a CPU host (or one that answers): each part says why it has no clocks

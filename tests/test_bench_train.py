@@ -4,8 +4,13 @@ import gc
 import json
 import os
 
+import chex
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
+import spam_optax
 from experiments.benchmarks import bench_train, gpu_clocks, profile_summary
 
 
@@ -122,11 +127,8 @@ def test_command_line_error_is_one_line_with_status_2():
 
 
 def test_two_executables_in_turn():
-  """``--two_executables``: the step compiled twice, the two run in turn (the accelerator's
-  tiny run checks that the trainer step gives the same loss that way)."""
-  import jax
-  import jax.numpy as jnp
-
+  """``--two_executables``: the step compiled twice, the two run in turn; a step that
+  donates its state (as the trainer's) gives the same states that way as one executable."""
   f = jax.jit(lambda x: x * 2.0)
   lowered = f.lower(jnp.ones(3))
   first = lowered.compile()
@@ -138,3 +140,22 @@ def test_two_executables_in_turn():
   for _ in range(5):
     step(0)
   assert calls == ["a", "b", "a", "b", "a"]
+
+  opt = spam_optax.spam(1e-2, warmup_steps=2, reset_interval=3)
+
+  def train(params, opt_state, batch):
+    grads = jax.grad(lambda p: jnp.sum((p["w"] * batch) ** 2))(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+  batches = [jnp.full((3, 4), 0.5 + i) for i in range(7)]
+  lowered = jax.jit(train, donate_argnums=(0, 1)).lower(params, opt.init(params), batches[0])
+  finals = []
+  for step in (lowered.compile(),
+               bench_train.alternating(lowered.compile(), bench_train.twin_executable(lowered))):
+    state = (jax.tree.map(jnp.copy, params), opt.init(params))
+    for batch in batches:
+      state = step(*state, batch)
+    finals.append(jax.device_get(state))
+  chex.assert_trees_all_equal(*finals)
