@@ -232,9 +232,11 @@ def test_rows_are_truncated_or_padded_and_padding_is_out_of_the_loss(fake_c4):
                                                dtype="float32", param_dtype="float32")
   model = models.Llama(tiny)
   tokens = jnp.asarray(batch[0])
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
-  loss = float(ts.lm_loss(model, params, tokens, tok.pad_id, jax.random.key(1)))
-  logp = jax.nn.log_softmax(model.apply({"params": params}, tokens)[:, :-1], axis=-1)
+  # Compiled: op by op, the model's operations are dispatched one at a time (seconds).
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+  loss = float(jax.jit(lambda p: ts.lm_loss(model, p, tokens, tok.pad_id, jax.random.key(1)))(
+      params))
+  logp = jax.nn.log_softmax(jax.jit(model.apply)({"params": params}, tokens)[:, :-1], axis=-1)
   targets = np.asarray(tokens[:, 1:])
   nll = -np.take_along_axis(np.asarray(logp), targets[..., None], axis=-1)[..., 0]
   real = targets != PAD

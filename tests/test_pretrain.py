@@ -183,9 +183,9 @@ def test_lm_loss_is_the_shifted_token_mean_over_unpadded_targets(tiny_model_conf
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (3, 12)),
                        jnp.int32)
   tokens = tokens.at[2, 8:].set(0)  # a padded row
-  params = model.init(jax.random.key(0), tokens)["params"]
-  loss = train_step.lm_loss(model, params, tokens, 0, jax.random.key(1))
-  logits = np.asarray(model.apply({"params": params}, tokens), np.float64)[:, :-1]
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]  # compiled: op by op is slower
+  loss = jax.jit(lambda p: train_step.lm_loss(model, p, tokens, 0, jax.random.key(1)))(params)
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, tokens), np.float64)[:, :-1]
   targets = np.asarray(tokens)[:, 1:]
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)

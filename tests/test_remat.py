@@ -17,7 +17,7 @@ def _saved(policy, capsys):
   block = models.llama.DecoderBlock(CFG)
   x = jnp.ones((2, 16, 32), jnp.bfloat16)
   positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-  params = block.init(jax.random.key(0), (x, x), positions)
+  params = jax.jit(block.init)(jax.random.key(0), (x, x), positions)
 
   def loss(p, x):
     f = jax.checkpoint(lambda p, x: block.apply(p, (x, x), positions), policy=policy)

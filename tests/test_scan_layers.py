@@ -25,7 +25,7 @@ def _params_and_tokens(seed=0):
   """Unrolled parameters (from the real init) and a batch of tokens."""
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(1, TINY.vocab_size, (2, 16)), jnp.int32)
-  params = nn.meta.unbox(models.Llama(TINY).init(jax.random.key(seed), tokens)["params"])
+  params = nn.meta.unbox(jax.jit(models.Llama(TINY).init)(jax.random.key(seed), tokens)["params"])
   return params, tokens
 
 

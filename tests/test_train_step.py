@@ -16,13 +16,14 @@ def test_the_trainer_loss_takes_the_models_switch(monkeypatch):
                               param_dtype="float32", norm_implementation="xla",
                               elementwise_implementation="xla")
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, config.vocab_size)
-  params = models.Llama(config).init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(models.Llama(config).init)(jax.random.key(1), tokens)["params"]
   called = []
   real = loss_kernels.softmax_stats
   monkeypatch.setattr(loss_kernels, "softmax_stats", lambda *a: called.append(1) or real(*a))
   losses = {}
   for implementation in ("xla", "pallas"):
     model = models.Llama(config.replace(elementwise_implementation=implementation))
-    losses[implementation] = train_step.lm_loss(model, params, tokens, -1, jax.random.key(2))
+    losses[implementation] = jax.jit(  # compiled: the interpreted kernel op by op takes seconds
+        lambda p, m=model: train_step.lm_loss(m, p, tokens, -1, jax.random.key(2)))(params)
     assert bool(called) == (implementation == "pallas")
   np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-6)
