@@ -27,36 +27,10 @@ class _Clocks:
     return {"samples": 1, "sm_mhz_median": mhz, "sm_mhz_min": mhz, "sm_mhz_max": mhz}
 
 
-def test_bench_train_smoke(tmp_path, capsys):
-  out = tmp_path / "bench.json"
-  bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
-                    "--length", "16", "--steps", "1", "--warmup", "0", "--loader_batches", "2",
-                    "--json", str(out)])
-  text = capsys.readouterr().out
-  assert "loader: --dataset stdlib" in text and "| llama_9m | spam | float32 | 2×16 |" in text
-  result = json.loads(out.read_text())
-  step, loader = result["steps"][0], result["loader"]
-  assert step["tokens_per_s"] > 0 and step["mfu"] is None  # no peak on CPU
-  assert step["tokens_per_s"] == 2 * 16 / step["step_s"]  # as the trainer runs
-  assert 0 < step["step_s_synced_min"] <= step["step_s_synced"]
-  assert loader["tokens_per_s"] > 0 and loader["batch"] == 2 and loader["length"] == 16
-  assert step["writer_s"] > 0
-  # no nvidia-smi on this machine's PATH (or one that answers): said, and the step timed anyway
-  assert set(step["gpu_clocks_in_flight"]) <= {"error", "samples", "sm_mhz_median",
-                                               "sm_mhz_min", "sm_mhz_max", "mem_mhz_median",
-                                               "power_w_median", "power_w_max",
-                                               "temperature_c_max", "reasons", "seconds"}
-  assert "llama_9m-spam in flight: clocks: " in text
-  assert "metrics writer, host ms per step (while the next step runs): llama_9m/spam " in text
-  # Python's collector: the trainer's schedule (every 100 steps: none while 1 step is timed)
-  gc_row = step["gc"]
-  assert gc_row["every"] == 100 and gc_row["full_collection_s"] > 0
-  assert gc_row["scheduled_collection_s"] > 0
-  for phase in ("synced", "in_flight"):
-    assert gc_row[phase]["passes"] == {"0": 0, "1": 0, "2": 0}, phase  # automatic: off
-
-
-def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
+def test_bench_train_with_its_loader_profile_and_hlo(tmp_path, monkeypatch, capsys):
+  """One run at a tiny size: the step's and the loader's rates, the collector's schedule,
+  the GPU's clocks (a stand-in sampler: the real one without nvidia-smi is the accelerator
+  test's), the two profiles and the HLO's counts."""
   out, prof, hlo = tmp_path / "bench.json", tmp_path / "prof", tmp_path / "hlo"
   seen = []
   real = profile_summary.profile
@@ -78,9 +52,26 @@ def test_bench_train_profile_and_hlo(tmp_path, monkeypatch):
   monkeypatch.setattr(_Clocks, "phases", profiling)
   monkeypatch.setattr(gpu_clocks, "sampling", sampling)
   bench_train.main(["--models", "llama_9m", "--optimizers", "spam", "--batch", "2",
-                    "--length", "16", "--steps", "1", "--warmup", "0", "--no_loader",
+                    "--length", "16", "--steps", "1", "--warmup", "0", "--loader_batches", "2",
                     "--profile", str(prof), "--profile_calls", "2", "--hlo", str(hlo),
                     "--json", str(out)])
+  text = capsys.readouterr().out
+  assert "loader: --dataset stdlib" in text and "| llama_9m | spam | float32 | 2×16 |" in text
+  result = json.loads(out.read_text())
+  step, loader = result["steps"][0], result["loader"]
+  assert step["tokens_per_s"] > 0 and step["mfu"] is None  # no peak on CPU
+  assert step["tokens_per_s"] == 2 * 16 / step["step_s"]  # as the trainer runs
+  assert 0 < step["step_s_synced_min"] <= step["step_s_synced"]
+  assert loader["tokens_per_s"] > 0 and loader["batch"] == 2 and loader["length"] == 16
+  assert step["writer_s"] > 0
+  assert "llama_9m-spam in flight: clocks: " in text
+  assert "metrics writer, host ms per step (while the next step runs): llama_9m/spam " in text
+  # Python's collector: the trainer's schedule (every 100 steps: none while 1 step is timed)
+  gc_row = step["gc"]
+  assert gc_row["every"] == 100 and gc_row["full_collection_s"] > 0
+  assert gc_row["scheduled_collection_s"] > 0
+  for phase in ("synced", "in_flight"):
+    assert gc_row[phase]["passes"] == {"0": 0, "1": 0, "2": 0}, phase  # automatic: off
   assert len(seen) == 2  # the steps waited for, then in flight
   assert collector_on == [False, False]  # profiled on the trainer's collection schedule
   assert gc.isenabled()  # and Python's collector as it was after the benchmark
