@@ -29,8 +29,8 @@ class _Clocks:
 
 def test_bench_train_with_its_loader_profile_and_hlo(tmp_path, monkeypatch, capsys):
   """One run at a tiny size: the step's and the loader's rates, the collector's schedule,
-  the GPU's clocks (a stand-in sampler: the real one without nvidia-smi is the accelerator
-  test's), the two profiles and the HLO's counts."""
+  the GPU's clocks (a stand-in sampler: the real one without nvidia-smi is test_gpu_clocks'),
+  the two profiles and the HLO's counts."""
   out, prof, hlo = tmp_path / "bench.json", tmp_path / "prof", tmp_path / "hlo"
   seen = []
   real = profile_summary.profile
