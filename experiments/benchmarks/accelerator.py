@@ -12,7 +12,8 @@ skipping what no longer fits in ``--budget_s``:
 
 1. ``bench_optimizer --size 1b``: adamw, spam, stable_spam and spam d=0.25 as the trainer
    runs it (masks redrawn by the loop, no ``lax.cond``), one resident at a time, each
-   profiled; then adamw and spam at 350m in bf16, as the bf16 trainer updates;
+   profiled; then adamw, spam and SPAM's moments without its clip at 350m in bf16, as the
+   bf16 trainer updates;
 2. ``bench_model`` bf16 and int4 (W4A4) at 350m and 60m, 64×256, profiled; then the 60m
    bf16 step with XLA's residual add + RMSNorm (``--norm xla``, beside the Pallas kernels)
    and the 350m bf16 step with jax's Pallas flash attention (``--attention pallas``,
