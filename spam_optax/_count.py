@@ -1,5 +1,7 @@
 """Counting the entries a clip changed."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -74,33 +76,43 @@ def clipped_per_row(spike: jax.Array, new: jax.Array, old: jax.Array) -> jax.Arr
   )
 
 
+# The row length of short_rows, and whether count_rows takes them (bench_optimizer times
+# the update with the rows before them, `spam (count rows as before)`, beside it).
+SHORT_ROW = 128
+_SHORT_ROWS = True
+
+
 def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[int, ...]:
   """The shape :func:`changed_per_row` views a leaf of ``shape`` as: each count
   sums one row along the view's last axis.
 
-  The rows are the leaf's last axis, every other axis kept, two at a time
-  where that axis is odd and the one before it even. With the count fused
-  in, the pass that writes the clipped values is a reduction on XLA:GPU,
-  which loads and stores one float32 at a time where a row is odd, or spans
-  more than one axis of the outputs, and two or four at a time otherwise
-  (the PTX of the update compiled for an H100). Measured on an H200, SPAM's
-  update of a 1B LLaMA's 2048×5461 MLP leaves ran at half the rate of its
-  other leaves, and of its 2048×32×64 attention leaves (rows of 32×64) 8%
-  slower than AdamW's. Only the axis before the last is ever split, and by
-  2, so a leaf sharded over its leading axes is counted where it lies.
+  On one device (``one_device``; by default when jax sees one device) a leaf
+  of two or more axes is counted in rows of ``SHORT_ROW`` (128) contiguous
+  entries read across its axes where :func:`short_rows` allows (a row-major
+  leaf is contiguous, so the view is free). With the count fused in, the
+  pass that writes the clipped values is a reduction on XLA:GPU, which sizes
+  its launch by the rows: compiled for an H100, in rows of 128 each thread
+  loads and stores each operand once, 16 bytes at a time, in float32 and in
+  bfloat16 (4 and 8 entries a thread, as many threads as AdamW's element-wise
+  pass has in float32), where the rows of the leaf's own axes gave a 350M
+  LLaMA's bf16 leaves 8-byte loads and 16 entries a thread on a quarter to a
+  half of the threads (rows of 1024: 256 blocks of 256 threads for a
+  1024×1024 leaf). Measured on an H200, that bf16 update ran at about half
+  the device's bandwidth inside the 350M training step. The row sums cost
+  4 bytes a row: 1/32 of a byte an entry, each way.
 
-  On one device (``one_device``; by default when jax sees one device) a
-  matrix whose rows are not a power of two long, and whose size is a
-  multiple of 2048, is counted in rows of 2048 read across its axes (a
-  row-major matrix is contiguous, so the view is free). Rows of 5461 × 2
-  still loaded 8 bytes at a time, and that pass ran at 0.69× AdamW's rate on
-  an H200, where the other large leaves (rows of 64 and 2048) ran at
-  0.94–0.99×; in rows of 2048 it loads and stores 16 bytes at a time, as
-  they do (compiled for an H100). Not so a leaf with layers stacked in
-  front, (24, 2048, 5461): viewed as (24, 5461, 2048), or as rows of 2048
-  over all its entries, its pass loads one float at a time, so leaves of
-  rank 3 or more keep the rows above. Across axes a sharded leaf would be
-  moved, so with more than one device the rows stay as above too.
+  Every other leaf is counted in rows along its last axis, every other axis
+  kept, two at a time where that axis is odd and the one before it even
+  (the pass loads one float32 at a time where a row is odd, or spans more
+  than one axis of the outputs). With more than one device only the axis
+  before the last is ever split, and by 2, so a leaf sharded over its
+  leading axes is counted where it lies. With ``_SHORT_ROWS`` off (the
+  layout before the rows of 128, which the benchmarks time beside them), a
+  matrix on one device whose rows are not a power of two long and whose
+  size is a multiple of 2048 is counted in rows of 2048
+  (:func:`spam_optax._leaf_stats.wide_rows`; SPAM's float32 update of a 1B
+  LLaMA's 2048×5461 leaves went from 0.69× to 0.94× AdamW's rate with them
+  on an H200).
 
   A vector of even length is rows of two: summed whole, its pass is one
   block of threads (128 for a 2048-entry norm scale, the H100 compile), and
@@ -114,10 +126,35 @@ def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[
     return (shape[0] // 2, 2)
   if len(shape) < 2:
     return shape
+  short = short_rows(shape, one_device) if _SHORT_ROWS else None
+  if short:
+    return short
   lead, length = shape[:-1], shape[-1]
   if length % 2 and lead[-1] % 2 == 0:
     lead, length = lead[:-1] + (lead[-1] // 2,), 2 * length
   return _leaf_stats.wide_rows(shape, one_device) or lead + (length,)
+
+
+def short_rows(shape: tuple[int, ...], one_device: bool | None = None
+               ) -> tuple[int, int] | None:
+  """``(size // SHORT_ROW, SHORT_ROW)`` for a leaf of two or more axes whose size is a
+  multiple of ``SHORT_ROW``, on one device (``one_device``; by default whether jax sees
+  one), where it is a matrix or its last axis is a multiple of 8; None otherwise.
+
+  A leaf of three or more axes with an odd last axis, e.g. a scanned 1B LLaMA's
+  (24, 2048, 5461) MLP leaves, is left out: compiled for an H100, its update counted in
+  rows of 128 across its axes loads and stores one float at a time (a 2048×5461 matrix,
+  16 bytes at a time).
+  """
+  if len(shape) < 2 or math.prod(shape) % SHORT_ROW:
+    return None
+  if len(shape) > 2 and shape[-1] % 8:
+    return None
+  if one_device is None:
+    one_device = _leaf_stats.on_one_device()
+  if not one_device:
+    return None
+  return (math.prod(shape) // SHORT_ROW, SHORT_ROW)
 
 
 def changed_terms(new: jax.Array, old: jax.Array, n: int) -> jax.Array:

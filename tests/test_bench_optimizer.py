@@ -12,6 +12,7 @@ import optax
 import spam_optax
 from experiments.benchmarks import bench_optimizer
 from spam_optax import _clip_and_norm_history
+from spam_optax import _count
 from spam_optax import _leaf_stats
 
 
@@ -286,3 +287,40 @@ def test_stable_spam_skipping_unclipped_rows():
   assert gathers(variants[bench_optimizer.SKIP_ALL_CLIPPED]) == leaves
   assert gathers(library) == 0
   assert not _clip_and_norm_history._SKIP_UNCLIPPED_ROWS
+
+
+def test_spam_counting_in_the_rows_before(monkeypatch):
+  """The variant updates as the library's SPAM does, clipped counts included, with each
+  leaf counted in the rows before the rows of 128, and leaves the library as it was."""
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
+  (name, variant), = bench_optimizer.count_rows_variants().items()
+  assert name == bench_optimizer.COUNT_ROWS_BEFORE
+  library = bench_optimizer.optimizers(0.25)["spam"]
+  def normal(seed):
+    keys = iter(jax.random.split(jax.random.key(seed), 32))
+    return jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
+  params = normal(0)
+  views = []
+  counted = _count.count_rows
+  monkeypatch.setattr(_count, "count_rows",
+                      lambda shape, *a: views.append(counted(shape, *a)) or views[-1])
+  step = lambda opt: jax.jit(opt.update)
+  steps = {"library": step(library), "before": step(variant)}
+  states = {k: library.init(params) for k in steps}
+  seen = {}
+  for t in range(22):  # the clip starts at step 20; step 22's gradient spikes
+    grads = normal(t + 1)
+    if t == 21:
+      grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].mul(1e4), grads)
+    out = {}
+    for k, fn in steps.items():
+      views.clear()
+      out[k], states[k] = fn(grads, states[k], params)
+      seen.setdefault(k, list(views))
+    chex.assert_trees_all_equal(out["library"], out["before"])
+  chex.assert_trees_all_equal(states["library"], states["before"])
+  clipped = np.asarray(states["library"][0].inner_state.clipped.values)
+  np.testing.assert_array_equal(clipped, 1)  # each leaf's spike, and only it
+  assert (128, 128) in seen["library"] and (128, 128) not in seen["before"]
+  assert (22, 2048) in seen["before"]  # the MLP's 128×352 leaves, in rows of 2048
+  assert _count._SHORT_ROWS

@@ -75,10 +75,12 @@ class CountChangedTest(chex.TestCase, parameterized.TestCase):
     ((64, 9), 32),         # a matrix: its rows; odd ones two at a time
     ((33, 17), 33),        # an odd number of odd rows: one at a time
     ((48, 6), 48),
-    ((32, 3, 8), 96),      # the last axis
+    ((32, 3, 8), 6),       # 768 entries: rows of 128 across the axes
+    ((32, 3, 4), 96),      # a last axis not a multiple of 8: the last axis
     ((4, 6, 7), 12),       # odd: two at a time
     ((4, 5, 7), 20),       # beside an odd axis: one at a time
-    ((2, 4, 16, 64), 128),
+    ((2, 4, 16, 64), 64),  # rows of 128
+    ((2, 4, 16, 65), 64),  # an odd last axis: the last two axes, two at a time
     ((5,), 1), ((), 1),    # an odd vector or a scalar is one row
     ((6,), 3), ((2048,), 1024),  # an even vector: rows of two
 ])
@@ -107,6 +109,23 @@ def test_count_rows_with_several_devices(shape, view):
 
 
 @pytest.mark.parametrize("shape, view", [
+    ((2048, 5461), (87376, 128)),           # rows of 128 across the axes
+    ((5461, 2048), (87376, 128)),
+    ((2048, 32000), (512000, 128)),
+    ((32, 64, 2048), (32768, 128)),
+    ((2048, 32, 64), (32768, 128)),
+    ((24, 1024, 2736), (525312, 128)),      # layers stacked, a last axis of 8s
+    ((24, 2048, 5461), (24, 1024, 10922)),  # layers stacked, an odd last axis: as before
+    ((24, 2048), (384, 128)),
+    ((4, 1536), (48, 128)),
+    ((3, 5), (3, 5)), ((33, 17), (33, 17)),  # sizes that 128 does not divide
+    ((7,), (7,)), ((), ()), ((2048,), (1024, 2)),
+])
+def test_count_rows_on_one_device(shape, view):
+  assert _count.count_rows(shape, one_device=True) == view
+
+
+@pytest.mark.parametrize("shape, view", [
     ((2048, 5461), (5461, 2048)),           # rows of 2048 across the axes
     ((24, 2048, 5461), (24, 1024, 10922)),  # layers stacked: rows as before
     ((2048, 32000), (32000, 2048)),
@@ -119,17 +138,22 @@ def test_count_rows_with_several_devices(shape, view):
     ((3, 5), (3, 5)), ((33, 17), (33, 17)),  # sizes that 2048 does not divide
     ((7,), (7,)), ((), ()), ((2048,), (1024, 2)),
 ])
-def test_count_rows_on_one_device(shape, view):
+def test_count_rows_on_one_device_without_short_rows(shape, view, monkeypatch):
+  """The layout before the rows of 128, which the benchmarks time beside them."""
+  monkeypatch.setattr(_count, "_SHORT_ROWS", False)
   assert _count.count_rows(shape, one_device=True) == view
 
 
-def test_count_across_axes_is_exact():
-  """Counted in rows of 2048 across the axes, each row is a contiguous run of the leaf."""
+@pytest.mark.parametrize("short_rows, rows", [(True, 48), (False, 3)])
+def test_count_across_axes_is_exact(short_rows, rows, monkeypatch):
+  """Counted in rows of 128 (or, without them, 2048) across the axes, each row is a
+  contiguous run of the leaf."""
   assert jax.device_count() == 1  # the suite's own process sees one CPU device
+  monkeypatch.setattr(_count, "_SHORT_ROWS", short_rows)
   new, old = changed_pair((4, 1536), np.float32, seed=3)
   got = _count.changed_per_row(jnp.asarray(new), jnp.asarray(old))
-  chex.assert_shape(got, (1, 3))
-  want = np.reshape(new != old, (3, 2048)).sum(axis=1)
+  chex.assert_shape(got, (1, rows))
+  want = np.reshape(new != old, (rows, -1)).sum(axis=1)
   np.testing.assert_array_equal(np.asarray(got)[0], want)
   assert int(_count.count_changed(jnp.asarray(new), jnp.asarray(old))) == int((new != old).sum())
 

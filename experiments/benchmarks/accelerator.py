@@ -481,10 +481,12 @@ def plan(args, work: str) -> list:
   # statistics passes took 3.36 ms of 13.18 on the third H200 run). On an H200 the
   # hand-fused Stable-SPAM reference (2.14× adamw, against the library's 1.41×) and the
   # in-update redraw (3.19×, the host waiting on its conditional) were measured once; they
-  # stay in bench_optimizer and out of this part, which they made 40% longer.
+  # stay in bench_optimizer and out of this part, which they made 40% longer. SPAM's count
+  # in the rows it used before the rows of 128 (bench_optimizer.count_rows_variants): the
+  # float32 update that met its target on the third H200 run, timed beside the library's.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
-      "spam,stable_spam,stable_spam (unclipped rows not read again),"
+      "spam,spam (count rows as before),stable_spam,stable_spam (unclipped rows not read again),"
       "stable_spam (unclipped rows not read again; every row clipped),"
       "spam d=0.25 (loop redraw)",
       "--json", js("optimizer")]
@@ -495,10 +497,13 @@ def plan(args, work: str) -> list:
   # them, moved ≈ 6.4 GB in ≈ 4 ms (≈ 1.6 TB/s): this part times adamw's and spam's bf16
   # updates alone, with each kernel category's rate in their profiles, and SPAM's moments
   # without its clip (statically off: no clip count, so no reduction in the update's
-  # kernels) to tell the count's reduction from bf16's loads.
+  # kernels) to tell the count's reduction from bf16's loads, and SPAM with its count in
+  # the rows before the rows of 128: compiled for an H100, those gave the update's kernels
+  # 8-byte loads and 16 entries a thread on a quarter to a half of the threads.
   parts.append(Part("optimizer_bf16", _module("bench_optimizer") + [
       "--size", "tiny" if args.tiny else "350m", "--dtype", "bfloat16", "--sequential",
-      "--optimizers", "spam,scale_by_spam (no clip)", "--json", js("optimizer_bf16")]
+      "--optimizers", "spam,spam (count rows as before),scale_by_spam (no clip)",
+      "--json", js("optimizer_bf16")]
       + opt_iters + prof("optimizer_bf16"), 90, 30, js("optimizer_bf16")))
   parts += [model_part(s) for s in model_sizes]
   def model_variant(size, suffix, flags):

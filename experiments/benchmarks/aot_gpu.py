@@ -162,9 +162,7 @@ def optimizer_updates(size: str, names: list, sharding, dump=None,
   """The donated update of each optimizer of ``bench_optimizer`` on the ``size`` layout."""
   config = bench_optimizer.SIZES[size].replace(scan_layers=scan_layers)
   shapes = _on(bench_optimizer.param_shapes(config, jnp.float32), sharding)
-  opts = {**bench_optimizer.optimizers(0.25, scan_layers), **bench_optimizer.block_optimizers(),
-          **bench_optimizer.loop_redraw_optimizer(0.25),
-          **bench_optimizer.stable_spam_variants(scan_layers)}
+  opts = bench_optimizer.known_optimizers(0.25, scan_layers)
   rows = []
   for name in names:
     if name not in opts:

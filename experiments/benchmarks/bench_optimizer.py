@@ -51,6 +51,7 @@ from experiments import jax_settings, rundir
 from experiments import optimizers as train_optimizers
 from experiments.benchmarks import profile_summary, timing
 from spam_optax import _clip_and_norm_history
+from spam_optax import _count
 from spam_optax import _leaf_stats
 from spam_optax import _periodic_reset
 from spam_optax._tree_util import tree_map_unzip
@@ -105,6 +106,22 @@ SKIP = "stable_spam (unclipped rows not read again)"
 SKIP_ALL_CLIPPED = "stable_spam (unclipped rows not read again; every row clipped)"
 
 
+def _tracing_with(inner: optax.GradientTransformation, module, flag: str, value,
+                  prepare: Callable | None = None) -> optax.GradientTransformation:
+  """``inner`` with ``module.flag`` set to ``value`` while its update is traced (and
+  restored after), the state passed through ``prepare`` first if given."""
+  def update(updates, state, params=None):
+    if prepare is not None:
+      state = prepare(state)
+    saved = getattr(module, flag)
+    setattr(module, flag, value)  # read while the update is traced
+    try:
+      return inner.update(updates, state, params)
+    finally:
+      setattr(module, flag, saved)
+  return optax.GradientTransformation(inner.init, update)
+
+
 def stable_spam_variants(scan_layers: bool = False) -> dict:
   """Stable-SPAM with its norm's pass reading again only the rows that hold a clipped entry
   (``spam_optax._clip_and_norm_history._SKIP_UNCLIPPED_ROWS``; the max's pass also sums
@@ -118,22 +135,34 @@ def stable_spam_variants(scan_layers: bool = False) -> dict:
   Selected by name with ``--optimizers``."""
   inner = optimizers(0.25, scan_layers)["stable_spam"]
 
-  def skipping(every_row_clipped: bool) -> optax.GradientTransformation:
-    def update(updates, state, params=None):
-      if every_row_clipped:
-        clip, scale = state[0]
-        ema = _leaf_stats.LeafStats(jnp.zeros_like(clip.max_ema.values),
-                                    clip.max_ema.layout)
-        state = ((clip._replace(max_ema=ema), scale),) + tuple(state[1:])
-      saved = _clip_and_norm_history._SKIP_UNCLIPPED_ROWS
-      _clip_and_norm_history._SKIP_UNCLIPPED_ROWS = True  # read while the update is traced
-      try:
-        return inner.update(updates, state, params)
-      finally:
-        _clip_and_norm_history._SKIP_UNCLIPPED_ROWS = saved
-    return optax.GradientTransformation(inner.init, update)
+  def zero_running_max(state):
+    clip, scale = state[0]
+    ema = _leaf_stats.LeafStats(jnp.zeros_like(clip.max_ema.values), clip.max_ema.layout)
+    return ((clip._replace(max_ema=ema), scale),) + tuple(state[1:])
 
-  return {SKIP: skipping(False), SKIP_ALL_CLIPPED: skipping(True)}
+  flag = (_clip_and_norm_history, "_SKIP_UNCLIPPED_ROWS", True)
+  return {SKIP: _tracing_with(inner, *flag),
+          SKIP_ALL_CLIPPED: _tracing_with(inner, *flag, prepare=zero_running_max)}
+
+
+COUNT_ROWS_BEFORE = "spam (count rows as before)"
+
+
+def count_rows_variants() -> dict:
+  """SPAM with its clipped entries counted in the rows it used before the rows of 128
+  (``spam_optax._count._SHORT_ROWS`` off: each leaf's own rows, a matrix whose rows are
+  not a power of two long in rows of 2048), to time beside the library's. Selected by
+  name with ``--optimizers``."""
+  return {COUNT_ROWS_BEFORE: _tracing_with(spam_optax.spam(1e-3), _count, "_SHORT_ROWS",
+                                           False)}
+
+
+def known_optimizers(density: float, scan_layers: bool = False) -> dict:
+  """Every optimizer ``--optimizers`` may name: the four timed by default, the
+  ``--blocks`` chains and the variants above."""
+  return {**block_optimizers(), **loop_redraw_optimizer(density),
+          **stable_spam_variants(scan_layers), **count_rows_variants(),
+          **optimizers(density, scan_layers)}
 
 
 class _FusedState(NamedTuple):
@@ -567,8 +596,7 @@ def _time_group(args, shapes, opts: dict, group_index: int, header: dict,
 def _main_optimizers(args, shapes, header: dict) -> None:
   opts = optimizers(args.density, args.scan_layers)
   if args.optimizers:
-    known = {**block_optimizers(), **loop_redraw_optimizer(args.density),
-             **stable_spam_variants(args.scan_layers), **opts}
+    known = known_optimizers(args.density, args.scan_layers)
     wanted = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in known]
     if unknown:
