@@ -1,7 +1,5 @@
 """Counting the entries a clip changed."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -76,19 +74,13 @@ def clipped_per_row(spike: jax.Array, new: jax.Array, old: jax.Array) -> jax.Arr
   )
 
 
-# The row length of short_rows, and whether count_rows takes them (bench_optimizer times
-# the update with the rows before them, `spam (count rows as before)`, beside it).
-SHORT_ROW = 128
-_SHORT_ROWS = True
-
-
 def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[int, ...]:
   """The shape :func:`changed_per_row` views a leaf of ``shape`` as: each count
   sums one row along the view's last axis.
 
   On one device (``one_device``; by default when jax sees one device) a leaf
-  of two or more axes is counted in rows of ``SHORT_ROW`` (128) contiguous
-  entries read across its axes where :func:`short_rows` allows (a row-major
+  of two or more axes is counted in rows of 128 contiguous entries read
+  across its axes where :func:`spam_optax._leaf_stats.short_rows` allows (a row-major
   leaf is contiguous, so the view is free). With the count fused in, the
   pass that writes the clipped values is a reduction on XLA:GPU, which sizes
   its launch by the rows: compiled for an H100, in rows of 128 each thread
@@ -106,7 +98,7 @@ def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[
   (the pass loads one float32 at a time where a row is odd, or spans more
   than one axis of the outputs). With more than one device only the axis
   before the last is ever split, and by 2, so a leaf sharded over its
-  leading axes is counted where it lies. With ``_SHORT_ROWS`` off (the
+  leading axes is counted where it lies. With ``_leaf_stats._SHORT_ROWS`` off (the
   layout before the rows of 128, which the benchmarks time beside them), a
   matrix on one device whose rows are not a power of two long and whose
   size is a multiple of 2048 is counted in rows of 2048
@@ -126,35 +118,13 @@ def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[
     return (shape[0] // 2, 2)
   if len(shape) < 2:
     return shape
-  short = short_rows(shape, one_device) if _SHORT_ROWS else None
+  short = _leaf_stats.short_rows(shape, one_device) if _leaf_stats._SHORT_ROWS else None
   if short:
     return short
   lead, length = shape[:-1], shape[-1]
   if length % 2 and lead[-1] % 2 == 0:
     lead, length = lead[:-1] + (lead[-1] // 2,), 2 * length
   return _leaf_stats.wide_rows(shape, one_device) or lead + (length,)
-
-
-def short_rows(shape: tuple[int, ...], one_device: bool | None = None
-               ) -> tuple[int, int] | None:
-  """``(size // SHORT_ROW, SHORT_ROW)`` for a leaf of two or more axes whose size is a
-  multiple of ``SHORT_ROW``, on one device (``one_device``; by default whether jax sees
-  one), where it is a matrix or its last axis is a multiple of 8; None otherwise.
-
-  A leaf of three or more axes with an odd last axis, e.g. a scanned 1B LLaMA's
-  (24, 2048, 5461) MLP leaves, is left out: compiled for an H100, its update counted in
-  rows of 128 across its axes loads and stores one float at a time (a 2048×5461 matrix,
-  16 bytes at a time).
-  """
-  if len(shape) < 2 or math.prod(shape) % SHORT_ROW:
-    return None
-  if len(shape) > 2 and shape[-1] % 8:
-    return None
-  if one_device is None:
-    one_device = _leaf_stats.on_one_device()
-  if not one_device:
-    return None
-  return (math.prod(shape) // SHORT_ROW, SHORT_ROW)
 
 
 def changed_terms(new: jax.Array, old: jax.Array, n: int) -> jax.Array:

@@ -323,4 +323,4 @@ def test_spam_counting_in_the_rows_before(monkeypatch):
   np.testing.assert_array_equal(clipped, 1)  # each leaf's spike, and only it
   assert (128, 128) in seen["library"] and (128, 128) not in seen["before"]
   assert (22, 2048) in seen["before"]  # the MLP's 128×352 leaves, in rows of 2048
-  assert _count._SHORT_ROWS
+  assert _leaf_stats._SHORT_ROWS

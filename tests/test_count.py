@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spam_optax import _count
+from spam_optax import _leaf_stats
 
 
 def changed_pair(shape, dtype, seed):
@@ -140,7 +141,7 @@ def test_count_rows_on_one_device(shape, view):
 ])
 def test_count_rows_on_one_device_without_short_rows(shape, view, monkeypatch):
   """The layout before the rows of 128, which the benchmarks time beside them."""
-  monkeypatch.setattr(_count, "_SHORT_ROWS", False)
+  monkeypatch.setattr(_leaf_stats, "_SHORT_ROWS", False)
   assert _count.count_rows(shape, one_device=True) == view
 
 
@@ -149,7 +150,7 @@ def test_count_across_axes_is_exact(short_rows, rows, monkeypatch):
   """Counted in rows of 128 (or, without them, 2048) across the axes, each row is a
   contiguous run of the leaf."""
   assert jax.device_count() == 1  # the suite's own process sees one CPU device
-  monkeypatch.setattr(_count, "_SHORT_ROWS", short_rows)
+  monkeypatch.setattr(_leaf_stats, "_SHORT_ROWS", short_rows)
   new, old = changed_pair((4, 1536), np.float32, seed=3)
   got = _count.changed_per_row(jnp.asarray(new), jnp.asarray(old))
   chex.assert_shape(got, (1, rows))

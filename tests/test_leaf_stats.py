@@ -219,6 +219,31 @@ class GlobalNormTest(chex.TestCase):
       assert got.dtype == jnp.float64
       assert float(got) == np.sqrt(1.0 + 1e-18)
 
+  def test_read_in_the_rows_of_spams_count(self):
+    """On one device, in the rows SPAM's clip count reads (128 across the axes, where
+    ``short_rows`` allows), so that XLA can take both from one pass over a gradient; with
+    ``_SHORT_ROWS`` off, as the statistics read them. The norm is the same."""
+    rng = np.random.default_rng(7)
+    shapes = [(4, 1536), (2, 4, 16, 64), (2, 128, 5), (6, 5)]
+    tree = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree))
+
+    def reduced_shapes():
+      jaxpr = jax.make_jaxpr(lambda t: _leaf_stats.global_norm(t))(tree)  # traced anew
+      return sorted(tuple(e.invars[0].aval.shape) for e in jaxpr.jaxpr.eqns
+                    if e.primitive.name == "reduce")
+
+    for short, views in [(True, [(2, 128, 5), (6, 5), (48, 128), (64, 128)]),
+                         (False, [(2, 4, 16, 64), (2, 128, 5), (3, 2048), (6, 5)])]:
+      with mock.patch.object(_leaf_stats, "_SHORT_ROWS", short):
+        assert reduced_shapes() == sorted(views)
+        got = jax.jit(lambda t: _leaf_stats.global_norm(t))(tree)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    for shape, view in [((4, 1536), (48, 128)), ((2, 4, 16, 64), (64, 128)),
+                        ((2, 128, 5), None), ((6, 5), None), ((1024,), None)]:
+      assert _leaf_stats.short_rows(shape, one_device=True) == view
+      assert _leaf_stats.short_rows(shape, one_device=False) is None
+
   @mock.patch.object(_leaf_stats, "_GROUP", 8)
   def test_leaves_of_one_shape_read_in_one_reduction(self):
     tree = [jnp.ones((3, 4))] * _leaf_stats._GROUP + [jnp.ones(5)]

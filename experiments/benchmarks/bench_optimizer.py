@@ -51,7 +51,6 @@ from experiments import jax_settings, rundir
 from experiments import optimizers as train_optimizers
 from experiments.benchmarks import profile_summary, timing
 from spam_optax import _clip_and_norm_history
-from spam_optax import _count
 from spam_optax import _leaf_stats
 from spam_optax import _periodic_reset
 from spam_optax._tree_util import tree_map_unzip
@@ -150,10 +149,10 @@ COUNT_ROWS_BEFORE = "spam (count rows as before)"
 
 def count_rows_variants() -> dict:
   """SPAM with its clipped entries counted in the rows it used before the rows of 128
-  (``spam_optax._count._SHORT_ROWS`` off: each leaf's own rows, a matrix whose rows are
+  (``spam_optax._leaf_stats._SHORT_ROWS`` off: each leaf's own rows, a matrix whose rows are
   not a power of two long in rows of 2048), to time beside the library's. Selected by
   name with ``--optimizers``."""
-  return {COUNT_ROWS_BEFORE: _tracing_with(spam_optax.spam(1e-3), _count, "_SHORT_ROWS",
+  return {COUNT_ROWS_BEFORE: _tracing_with(spam_optax.spam(1e-3), _leaf_stats, "_SHORT_ROWS",
                                            False)}
 
 
