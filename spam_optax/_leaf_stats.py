@@ -254,10 +254,10 @@ def rows_together(
   of ``WIDE_ROW`` across its axes (:func:`wide_rows`, a free view); otherwise
   the reduction never reshapes an operand, so a sharded leaf is reduced where
   it lies. ``view(shape, n)``, if given, replaces that choice: the 2-D view to
-  read a leaf as, or None for its own rows. With more than one device each leaf is reduced alone: leaves of
-  one shape may be sharded differently (a column- and a row-parallel
-  projection), and one reduction of both would make XLA move one of them to
-  the other's layout.
+  read a leaf as, or None for its own rows. With more than one device each
+  leaf is reduced alone: leaves of one shape may be sharded differently (a
+  column- and a row-parallel projection), and one reduction of both would
+  make XLA move one of them to the other's layout.
   """
   group = _GROUP if on_one_device() else 1
   ops = tuple(op) if isinstance(op, Sequence) else None
@@ -332,7 +332,9 @@ def global_norm(tree: Any) -> jax.Array:
   count (:func:`short_rows`, rows of 128 across its axes; with ``_SHORT_ROWS`` off,
   as the statistics above): a training step that logs its gradient's norm
   beside SPAM's update then reduces the same rows of the same gradient in both,
-  and XLA:GPU reads each gradient once for the two (compiled for an H100).
+  and XLA:GPU merges the two reductions of a leaf into one kernel where it can
+  (compiled for an H100: in a 130M LLaMA's bf16 step those of its q, k, v, o,
+  down and embedding leaves, in a 350M's those of o and the embedding).
   """
   leaves = jax.tree.leaves(tree)
   if not leaves:
