@@ -199,15 +199,17 @@ def test_the_report_is_rewritten_after_every_part(tmp_path, monkeypatch):
     before = before + [name]
 
 
-def test_a_part_whose_flag_xla_rejects_runs_again_with_its_other_flag(tmp_path, monkeypatch):
+def test_a_part_whose_flag_xla_rejects_runs_again_with_its_other_flags(tmp_path, monkeypatch):
   """The never-updated graph's part, failed on its flag's older name (XLA prints "Flag
-  parsing failed"), runs once more with the newer one; the reason names the flags."""
-  runs = []
+  parsing failed"), runs again with each later name in turn until XLA takes one; the reason
+  names the flags it rejected."""
+  runs, accepted = [], {"SKIP_TEMP"}
 
   def fake_popen(cmd, cwd, env, stdout, stderr, start_new_session):
     del cmd, cwd, stderr, start_new_session
-    rejected = "NEVER_UPDATE" in env.get("XLA_FLAGS", "")
-    runs.append(env.get("XLA_FLAGS", "").split()[-1])
+    flag = env.get("XLA_FLAGS", "").split()[-1]
+    rejected = flag.split("=")[-1] not in accepted
+    runs.append(flag.split("=")[-1])
     stdout.write("F1127 parse_flags_from_env.cc:220] Check failed: Flag parsing failed.\n"
                  "\t--xla_dump_hlo_as_dot=false\tbool\tDumps HLO modules\n" if rejected
                  else "ok\n")
@@ -217,18 +219,33 @@ def test_a_part_whose_flag_xla_rejects_runs_again_with_its_other_flag(tmp_path, 
   part = accelerator.Part("train_x_graphs_never_updated", ["-c", "pass"], 10, 1,
                           env={"XLA_FLAGS": accelerator.GRAPHS_NEVER_UPDATED})
   failed = accelerator.run_part(part, 10, str(tmp_path), {})
-  reason = f"Flag parsing failed in XLA_FLAGS='{accelerator.GRAPHS_NEVER_UPDATED}'"
-  assert failed["status"] == "failed" and failed["reason"] == reason
-  assert runs == ["--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"]
-  once = accelerator.run_with_retry(part, lambda: 100.0, str(tmp_path), {})  # no retry_env
+  reason = lambda flag: f"Flag parsing failed in XLA_FLAGS='{flag}'"
+  assert failed["status"] == "failed"
+  assert failed["reason"] == reason(accelerator.GRAPHS_NEVER_UPDATED)
+  assert runs == ["NEVER_UPDATE"]
+  once = accelerator.run_with_retry(part, lambda: 100.0, str(tmp_path), {})  # no retry_envs
   assert once["status"] == "failed" and "retried_after" not in once and len(runs) == 2
-  part.retry_env = {"XLA_FLAGS": accelerator.GRAPHS_TEMPS_NEVER_MOVED}
+  part.retry_envs = [{"XLA_FLAGS": flag} for flag in accelerator.GRAPHS_REMAPPED]
   result = accelerator.run_with_retry(part, lambda: 100.0, str(tmp_path), {})
-  assert result["status"] == "ok" and result["retried_after"] == reason
-  assert runs[-2:] == ["--xla_gpu_command_buffer_update_mode=NEVER_UPDATE",
-                       "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP"]
+  assert result["status"] == "ok" and result["xla_flags"] == accelerator.GRAPHS_REMAPPED[1]
+  assert runs[2:] == ["NEVER_UPDATE", "SKIP_PROFILED", "SKIP_TEMP"]  # the last one not run
+  assert result["retried_after"] == "; ".join(reason(flag) for flag in (
+      accelerator.GRAPHS_NEVER_UPDATED, accelerator.GRAPHS_REMAPPED[0]))
+  report = dict(date="d", command="c", wall_s=1.0, budget_s=2.0, tiny=True, environment={},
+                parts=[dict(name=part.name, **result)], results=accelerator.collect({}))
+  row = [l for l in accelerator.markdown(report).splitlines() if l.startswith(f"| {part.name} ")]
+  assert row and row[0].endswith(  # the report says which name ran, after which
+      f"run again after: {result['retried_after']}; "
+      f"XLA_FLAGS='{accelerator.GRAPHS_REMAPPED[1]}' |"), row
+  accepted.clear()  # none taken: the last one's failure, after every one was tried
+  part.env = {"XLA_FLAGS": accelerator.GRAPHS_NEVER_UPDATED}
+  result = accelerator.run_with_retry(part, lambda: 100.0, str(tmp_path), {})
+  assert result["status"] == "failed" and runs[5:] == [
+      "NEVER_UPDATE", "SKIP_PROFILED", "SKIP_TEMP", "VMM_PERSISTENT_TEMP"]
+  assert result["reason"] == reason(accelerator.GRAPHS_REMAPPED[-1])
   part.env = {"XLA_FLAGS": accelerator.GRAPHS_NEVER_UPDATED}  # not run again: no time left
   assert accelerator.run_with_retry(part, lambda: 0.5, str(tmp_path), {})["status"] == "failed"
+  assert len(runs) == 10
 
 
 def test_a_part_keeps_the_gpu_clocks_sampled_while_it_ran(tmp_path, monkeypatch):
@@ -303,8 +320,9 @@ def test_the_device_plan(tmp_path):
   never_updated = by_name["train_350m_graphs_never_updated"]  # graphs kept, never re-recorded
   assert never_updated.env["XLA_FLAGS"].split()[-1] == (
       "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE")
-  assert never_updated.retry_env["XLA_FLAGS"].split()[-1] == (  # the later XLA's name
-      "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP")
+  assert [env["XLA_FLAGS"].split()[-1] for env in never_updated.retry_envs] == [
+      f"--xla_gpu_command_buffer_update_mode={mode}"  # the later XLAs' names
+      for mode in ("SKIP_PROFILED", "SKIP_TEMP", "VMM_PERSISTENT_TEMP")]
   for name in ("model_350m", "model_60m", "model_60m_xla_norm", "model_350m_pallas_attention",
                "model_350m_xla_elementwise", "train_60m", "train_350m", "train_1b",
                "train_350m_no_cuda_graphs", "train_350m_graphs_never_updated",
@@ -581,3 +599,18 @@ def test_the_probe_leaves_out_the_sections_asked(tmp_path):
   info = json.loads([l for l in done.stdout.splitlines() if l.startswith("PROBE ")][-1][6:])
   assert info["copy_GBps"] > 0 and info["matmul_bf16_TFLOPs"] > 0
   assert not any(k.startswith(("norm_", "loss_", "elementwise_", "attention_")) for k in info)
+
+
+def test_the_installed_xla_takes_one_of_the_never_updated_graphs_names():
+  """The never-updated graph's part runs only if this jax's XLA takes one of the names it
+  tries; XLA parses its flags on any backend, so the CPU tells."""
+  def accepted(flag):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag)
+    run = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 or accelerator.REJECTED_FLAG in run.stderr, run.stderr[-500:]
+    return run.returncode == 0
+
+  names = (accelerator.GRAPHS_NEVER_UPDATED,) + accelerator.GRAPHS_REMAPPED
+  assert any(accepted(flag) for flag in names)  # stops at the first one taken
+  assert not accepted("--xla_gpu_command_buffer_update_mode=NO_SUCH_MODE")

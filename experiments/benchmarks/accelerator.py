@@ -26,7 +26,8 @@ skipping what no longer fits in ``--budget_s``:
    then the 350m step again with XLA's element-wise forms, without CUDA graphs
    (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``)
    and with its graph never updated (``--xla_gpu_command_buffer_update_mode=NEVER_UPDATE``;
-   ``VMM_PERSISTENT_TEMP`` where XLA rejects that name), both profiled, and the 60m step
+   where XLA rejects that name, its later modes ``SKIP_PROFILED``, ``SKIP_TEMP`` and
+   ``VMM_PERSISTENT_TEMP`` in turn), both profiled, and the 60m step
    with ``--logits_dtype float32`` (the default, as HF LLaMA in bf16, is bf16 logits); the
    rows of these variants are labeled and decide no target;
 5. ``bench_optimizer --size 1b --scan_layers``: spam and stable_spam beside adamw on the
@@ -379,7 +380,8 @@ class Part:
   json_file: str | None = None
   env: dict = dataclasses.field(default_factory=dict)
   retry_argv: list | None = None  # run once more with these arguments after running out of memory
-  retry_env: dict | None = None  # run once more with this environment after XLA rejected a flag
+  # environments to run with in turn, while XLA rejects a flag of the last one tried
+  retry_envs: list = dataclasses.field(default_factory=list)
   result: dict = dataclasses.field(default_factory=dict)
 
 
@@ -578,7 +580,7 @@ def plan(args, work: str) -> list:
   # its addresses, with XLA's CUDA virtual-memory allocator.
   never_updated = train_variant(deciding, "graphs_never_updated", [],
                                 env=with_flags(GRAPHS_NEVER_UPDATED), profiled=True)
-  never_updated.retry_env = with_flags(GRAPHS_TEMPS_NEVER_MOVED)
+  never_updated.retry_envs = [with_flags(flag) for flag in GRAPHS_REMAPPED]
   parts.append(never_updated)
   # ... and as two executables of the step run in turn (`bench_train.alternating`): each
   # finds its temporary buffers where its own last step had them, so its graph needs no
@@ -637,8 +639,8 @@ PART_CLOCKS_MS = 200
 
 def run_part(part: Part, timeout_s: float, logs_dir: str, env: dict) -> dict:
   """Runs one part; returns its status, wall time, the GPU's clocks meanwhile
-  (``gpu_clocks``: the whole part, compilation included) and, on failure, the log's last
-  line."""
+  (``gpu_clocks``: the whole part, compilation included), the ``XLA_FLAGS`` it ran with
+  and, on failure, the log's last line."""
   cmd = [sys.executable] + part.argv
   log_path = os.path.join(logs_dir, part.name + ".log")
   t0 = time.perf_counter()
@@ -661,6 +663,9 @@ def run_part(part: Part, timeout_s: float, logs_dir: str, env: dict) -> dict:
   result = dict(status=status, rc=rc, wall_s=round(wall_s, 1), limit_s=round(timeout_s, 1),
                 cmd=shlex.join(cmd), log=os.path.relpath(log_path, os.path.dirname(logs_dir)),
                 gpu_clocks=clocks.summary())
+  flags = {**env, **part.env}.get("XLA_FLAGS")
+  if flags:
+    result["xla_flags"] = flags
   if status != "ok":
     lines = [l for l in text.splitlines() if l.strip()]
     if _oom(text):
@@ -674,19 +679,25 @@ def run_part(part: Part, timeout_s: float, logs_dir: str, env: dict) -> dict:
 
 
 def run_with_retry(part: Part, left: Callable[[], float], logs_dir: str, env: dict) -> dict:
-  """Runs ``part`` within what is ``left()`` of the budget, and once more where it failed
-  for a reason it has a retry for: out of memory (``retry_argv``), or a flag XLA rejected
-  (``retry_env``); ``retried_after`` then says why."""
+  """Runs ``part`` within what is ``left()`` of the budget, and again where it failed for a
+  reason it has a retry for: out of memory (``retry_argv``, once), or a flag XLA rejected
+  (``retry_envs``, each in turn until XLA accepts one); ``retried_after`` then says why."""
   result = run_part(part, min(part.cap_s, left()), logs_dir, env)
   reason = result.get("reason", "") if result["status"] == "failed" else None
   if reason == "out of memory" and part.retry_argv and left() >= part.min_s:
     first, part.argv = result, part.retry_argv
     result = run_part(part, min(part.cap_s, left()), logs_dir, env)
     result["retried_after"] = "out of memory: " + first["cmd"]
-  elif reason and reason.startswith(REJECTED_FLAG) and part.retry_env and left() >= part.min_s:
-    part.env = part.retry_env
+    return result
+  rejected = []
+  for retry_env in part.retry_envs:
+    if not (reason and reason.startswith(REJECTED_FLAG)) or left() < part.min_s:
+      break
+    rejected.append(reason)
+    part.env = retry_env
     result = run_part(part, min(part.cap_s, left()), logs_dir, env)
-    result["retried_after"] = reason
+    result["retried_after"] = "; ".join(rejected)
+    reason = result.get("reason", "") if result["status"] == "failed" else None
   return result
 
 
@@ -833,10 +844,14 @@ VARIANTS = {
 }
 NO_CUDA_GRAPHS = "--xla_gpu_enable_command_buffer="
 GRAPHS_NEVER_UPDATED = "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"
-# The same for the temporary buffers in later XLAs, which removed NEVER_UPDATE and reject it
-# (jax 0.11.2 on the third H200 run): their addresses reserved once, so the graph's nodes
-# that read only temporaries are never updated; parameters and outputs still are.
-GRAPHS_TEMPS_NEVER_MOVED = "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP"
+# The same in later XLAs, which removed NEVER_UPDATE and reject it (jax 0.11.2 on the third
+# H200 run). Their modes give chosen allocations of the graph one reserved address each (CUDA
+# virtual-memory remapping), so the nodes reading them are never updated: SKIP_PROFILED
+# every allocation whose address the first executions saw change, parameters and outputs
+# included; SKIP_TEMP the temporaries (both in jax 0.11.2's XLA); VMM_PERSISTENT_TEMP the
+# temporaries, in the XLAs between. Tried in this order until one is accepted.
+GRAPHS_REMAPPED = tuple(f"--xla_gpu_command_buffer_update_mode={mode}"
+                        for mode in ("SKIP_PROFILED", "SKIP_TEMP", "VMM_PERSISTENT_TEMP"))
 # What an XLA that does not know a flag (or its value) in XLA_FLAGS prints before exiting.
 REJECTED_FLAG = "Flag parsing failed"
 # XLA:GPU runs a command buffer's kernels one by one while a profiler is active, unless told
@@ -1251,7 +1266,11 @@ def markdown(report: dict) -> str:
             "| part | status | wall s | limit s | GPU clocks | note |",
             "|---|---|---:|---:|---|---|"]
   for p in report["parts"]:
-    note = (p.get("reason") or "").replace("|", "\\|")
+    note = p.get("reason") or ""
+    if p.get("retried_after"):  # which flags it ran with in the end, and why
+      note = "; ".join(x for x in (note, f"run again after: {p['retried_after']}",
+                                   f"XLA_FLAGS={p.get('xla_flags', '')!r}") if x)
+    note = note.replace("|", "\\|")
     clocks = p.get("gpu_clocks")
     clocks = "–" if not clocks or clocks.get("error") else gpu_clocks.one_line(clocks)[
         len("clocks: "):]
