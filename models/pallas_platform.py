@@ -34,12 +34,24 @@ def on_platform(call: Callable[[bool], T]) -> T:
 
 def default_implementation() -> str:
   """What the models' kernel switches left at None run: "pallas" on one GPU of compute
-  capability ≥ 8.0 (Ampere, Hopper, ...), "xla" elsewhere. The Pallas kernels are opaque to
-  XLA's sharding propagation, so with several devices their operations stay XLA's, which
-  partitions them."""
+  capability ≥ 8.0 (Ampere, Hopper, ...) with a jax that still has Pallas's Triton backend
+  (``triton_available``), "xla" elsewhere. The Pallas kernels are opaque to XLA's sharding
+  propagation, so with several devices their operations stay XLA's, which partitions them."""
   if jax.default_backend() != "gpu" or jax.device_count() != 1:
     return "xla"
-  return "pallas" if compute_capability() >= 8.0 else "xla"
+  return "pallas" if compute_capability() >= 8.0 and triton_available() else "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+  """Whether this jax has Pallas's Triton backend (``jax.experimental.pallas.triton``), which
+  the models' kernels are written for. jax 0.11 deprecates it ("will be removed in a future
+  JAX version"); without it the kernel switches' default is XLA's forms, the same values."""
+  try:
+    triton()
+  except ImportError:
+    return False
+  return True
 
 
 def compute_capability() -> float:

@@ -163,6 +163,19 @@ def test_trainer_pallas_kernel_flags(tiny_args, flag):
   assert flag in rundir.RESUMABLE  # the same operations by other kernels: resumable
 
 
+@pytest.mark.parametrize("flag", ["attention", "norm", "elementwise"])
+def test_pallas_kernels_are_refused_by_a_jax_without_tritons_backend(tiny_args, flag,
+                                                                      monkeypatch):
+  """jax 0.11 deprecates Pallas's Triton backend; a jax without it refuses ``pallas`` with
+  one line before compiling, and ``auto`` runs XLA's forms (``default_implementation``)."""
+  monkeypatch.setattr(models.pallas_platform, "triton_available", lambda: False)
+  with pytest.raises(config.UsageError,
+                     match=f"^error: --{flag} pallas needs Pallas's Triton backend, which "
+                           r"this jax \(.+\) does not have; use auto or xla$"):
+    config.for_backend(config.parse_args(tiny_args(**{flag: "pallas"})), "gpu")
+  assert config.for_backend(config.parse_args(tiny_args(**{flag: "auto"})), "gpu")
+
+
 def test_trainer_names_the_flag_when_cudnn_attention_fails(tiny_args, cudnn_fails):
   """With --attention auto a cuDNN failure is one error line naming --attention xla; the
   same run with --attention xla trains."""

@@ -322,6 +322,35 @@ def test_the_models_take_the_kernels_only_where_rows_stay_16_byte_aligned(monkey
 
 def test_the_config_picks_and_refuses():
   assert pallas_platform.default_implementation() == "xla"  # a CPU
+  assert pallas_platform.triton_available()  # the installed jax's Pallas has it
+
+
+def test_the_default_is_pallas_on_one_gpu_with_tritons_backend(monkeypatch):
+  monkeypatch.setattr(pallas_platform.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(pallas_platform.jax, "device_count", lambda: 1)
+  monkeypatch.setattr(pallas_platform, "compute_capability", lambda: 9.0)
+  monkeypatch.setattr(pallas_platform, "triton_available", lambda: True)
+  assert pallas_platform.default_implementation() == "pallas"
+  monkeypatch.setattr(pallas_platform.jax, "device_count", lambda: 2)  # XLA partitions them
+  assert pallas_platform.default_implementation() == "xla"
+  monkeypatch.setattr(pallas_platform.jax, "device_count", lambda: 1)
+  monkeypatch.setattr(pallas_platform, "compute_capability", lambda: 7.5)  # before Ampere
+  assert pallas_platform.default_implementation() == "xla"
+  monkeypatch.setattr(pallas_platform, "compute_capability", lambda: 9.0)
+  monkeypatch.setattr(pallas_platform, "triton_available", lambda: False)  # a jax without it
+  assert pallas_platform.default_implementation() == "xla"
+
+
+def test_a_jax_without_pallas_triton_backend_is_told_apart(monkeypatch):
+  def gone():
+    raise ImportError("cannot import name 'triton' from 'jax.experimental.pallas'")
+
+  pallas_platform.triton_available.cache_clear()
+  monkeypatch.setattr(pallas_platform, "triton", gone)
+  try:
+    assert not pallas_platform.triton_available()
+  finally:
+    pallas_platform.triton_available.cache_clear()
   with pytest.raises(ValueError, match="elementwise_implementation 'triton' is not"):
     models.get_config("llama_9m", elementwise_implementation="triton")
 
