@@ -575,18 +575,6 @@ def kernel_implementation(flag: str) -> str | None:
   return None if flag == "auto" else flag
 
 
-def _pallas_triton() -> bool:
-  """Whether jax's Pallas still lowers to Triton, which every Pallas kernel the models run
-  on a GPU needs (``models.pallas_platform.triton_available``)."""
-  from models import pallas_platform  # pylint: disable=import-outside-toplevel
-  return pallas_platform.triton_available()
-
-
-def _jax_version() -> str:
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.__version__
-
-
 def resolve_logits_dtype(logits_dtype: str, dtype: str) -> str:
   """``--logits_dtype auto``: the compute dtype's, float32 for ``--dtype float32`` only."""
   if logits_dtype != "auto":
@@ -616,11 +604,14 @@ def for_backend(cfg: TrainConfig, backend: str) -> TrainConfig:
   for flag, value in (("--norm", cfg.norm), ("--elementwise", cfg.elementwise)):
     if value == "pallas" and backend != "gpu":
       fail(f"{flag} pallas needs a GPU (this JAX backend: {backend}); use auto or xla")
-  for flag, value in (("--attention", cfg.attention), ("--norm", cfg.norm),
-                      ("--elementwise", cfg.elementwise)):
-    if value == "pallas" and not _pallas_triton():
-      fail(f"{flag} pallas needs Pallas's Triton backend, which this jax "
-           f"({_jax_version()}) does not have; use auto or xla")
+  pallas = [flag for flag, value in (("--attention", cfg.attention), ("--norm", cfg.norm),
+                                     ("--elementwise", cfg.elementwise)) if value == "pallas"]
+  if pallas:  # every Pallas kernel the models run on a GPU is written for Triton
+    import jax  # pylint: disable=import-outside-toplevel
+    from models import pallas_platform  # pylint: disable=import-outside-toplevel
+    if not pallas_platform.triton_available():
+      fail(f"{pallas[0]} pallas needs Pallas's Triton backend, which this jax "
+           f"({jax.__version__}) does not have; use auto or xla")
   name = cfg.name or (
       f"{os.path.basename(os.path.normpath(cfg.model_config)).removesuffix('.json')}-"
       f"{cfg.optimizer}-{dtype}")
