@@ -29,7 +29,7 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   side is NaN are not counted, nor the other entries of their row (such a
   step has NaN moments anyway; ``docs/optimizers.md``).
   """
-  view = count_rows(jnp.shape(new))
+  view = count_rows(jnp.shape(new), itemsize=jnp.dtype(new.dtype).itemsize)
   new, old = jnp.reshape(new, view), jnp.reshape(old, view)
   # n leading axes kept, so that changed_terms' rows are this view's last axis
   terms = changed_terms(new, old, max(len(view) - 2, 0))
@@ -37,11 +37,12 @@ def changed_per_row(new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.reshape(counts, (1, -1))
 
 
-def true_per_row(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """The number of true entries of ``mask`` per row (the rows of :func:`count_rows`), in
+def true_per_row(mask: jax.Array, dtype=jnp.float32, itemsize: int = 4) -> jax.Array:
+  """The number of true entries of ``mask`` per row (the rows :func:`count_rows` gives a
+  leaf of ``itemsize``-byte entries, the values the mask is computed with), in
   :func:`changed_per_row`'s form: shape ``(1, rows)``, ``dtype`` (float32 and wider sums
   of 0/1 are exact up to :math:`2^{24}` a row; pass int32 for longer rows)."""
-  view = count_rows(jnp.shape(mask))
+  view = count_rows(jnp.shape(mask), itemsize=itemsize)
   mask = jnp.reshape(mask, view)
   counts = jnp.sum(mask, axis=-1, dtype=dtype) if view else mask.astype(dtype)
   return jnp.reshape(counts, (1, -1))
@@ -67,31 +68,34 @@ def clipped_per_row(spike: jax.Array, new: jax.Array, old: jax.Array) -> jax.Arr
   lowered for its platform (``jax.lax.platform_dependent``): no conditional runs.
   """
   dtype = jax.eval_shape(changed_per_row, new, old).dtype
+  itemsize = jnp.dtype(new.dtype).itemsize
   return jax.lax.platform_dependent(
       spike, new, old,
       cpu=lambda s, n, o: changed_per_row(n, o),
-      default=lambda s, n, o: true_per_row(s, dtype),
+      default=lambda s, n, o: true_per_row(s, dtype, itemsize),
   )
 
 
-def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[int, ...]:
-  """The shape :func:`changed_per_row` views a leaf of ``shape`` as: each count
-  sums one row along the view's last axis.
+def count_rows(shape: tuple[int, ...], one_device: bool | None = None,
+               itemsize: int = 4) -> tuple[int, ...]:
+  """The shape :func:`changed_per_row` views a leaf of ``shape`` (entries of
+  ``itemsize`` bytes) as: each count sums one row along the view's last axis.
 
   On one device (``one_device``; by default when jax sees one device) a leaf
-  of two or more axes is counted in rows of 128 contiguous entries read
-  across its axes where :func:`spam_optax._leaf_stats.short_rows` allows (a row-major
+  of two or more axes is counted in rows of 128 contiguous entries (512 for
+  2-byte entries, bfloat16 or float16: :func:`spam_optax._leaf_stats.short_row`)
+  read across its axes where :func:`spam_optax._leaf_stats.short_rows` allows (a row-major
   leaf is contiguous, so the view is free). With the count fused in, the
   pass that writes the clipped values is a reduction on XLA:GPU, which sizes
-  its launch by the rows: compiled for an H100, in rows of 128 each thread
-  loads and stores each operand once, 16 bytes at a time, in float32 and in
-  bfloat16 (4 and 8 entries a thread, as many threads as AdamW's element-wise
-  pass has in float32), where the rows of the leaf's own axes gave a 350M
-  LLaMA's bf16 leaves 8-byte loads and 16 entries a thread on a quarter to a
-  half of the threads (rows of 1024: 256 blocks of 256 threads for a
-  1024×1024 leaf). Measured on an H200, that bf16 update ran at about half
-  the device's bandwidth inside the 350M training step. The row sums cost
-  4 bytes a row: 1/32 of a byte an entry, each way.
+  its launch by the rows: compiled for an H100, in float32 rows of 128 each
+  thread loads and stores each operand once, 16 bytes at a time (4 entries a
+  thread, as many threads as AdamW's element-wise pass has), and measured on
+  an H200 they brought SPAM's 1B update to 1.02× AdamW's time (1.05× in the
+  rows before them). In bfloat16, rows of 128 ran at 0.6 TB/s, as each
+  thread's eight entries sit in an array on the stack; in rows of 512 each
+  thread takes four entries at a time, 8-byte loads and stores, no stack
+  (compiled for an H200: :func:`spam_optax._leaf_stats.short_row`). The row sums cost 4 bytes a row: 1/32
+  of a byte an entry each way in rows of 128, 1/128 in rows of 512.
 
   Every other leaf is counted in rows along its last axis, every other axis
   kept, two at a time where that axis is odd and the one before it even
@@ -118,7 +122,8 @@ def count_rows(shape: tuple[int, ...], one_device: bool | None = None) -> tuple[
     return (shape[0] // 2, 2)
   if len(shape) < 2:
     return shape
-  short = _leaf_stats.short_rows(shape, one_device) if _leaf_stats._SHORT_ROWS else None
+  short = (_leaf_stats.short_rows(shape, one_device, itemsize)
+           if _leaf_stats._SHORT_ROWS else None)
   if short:
     return short
   lead, length = shape[:-1], shape[-1]

@@ -303,7 +303,7 @@ def test_spam_counting_in_the_rows_before(monkeypatch):
   views = []
   counted = _count.count_rows
   monkeypatch.setattr(_count, "count_rows",
-                      lambda shape, *a: views.append(counted(shape, *a)) or views[-1])
+                      lambda shape, *a, **k: views.append(counted(shape, *a, **k)) or views[-1])
   step = lambda opt: jax.jit(opt.update)
   steps = {"library": step(library), "before": step(variant)}
   states = {k: library.init(params) for k in steps}

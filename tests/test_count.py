@@ -8,6 +8,7 @@ import numpy as np
 
 from spam_optax import _count
 from spam_optax import _leaf_stats
+from _reference import enable_x64
 
 
 def changed_pair(shape, dtype, seed):
@@ -127,6 +128,39 @@ def test_count_rows_on_one_device(shape, view):
 
 
 @pytest.mark.parametrize("shape, view", [
+    ((2048, 5461), (21844, 512)),           # rows of 512 across the axes
+    ((2736, 1024), (5472, 512)),            # a 350M LLaMA's down projection
+    ((1024, 16, 64), (2048, 512)),
+    ((32000, 1024), (64000, 512)),
+    ((24, 1024, 2736), (131328, 512)),      # layers stacked, a last axis of 8s
+    ((24, 2048, 5461), (24, 1024, 10922)),  # layers stacked, an odd last axis: as before
+    ((4, 1536), (12, 512)),
+    ((4, 160), (4, 160)), ((3, 5), (3, 5)),  # sizes that 512 does not divide
+    ((7,), (7,)), ((), ()), ((2048,), (1024, 2)),
+])
+def test_count_rows_of_two_byte_entries_on_one_device(shape, view):
+  """bfloat16 and float16 leaves: rows of 512 (``_leaf_stats.short_row``)."""
+  assert _count.count_rows(shape, one_device=True, itemsize=2) == view
+  several = _count.count_rows(shape, one_device=False)
+  assert _count.count_rows(shape, one_device=False, itemsize=2) == several
+
+
+@pytest.mark.parametrize("dtype, row", [(jnp.float32, 128), (jnp.float64, 128),
+                                        (jnp.bfloat16, 512), (jnp.float16, 512)])
+def test_count_takes_the_rows_of_the_values_dtype(dtype, row):
+  """Both forms of the count view a leaf in the rows of the clipped values' dtype, the
+  mask's form given that dtype's size."""
+  assert jax.device_count() == 1
+  with enable_x64(dtype == jnp.float64):
+    new = jnp.zeros((4, 1536), dtype)
+    assert jax.eval_shape(_count.changed_per_row, new, new).shape == (1, 6144 // row)
+    mask = jnp.zeros((4, 1536), bool)
+    got = jax.eval_shape(_count.clipped_per_row, mask, new, new)
+    assert got.shape == (1, 6144 // row)
+    assert _leaf_stats.short_row(jnp.dtype(dtype).itemsize) == row
+
+
+@pytest.mark.parametrize("shape, view", [
     ((2048, 5461), (5461, 2048)),           # rows of 2048 across the axes
     ((24, 2048, 5461), (24, 1024, 10922)),  # layers stacked: rows as before
     ((2048, 32000), (32000, 2048)),
@@ -159,12 +193,14 @@ def test_count_across_axes_is_exact(short_rows, rows, monkeypatch):
   assert int(_count.count_changed(jnp.asarray(new), jnp.asarray(old))) == int((new != old).sum())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(33, 17), (4, 6, 7), (4, 1536), (6,), (5,), ()])
-def test_true_per_row_counts_the_mask_in_the_rows_of_the_count(shape):
+def test_true_per_row_counts_the_mask_in_the_rows_of_the_count(shape, dtype):
   rng = np.random.default_rng(len(shape))
   mask = rng.random(shape) < 0.3
-  got = _count.true_per_row(jnp.asarray(mask))
-  want_shape = jax.eval_shape(_count.changed_per_row, jnp.zeros(shape), jnp.zeros(shape)).shape
+  got = _count.true_per_row(jnp.asarray(mask), itemsize=jnp.dtype(dtype).itemsize)
+  values = jnp.zeros(shape, dtype)
+  want_shape = jax.eval_shape(_count.changed_per_row, values, values).shape
   chex.assert_shape(got, want_shape)
   chex.assert_type(got, jnp.float32)
   np.testing.assert_array_equal(np.asarray(got)[0],

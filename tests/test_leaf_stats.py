@@ -244,6 +244,25 @@ class GlobalNormTest(chex.TestCase):
       assert _leaf_stats.short_rows(shape, one_device=True) == view
       assert _leaf_stats.short_rows(shape, one_device=False) is None
 
+  def test_two_byte_leaves_read_in_rows_of_512(self):
+    """A bfloat16 leaf is read in the rows SPAM's count takes for it (512 across the axes),
+    its squares summed in float32."""
+    rng = np.random.default_rng(8)
+    shapes = [(4, 1536), (2, 4, 16, 64), (4, 160)]
+    tree = [jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in shapes]
+    jaxpr = jax.make_jaxpr(_leaf_stats.global_norm)(tree)
+    reduced = sorted(tuple(e.invars[0].aval.shape) for e in jaxpr.jaxpr.eqns
+                     if e.primitive.name == "reduce")
+    assert reduced == [(4, 160), (12, 512), (16, 512)]
+    want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in tree))
+    got = jax.jit(_leaf_stats.global_norm)(tree)
+    chex.assert_type(got, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for shape, view in [((4, 1536), (12, 512)), ((2, 4, 16, 64), (16, 512)),
+                        ((4, 160), None), ((1024,), None)]:
+      assert _leaf_stats.short_rows(shape, one_device=True, itemsize=2) == view
+      assert _leaf_stats.short_rows(shape, one_device=False, itemsize=2) is None
+
   @mock.patch.object(_leaf_stats, "_GROUP", 8)
   def test_leaves_of_one_shape_read_in_one_reduction(self):
     tree = [jnp.ones((3, 4))] * _leaf_stats._GROUP + [jnp.ones(5)]
