@@ -12,6 +12,7 @@ import pytest
 
 from experiments.benchmarks import accelerator
 from experiments.benchmarks import bench_optimizer
+from models import loss_kernels
 
 import _fake_nvidia_smi
 import _processes
@@ -115,7 +116,8 @@ def _check_tiny_run(report, md, parts, out):
   assert env["loss_one_pass_grad_ms"] > 0 and "loss_error" not in env
   assert "**Loss over the vocabulary** (256×512 bf16 logits" in md
   assert env["loss_pallas_max_rel_diff"] < 1e-5 and env["loss_pallas_ms"] > 0  # interpreted
-  assert "Forward as the Pallas kernel: tile 2x2048w8 (tokens × columns, warps)" in md
+  tile = "{}x{}w{}".format(*loss_kernels.TILE)
+  assert f"Forward as the Pallas kernel: tile {tile} (tokens × columns, warps)" in md
   # Each element-wise kernel beside its XLA form: interpreted, the same values up to where
   # XLA contracts a product and a sum into one rounding (RoPE's a·cos + b·sin, once a tie of
   # bf16), within one bf16 step of the largest value.
