@@ -18,6 +18,10 @@ any device time is spent it tells:
   python -m experiments.benchmarks.aot_gpu --what model --model llama_350m --quant bf16,int4
   python -m experiments.benchmarks.aot_gpu --what optimizer --size 1b --dump /tmp/hlo
 
+With ``XLA_FLAGS=--xla_dump_to=DIR`` XLA also writes each kernel's PTX there, and
+``python -m experiments.benchmarks.ptx_check DIR`` lists the kernels that keep values on
+the stack.
+
 Compilation runs on the host CPU and can take minutes at 1b (the sparse optimizer longest).
 Kernel counts and bytes are estimates from the HLO, not timings: launch latency, caches and
 how well each kernel reaches the bandwidth are only seen on the device
