@@ -208,8 +208,13 @@ def short_rows(shape: Sequence[int], one_device: bool | None = None,
   its clipped entries in rows of 128 across its axes loads and stores one float at a time
   (of a 2048×5461 matrix, 16 bytes at a time).
   """
+  return _rows_across(shape, short_row(itemsize), one_device)
+
+
+def _rows_across(shape: Sequence[int], row: int,
+                 one_device: bool | None = None) -> tuple[int, int] | None:
+  """``(size // row, row)`` where :func:`short_rows` allows rows of ``row`` entries."""
   shape = tuple(int(d) for d in shape)
-  row = short_row(itemsize)
   if len(shape) < 2 or math.prod(shape) % row:
     return None
   if len(shape) > 2 and shape[-1] % 8:
@@ -221,6 +226,13 @@ def short_rows(shape: Sequence[int], one_device: bool | None = None,
   return (math.prod(shape) // row, row)
 
 
+# When set, rows_together reads every leaf without stacked axes that short_rows' rules allow
+# in rows of this many entries across its axes, on one device, instead of _wide_view's
+# choice (the benchmarks time Stable-SPAM's statistics so, `stable_spam (statistics in rows
+# of 512)`, beside the library's). None: off.
+_STATS_ROW = None
+
+
 def _wide_view(shape: Sequence[int], n: int) -> tuple[int, int] | None:
   """The view rows_together reduces a leaf of ``shape`` (``n`` stacked axes) as, or None
   to keep its rows: :func:`wide_rows`, with ``_WIDE_ROWS`` set, for a leaf with no
@@ -230,6 +242,10 @@ def _wide_view(shape: Sequence[int], n: int) -> tuple[int, int] | None:
   at a time; over the same entries as 5461 rows of 2048, two at a time (one leaf a
   reduction; grouped eight at a time, again one float).
   """
+  if _STATS_ROW and n == 0:
+    across = _rows_across(shape, _STATS_ROW)
+    if across:
+      return across
   return wide_rows(shape) if _WIDE_ROWS and n == 0 else None
 
 

@@ -1,6 +1,7 @@
 """experiments/benchmarks/bench_optimizer.py: its tables, its JSON saved as rows finish, its
 profiles, and its hand-fused SPAM equals spam()."""
 import json
+import math
 import os
 
 import chex
@@ -261,7 +262,8 @@ def test_stable_spam_skipping_unclipped_rows():
   leave the library as it was."""
   shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
   variants = bench_optimizer.stable_spam_variants()
-  assert list(variants) == [bench_optimizer.SKIP, bench_optimizer.SKIP_ALL_CLIPPED]
+  assert list(variants) == [bench_optimizer.SKIP, bench_optimizer.SKIP_ALL_CLIPPED,
+                            bench_optimizer.STATS_ROWS]
   library = bench_optimizer.optimizers(0.25)["stable_spam"]
   keys = iter(jax.random.split(jax.random.key(0), 64))
   params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
@@ -287,6 +289,40 @@ def test_stable_spam_skipping_unclipped_rows():
   assert gathers(variants[bench_optimizer.SKIP_ALL_CLIPPED]) == leaves
   assert gathers(library) == 0
   assert not _clip_and_norm_history._SKIP_UNCLIPPED_ROWS
+
+
+def test_stable_spam_statistics_in_rows_of_512():
+  """The variant updates as the library's Stable-SPAM does, a spike clipped and counted,
+  reading the leaves that 512 divides in rows of 512, and leaves the library as it was."""
+  shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
+  variant = bench_optimizer.stable_spam_variants()[bench_optimizer.STATS_ROWS]
+  library = bench_optimizer.optimizers(0.25)["stable_spam"]
+  def normal(seed):
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    return jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
+  params = normal(1)
+  states = {"library": library.init(params), "variant": library.init(params)}
+  steps = {"library": jax.jit(library.update), "variant": jax.jit(variant.update)}
+  for t in range(3):
+    grads = normal(t + 2)
+    if t == 2:
+      grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].mul(1e3), grads)
+    out = {k: fn(grads, states[k], params) for k, fn in steps.items()}
+    states = {k: o[1] for k, o in out.items()}
+    chex.assert_trees_all_close(out["variant"], out["library"], rtol=1e-5, atol=1e-7)
+  clipped = np.asarray(states["variant"][0][0].clipped.values)
+  np.testing.assert_array_equal(clipped, np.asarray(states["library"][0][0].clipped.values))
+  assert clipped.sum() > 0
+
+  def reduced(opt):
+    jaxpr = jax.make_jaxpr(opt.update)(grads, library.init(params), params)
+    return {tuple(e.invars[0].aval.shape) for e in jaxpr.jaxpr.eqns
+            if e.primitive.name.startswith("reduce")}
+  divided = {(math.prod(s.shape) // 512, 512) for s in jax.tree.leaves(shapes)
+             if len(s.shape) >= 2 and math.prod(s.shape) % 512 == 0}
+  assert divided and divided <= reduced(variant)
+  assert not divided & reduced(library)
+  assert _leaf_stats._STATS_ROW is None
 
 
 def test_spam_counting_in_the_rows_before(monkeypatch):

@@ -103,6 +103,7 @@ def loop_redraw_optimizer(density: float) -> dict:
 
 SKIP = "stable_spam (unclipped rows not read again)"
 SKIP_ALL_CLIPPED = "stable_spam (unclipped rows not read again; every row clipped)"
+STATS_ROWS = "stable_spam (statistics in rows of 512)"
 
 
 def _tracing_with(inner: optax.GradientTransformation, module, flag: str, value,
@@ -129,7 +130,11 @@ def stable_spam_variants(scan_layers: bool = False) -> dict:
   * ``SKIP``: on the benchmark's fixed gradient, whose running max is its max after the
     first update, so that next to no row is clipped (as in training between spikes);
   * ``SKIP_ALL_CLIPPED``: the running max set to 0 before each update, so that every row
-    holds a clipped entry and is gathered again (the most such a pass reads).
+    holds a clipped entry and is gathered again (the most such a pass reads);
+
+  and ``STATS_ROWS``: both statistics passes reading each leaf in rows of 512 across its
+  axes (``spam_optax._leaf_stats._STATS_ROW``), four to sixteen times the rows of the
+  library's layout (a 2048×2048 leaf: 2048 rows of 2048), so more of the GPU reads at once.
 
   Selected by name with ``--optimizers``."""
   inner = optimizers(0.25, scan_layers)["stable_spam"]
@@ -141,7 +146,8 @@ def stable_spam_variants(scan_layers: bool = False) -> dict:
 
   flag = (_clip_and_norm_history, "_SKIP_UNCLIPPED_ROWS", True)
   return {SKIP: _tracing_with(inner, *flag),
-          SKIP_ALL_CLIPPED: _tracing_with(inner, *flag, prepare=zero_running_max)}
+          SKIP_ALL_CLIPPED: _tracing_with(inner, *flag, prepare=zero_running_max),
+          STATS_ROWS: _tracing_with(inner, _leaf_stats, "_STATS_ROW", 512)}
 
 
 COUNT_ROWS_BEFORE = "spam (count rows as before)"
