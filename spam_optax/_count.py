@@ -88,14 +88,10 @@ def count_rows(shape: tuple[int, ...], one_device: bool | None = None,
   leaf is contiguous, so the view is free). With the count fused in, the
   pass that writes the clipped values is a reduction on XLA:GPU, which sizes
   its launch by the rows: compiled for an H100, in float32 rows of 128 each
-  thread loads and stores each operand once, 16 bytes at a time (4 entries a
-  thread, as many threads as AdamW's element-wise pass has), and measured on
-  an H200 they brought SPAM's 1B update to 1.02× AdamW's time (1.05× in the
-  rows before them). In bfloat16, rows of 128 ran at 0.6 TB/s, as each
-  thread's eight entries sit in an array on the stack; in rows of 512 each
-  thread takes four entries at a time, 8-byte loads and stores, no stack
-  (compiled for an H200: :func:`spam_optax._leaf_stats.short_row`). The row sums cost 4 bytes a row: 1/32
-  of a byte an entry each way in rows of 128, 1/128 in rows of 512.
+  thread loads and stores each operand once, 16 bytes at a time, as many
+  threads as AdamW's element-wise pass has (why bfloat16 takes rows of 512:
+  :func:`spam_optax._leaf_stats.short_row`). The row sums cost 4 bytes a row:
+  1/32 of a byte an entry each way in rows of 128, 1/128 in rows of 512.
 
   Every other leaf is counted in rows along its last axis, every other axis
   kept, two at a time where that axis is odd and the one before it even
