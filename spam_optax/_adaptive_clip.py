@@ -26,35 +26,42 @@ def _abs_max(x: jax.Array, axis) -> jax.Array:
   return jnp.max(x, axis=axes)
 
 
-def running_max(state, leaves, ns, gamma3, reset_interval, squares_dtype=None):
-  """One AdaClip step's statistics: ``(step, max_ema, thresholds, rows)``.
+def bias_step(state, reset_interval):
+  """``(step, k)``: AdaClip's update count after this update and its
+  bias-correction step (restarted after each reset)."""
+  step = optax.safe_increment(state.count)
+  return step, _periodic_reset.restarted_count_before_reset(step, reset_interval)
+
+
+def running_thresholds(state, g_max, gamma3, k):
+  r"""``(max_ema, m_hat, ratio)``, one entry per leaf slice each: the new running max
+  from the slices' :math:`\max|g|` (``g_max``), its bias-corrected value
+  :math:`\hat m_t` and the ratio :math:`\hat m_t / \max|g|` that scales the entries
+  above it."""
+  dtype = state.max_ema.values.dtype
+  m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max.astype(dtype)
+  m_hat = m / _numerics.one_minus_power(gamma3, k).astype(dtype)
+  ratio = m_hat / jnp.where(g_max > 0, g_max, 1).astype(dtype)
+  return m.astype(dtype), m_hat, ratio
+
+
+def running_max(state, leaves, ns, gamma3, reset_interval):
+  """One AdaClip step's statistics: ``(step, max_ema, thresholds)``.
 
   ``leaves`` and ``ns`` are the gradient's leaves and stacked-axis counts;
   ``thresholds`` holds, per leaf, the bias-corrected running max and the
   ratio that scales the entries above it, each shaped like the leaf's
-  statistic. With ``squares_dtype`` the same pass also sums the squares of
-  each row in that dtype, and ``rows`` holds per leaf its row maxima of
-  :math:`|g|` and its row sums of :math:`g^2` (``(slices, rows)`` each, as
-  :func:`spam_optax._leaf_stats.rows_together` returns them); else None.
+  statistic.
   """
-  step = optax.safe_increment(state.count)
-  k = _periodic_reset.restarted_count_before_reset(step, reset_interval)
-  correction = _numerics.one_minus_power(gamma3, k)
+  step, k = bias_step(state, reset_interval)
   dtype = state.max_ema.values.dtype
-  if squares_dtype is None:
-    members, ops = [(jnp.abs(g.astype(dtype)),) for g in leaves], jax.lax.max
-  else:
-    members = [(jnp.abs(g.astype(dtype)), jnp.square(g.astype(squares_dtype)))
-               for g in leaves]
-    ops = (jax.lax.max, jax.lax.add)
-  partials = _leaf_stats.rows_together(members, ns, ops)
+  partials = _leaf_stats.rows_together([(jnp.abs(g.astype(dtype)),) for g in leaves], ns,
+                                       jax.lax.max)
   g_max = _leaf_stats.combine_rows([p[0] for p in partials], _abs_max).astype(dtype)
-  m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
-  m_hat = m / correction.astype(dtype)
-  ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
+  m, m_hat, ratio = running_thresholds(state, g_max, gamma3, k)
   lay = state.max_ema.layout
   thresholds = list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
-  return step, m.astype(dtype), thresholds, (partials if squares_dtype is not None else None)
+  return step, m, thresholds
 
 
 def clip_leaf(g: jax.Array, threshold, dtype) -> jax.Array:
@@ -158,7 +165,7 @@ def clip_by_running_max(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
-    step, m, thresholds, _ = running_max(state, leaves, ns, gamma3, reset_interval)
+    step, m, thresholds = running_max(state, leaves, ns, gamma3, reset_interval)
     dtype = state.max_ema.values.dtype
     clipped = [clip_leaf(g, t, dtype) for g, t in zip(leaves, thresholds)]
     rows = [_count.changed_per_row(c, g.astype(dtype)) for c, g in zip(clipped, leaves)]

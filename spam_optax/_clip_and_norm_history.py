@@ -1,4 +1,5 @@
 """Stable-SPAM's AdaClip and AdaGN as one transformation, in fewer passes."""
+import functools
 from typing import Optional
 
 import jax
@@ -9,37 +10,127 @@ from spam_optax import _adaptive_clip
 from spam_optax import _count
 from spam_optax import _grad_norm_history
 from spam_optax import _leaf_stats
+from spam_optax import _numerics
 from spam_optax import _stacked_axes
 
 
-# Whether, on one device, the norm's pass reads again only the rows that hold a clipped
-# entry (_clipped_rows) rather than every row of every leaf.
-_SKIP_UNCLIPPED_ROWS = False
+# Whether the norm and the count are read off the max's pass (_split_rows), the norm's own
+# pass running only in a step where some row cannot be settled that way.
+_ONE_PASS = False
 
 
-def _clipped_rows(g, n, threshold, row_max, row_squares, clip_dtype, dtype):
-  r"""One leaf's row sums of its clipped squares and of its clip count, ``(slices, rows)``
-  each, reading again only the rows that hold a clipped entry.
+def _split_rows(state, leaves, ns, gamma3, k, dtype):
+  r"""The max's pass, each row also split at :math:`L`: ``(split, rows)``, ``split`` the
+  vector of :math:`L` per leaf slice, ``rows`` per leaf the ``(slices, rows)`` arrays of
+  the row's max :math:`|g|`, its sum of :math:`g^2` (in ``dtype``) over the entries at most
+  :math:`L` and over those above, the least :math:`|g|` above :math:`L` (:math:`+\infty`
+  for none) and how many are above.
 
-  A row whose max :math:`|g|` is at most :math:`\hat m_t` is not clipped: its clipped
-  squares are its squares, which the max's pass summed (``row_squares``), and its count is
-  0. The other rows are gathered and clipped again. The gather reads the leaf's first row
-  in place of each unclipped row, which the cache then serves, so a leaf with a few
-  clipped rows is read from memory about once, not twice; a leaf with all rows clipped is
-  read twice, as without the skip.
+  :math:`L` is the previous step's running max corrected as it was,
+  :math:`L' = m_{t-1} / (1 - \gamma_3^{k-1})` (:math:`+\infty` for :math:`k = 1`), less
+  8 units in the last place. Why: :math:`\hat m_t = L' + b\,(\max|g| - L')` with
+  :math:`b = (1-\gamma_3)/(1-\gamma_3^k) \le 1`, so an entry at most :math:`L'` is never
+  clipped, and one above it is clipped unless it lies within a fraction :math:`b` (0.1%
+  once :math:`k` is large) of the way from :math:`L'` to the max. The entries above
+  :math:`L` of a row are then, but in rare steps, all clipped or all kept
+  (:func:`_settled_rows`); the 8 units keep a max that equals :math:`L'` (a gradient that
+  repeats) above :math:`L` whatever the rounding of :math:`\hat m_t`.
   """
-  slices, rows, length = _leaf_stats.row_view(jnp.shape(g), n)
-  m_hat, ratio = (jnp.reshape(x, (slices,)) for x in threshold)
-  flags = row_max > m_hat[:, None]  # (slices, rows); a NaN max: False, as the clip's test
-  index = jnp.where(jnp.reshape(flags, (-1,)), jnp.arange(slices * rows), 0)
-  some = jnp.reshape(g, (slices * rows, length)).at[index].get(mode="promise_in_bounds")
-  some = jnp.reshape(some, (slices, rows, length))
-  new = _adaptive_clip.clip_leaf(some, (m_hat, ratio), clip_dtype)
-  out = new.astype(g.dtype)
-  squares = jnp.sum(jnp.square(out.astype(dtype)), axis=2)
-  counts = jnp.sum(_count.changed_terms(new, some.astype(clip_dtype), 1), axis=2)
-  return (jnp.where(flags, squares, row_squares),
-          jnp.where(flags, counts, jnp.zeros([], counts.dtype)))
+  clip = state.max_ema.values.dtype
+  previous = _numerics.one_minus_power(gamma3, k - 1).astype(clip)
+  below = 1 - 8 * jnp.finfo(clip).eps
+  split = jnp.where(k > 1, state.max_ema.values / previous * below, jnp.inf).astype(clip)
+  members = []
+  for g, at in zip(leaves, _leaf_stats.split(split, state.max_ema.layout)):
+    size = jnp.abs(g.astype(clip))
+    above = size > _stacked_axes.broadcastable(at, g)
+    squares = jnp.square(g.astype(dtype))
+    zero = jnp.zeros([], dtype)
+    members.append((size, jnp.where(above, zero, squares), jnp.where(above, squares, zero),
+                    jnp.where(above, size, jnp.inf), above.astype(jnp.int32)))
+  ops = (jax.lax.max, jax.lax.add, jax.lax.add, jax.lax.min, jax.lax.add)
+  return split, _leaf_stats.rows_together(members, ns, ops,
+                                         identities=(0, 0, 0, jnp.inf, 0))
+
+
+def _settled_rows(rows, split, threshold, g, clip, dtype):
+  r"""One leaf's row sums of its clipped squares and its clip count, from
+  :func:`_split_rows`' statistics of its rows (``rows``) and its :math:`L` (``split``),
+  and whether each row's are exact: ``(squares, counts, exact)``, ``(slices, rows)`` each.
+
+  A row is settled when none of its entries is clipped (its max is at most
+  :math:`\hat m_t`), or when its entries at most :math:`L` are kept
+  (:math:`\min(L, \text{row max}) \le \hat m_t`) and those above are all clipped:
+
+  * one entry above :math:`L`, the row's max: its clipped value is computed as the clip
+    computes it, and counted if the clip changes it;
+  * several, all above :math:`\hat m_t`: their clipped squares are their sum of squares
+    times :math:`(\hat m_t/\max|g|)^2`, all counted, where the clip changes every one
+    (the ratio at most :math:`1 - 4\epsilon`, :math:`\hat m_t` a normal number) and the
+    clipped values keep the clip's dtype (a bfloat16 leaf rounds each one: not settled).
+
+  Rows holding a NaN or an infinity, or whose sums overflow, are not settled. The clip
+  compares in ``clip``, its dtype, and so does this.
+  """
+  row_max, low, high, least, above = rows
+  slices = row_max.shape[0]
+  m_hat, ratio, split = (jnp.reshape(x, (slices, 1)) for x in threshold + (split,))
+  info = jnp.finfo(clip)
+  kept = row_max <= m_hat
+  top = row_max * ratio  # the clip of the row's max
+  one = (above == 1) & ~kept
+  many = ((above > 1) & (least > m_hat) & (ratio < 1 - 4 * info.eps)
+          & (m_hat >= info.tiny))
+  if jnp.dtype(g.dtype) != jnp.dtype(clip):
+    many = jnp.zeros_like(many)
+  low_kept = jnp.minimum(split, row_max) <= m_hat
+  finite = jnp.isfinite(low) & jnp.isfinite(high) & jnp.isfinite(row_max)
+  exact = (kept | (low_kept & (one | many))) & finite
+  top_square = jnp.square(top.astype(g.dtype).astype(dtype))
+  squares = low + jnp.where(one, top_square,
+                            jnp.where(many, high * jnp.square(ratio.astype(dtype)), high))
+  counts = jnp.where(one, (top != row_max).astype(above.dtype), jnp.where(many, above, 0))
+  return squares, counts, exact
+
+
+def _clipped_rows_pass(leaves, ns, thresholds, clip, dtype):
+  """The norm's and the count's row sums in one reduction of the clipped leaves: per leaf
+  ``(squares, counts)``, ``(slices, rows)`` each."""
+  terms = []
+  for g, n, t in zip(leaves, ns, thresholds):
+    new = _adaptive_clip.clip_leaf(g, t, clip)
+    terms.append((jnp.square(new.astype(g.dtype).astype(dtype)),
+                  _count.changed_terms(new, g.astype(clip), n)))
+  return _leaf_stats.rows_together(terms, ns, jax.lax.add)
+
+
+def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
+  """AdaClip's statistics and the clipped leaves' row sums from one pass over the gradient
+  where every row is settled (:func:`_settled_rows`), else from a second
+  (:func:`_clipped_rows_pass`), run only then: ``(step, max_ema, thresholds, partials)``
+  as :func:`spam_optax._adaptive_clip.running_max` and :func:`_clipped_rows_pass` give
+  them."""
+  clip = state.max_ema.values.dtype
+  lay = state.max_ema.layout
+  step, k = _adaptive_clip.bias_step(state, reset_interval)
+  split, rows = _split_rows(state, leaves, ns, gamma3, k, dtype)
+  g_max = _leaf_stats.combine_rows([r[0] for r in rows], _adaptive_clip._abs_max)
+  m, m_hat, ratio = _adaptive_clip.running_thresholds(state, g_max, gamma3, k)
+  thresholds = list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
+  second = functools.partial(_clipped_rows_pass, ns=ns, thresholds=thresholds, clip=clip,
+                             dtype=dtype)
+  settled = [_settled_rows(r, at, t, g, clip, dtype) for r, at, t, g in
+             zip(rows, _leaf_stats.split(split, lay), thresholds, leaves)]
+  want = jax.eval_shape(second, leaves)
+  from_rows = [(s.astype(w[0].dtype), c.astype(w[1].dtype))
+               for (s, c, _), w in zip(settled, want)]
+  exact = jnp.concatenate([jnp.ravel(e) for _, _, e in settled] or [jnp.ones([0], bool)])
+  # The barrier keeps XLA from running the second pass whatever the predicate: it turns a
+  # conditional of reductions and element-wise ops into a select of both branches.
+  partials = jax.lax.cond(~jnp.all(exact),
+                          lambda x: second(jax.lax.optimization_barrier(x)),
+                          lambda x: from_rows, leaves)
+  return step, m, thresholds, partials
 
 
 def clip_by_running_max_and_grad_norm_history(
@@ -126,23 +217,15 @@ def clip_by_running_max_and_grad_norm_history(
     leaves, treedef, ns = _stacked_axes.flatten_with_counts(stacked_axes, updates)
     clip_dtype = clip_state.max_ema.values.dtype
     dtype = scale_state.mu_norm.values.dtype
-    skip = _SKIP_UNCLIPPED_ROWS and _leaf_stats.on_one_device()
-    step, m, thresholds, rows = _adaptive_clip.running_max(
-        clip_state, leaves, ns, gamma3, reset_interval, squares_dtype=dtype if skip else None
-    )
-    clipped, terms = [], []
-    for g, n, t in zip(leaves, ns, thresholds):
-      new = _adaptive_clip.clip_leaf(g, t, clip_dtype)
-      out = new.astype(g.dtype)  # what the chain hands from AdaClip to AdaGN
-      clipped.append(out)
-      if not skip:
-        terms.append((jnp.square(out.astype(dtype)),
-                      _count.changed_terms(new, g.astype(clip_dtype), n)))
-    if skip:  # the rows with a clipped entry read again, the others summed already
-      partials = [_clipped_rows(g, n, t, row_max, row_squares, clip_dtype, dtype)
-                  for g, n, t, (row_max, row_squares) in zip(leaves, ns, thresholds, rows)]
-    else:  # the norm's and the count's row sums in one reduction
-      partials = _leaf_stats.rows_together(terms, ns, jax.lax.add)
+    if _ONE_PASS:
+      step, m, thresholds, partials = _one_pass(
+          clip_state, leaves, ns, gamma3, reset_interval, dtype)
+    else:
+      step, m, thresholds = _adaptive_clip.running_max(
+          clip_state, leaves, ns, gamma3, reset_interval)
+      partials = _clipped_rows_pass(leaves, ns, thresholds, clip_dtype, dtype)
+    clipped = [_adaptive_clip.clip_leaf(g, t, clip_dtype).astype(g.dtype)
+               for g, t in zip(leaves, thresholds)]
     square_rows = [squares for squares, _ in partials]
     count_rows = [jnp.reshape(counts, (1, -1)) for _, counts in partials]
     sum_of = lambda x, axis: jnp.sum(x, axis=axis)

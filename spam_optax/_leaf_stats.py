@@ -269,6 +269,7 @@ def rows_together(
     ns: Sequence[int],
     op: Callable[[jax.Array, jax.Array], jax.Array] | Sequence[Callable],
     view: Callable[[Sequence[int], int], tuple[int, int] | None] | None = None,
+    identities: Sequence[Any] | None = None,
 ) -> list[tuple[jax.Array, ...]]:
   """The first stage of per-slice reductions of many leaves: each array reduced
   over the rows of its slices, those of one shape read together.
@@ -279,8 +280,9 @@ def rows_together(
   after it (a slice of rank 0 or 1 is one row; :func:`row_view`). Each array
   is reduced over the rows with ``op`` (``jax.lax.add``, or ``jax.lax.max``
   of non-negative values: 0 must be its identity; a sequence gives the
-  ``j``-th array of every member its ``j``-th op) and comes back as
-  ``(slices, rows)``, in the order given.
+  ``j``-th array of every member its ``j``-th op, and ``identities`` then
+  each op's identity in place of 0, e.g. ``jnp.inf`` for ``jax.lax.min``) and
+  comes back as ``(slices, rows)``, in the order given.
 
   Leaves of the same shapes, dtypes and stacked axes can be reduced ``_GROUP``
   at a time by one variadic reduction, whose outputs are each their own
@@ -313,7 +315,9 @@ def rows_together(
       chunk = indices[start:start + group]
       operands = tuple(jnp.reshape(x, shape) if seen_as else x
                        for i in chunk for x in members[i])
-      zeros = tuple(jnp.zeros([], jnp.result_type(x)) for x in operands)
+      starts = [identities[j] if identities else 0
+                for i in chunk for j in range(len(members[i]))]
+      zeros = tuple(jnp.full([], v, jnp.result_type(x)) for v, x in zip(starts, operands))
       each = [ops[j] if ops else op for i in chunk for j in range(len(members[i]))]
       results = jax.lax.reduce(
           operands, zeros, lambda a, b: tuple(f(p, q) for f, p, q in zip(each, a, b)),

@@ -69,3 +69,12 @@ def test_replay_matches_official_trajectory(filename):
       assert params[n].dtype == np.dtype(dtype)
       err = max_relative_error(params[n], data[f"p/{n}"])
       assert err < TOLERANCE[dtype], (filename, n, err)
+
+
+@pytest.mark.parametrize("filename", [f for f in DENSE_FILES if "stable" in f])
+def test_one_pass_statistics_replay_the_official_trajectory(filename, monkeypatch):
+  """Stable-SPAM with its norm and count read off the max's pass
+  (``_clip_and_norm_history._ONE_PASS``) replays the official trajectories too."""
+  from spam_optax import _clip_and_norm_history
+  monkeypatch.setattr(_clip_and_norm_history, "_ONE_PASS", True)
+  test_replay_matches_official_trajectory(filename)

@@ -101,8 +101,8 @@ def loop_redraw_optimizer(density: float) -> dict:
       redraw_masks_in_update=False)}
 
 
-SKIP = "stable_spam (unclipped rows not read again)"
-SKIP_ALL_CLIPPED = "stable_spam (unclipped rows not read again; every row clipped)"
+ONE_PASS = "stable_spam (one statistics pass)"
+ONE_PASS_UNSETTLED = "stable_spam (one statistics pass; every row read again)"
 STATS_ROWS = "stable_spam (statistics in rows of 512)"
 
 
@@ -123,14 +123,14 @@ def _tracing_with(inner: optax.GradientTransformation, module, flag: str, value,
 
 
 def stable_spam_variants(scan_layers: bool = False) -> dict:
-  """Stable-SPAM with its norm's pass reading again only the rows that hold a clipped entry
-  (``spam_optax._clip_and_norm_history._SKIP_UNCLIPPED_ROWS``; the max's pass also sums
-  each row's squares), twice:
+  """Stable-SPAM with its norm and clip count read off the max's pass where every row is
+  settled there (``spam_optax._clip_and_norm_history._ONE_PASS``; the second statistics
+  pass, a conditional, runs only in a step where some row is not), twice:
 
-  * ``SKIP``: on the benchmark's fixed gradient, whose running max is its max after the
-    first update, so that next to no row is clipped (as in training between spikes);
-  * ``SKIP_ALL_CLIPPED``: the running max set to 0 before each update, so that every row
-    holds a clipped entry and is gathered again (the most such a pass reads);
+  * ``ONE_PASS``: on the benchmark's fixed gradient, whose running max reaches its max, so
+    that every row is settled after the first update (as in training between spikes);
+  * ``ONE_PASS_UNSETTLED``: the running max set to 0 before each update, so that most rows
+    hold both kept and clipped entries and the second pass runs (the most a step reads);
 
   and ``STATS_ROWS``: both statistics passes reading each leaf in rows of 512 across its
   axes (``spam_optax._leaf_stats._STATS_ROW``), four to sixteen times the rows of the
@@ -144,9 +144,9 @@ def stable_spam_variants(scan_layers: bool = False) -> dict:
     ema = _leaf_stats.LeafStats(jnp.zeros_like(clip.max_ema.values), clip.max_ema.layout)
     return ((clip._replace(max_ema=ema), scale),) + tuple(state[1:])
 
-  flag = (_clip_and_norm_history, "_SKIP_UNCLIPPED_ROWS", True)
-  return {SKIP: _tracing_with(inner, *flag),
-          SKIP_ALL_CLIPPED: _tracing_with(inner, *flag, prepare=zero_running_max),
+  flag = (_clip_and_norm_history, "_ONE_PASS", True)
+  return {ONE_PASS: _tracing_with(inner, *flag),
+          ONE_PASS_UNSETTLED: _tracing_with(inner, *flag, prepare=zero_running_max),
           STATS_ROWS: _tracing_with(inner, _leaf_stats, "_STATS_ROW", 512)}
 
 
