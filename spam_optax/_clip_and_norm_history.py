@@ -1,5 +1,4 @@
 """Stable-SPAM's AdaClip and AdaGN as one transformation, in fewer passes."""
-import functools
 from typing import Optional
 
 import jax
@@ -104,33 +103,51 @@ def _clipped_rows_pass(leaves, ns, thresholds, clip, dtype):
   return _leaf_stats.rows_together(terms, ns, jax.lax.add)
 
 
+def _totals(partials, like):
+  """Per leaf slice, the sum of the clipped squares, and per leaf the clip count (int32),
+  from each leaf's ``(squares, counts)`` row sums: two vectors, the row sums of all leaves
+  reduced together (``like``: the state's count statistics, for their layout)."""
+  squares = _leaf_stats.combine_rows([s for s, _ in partials], jnp.sum)
+  counts = _count.leaf_counts([jnp.reshape(c, (1, -1)) for _, c in partials], like)
+  return squares, counts.values
+
+
 def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
-  """AdaClip's statistics and the clipped leaves' row sums from one pass over the gradient
-  where every row is settled (:func:`_settled_rows`), else from a second
-  (:func:`_clipped_rows_pass`), run only then: ``(step, max_ema, thresholds, partials)``
-  as :func:`spam_optax._adaptive_clip.running_max` and :func:`_clipped_rows_pass` give
-  them."""
+  """AdaClip's statistics and the clipped leaves' totals from one pass over the gradient
+  where every row is settled (:func:`_settled_rows`), else from a second pass
+  (:func:`_clipped_rows_pass`), run only then: ``(step, max_ema, thresholds, squares,
+  counts)``, the first three as :func:`spam_optax._adaptive_clip.running_max` gives them,
+  the last two as :func:`_totals`."""
   clip = state.max_ema.values.dtype
   lay = state.max_ema.layout
   step, k = _adaptive_clip.bias_step(state, reset_interval)
   split, rows = _split_rows(state, leaves, ns, gamma3, k, dtype)
   g_max = _leaf_stats.combine_rows([r[0] for r in rows], _adaptive_clip._abs_max)
   m, m_hat, ratio = _adaptive_clip.running_thresholds(state, g_max, gamma3, k)
-  thresholds = list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
-  second = functools.partial(_clipped_rows_pass, ns=ns, thresholds=thresholds, clip=clip,
-                             dtype=dtype)
+
+  def thresholds_of(m_hat, ratio):
+    return list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
+
   settled = [_settled_rows(r, at, t, g, clip, dtype) for r, at, t, g in
-             zip(rows, _leaf_stats.split(split, lay), thresholds, leaves)]
-  want = jax.eval_shape(second, leaves)
-  from_rows = [(s.astype(w[0].dtype), c.astype(w[1].dtype))
-               for (s, c, _), w in zip(settled, want)]
-  exact = jnp.concatenate([jnp.ravel(e) for _, _, e in settled] or [jnp.ones([0], bool)])
-  # The barrier keeps XLA from running the second pass whatever the predicate: it turns a
-  # conditional of reductions and element-wise ops into a select of both branches.
-  partials = jax.lax.cond(~jnp.all(exact),
-                          lambda x: second(jax.lax.optimization_barrier(x)),
-                          lambda x: from_rows, leaves)
-  return step, m, thresholds, partials
+             zip(rows, _leaf_stats.split(split, lay), thresholds_of(m_hat, ratio), leaves)]
+  # how many rows of each slice are not settled, the rows of all leaves reduced together
+  # (a reduction of one concatenated vector would be split by XLA into one per leaf)
+  unsettled = _leaf_stats.combine_rows([(~e).astype(jnp.int32) for _, _, e in settled],
+                                       jnp.sum)
+  from_rows = _totals([(s, c) for s, c, _ in settled], state.clipped)
+
+  def second_pass(leaves, m_hat, ratio, _):
+    # The barrier keeps XLA from running this pass whatever the predicate: it turns a
+    # conditional of reductions and element-wise ops into a select of both branches.
+    leaves = jax.lax.optimization_barrier(leaves)
+    partials = _clipped_rows_pass(leaves, ns, thresholds_of(m_hat, ratio), clip, dtype)
+    return _totals(partials, state.clipped)
+
+  # Few arrays cross the conditional (XLA:GPU copies each one into and out of it): the
+  # leaves, and the thresholds and totals as one vector each.
+  squares, counts = jax.lax.cond(jnp.any(unsettled > 0), second_pass, lambda *x: x[3],
+                                 leaves, m_hat, ratio, from_rows)
+  return step, m, thresholds_of(m_hat, ratio), squares, counts
 
 
 def clip_by_running_max_and_grad_norm_history(
@@ -218,18 +235,16 @@ def clip_by_running_max_and_grad_norm_history(
     clip_dtype = clip_state.max_ema.values.dtype
     dtype = scale_state.mu_norm.values.dtype
     if _ONE_PASS:
-      step, m, thresholds, partials = _one_pass(
+      step, m, thresholds, squares, counts = _one_pass(
           clip_state, leaves, ns, gamma3, reset_interval, dtype)
     else:
       step, m, thresholds = _adaptive_clip.running_max(
           clip_state, leaves, ns, gamma3, reset_interval)
-      partials = _clipped_rows_pass(leaves, ns, thresholds, clip_dtype, dtype)
+      squares, counts = _totals(
+          _clipped_rows_pass(leaves, ns, thresholds, clip_dtype, dtype), clip_state.clipped)
     clipped = [_adaptive_clip.clip_leaf(g, t, clip_dtype).astype(g.dtype)
                for g, t in zip(leaves, thresholds)]
-    square_rows = [squares for squares, _ in partials]
-    count_rows = [jnp.reshape(counts, (1, -1)) for _, counts in partials]
-    sum_of = lambda x, axis: jnp.sum(x, axis=axis)
-    norm = jnp.sqrt(_leaf_stats.combine_rows(square_rows, sum_of).astype(dtype))
+    norm = jnp.sqrt(squares.astype(dtype))
     updates, scale_state = _grad_norm_history.per_leaf_update(
         scale_state, norm, clipped, treedef, **hyper
     )
@@ -237,7 +252,7 @@ def clip_by_running_max_and_grad_norm_history(
         _adaptive_clip.ClipByRunningMaxState(
             count=step,
             max_ema=_leaf_stats.LeafStats(m, clip_state.max_ema.layout),
-            clipped=_count.leaf_counts(count_rows, clip_state.clipped),
+            clipped=_leaf_stats.LeafStats(counts, clip_state.clipped.layout),
         ),
         scale_state,
     )
