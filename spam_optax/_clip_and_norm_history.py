@@ -14,8 +14,10 @@ from spam_optax import _stacked_axes
 
 
 # Whether the norm and the count are read off the max's pass (_split_rows), the norm's own
-# pass running only in a step where some row cannot be settled that way.
-_ONE_PASS = False
+# pass running only in a step where some row cannot be settled that way; off, every step
+# reads the gradient twice for its statistics (the benchmarks time that beside it,
+# `stable_spam (two statistics passes)`).
+_ONE_PASS = True
 
 
 def _split_rows(state, leaves, ns, gamma3, k, dtype):
@@ -179,8 +181,18 @@ def clip_by_running_max_and_grad_norm_history(
   in the update; the count of clipped entries needs the clipped leaf too, and
   XLA fuses it with the norm or the update only when its fusion heuristics
   happen to put them together (on a GPU, for about 60% of a LLaMA's leaves:
-  the others are read a fourth time). Here the norm and the count are one
-  reduction of each row, so every leaf is read three times.
+  the others are read a fourth time). Here the max's pass also splits each row
+  at the previous step's corrected running max :math:`L`, which no entry at or
+  below it can exceed after the update: it sums the squares on each side and
+  keeps the least entry above :math:`L` and how many there are. In most steps
+  that settles every row: its entries above :math:`L` are all kept or all
+  clipped, so its clipped squares and count follow. Then every leaf is read
+  twice, once for the statistics and once in the update. Where some row is
+  not settled (an entry above :math:`L` kept beside one clipped, or several
+  clipped in a bfloat16 leaf, which rounds each one), a second pass computes
+  the norm and the count from the clipped leaves, in one reduction of each
+  row; it is a conditional, run only in such a step (on a GPU, a node of the
+  step's CUDA graph: the host does not wait).
   :func:`spam_optax.stable_spam` uses it.
 
   Args:

@@ -345,8 +345,8 @@ def test_the_device_plan(tmp_path):
   named = argv[argv.index("--optimizers") + 1].split(",")
   known = bench_optimizer.known_optimizers(0.25)
   assert named and all(n in known for n in named), named
-  assert {bench_optimizer.STATS_ROWS, bench_optimizer.ONE_PASS,
-          bench_optimizer.ONE_PASS_UNSETTLED} <= set(named)
+  assert {bench_optimizer.STATS_ROWS, bench_optimizer.TWO_PASSES,
+          bench_optimizer.UNSETTLED} <= set(named)
   assert by_name["train_1b"].retry_argv[-1] == "--activation_checkpointing"
   assert by_name["model_1b"].retry_argv[-1] == "--remat"
   for part in parts:

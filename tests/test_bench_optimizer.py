@@ -257,13 +257,14 @@ def test_every_state_keeps_its_structure_across_an_update():
         (x.shape, x.dtype) for x in jax.tree.leaves(before)], name
 
 
-def test_stable_spam_in_one_statistics_pass():
-  """Both variants compute Stable-SPAM's update (the second with its running max zeroed
-  first), hold the second statistics pass in a conditional, and leave the library as it
-  was."""
+def test_stable_spam_statistics_variants():
+  """The two-pass variant and the unsettled one compute Stable-SPAM's update (the second
+  with its running max zeroed first); the library and the unsettled variant hold the
+  second statistics pass in a conditional, the two-pass variant does not; the library is
+  left as it was."""
   shapes = bench_optimizer.param_shapes(bench_optimizer.SIZES["tiny"], jnp.float32)
   variants = bench_optimizer.stable_spam_variants()
-  assert list(variants) == [bench_optimizer.ONE_PASS, bench_optimizer.ONE_PASS_UNSETTLED,
+  assert list(variants) == [bench_optimizer.TWO_PASSES, bench_optimizer.UNSETTLED,
                             bench_optimizer.STATS_ROWS]
   library = bench_optimizer.optimizers(0.25)["stable_spam"]
   keys = iter(jax.random.split(jax.random.key(0), 64))
@@ -273,22 +274,22 @@ def test_stable_spam_in_one_statistics_pass():
       ).count("stablehlo.case")
   state = library.init(params)
   want = jax.jit(library.update)(grads, state, params)
-  got = jax.jit(variants[bench_optimizer.ONE_PASS].update)(grads, state, params)
+  got = jax.jit(variants[bench_optimizer.TWO_PASSES].update)(grads, state, params)
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
-  # after an update, the second variant updates as the library does from that state with
-  # its running max set to 0
+  # after an update, the unsettled variant updates as the library does from that state
+  # with its running max set to 0
   _, state = want
   clip, scale = state[0]
   assert np.all(np.asarray(clip.max_ema.values) > 0)
   ema = _leaf_stats.LeafStats(jnp.zeros_like(clip.max_ema.values), clip.max_ema.layout)
   zeroed = ((clip._replace(max_ema=ema), scale),) + tuple(state[1:])
-  got = jax.jit(variants[bench_optimizer.ONE_PASS_UNSETTLED].update)(grads, state, params)
+  got = jax.jit(variants[bench_optimizer.UNSETTLED].update)(grads, state, params)
   chex.assert_trees_all_close(got, jax.jit(library.update)(grads, zeroed, params),
                               rtol=1e-6, atol=1e-7)
-  assert conditionals(variants[bench_optimizer.ONE_PASS]) == 1
-  assert conditionals(variants[bench_optimizer.ONE_PASS_UNSETTLED]) == 1
-  assert conditionals(library) == 0
-  assert not _clip_and_norm_history._ONE_PASS
+  assert conditionals(library) == 1
+  assert conditionals(variants[bench_optimizer.UNSETTLED]) == 1
+  assert conditionals(variants[bench_optimizer.TWO_PASSES]) == 0
+  assert _clip_and_norm_history._ONE_PASS
 
 
 def test_stable_spam_statistics_in_rows_of_512():

@@ -118,15 +118,21 @@ class ClipAndNormHistoryTest(chex.TestCase):
     np.testing.assert_array_equal(got_state[0].clipped.values, want_state[0].clipped.values)
 
 
-class OnePassTest(ClipAndNormHistoryTest):
-  """The tests above with the norm and the count read off the max's pass (``_ONE_PASS``):
-  the same updates, states and counts as the chain."""
+class TwoPassesTest(ClipAndNormHistoryTest):
+  """The tests above with the norm and the count from a second pass over the gradient in
+  every step (``_ONE_PASS`` off): the same updates, states and counts as the chain."""
 
   def setUp(self):
     super().setUp()
-    patcher = mock.patch.object(_clip_and_norm_history, "_ONE_PASS", True)
+    patcher = mock.patch.object(_clip_and_norm_history, "_ONE_PASS", False)
     patcher.start()
     self.addCleanup(patcher.stop)
+
+
+class OnePassTest(chex.TestCase):
+  """The norm and the count read off the max's pass (``_ONE_PASS``, the default): which
+  steps settle every row from it, and which run the second pass; the same updates, states
+  and counts as the chain in both."""
 
   def second_passes(self):
     """A list that grows by one each time the second pass runs (a callback in it)."""

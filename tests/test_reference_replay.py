@@ -72,9 +72,9 @@ def test_replay_matches_official_trajectory(filename):
 
 
 @pytest.mark.parametrize("filename", [f for f in DENSE_FILES if "stable" in f])
-def test_one_pass_statistics_replay_the_official_trajectory(filename, monkeypatch):
-  """Stable-SPAM with its norm and count read off the max's pass
-  (``_clip_and_norm_history._ONE_PASS``) replays the official trajectories too."""
+def test_two_statistics_passes_replay_the_official_trajectory(filename, monkeypatch):
+  """Stable-SPAM with its norm and count from a second pass over the gradient every step
+  (``_clip_and_norm_history._ONE_PASS`` off) replays the official trajectories too."""
   from spam_optax import _clip_and_norm_history
-  monkeypatch.setattr(_clip_and_norm_history, "_ONE_PASS", True)
+  monkeypatch.setattr(_clip_and_norm_history, "_ONE_PASS", False)
   test_replay_matches_official_trajectory(filename)

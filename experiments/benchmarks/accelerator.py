@@ -479,20 +479,20 @@ def plan(args, work: str) -> list:
   # peer, then the breakdowns; what the budget no longer fits is recorded as skipped.
   parts = []
   # The sparse SPAM as the trainer runs it (masks redrawn by the loop), and Stable-SPAM's
-  # variants (bench_optimizer.stable_spam_variants): its two statistics passes reading each
-  # leaf in rows of 512 (the passes took 3.38 ms of 13.16 at 3.17 TB/s on the fourth H200
-  # run), and its norm and count read off the max's pass, the second pass a conditional run
-  # only where a row is not settled, timed in a step that settles every row and in one that
-  # settles none. Reading only the clipped rows again (13.94 ms) and the hand-fused
-  # reference (2.14× adamw) were slower on an H200, and the in-update redraw (3.19×) made
-  # the host wait on its conditional; they stay out of this part. SPAM's float32 count in
-  # the rows before the rows of 128 was settled on the fourth H200 run (9.73 ms against the
-  # library's 9.43): only the bf16 part below times it.
+  # variants (bench_optimizer.stable_spam_variants): its statistics in two passes every step
+  # (the library's before its norm and count were read off the max's pass; 3.38 ms of 13.16
+  # at 3.17 TB/s on the fourth H200 run), the library in a step where no row is settled
+  # (the second pass runs), and its passes reading each leaf in rows of 512. Reading only
+  # the clipped rows again (13.94 ms) and the hand-fused reference (2.14× adamw) were
+  # slower on an H200, and the in-update redraw (3.19×) made the host wait on its
+  # conditional; they stay out of this part. SPAM's float32 count in the rows before the
+  # rows of 128 was settled on the fourth H200 run (9.73 ms against the library's 9.43):
+  # only the bf16 part below times it.
   parts.append(Part("optimizer", _module("bench_optimizer") + [
       "--size", opt_size, "--sequential", "--optimizers",
-      "spam,stable_spam,stable_spam (statistics in rows of 512),"
-      "stable_spam (one statistics pass),stable_spam (one statistics pass; every row read "
-      "again),spam d=0.25 (loop redraw)",
+      "spam,stable_spam,stable_spam (two statistics passes),"
+      "stable_spam (every row read again),stable_spam (statistics in rows of 512),"
+      "spam d=0.25 (loop redraw)",
       "--json", js("optimizer")]
       + opt_iters + prof("optimizer"), 150, 40, js("optimizer")))
   # The update as the bf16 trainer runs it, at its deciding size: parameters and moments in
