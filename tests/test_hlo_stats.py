@@ -53,16 +53,23 @@ def test_counts_the_kernels_of_the_entry_and_loop_bodies_only():
   assert s["aliased_outputs"] == 1
 
 
-def test_host_waits_are_conditionals_and_loops_of_unknown_trip_count():
+def test_host_waits_are_loops_of_unknown_trip_count_and_conditionals_out_of_the_graph():
+  """A conditional whose branches launch only kernels is a node of the CUDA graph; one
+  whose branch launches a loop is not."""
   assert hlo_stats.summarize(_HLO)["host_waits"] == 1  # its loop has no known trip count
   compiled = lambda f, *args: jax.jit(f).lower(*args).compile().as_text()
   scan = lambda x: jax.lax.scan(lambda c, _: (c * 2, None), x, None, length=3)[0]
-  cond = lambda x, p: jax.lax.cond(p, lambda x: x * 2, lambda x: x + 1, x)
   until = lambda x: jax.lax.while_loop(lambda c: c[0] < c[1].sum(),
                                        lambda c: (c[0] + 1, c[1]), (0.0, x))
+  cond = lambda x, p: jax.lax.cond(
+      p, lambda x: jnp.sin(jax.lax.optimization_barrier(x)) * 2, lambda x: x + 1, x)
+  looping = lambda x, p: jax.lax.cond(p, lambda x: until(x)[0], lambda x: x.sum(), x)
   assert hlo_stats.summarize(compiled(scan, jnp.ones(8)))["host_waits"] == 0
-  assert hlo_stats.summarize(compiled(cond, jnp.ones(8), True))["host_waits"] == 1
   assert hlo_stats.summarize(compiled(until, jnp.ones(8)))["host_waits"] == 1
+  plain = hlo_stats.summarize(compiled(cond, jnp.ones(8), True))
+  assert plain["ops"]["conditional"] == 1 and plain["host_waits"] == 0
+  # the loop inside: the conditional and the loop
+  assert hlo_stats.summarize(compiled(looping, jnp.ones(8), True))["host_waits"] == 2
 
 
 def test_the_trainers_sparse_step_makes_the_host_wait_nowhere(capsys):

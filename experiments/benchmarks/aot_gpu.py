@@ -11,8 +11,9 @@ any device time is spent it tells:
   once); for a memory-bound update, bytes over the bandwidth is the time to expect;
 * whether attention compiles to cuDNN's fused kernel (``__cudnn$fmha...``);
 * what the donated update aliases;
-* where the host must wait for the device ("host waits": conditionals and loops of unknown
-  trip count, whose predicate XLA:GPU copies to the host).
+* where the host must wait for the device ("host waits": loops of unknown trip count, and
+  conditionals whose branches launch a loop or a library call, which stay out of the CUDA
+  graph: XLA:GPU copies their predicate to the host; see ``hlo_stats.summarize``).
 
   python -m experiments.benchmarks.aot_gpu --what optimizer --size 1b
   python -m experiments.benchmarks.aot_gpu --what model --model llama_350m --quant bf16,int4
