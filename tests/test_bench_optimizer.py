@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import spam_optax
 from experiments.benchmarks import bench_optimizer
