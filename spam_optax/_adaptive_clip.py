@@ -33,15 +33,17 @@ def bias_step(state, reset_interval):
   return step, _periodic_reset.restarted_count_before_reset(step, reset_interval)
 
 
-def running_thresholds(state, g_max, gamma3, k):
+def running_thresholds(state, row_maxima, gamma3, k):
   r"""``(max_ema, m_hat, ratio)``, one entry per leaf slice each: the new running max
-  from the slices' :math:`\max|g|` (``g_max``), its bias-corrected value
+  from each leaf's row maxima of :math:`|g|` (``(slices, rows)`` arrays, as
+  :func:`spam_optax._leaf_stats.rows_together` gives them), its bias-corrected value
   :math:`\hat m_t` and the ratio :math:`\hat m_t / \max|g|` that scales the entries
   above it."""
   dtype = state.max_ema.values.dtype
-  m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max.astype(dtype)
+  g_max = _leaf_stats.combine_rows(row_maxima, _abs_max).astype(dtype)
+  m = gamma3 * state.max_ema.values + (1 - gamma3) * g_max
   m_hat = m / _numerics.one_minus_power(gamma3, k).astype(dtype)
-  ratio = m_hat / jnp.where(g_max > 0, g_max, 1).astype(dtype)
+  ratio = m_hat / jnp.where(g_max > 0, g_max, 1)
   return m.astype(dtype), m_hat, ratio
 
 
@@ -57,8 +59,7 @@ def running_max(state, leaves, ns, gamma3, reset_interval):
   dtype = state.max_ema.values.dtype
   partials = _leaf_stats.rows_together([(jnp.abs(g.astype(dtype)),) for g in leaves], ns,
                                        jax.lax.max)
-  g_max = _leaf_stats.combine_rows([p[0] for p in partials], _abs_max).astype(dtype)
-  m, m_hat, ratio = running_thresholds(state, g_max, gamma3, k)
+  m, m_hat, ratio = running_thresholds(state, [p[0] for p in partials], gamma3, k)
   lay = state.max_ema.layout
   thresholds = list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
   return step, m, thresholds

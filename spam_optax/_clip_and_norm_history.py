@@ -124,14 +124,14 @@ def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
   lay = state.max_ema.layout
   step, k = _adaptive_clip.bias_step(state, reset_interval)
   split, rows = _split_rows(state, leaves, ns, gamma3, k, dtype)
-  g_max = _leaf_stats.combine_rows([r[0] for r in rows], _adaptive_clip._abs_max)
-  m, m_hat, ratio = _adaptive_clip.running_thresholds(state, g_max, gamma3, k)
+  m, m_hat, ratio = _adaptive_clip.running_thresholds(state, [r[0] for r in rows], gamma3, k)
 
   def thresholds_of(m_hat, ratio):
     return list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
 
+  thresholds = thresholds_of(m_hat, ratio)
   settled = [_settled_rows(r, at, t, g, clip, dtype) for r, at, t, g in
-             zip(rows, _leaf_stats.split(split, lay), thresholds_of(m_hat, ratio), leaves)]
+             zip(rows, _leaf_stats.split(split, lay), thresholds, leaves)]
   # how many rows of each slice are not settled, the rows of all leaves reduced together
   # (a reduction of one concatenated vector would be split by XLA into one per leaf)
   unsettled = _leaf_stats.combine_rows([(~e).astype(jnp.int32) for _, _, e in settled],
@@ -149,7 +149,7 @@ def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
   # leaves, and the thresholds and totals as one vector each.
   squares, counts = jax.lax.cond(jnp.any(unsettled > 0), second_pass, lambda *x: x[3],
                                  leaves, m_hat, ratio, from_rows)
-  return step, m, thresholds_of(m_hat, ratio), squares, counts
+  return step, m, thresholds, squares, counts
 
 
 def clip_by_running_max_and_grad_norm_history(
