@@ -54,21 +54,61 @@ def assert_states_equal(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
+def _equals_the_chain(variant):
+  """The fused piece (``variant`` of its update) against the chain on spiky gradients."""
+  params = to_jnp(nested_params())
+  grads = [to_jnp(g) for g in gradient_sequence(11)]
+  fused = spam_optax.clip_by_running_max_and_grad_norm_history(**HYPER)
+  got_counts, want_counts = [], []
+  got, got_state = run(fused, grads, params, variant(fused.update), counts=got_counts)
+  want, want_state = run(chain(**HYPER), grads, params, counts=want_counts)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  assert_states_equal(got_state, want_state)
+  # The spikes were clipped: the comparison covers the counts, not only zeros.
+  assert got_counts == want_counts and max(got_counts) > 0, got_counts
+  assert got[0]["layers"][1] is None
+
+
+def _stacked_axes_bfloat16_and_nan(variant):
+  """Per-slice statistics of a stacked leaf, a bf16 leaf (the chain squares the
+  clipped values as AdaClip returns them, in bf16) and a NaN row."""
+  rng = np.random.default_rng(3)
+  params = {"layers": jnp.zeros((3, 4, 5)), "half": jnp.zeros((6, 2), jnp.bfloat16),
+            "empty": jnp.zeros((0, 4))}
+  axes = {"layers": 1, "half": 0, "empty": 0}
+  grads = []
+  for t in range(8):
+    g = {"layers": rng.normal(size=(3, 4, 5)).astype(np.float32),
+         "half": rng.normal(size=(6, 2)).astype(jnp.bfloat16),
+         "empty": np.zeros((0, 4), np.float32)}
+    if t in (3, 6):
+      g["layers"][1, 2, 3] *= 300.0
+      g["half"][4, 1] *= 300.0
+    if t == 7:
+      g["layers"][2, 0, 0] = np.nan
+    grads.append(to_jnp(g))
+  fused = spam_optax.clip_by_running_max_and_grad_norm_history(**HYPER, stacked_axes=axes)
+  got, got_state = run(fused, grads[:7], params, variant(fused.update))
+  want, want_state = run(chain(**HYPER, stacked_axes=axes), grads[:7], params)
+  chex.assert_trees_all_close(got, want, rtol=1e-2, atol=1e-3)  # bf16 leaf
+  chex.assert_trees_all_close([u["layers"] for u in got], [u["layers"] for u in want],
+                              rtol=1e-6, atol=1e-7)
+  assert_states_equal(got_state, want_state)
+  assert got_state[0].max_ema.tree()["layers"].shape == (3,)
+  counts = got_state[0].clipped.as_dict()
+  assert int(counts["layers"]) > 0 and int(counts["half"]) > 0
+  # A NaN entry: its slice's statistics are NaN in both, the counts agree.
+  got_nan, got_state = variant(fused.update)(grads[7], got_state)
+  want_nan, want_state = chain(**HYPER, stacked_axes=axes).update(grads[7], want_state)
+  np.testing.assert_array_equal(np.isnan(got_nan["layers"]), np.isnan(want_nan["layers"]))
+  np.testing.assert_array_equal(got_state[0].clipped.values, want_state[0].clipped.values)
+
+
 class ClipAndNormHistoryTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_equals_the_chain_of_the_pieces(self):
-    params = to_jnp(nested_params())
-    grads = [to_jnp(g) for g in gradient_sequence(11)]
-    fused = spam_optax.clip_by_running_max_and_grad_norm_history(**HYPER)
-    got_counts, want_counts = [], []
-    got, got_state = run(fused, grads, params, self.variant(fused.update), counts=got_counts)
-    want, want_state = run(chain(**HYPER), grads, params, counts=want_counts)
-    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
-    assert_states_equal(got_state, want_state)
-    # The spikes were clipped: the comparison covers the counts, not only zeros.
-    assert got_counts == want_counts and max(got_counts) > 0, got_counts
-    assert got[0]["layers"][1] is None
+    _equals_the_chain(self.variant)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_states_are_interchangeable_with_the_chain(self):
@@ -86,47 +126,27 @@ class ClipAndNormHistoryTest(chex.TestCase):
   def test_stacked_axes_bfloat16_and_nan(self):
     """Per-slice statistics of a stacked leaf, a bf16 leaf (the chain squares the
     clipped values as AdaClip returns them, in bf16) and a NaN row."""
-    rng = np.random.default_rng(3)
-    params = {"layers": jnp.zeros((3, 4, 5)), "half": jnp.zeros((6, 2), jnp.bfloat16),
-              "empty": jnp.zeros((0, 4))}
-    axes = {"layers": 1, "half": 0, "empty": 0}
-    grads = []
-    for t in range(8):
-      g = {"layers": rng.normal(size=(3, 4, 5)).astype(np.float32),
-           "half": rng.normal(size=(6, 2)).astype(jnp.bfloat16),
-           "empty": np.zeros((0, 4), np.float32)}
-      if t in (3, 6):
-        g["layers"][1, 2, 3] *= 300.0
-        g["half"][4, 1] *= 300.0
-      if t == 7:
-        g["layers"][2, 0, 0] = np.nan
-      grads.append(to_jnp(g))
-    fused = spam_optax.clip_by_running_max_and_grad_norm_history(**HYPER, stacked_axes=axes)
-    got, got_state = run(fused, grads[:7], params, self.variant(fused.update))
-    want, want_state = run(chain(**HYPER, stacked_axes=axes), grads[:7], params)
-    chex.assert_trees_all_close(got, want, rtol=1e-2, atol=1e-3)  # bf16 leaf
-    chex.assert_trees_all_close([u["layers"] for u in got], [u["layers"] for u in want],
-                                rtol=1e-6, atol=1e-7)
-    assert_states_equal(got_state, want_state)
-    assert got_state[0].max_ema.tree()["layers"].shape == (3,)
-    counts = got_state[0].clipped.as_dict()
-    assert int(counts["layers"]) > 0 and int(counts["half"]) > 0
-    # A NaN entry: its slice's statistics are NaN in both, the counts agree.
-    got_nan, got_state = self.variant(fused.update)(grads[7], got_state)
-    want_nan, want_state = chain(**HYPER, stacked_axes=axes).update(grads[7], want_state)
-    np.testing.assert_array_equal(np.isnan(got_nan["layers"]), np.isnan(want_nan["layers"]))
-    np.testing.assert_array_equal(got_state[0].clipped.values, want_state[0].clipped.values)
+    _stacked_axes_bfloat16_and_nan(self.variant)
 
 
-class TwoPassesTest(ClipAndNormHistoryTest):
-  """The tests above with the norm and the count from a second pass over the gradient in
-  every step (``_ONE_PASS`` off): the same updates, states and counts as the chain."""
+class TwoPassesTest(chex.TestCase):
+  """The first and third tests above with the norm and the count from a second pass over
+  the gradient in every step (``_ONE_PASS`` off), jitted: the same updates, states and
+  counts as the chain (``test_reference_replay`` replays this form too)."""
 
   def setUp(self):
     super().setUp()
     patcher = mock.patch.object(_clip_and_norm_history, "_ONE_PASS", False)
     patcher.start()
     self.addCleanup(patcher.stop)
+
+  @chex.variants(with_jit=True)
+  def test_equals_the_chain_of_the_pieces(self):
+    _equals_the_chain(self.variant)
+
+  @chex.variants(with_jit=True)
+  def test_stacked_axes_bfloat16_and_nan(self):
+    _stacked_axes_bfloat16_and_nan(self.variant)
 
 
 class OnePassTest(chex.TestCase):
