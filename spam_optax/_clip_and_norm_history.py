@@ -1,4 +1,5 @@
 """Stable-SPAM's AdaClip and AdaGN as one transformation, in fewer passes."""
+import functools
 from typing import Optional
 
 import jax
@@ -41,20 +42,30 @@ def _split_rows(state, leaves, ns, gamma3, k, dtype):
   previous = _numerics.one_minus_power(gamma3, k - 1).astype(clip)
   below = 1 - 8 * jnp.finfo(clip).eps
   split = jnp.where(k > 1, state.max_ema.values / previous * below, jnp.inf).astype(clip)
+  ats = [_stacked_axes.broadcastable(at, g)
+         for g, at in zip(leaves, _leaf_stats.split(split, state.max_ema.layout))]
+  return split, _split_statistics(leaves, ats, tuple(ns), clip, dtype)
+
+
+# Jitted, so that an update run without jit (op by op) compiles these once rather than
+# each operation (each variadic reduction anew); under jit they are inlined.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _split_statistics(leaves, ats, ns, clip, dtype):
+  """:func:`_split_rows`' row statistics, ``ats`` each leaf's :math:`L` broadcastable."""
   members = []
-  for g, at in zip(leaves, _leaf_stats.split(split, state.max_ema.layout)):
+  for g, at in zip(leaves, ats):
     size = jnp.abs(g.astype(clip))
-    above = size > _stacked_axes.broadcastable(at, g)
+    above = size > at
     squares = jnp.square(g.astype(dtype))
     zero = jnp.zeros([], dtype)
     members.append((size, jnp.where(above, zero, squares), jnp.where(above, squares, zero),
                     jnp.where(above, size, jnp.inf), above.astype(jnp.int32)))
   ops = (jax.lax.max, jax.lax.add, jax.lax.add, jax.lax.min, jax.lax.add)
-  return split, _leaf_stats.rows_together(members, ns, ops,
-                                         identities=(0, 0, 0, jnp.inf, 0))
+  return _leaf_stats.rows_together(members, ns, ops, identities=(0, 0, 0, jnp.inf, 0))
 
 
-def _settled_rows(rows, split, threshold, g, clip, dtype):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _settled_rows(rows, split, threshold, g_dtype, clip, dtype):
   r"""One leaf's row sums of its clipped squares and its clip count, from
   :func:`_split_rows`' statistics of its rows (``rows``) and its :math:`L` (``split``),
   and whether each row's are exact: ``(squares, counts, exact)``, ``(slices, rows)`` each.
@@ -82,12 +93,12 @@ def _settled_rows(rows, split, threshold, g, clip, dtype):
   one = (above == 1) & ~kept
   many = ((above > 1) & (least > m_hat) & (ratio < 1 - 4 * info.eps)
           & (m_hat >= info.tiny))
-  if jnp.dtype(g.dtype) != jnp.dtype(clip):
+  if jnp.dtype(g_dtype) != jnp.dtype(clip):
     many = jnp.zeros_like(many)
   low_kept = jnp.minimum(split, row_max) <= m_hat
   finite = jnp.isfinite(low) & jnp.isfinite(high) & jnp.isfinite(row_max)
   exact = (kept | (low_kept & (one | many))) & finite
-  top_square = jnp.square(top.astype(g.dtype).astype(dtype))
+  top_square = jnp.square(top.astype(g_dtype).astype(dtype))
   squares = low + jnp.where(one, top_square,
                             jnp.where(many, high * jnp.square(ratio.astype(dtype)), high))
   counts = jnp.where(one, (top != row_max).astype(above.dtype), jnp.where(many, above, 0))
@@ -130,7 +141,7 @@ def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
     return list(zip(_leaf_stats.split(m_hat, lay), _leaf_stats.split(ratio, lay)))
 
   thresholds = thresholds_of(m_hat, ratio)
-  settled = [_settled_rows(r, at, t, g, clip, dtype) for r, at, t, g in
+  settled = [_settled_rows(r, at, t, jnp.dtype(g.dtype), clip, dtype) for r, at, t, g in
              zip(rows, _leaf_stats.split(split, lay), thresholds, leaves)]
   # how many rows of each slice are not settled, the rows of all leaves reduced together
   # (a reduction of one concatenated vector would be split by XLA into one per leaf)
@@ -145,10 +156,15 @@ def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
     partials = _clipped_rows_pass(leaves, ns, thresholds_of(m_hat, ratio), clip, dtype)
     return _totals(partials, state.clipped)
 
-  # Few arrays cross the conditional (XLA:GPU copies each one into and out of it): the
-  # leaves, and the thresholds and totals as one vector each.
-  squares, counts = jax.lax.cond(jnp.any(unsettled > 0), second_pass, lambda *x: x[3],
-                                 leaves, m_hat, ratio, from_rows)
+  unsettled = jnp.any(unsettled > 0)
+  if isinstance(unsettled, jax.core.Tracer):
+    # Few arrays cross the conditional (XLA:GPU copies each one into and out of it): the
+    # leaves, and the thresholds and totals as one vector each.
+    squares, counts = jax.lax.cond(unsettled, second_pass, lambda *x: x[3],
+                                   leaves, m_hat, ratio, from_rows)
+  else:  # run op by op: the branch taken, without compiling the other
+    squares, counts = (second_pass if unsettled else lambda *x: x[3])(
+        leaves, m_hat, ratio, from_rows)
   return step, m, thresholds, squares, counts
 
 

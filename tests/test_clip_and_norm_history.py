@@ -180,9 +180,11 @@ class OnePassTest(chex.TestCase):
       got.append(u)
       counts.append(state[0].clipped.values)
       second.append(len(ran) > before)
-    want, want_counts, want_state = [], [], chain(**hyper, stacked_axes=axes).init(params)
+    pieces = chain(**hyper, stacked_axes=axes)
+    want, want_counts, want_state = [], [], pieces.init(params)
+    want_update = jax.jit(pieces.update)
     for g in grads:
-      u, want_state = chain(**hyper, stacked_axes=axes).update(g, want_state)
+      u, want_state = want_update(g, want_state)
       want.append(u)
       want_counts.append(want_state[0].clipped.values)
     for name in params:
