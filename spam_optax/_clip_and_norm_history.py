@@ -145,8 +145,8 @@ def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
              zip(rows, _leaf_stats.split(split, lay), thresholds, leaves)]
   # how many rows of each slice are not settled, the rows of all leaves reduced together
   # (a reduction of one concatenated vector would be split by XLA into one per leaf)
-  unsettled = _leaf_stats.combine_rows([(~e).astype(jnp.int32) for _, _, e in settled],
-                                       jnp.sum)
+  unsettled_rows = _leaf_stats.combine_rows(
+      [(~e).astype(jnp.int32) for _, _, e in settled], jnp.sum)
   from_rows = _totals([(s, c) for s, c, _ in settled], state.clipped)
 
   def second_pass(leaves, m_hat, ratio, _):
@@ -156,14 +156,17 @@ def _one_pass(state, leaves, ns, gamma3, reset_interval, dtype):
     partials = _clipped_rows_pass(leaves, ns, thresholds_of(m_hat, ratio), clip, dtype)
     return _totals(partials, state.clipped)
 
-  unsettled = jnp.any(unsettled > 0)
+  def settled_totals(*operands):
+    return operands[3]
+
+  unsettled = jnp.any(unsettled_rows > 0)
   if isinstance(unsettled, jax.core.Tracer):
     # Few arrays cross the conditional (XLA:GPU copies each one into and out of it): the
     # leaves, and the thresholds and totals as one vector each.
-    squares, counts = jax.lax.cond(unsettled, second_pass, lambda *x: x[3],
+    squares, counts = jax.lax.cond(unsettled, second_pass, settled_totals,
                                    leaves, m_hat, ratio, from_rows)
   else:  # run op by op: the branch taken, without compiling the other
-    squares, counts = (second_pass if unsettled else lambda *x: x[3])(
+    squares, counts = (second_pass if unsettled else settled_totals)(
         leaves, m_hat, ratio, from_rows)
   return step, m, thresholds, squares, counts
 
